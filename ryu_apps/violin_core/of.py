@@ -1,0 +1,119 @@
+"""A small, library-free model of the OpenFlow 1.3 messages the core emits.
+
+The pure core never imports ryu: it returns these value objects and the RyuApp
+shim translates them into ``OFPFlowMod``/``OFPPacketOut``/``OFPBarrierRequest``.
+Tests apply them to a simulated flow table instead (``tests/fakeoftable.py``).
+
+Matches use OF1.3 OXM field names as ryu's ``OFPMatch(**kwargs)`` expects them
+(``in_port``, ``eth_src``, ``eth_dst``, ``eth_type``, ``vlan_vid``); a masked
+field is a ``(value, mask)`` tuple.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+# Reserved port numbers and constants of OpenFlow 1.3 (ofp_port_no, ofp_vlan_id).
+OFPP_MAX = 0xFFFFFF00
+OFPP_IN_PORT = 0xFFFFFFF8
+OFPP_TABLE = 0xFFFFFFF9
+OFPP_FLOOD = 0xFFFFFFFB
+OFPP_ALL = 0xFFFFFFFC
+OFPP_CONTROLLER = 0xFFFFFFFD
+OFPP_LOCAL = 0xFFFFFFFE
+OFPP_ANY = 0xFFFFFFFF
+OFPVID_PRESENT = 0x1000
+OFPCML_NO_BUFFER = 0xFFFF
+
+ETH_TYPE_VLAN = 0x8100
+
+
+def is_physical_port(port_no: int) -> bool:
+    """True for a real switch port (not LOCAL, CONTROLLER, ...)."""
+    return 0 < port_no <= OFPP_MAX
+
+
+# --- actions -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Output:
+    port: int
+    max_len: int = OFPCML_NO_BUFFER
+
+
+@dataclass(frozen=True)
+class PushVlan:
+    ethertype: int = ETH_TYPE_VLAN
+
+
+@dataclass(frozen=True)
+class PopVlan:
+    pass
+
+
+@dataclass(frozen=True)
+class SetField:
+    name: str
+    value: int
+
+
+Action = Union[Output, PushVlan, PopVlan, SetField]
+MatchValue = Union[int, str, Tuple[int, int]]
+Match = Tuple[Tuple[str, MatchValue], ...]
+
+
+def match(**fields: MatchValue) -> Match:
+    """Build a canonical (sorted, hashable) match from OXM field names."""
+    return tuple(sorted(fields.items()))
+
+
+# --- messages ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlowEntry:
+    """A flow the core wants in a switch table. ``goto`` is a GotoTable id."""
+
+    table_id: int
+    priority: int
+    match: Match
+    actions: Tuple[Action, ...] = ()
+    goto: Optional[int] = None
+
+    @property
+    def key(self):
+        """OpenFlow identifies a flow by table, priority and exact match."""
+        return (self.table_id, self.priority, self.match)
+
+
+@dataclass(frozen=True)
+class FlowMod:
+    dpid: int
+    command: str  # 'add', 'delete_strict' or 'delete_all'
+    entry: Optional[FlowEntry] = None
+
+
+@dataclass(frozen=True)
+class PacketOut:
+    dpid: int
+    in_port: int
+    actions: Tuple[Action, ...]
+    data: bytes = field(repr=False, default=b"")
+
+
+@dataclass(frozen=True)
+class Barrier:
+    dpid: int
+
+
+Message = Union[FlowMod, PacketOut, Barrier]
+
+
+def add_flow(dpid: int, entry: FlowEntry) -> FlowMod:
+    return FlowMod(dpid, "add", entry)
+
+
+def delete_flow(dpid: int, entry: FlowEntry) -> FlowMod:
+    return FlowMod(dpid, "delete_strict", entry)
+
+
+def delete_all_flows(dpid: int) -> FlowMod:
+    return FlowMod(dpid, "delete_all")

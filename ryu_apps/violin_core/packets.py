@@ -1,0 +1,64 @@
+"""Ethernet parsing and the controller's link-discovery probe frames (no ryu)."""
+
+import struct
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+PROBE_DST = "03:76:69:6f:6c:6e"  # locally administered multicast, never a guest MAC
+PROBE_SRC = "02:76:69:6f:6c:6e"
+PROBE_ETH_TYPE = 0x88B5  # IEEE 802 local experimental ethertype 1
+_PROBE_MAGIC = b"VIOLINPROBE1"
+_PROBE_BODY = struct.Struct("!12s8sQI")  # magic, controller nonce, dpid, port
+
+
+def mac_to_bytes(mac: str) -> bytes:
+    return bytes(int(octet, 16) for octet in mac.split(":"))
+
+
+def mac_to_str(raw: bytes) -> str:
+    return ":".join("%02x" % b for b in raw)
+
+
+def is_multicast(mac: str) -> bool:
+    """Group address (broadcast included): bit 0 of the first octet."""
+    return bool(int(mac[:2], 16) & 1)
+
+
+@dataclass(frozen=True)
+class EthHeader:
+    dst: str
+    src: str
+    eth_type: int  # the ethertype after any VLAN tags
+    vlan_ids: Tuple[int, ...]  # outermost first
+
+
+def parse_eth(frame: bytes) -> Optional[EthHeader]:
+    """Parse an Ethernet header with any stack of 802.1Q/802.1ad tags."""
+    if len(frame) < 14:
+        return None
+    dst, src = mac_to_str(frame[0:6]), mac_to_str(frame[6:12])
+    (eth_type,) = struct.unpack_from("!H", frame, 12)
+    offset, vlans = 14, []
+    while eth_type in (0x8100, 0x88A8, 0x9100) and len(frame) >= offset + 4:
+        tci, eth_type = struct.unpack_from("!HH", frame, offset)
+        vlans.append(tci & 0x0FFF)
+        offset += 4
+    return EthHeader(dst, src, eth_type, tuple(vlans))
+
+
+def build_probe(nonce: bytes, dpid: int, port: int) -> bytes:
+    header = mac_to_bytes(PROBE_DST) + mac_to_bytes(PROBE_SRC) + struct.pack("!H", PROBE_ETH_TYPE)
+    frame = header + _PROBE_BODY.pack(_PROBE_MAGIC, nonce, dpid, port)
+    return frame.ljust(60, b"\0")
+
+
+def parse_probe(frame: bytes, nonce: bytes) -> Optional[Tuple[int, int]]:
+    """Return (dpid, port) the probe was sent from, or None if not our probe."""
+    if len(frame) < 14 + _PROBE_BODY.size:
+        return None
+    if frame[0:6] != mac_to_bytes(PROBE_DST) or frame[12:14] != struct.pack("!H", PROBE_ETH_TYPE):
+        return None
+    magic, probe_nonce, dpid, port = _PROBE_BODY.unpack_from(frame, 14)
+    if magic != _PROBE_MAGIC or probe_nonce != nonce:
+        return None
+    return dpid, port

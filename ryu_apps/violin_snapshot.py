@@ -1,0 +1,208 @@
+"""``ryu-manager violin_snapshot``: the RyuApp shim over ``violin_core``.
+
+This module only translates: OpenFlow 1.3 events into calls on the pure core
+(``violin_core.controller.ViolinController``) and the core's message objects
+(``violin_core.of``) into ryu parser messages. It runs on Ryu 4.34 and on its
+maintained fork os-ken. REST is served under ``/violin`` through Ryu's WSGI
+server (``--wsapi-host``/``--wsapi-port``, default 127.0.0.1:8080 here) or, on
+os-ken, through an eventlet WSGI server of our own on the same options.
+"""
+
+import logging
+import sys
+import time
+
+import violin_ryu_compat
+
+violin_ryu_compat.install()
+
+try:  # Ryu 4.34
+    from ryu import cfg
+    from ryu.base import app_manager
+    from ryu.controller import ofp_event
+    from ryu.controller.handler import CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
+    from ryu.lib import hub
+    from ryu.ofproto import ofproto_v1_3
+    FRAMEWORK = "ryu"
+except ModuleNotFoundError:  # os-ken
+    from os_ken import cfg
+    from os_ken.base import app_manager
+    from os_ken.controller import ofp_event
+    from os_ken.controller.handler import CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
+    from os_ken.lib import hub
+    from os_ken.ofproto import ofproto_v1_3
+    FRAMEWORK = "os_ken"
+
+try:
+    from ryu.app.wsgi import ControllerBase, WSGIApplication, route
+except ModuleNotFoundError:
+    ControllerBase = WSGIApplication = route = None
+
+from violin_core import of
+from violin_core.config import ConfigError, load as load_config
+from violin_core.controller import ViolinController, build_rest_app
+
+LOG = logging.getLogger("violin_snapshot")
+BaseApp = getattr(app_manager, "RyuApp", None) or app_manager.OSKenApp
+COOKIE = 0x76696F6C  # "viol": marks every flow this app installs
+TICK_SECONDS = 0.1
+DEFAULT_WSAPI_HOST = "127.0.0.1"
+DEFAULT_WSAPI_PORT = 8080
+
+try:  # bind the REST API to loopback unless the user says otherwise
+    cfg.CONF.set_default("wsapi_host", DEFAULT_WSAPI_HOST)
+except cfg.NoSuchOptError:
+    pass
+
+
+if ControllerBase is not None:
+    class _RestBridge(ControllerBase):
+        """Hands every /violin request to the core's WSGI app."""
+
+        def __init__(self, req, link, data, **config):
+            super().__init__(req, link, data, **config)
+            self.rest_app = data
+
+        @route("violin", "/violin{tail}", requirements={"tail": "(/.*)?"})
+        def handle(self, req, **_kwargs):
+            return req.get_response(self.rest_app)
+
+
+class ViolinSnapshot(BaseApp):
+    OFP_VERSIONS = [ofproto_v1_3.OFP_VERSION]
+    _CONTEXTS = {"wsgi": WSGIApplication} if WSGIApplication is not None else {}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        try:
+            config = load_config()
+        except ConfigError as exc:
+            print("violin_snapshot: %s" % exc, file=sys.stderr)
+            raise SystemExit(2) from None
+        self.core = ViolinController(config, time.monotonic)
+        self.datapaths = {}
+        self._port_desc = {}
+        self.rest_app = build_rest_app(self.core)
+        if "wsgi" in kwargs:
+            kwargs["wsgi"].register(_RestBridge, self.rest_app)
+        else:
+            self.threads.append(hub.spawn(self._serve_rest))
+        self.threads.append(hub.spawn(self._ticker))
+        LOG.info("violin_snapshot %s on %s", __import__("violin_core").__version__, FRAMEWORK)
+
+    # --- sending ---------------------------------------------------------------
+
+    def send(self, messages):
+        for message in messages:
+            datapath = self.datapaths.get(message.dpid)
+            if datapath is not None:
+                datapath.send_msg(to_ofp(datapath, message))
+
+    def _ticker(self):
+        while True:
+            try:
+                self.send(self.core.tick())
+            except Exception:  # keep ticking; the error is logged in full
+                LOG.exception("periodic work failed")
+            hub.sleep(TICK_SECONDS)
+
+    def _serve_rest(self):
+        host = _conf("wsapi_host", DEFAULT_WSAPI_HOST)
+        port = _conf("wsapi_port", DEFAULT_WSAPI_PORT)
+        hub.WSGIServer((host, port), self.rest_app).serve_forever()
+
+    # --- OpenFlow events ---------------------------------------------------------
+
+    @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
+    def _switch_features(self, ev):
+        datapath = ev.msg.datapath
+        self.datapaths[datapath.id] = datapath
+        self._port_desc[datapath.id] = []
+        datapath.send_msg(datapath.ofproto_parser.OFPPortDescStatsRequest(datapath, 0))
+
+    @set_ev_cls(ofp_event.EventOFPPortDescStatsReply, MAIN_DISPATCHER)
+    def _port_desc_reply(self, ev):
+        datapath, ofproto = ev.msg.datapath, ev.msg.datapath.ofproto
+        collected = self._port_desc.setdefault(datapath.id, [])
+        collected.extend((p.port_no, _name(p), _port_up(ofproto, p)) for p in ev.msg.body)
+        if not ev.msg.flags & ofproto.OFPMPF_REPLY_MORE:
+            self.send(self.core.switch_up(datapath.id, self._port_desc.pop(datapath.id)))
+
+    @set_ev_cls(ofp_event.EventOFPStateChange, DEAD_DISPATCHER)
+    def _switch_gone(self, ev):
+        dpid = ev.datapath.id
+        if dpid is not None and self.datapaths.get(dpid) is ev.datapath:
+            del self.datapaths[dpid]
+            self.send(self.core.switch_down(dpid))
+
+    @set_ev_cls(ofp_event.EventOFPPortStatus, MAIN_DISPATCHER)
+    def _port_status(self, ev):
+        msg, ofproto = ev.msg, ev.msg.datapath.ofproto
+        deleted = msg.reason == ofproto.OFPPR_DELETE
+        self.send(self.core.port_changed(msg.datapath.id, msg.desc.port_no, _name(msg.desc),
+                                         _port_up(ofproto, msg.desc), deleted))
+
+    @set_ev_cls(ofp_event.EventOFPErrorMsg, [CONFIG_DISPATCHER, MAIN_DISPATCHER])
+    def _error(self, ev):
+        msg = ev.msg
+        self.core.switch_error(msg.datapath.id)
+        LOG.error("switch %016x refused a message: type=%d code=%d data=%s",
+                  msg.datapath.id, msg.type, msg.code, bytes(msg.data[:64]).hex())
+
+    @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
+    def _packet_in(self, ev):
+        msg = ev.msg
+        self.send(self.core.packet_in(msg.datapath.id, msg.match["in_port"], bytes(msg.data)))
+
+
+def _conf(name, default):
+    try:
+        return getattr(cfg.CONF, name)
+    except cfg.NoSuchOptError:
+        return default
+
+
+def _name(port):
+    return port.name.decode("utf-8", "replace") if isinstance(port.name, bytes) else port.name
+
+
+def _port_up(ofproto, port) -> bool:
+    return not (port.state & ofproto.OFPPS_LINK_DOWN) and not (port.config & ofproto.OFPPC_PORT_DOWN)
+
+
+def to_ofp(datapath, message):
+    """Translate one ``violin_core.of`` message into a ryu/os-ken parser message."""
+    ofproto, parser = datapath.ofproto, datapath.ofproto_parser
+    if isinstance(message, of.Barrier):
+        return parser.OFPBarrierRequest(datapath)
+    if isinstance(message, of.PacketOut):
+        return parser.OFPPacketOut(datapath, ofproto.OFP_NO_BUFFER, message.in_port,
+                                   [_action(parser, a) for a in message.actions], message.data)
+    if message.command == "delete_all":
+        return parser.OFPFlowMod(datapath, cookie=COOKIE, cookie_mask=0xFFFFFFFFFFFFFFFF,
+                                 table_id=ofproto.OFPTT_ALL, command=ofproto.OFPFC_DELETE,
+                                 out_port=ofproto.OFPP_ANY, out_group=ofproto.OFPG_ANY)
+    entry = message.entry
+    instructions = []
+    if entry.actions:
+        instructions.append(parser.OFPInstructionActions(
+            ofproto.OFPIT_APPLY_ACTIONS, [_action(parser, a) for a in entry.actions]))
+    if entry.goto is not None:
+        instructions.append(parser.OFPInstructionGotoTable(entry.goto))
+    command = ofproto.OFPFC_ADD if message.command == "add" else ofproto.OFPFC_DELETE_STRICT
+    return parser.OFPFlowMod(datapath, cookie=COOKIE, table_id=entry.table_id, command=command,
+                             priority=entry.priority, buffer_id=ofproto.OFP_NO_BUFFER,
+                             out_port=ofproto.OFPP_ANY, out_group=ofproto.OFPG_ANY,
+                             match=parser.OFPMatch(**dict(entry.match)), instructions=instructions)
+
+
+def _action(parser, action):
+    if isinstance(action, of.Output):
+        return parser.OFPActionOutput(action.port, action.max_len)
+    if isinstance(action, of.PushVlan):
+        return parser.OFPActionPushVlan(action.ethertype)
+    if isinstance(action, of.PopVlan):
+        return parser.OFPActionPopVlan()
+    if isinstance(action, of.SetField):
+        return parser.OFPActionSetField(**{action.name: action.value})
+    raise TypeError("unknown action %r" % (action,))

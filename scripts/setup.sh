@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Set up everything violin-snapshot needs on a fresh Debian 12 machine, idempotently:
+# Debian packages, CRIU 4.2.1 (built from Debian's source), a virtual environment with
+# the pinned Python dependencies and the project, and the Open vSwitch daemons.
+# A second run checks each step and changes nothing. Must run as root.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VIOLIN_VENV:-$REPO/.venv}"
+PYTHON="${VIOLIN_PYTHON:-python3}"
+STAMP="$VENV/.violin-setup-stamp"
+start=$SECONDS
+
+APT_PACKAGES=(
+    openvswitch-switch mininet iputils-ping iproute2 ethtool iperf3 tcpdump procps psmisc
+    qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config busybox-static
+    linux-image-amd64 python3-venv build-essential
+)
+
+say() { echo "[setup] $*"; }
+die() { echo "[setup] ERROR: $*" >&2; exit 1; }
+
+((EUID == 0)) || die "run as root (it installs Debian packages and starts Open vSwitch)"
+
+# 1. Debian packages: install only what is missing.
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/violin-apt.log 2>&1 ||
+        { tail -n 40 /tmp/violin-apt.log >&2; die "apt-get install failed"; }
+else
+    say "Debian packages present"
+fi
+
+# 2. CRIU 4.2.1 (Debian 12's 3.17 and 4.1.1 cannot dump processes with inet sockets here).
+bash "$REPO/scripts/install_criu.sh"
+
+# 3. Python virtual environment, pinned; reinstalled only when the pins or packaging change.
+want="$(cat "$REPO/requirements.txt" "$REPO/setup.cfg" "$REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [[ -x $VENV/bin/python && -f $STAMP && $(cat "$STAMP") == "$want" ]]; then
+    say "virtual environment $VENV up to date"
+else
+    say "building virtual environment $VENV"
+    [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
+    pip=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
+    "${pip[@]}" install setuptools==65.5.0 pbr==7.1.3 wheel 2>&1 | grep -v "^WARNING: Location" || true
+    "${pip[@]}" install --no-build-isolation -r "$REPO/requirements.txt" 2>&1 | grep -v "^WARNING: Location" || true
+    "${pip[@]}" install --no-build-isolation --no-deps -e "$REPO" 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -c "import ryu, networkx, libvirt, pytest, violin_core" ||
+        die "the virtual environment is incomplete (see pip's output above)"
+    echo "$want" >"$STAMP"
+fi
+site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+# Debian's mininet 2.3.0 (just that package, not all of dist-packages).
+ln -sfn /usr/lib/python3/dist-packages/mininet "$site/mininet"
+# Stock ryu-manager imports a name newer eventlet lacks; see ryu_apps/violin_ryu_compat.py.
+echo "import violin_ryu_compat; violin_ryu_compat.install()" >"$site/violin_ryu_compat.pth"
+"$VENV/bin/python" -c "import mininet.net, ryu.app.wsgi" || die "mininet or ryu.app.wsgi does not import"
+
+# 4. Open vSwitch daemons (no systemd here; userspace datapath only).
+if ovs-vsctl --timeout=3 show >/dev/null 2>&1; then
+    say "Open vSwitch running"
+else
+    say "starting Open vSwitch"
+    /usr/share/openvswitch/scripts/ovs-ctl start --system-id=random >/tmp/violin-ovs.log 2>&1 || true
+    ovs-vsctl --timeout=5 show >/dev/null 2>&1 || { cat /tmp/violin-ovs.log >&2; die "Open vSwitch did not start"; }
+fi
+
+say "ready in $((SECONDS - start)) s (venv: $VENV)"

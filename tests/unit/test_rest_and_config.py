@@ -1,0 +1,116 @@
+"""REST edge and config validation, in-process (no server, no switch)."""
+
+import json
+
+import pytest
+from webob import Request
+
+from violin_core import config as cfg
+from violin_core.config import ConfigError
+from violin_core.controller import ViolinController, build_rest_app
+from violin_core.fabric import FabricSettings
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def make_app(token="s3cret"):
+    controller = ViolinController(cfg.Config(FabricSettings(), token, "/tmp/x"), Clock())
+    return controller, build_rest_app(controller)
+
+
+def call(app, path, method="GET", body=None, token=None):
+    request = Request.blank(path, method=method)
+    if body is not None:
+        request.body = body if isinstance(body, bytes) else json.dumps(body).encode()
+    if token:
+        request.headers["Authorization"] = "Bearer " + token
+    response = request.get_response(app)
+    assert response.content_type == "application/json"
+    return response.status_int, json.loads(response.text)
+
+
+def test_health_answers_json():
+    controller, app = make_app()
+    controller.switch_up(1, [(1, "s1-eth1", True)])
+    status, body = call(app, "/violin/health")
+    assert status == 200 and body["status"] == "ok" and body["switches"] == 1
+    assert body["settled"] is False  # port 1 still pending its settle time
+
+
+def test_topology_lists_switches_and_ports():
+    controller, app = make_app()
+    controller.switch_up(0xA, [(1, "s1-eth1", True), (2, "s1-eth2", False)])
+    status, body = call(app, "/violin/topology/switches/a")
+    assert status == 200 and [p["role"] for p in body["ports"]] == ["pending", "down"]
+
+
+@pytest.mark.parametrize("path,status", [
+    ("/violin/nope", 404), ("/violin/topology/switches/zz", 400), ("/violin/topology/switches/99", 404)])
+def test_errors_are_json_with_a_reason(path, status):
+    _, app = make_app()
+    got, body = call(app, path)
+    assert got == status and body["reason"]
+
+
+def test_wrong_method_is_405():
+    _, app = make_app()
+    status, body = call(app, "/violin/health", method="DELETE", token="s3cret")
+    assert status == 405 and "GET" in body["reason"]
+
+
+def test_mutating_routes_need_the_bearer_token():
+    controller, app = make_app()
+
+    @app.route("POST", "/things")
+    def create(body):
+        return 201, {"got": body}
+
+    assert call(app, "/violin/things", "POST", {"a": 1})[0] == 401
+    assert call(app, "/violin/things", "POST", {"a": 1}, token="wrong")[0] == 401
+    assert call(app, "/violin/things", "POST", {"a": 1}, token="s3cret") == (201, {"got": {"a": 1}})
+    assert call(app, "/violin/things", "POST", b"{not json", token="s3cret")[0] == 400
+    assert call(app, "/violin/things", "POST", [1, 2], token="s3cret")[0] == 400
+    _, tokenless = make_app(token=None)
+    tokenless.route("POST", "/things")(create)
+    assert call(tokenless, "/violin/things", "POST", {}, token="x")[0] == 403
+
+
+def test_config_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("fabric:\n  settle_time: 0.25\napi:\n  token: abc\n")
+    loaded = cfg.load(str(path), environ={})
+    assert loaded.fabric.settle_time == 0.25 and loaded.api_token == "abc"
+    assert cfg.load(str(path), environ={"VIOLIN_API_TOKEN": "env"}).api_token == "env"
+    assert cfg.load(None, environ={}).fabric == FabricSettings()
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"fabrik": {}}, "unknown section"),
+    ({"fabric": {"settle": 1}}, "unknown key(s) settle"),
+    ({"fabric": {"settle_time": "1"}}, "fabric.settle_time: expected int or float"),
+    ({"fabric": {"settle_time": True}}, "expected int or float"),
+    ({"fabric": {"tag_vid": 5000}}, "out of range"),
+    ({"fabric": {"probe_interval": -1}}, "out of range"),
+    ([1], "expected a mapping"),
+])
+def test_bad_config_is_rejected_with_its_path(raw, needle):
+    with pytest.raises(ConfigError) as error:
+        cfg.validate(raw)
+    assert needle in str(error.value)
+
+
+def test_check_config_command(tmp_path, capsys):
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text('{"fabric": {"max_hosts": 10}}')
+    bad.write_text('{"fabric": {"max_hosts": "ten"}}')
+    assert cfg.check_config_main([str(good)]) == 0
+    assert cfg.check_config_main([str(bad)]) == 2
+    assert cfg.check_config_main([str(tmp_path / "missing.json")]) == 2
+    assert cfg.check_config_main([]) == 2
+    assert "max_hosts" in capsys.readouterr().err

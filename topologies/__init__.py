@@ -1,0 +1,1 @@
+"""Mininet topologies for violin-snapshot (usable with ``mn --custom``)."""
