@@ -8,9 +8,12 @@ server (``--wsapi-host``/``--wsapi-port``, default 127.0.0.1:8080 here) or, on
 os-ken, through an eventlet WSGI server of our own on the same options.
 """
 
+import json
 import logging
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import violin_ryu_compat
 
@@ -40,11 +43,12 @@ except ModuleNotFoundError:
 
 from violin_core import of
 from violin_core.config import ConfigError, load as load_config
-from violin_core.controller import ViolinController, build_rest_app
+from violin_core.controller import ControllerIO, ViolinController, build_rest_app
 
 LOG = logging.getLogger("violin_snapshot")
 BaseApp = getattr(app_manager, "RyuApp", None) or app_manager.OSKenApp
-COOKIE = 0x76696F6C  # "viol": marks every flow this app installs
+COOKIE_APP = 0x76696F6C << 32  # "viol" in the high half marks every flow this app installs
+COOKIE_APP_MASK = 0xFFFFFFFF << 32  # the low half is the flow's role (violin_core.of.ROLE_*)
 TICK_SECONDS = 0.1
 DEFAULT_WSAPI_HOST = "127.0.0.1"
 DEFAULT_WSAPI_PORT = 8080
@@ -79,8 +83,9 @@ class ViolinSnapshot(BaseApp):
         except ConfigError as exc:
             print("violin_snapshot: %s" % exc, file=sys.stderr)
             raise SystemExit(2) from None
-        self.core = ViolinController(config, time.monotonic)
         self.datapaths = {}
+        self.io = EventletIO(self)
+        self.core = ViolinController(config, time.monotonic, time.time, self.io)
         self._port_desc = {}
         self.rest_app = build_rest_app(self.core)
         if "wsgi" in kwargs:
@@ -152,7 +157,100 @@ class ViolinSnapshot(BaseApp):
     @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
     def _packet_in(self, ev):
         msg = ev.msg
-        self.send(self.core.packet_in(msg.datapath.id, msg.match["in_port"], bytes(msg.data)))
+        role = msg.cookie & 0xFFFFFFFF if msg.cookie & COOKIE_APP_MASK == COOKIE_APP else None
+        self.send(self.core.packet_in(msg.datapath.id, msg.match["in_port"], bytes(msg.data), role))
+
+    @set_ev_cls(ofp_event.EventOFPBarrierReply, MAIN_DISPATCHER)
+    def _barrier_reply(self, ev):
+        self.io.replied(ev.msg.datapath.id, ev.msg.xid, None, final=True)
+
+    @set_ev_cls(ofp_event.EventOFPFlowStatsReply, MAIN_DISPATCHER)
+    def _flow_stats_reply(self, ev):
+        msg = ev.msg
+        packets = sum(stat.packet_count for stat in msg.body)
+        self.io.replied(msg.datapath.id, msg.xid, packets, final=not msg.flags & msg.datapath.ofproto.OFPMPF_REPLY_MORE)
+
+
+class EventletIO(ControllerIO):
+    """The core's waiting work on eventlet: barriers and flow statistics by xid, helpers over HTTP."""
+
+    def __init__(self, app):
+        self.app = app
+        self.pending = {}  # (dpid, xid) -> [event, accumulated value]
+
+    def send(self, messages):
+        self.app.send(messages)
+
+    def _request(self, dpid, build):
+        datapath = self.app.datapaths.get(dpid)
+        if datapath is None:
+            return None
+        request = build(datapath)
+        datapath.set_xid(request)
+        waiter = self.pending[(dpid, request.xid)] = [hub.Event(), 0]
+        datapath.send_msg(request)
+        return (dpid, request.xid), waiter
+
+    def _collect(self, requests, timeout):
+        deadline = time.monotonic() + timeout
+        try:
+            if any(r is None for r in requests):
+                return None
+            for _, waiter in requests:
+                if not waiter[0].wait(timeout=max(0.0, deadline - time.monotonic())):
+                    return None
+            return [waiter[1] for _, waiter in requests]
+        finally:
+            for request in requests:
+                if request is not None:
+                    self.pending.pop(request[0], None)
+
+    def replied(self, dpid, xid, value, final):
+        waiter = self.pending.get((dpid, xid))
+        if waiter is not None:
+            waiter[1] += value or 0
+            if final:
+                waiter[0].set()
+
+    def send_and_barrier(self, messages, dpids, timeout):
+        self.app.send(messages)
+        requests = [self._request(d, lambda dp: dp.ofproto_parser.OFPBarrierRequest(dp)) for d in sorted(dpids)]
+        return self._collect(requests, timeout) is not None
+
+    def flow_stats(self, dpids, role, timeout):
+        def build(dp):
+            ofp, parser = dp.ofproto, dp.ofproto_parser
+            return parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                                              COOKIE_APP | role, 0xFFFFFFFFFFFFFFFF, parser.OFPMatch())
+        values = self._collect([self._request(d, build) for d in sorted(dpids)], timeout)
+        return None if values is None else sum(values)
+
+    def wait_until(self, predicate, timeout):
+        deadline = time.monotonic() + timeout
+        while not predicate() and time.monotonic() < deadline:
+            hub.sleep(0.001)
+        return predicate()
+
+    def sleep(self, seconds):
+        hub.sleep(seconds)
+
+    def spawn(self, function, *args):
+        def guarded():
+            try:
+                function(*args)
+            except Exception:  # the core's background work must never die silently
+                LOG.exception("background work %s failed", getattr(function, "__name__", function))
+        self.app.threads.append(hub.spawn(guarded))
+
+    def post_json(self, url, body, timeout):
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode("utf-8", "replace")[:500]
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            return None, str(error)
 
 
 def _conf(name, default):
@@ -179,7 +277,7 @@ def to_ofp(datapath, message):
         return parser.OFPPacketOut(datapath, ofproto.OFP_NO_BUFFER, message.in_port,
                                    [_action(parser, a) for a in message.actions], message.data)
     if message.command == "delete_all":
-        return parser.OFPFlowMod(datapath, cookie=COOKIE, cookie_mask=0xFFFFFFFFFFFFFFFF,
+        return parser.OFPFlowMod(datapath, cookie=COOKIE_APP, cookie_mask=COOKIE_APP_MASK,
                                  table_id=ofproto.OFPTT_ALL, command=ofproto.OFPFC_DELETE,
                                  out_port=ofproto.OFPP_ANY, out_group=ofproto.OFPG_ANY)
     entry = message.entry
@@ -190,7 +288,7 @@ def to_ofp(datapath, message):
     if entry.goto is not None:
         instructions.append(parser.OFPInstructionGotoTable(entry.goto))
     command = ofproto.OFPFC_ADD if message.command == "add" else ofproto.OFPFC_DELETE_STRICT
-    return parser.OFPFlowMod(datapath, cookie=COOKIE, table_id=entry.table_id, command=command,
+    return parser.OFPFlowMod(datapath, cookie=COOKIE_APP | entry.role, table_id=entry.table_id, command=command,
                              priority=entry.priority, buffer_id=ofproto.OFP_NO_BUFFER,
                              out_port=ofproto.OFPP_ANY, out_group=ofproto.OFPG_ANY,
                              match=parser.OFPMatch(**dict(entry.match)), instructions=instructions)

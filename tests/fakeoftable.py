@@ -81,6 +81,8 @@ class FakeSwitch:
         table = self.tables.setdefault(mod.entry.table_id, {})
         key = (mod.entry.priority, mod.entry.match)
         if mod.command == "add":
+            if table.get(key) != mod.entry:  # a replaced flow starts counting again, as in OVS
+                self.packet_count.pop((mod.entry.table_id, mod.entry.key), None)
             table[key] = mod.entry
         elif mod.command == "delete_strict":
             table.pop(key, None)
@@ -102,7 +104,7 @@ class FakeSwitch:
 @dataclass
 class Outcome:
     delivered: List[Tuple[int, int, bytes]] = field(default_factory=list)  # (dpid, port, frame)
-    to_controller: List[Tuple[int, int, bytes]] = field(default_factory=list)
+    to_controller: List[Tuple[int, int, bytes, int]] = field(default_factory=list)  # (dpid, in_port, frame, role)
     dropped: int = 0
 
     def ports(self):
@@ -170,7 +172,7 @@ class FakeNetwork:
 
     def _emit(self, dpid, port, frame, hops, queue, outcome):
         if port == of.OFPP_CONTROLLER:
-            outcome.to_controller.append((dpid, None, frame))
+            outcome.to_controller.append((dpid, None, frame, None))
         elif (dpid, port) in self.links:
             peer = self.links[(dpid, port)]
             queue.append((peer[0], peer[1], frame, hops + 1))
@@ -203,7 +205,7 @@ class FakeNetwork:
             switch.packet_count[(table_id, entry.key)] = switch.packet_count.get((table_id, entry.key), 0) + 1
             for action in entry.actions:
                 if isinstance(action, of.Output) and action.port == of.OFPP_CONTROLLER:
-                    outcome.to_controller.append((dpid, in_port, frame))
+                    outcome.to_controller.append((dpid, in_port, frame, entry.role))
                     continue
                 frame, outs = self._act(action, frame, in_port)
                 outputs.extend(outs)

@@ -1,12 +1,23 @@
-"""Drive the pure core against ``FakeNetwork``: the controller loop without ryu."""
+"""Drive the whole pure core (``ViolinController``) against ``FakeNetwork``: no ryu, no switch.
+
+Time is simulated (``now``, advanced by hand or by the core's own sleeps);
+``FakeIO`` plays the eventlet side: barriers succeed once messages are applied,
+flow statistics are read from the simulated tables, spawned work is queued
+until ``run_spawned``.
+"""
 
 import struct
 
 from violin_core import of
-from violin_core.fabric import Fabric, FabricSettings
+from violin_core.config import Config
+from violin_core.controller import ControllerIO, ViolinController
+from violin_core.fabric import FabricSettings
 from violin_core.packets import mac_to_bytes
+from violin_core.snapshot import SnapshotSettings
 
 from fakeoftable import FakeNetwork, Outcome
+
+WALL_OFFSET = 1_700_000_000.0
 
 
 def eth_frame(dst: str, src: str, eth_type: int = 0x0800, payload: bytes = b"x" * 46,
@@ -17,15 +28,64 @@ def eth_frame(dst: str, src: str, eth_type: int = 0x0800, payload: bytes = b"x" 
     return header + struct.pack("!H", eth_type) + payload
 
 
-class Harness:
-    """A fabric controlling a simulated network; ``now`` is advanced by hand."""
+class FakeIO(ControllerIO):
+    def __init__(self, harness):
+        self.harness = harness
+        self.spawned = []
+        self.posts = []
+        self.barrier_ok = True
+        self.post_status = 200
 
-    def __init__(self, switch_ports, links, settings=FabricSettings(), fabric=None):
-        self.fabric = fabric or Fabric(settings, nonce=b"testnonc")
-        self.net = FakeNetwork(links)
+    def send(self, messages):
+        self.harness.run(messages)
+
+    def send_and_barrier(self, messages, dpids, timeout):
+        self.harness.run(messages)
+        return self.barrier_ok
+
+    def flow_stats(self, dpids, role, timeout):
+        total = 0
+        for dpid in dpids:
+            switch = self.harness.net.switch(dpid)
+            for table_id, table in switch.tables.items():
+                for entry in table.values():
+                    if entry.role == role:
+                        total += switch.packet_count.get((table_id, entry.key), 0)
+        return total
+
+    def wait_until(self, predicate, timeout):
+        if not predicate():
+            self.harness.now += timeout
+        return predicate()
+
+    def sleep(self, seconds):
+        self.harness.now += seconds
+
+    def spawn(self, function, *args):
+        self.spawned.append((function, args))
+
+    def post_json(self, url, body, timeout):
+        self.posts.append((url, body))
+        return self.post_status, {}
+
+
+class Harness:
+    """A controller driving a simulated network; ``now`` is advanced by hand."""
+
+    def __init__(self, switch_ports, links, settings=FabricSettings(), snapshot=SnapshotSettings(),
+                 state_dir="/nonexistent", members=()):
         self.now = 0.0
+        self.io = FakeIO(self)
+        config = Config(settings, "token", state_dir, snapshot, tuple(members))
+        self.controller = ViolinController(config, lambda: self.now, lambda: WALL_OFFSET + self.now, self.io)
+        self.fabric = self.controller.fabric
+        self.fabric.nonce = b"testnonc"
+        self.coordinator = self.controller.coordinator
+        self.net = FakeNetwork(links)
         self.switch_ports = switch_ports
         self.controller_log = []
+        self.deliveries = []  # every (dpid, port, frame) delivered to an edge port, in order
+        self.drop_roles = set()  # packet-ins of these roles are lost on the way to the controller
 
     def run(self, messages) -> Outcome:
         """Apply messages; run packet-outs; feed what reaches the controller back in."""
@@ -41,33 +101,39 @@ class Harness:
                 outcome = self.net.packet_out(out)
                 total.delivered += outcome.delivered
                 total.dropped += outcome.dropped
-                for dpid, port, frame in outcome.to_controller:
-                    pending += self._packet_in(dpid, port, frame, out)
+                for dpid, port, frame, role in outcome.to_controller:
+                    pending += self._packet_in(dpid, port, frame, role)
+        self.deliveries += total.delivered
         return total
 
-    def _packet_in(self, dpid, port, frame, out=None):
-        if port is None:
+    def _packet_in(self, dpid, port, frame, role):
+        if port is None or role in self.drop_roles:
             return []
-        self.controller_log.append((dpid, port, frame))
-        return self.fabric.packet_in(self.now, dpid, port, frame)
+        self.controller_log.append((dpid, port, frame, role))
+        return self.controller.packet_in(dpid, port, frame, role)
 
     def start(self):
         for dpid, ports in sorted(self.switch_ports.items()):
-            self.run(self.fabric.switch_up(self.now, dpid, [(p, "s%d-eth%d" % (dpid, p), True) for p in ports]))
+            self.run(self.controller.switch_up(dpid, [(p, "s%d-eth%d" % (dpid, p), True) for p in ports]))
         self.advance(1.0)
 
     def advance(self, seconds):
         self.now += seconds
-        self.run(self.fabric.tick(self.now))
+        self.run(self.controller.tick())
+
+    def run_spawned(self):
+        while self.io.spawned:
+            function, args = self.io.spawned.pop(0)
+            function(*args)
 
     def send(self, dpid, port, frame) -> Outcome:
         """A host frame entering at an edge port, with the controller in the loop."""
         outcome = self.net.send(dpid, port, frame)
+        self.deliveries += outcome.delivered
         result = Outcome(list(outcome.delivered), [], outcome.dropped)
-        for sw, in_port, data in outcome.to_controller:
-            result.to_controller.append((sw, in_port, data))
-            more = self._packet_in(sw, in_port, data)
-            done = self.run(more)
+        for sw, in_port, data, role in outcome.to_controller:
+            result.to_controller.append((sw, in_port, data, role))
+            done = self.run(self._packet_in(sw, in_port, data, role))
             result.delivered += done.delivered
         return result
 

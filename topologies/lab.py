@@ -89,10 +89,12 @@ class ControllerProcess:
 
     def start(self, timeout=20.0):
         env = dict(os.environ, VIOLIN_API_TOKEN=self.token, PYTHONUNBUFFERED="1", **self.extra_env)
-        if self.config is not None:
+        if self.app == "violin_snapshot":
+            config = dict(self.config or {})
+            config.setdefault("state", {"directory": os.path.join(self.workdir, "state")})
             path = os.path.join(self.workdir, "config.json")
             with open(path, "w") as handle:
-                json.dump(self.config, handle)
+                json.dump(config, handle)
             env["VIOLIN_CONFIG"] = path
         ports = ["--ofp-tcp-listen-port", str(self.of_port), "--wsapi-host", "127.0.0.1",
                  "--wsapi-port", str(self.rest_port)]

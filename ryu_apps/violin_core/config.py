@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from .fabric import FabricSettings
+from .snapshot import SnapshotError, SnapshotSettings, parse_member
 
 
 class ConfigError(ValueError):
@@ -30,23 +31,37 @@ SCHEMA = {
         "probe_interval": ((int, float), 1.0, _positive, "seconds between link-discovery probe rounds"),
         "settle_time": ((int, float), 0.5, _positive, "seconds a port must stay link-less to be an edge port"),
         "link_timeout": ((int, float), 3.5, _positive, "seconds without a probe before a link is dropped"),
-        "tag_vid": (int, 0xF00, lambda v: 1 <= v <= 4093, "outer tag VID base (1..4093)"),
+        "tag_vid": (int, 0xF00, lambda v: 1 <= v <= 4092, "outer tag VID of uncoloured frames; "
+                    "snapshot colours use the next two (1..4092)"),
         "max_hosts": (int, 4096, _positive, "learned MAC addresses at most"),
     },
     "api": {
         "token": ((str, type(None)), None, None, "bearer token for mutating REST calls"),
     },
     "state": {
-        "directory": (str, "/var/lib/violin-snapshot", None, "where snapshot manifests are kept"),
+        "directory": (str, "/var/lib/violin-snapshot", None, "the snapshot catalogue (manifests, channel state)"),
+    },
+    "snapshot": {
+        "hold_bytes_per_receiver": (int, 8 * 1024 * 1024, _positive, "held frames per receiver, bytes"),
+        "max_channel_bytes": (int, 256 * 1024 * 1024, _positive, "recorded channel state beyond this aborts"),
+        "timeout": ((int, float), 120.0, _positive, "seconds before a snapshot that is not complete aborts"),
+        "marker_timeout": ((int, float), 2.0, _positive, "seconds a cut waits for the member's marker"),
+        "barrier_timeout": ((int, float), 5.0, _positive, "seconds to wait for switches to confirm rules"),
+        "drain_poll": ((int, float), 0.05, _positive, "seconds between flow-statistics polls while draining"),
+        "drain_min": ((int, float), 0.2, _positive, "seconds after the last cut before completion"),
+        "drain_timeout": ((int, float), 2.0, _positive, "seconds of draining before completing on time"),
     },
 }
+LIST_SECTIONS = {"members": "members to snapshot: {name, macs, helper_url, backend, handle, marker}"}
 
 
 @dataclass(frozen=True)
 class Config:
-    fabric: FabricSettings
-    api_token: Optional[str]
-    state_directory: str
+    fabric: FabricSettings = FabricSettings()
+    api_token: Optional[str] = None
+    state_directory: str = "/var/lib/violin-snapshot"
+    snapshot: SnapshotSettings = SnapshotSettings()
+    members: tuple = ()
 
 
 def validate(raw: Any) -> Dict[str, Dict[str, Any]]:
@@ -55,12 +70,27 @@ def validate(raw: Any) -> Dict[str, Dict[str, Any]]:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping of sections, got %s" % type(raw).__name__)
-    unknown = sorted(set(raw) - set(SCHEMA))
+    unknown = sorted(set(raw) - set(SCHEMA) - set(LIST_SECTIONS))
     if unknown:
-        raise ConfigError("config: unknown section(s) %s; known: %s" % (", ".join(unknown), ", ".join(SCHEMA)))
+        raise ConfigError("config: unknown section(s) %s; known: %s" % (
+            ", ".join(unknown), ", ".join(list(SCHEMA) + list(LIST_SECTIONS))))
     result = {}
+    members = raw.get("members") or []
+    if not isinstance(members, list):
+        raise ConfigError("members: expected a list of members")
+    names = set()
+    for index, spec in enumerate(members):
+        try:
+            member = parse_member(spec)
+        except SnapshotError as error:
+            raise ConfigError("members[%d]: %s" % (index, error.reason)) from None
+        if member.name in names:
+            raise ConfigError("members[%d]: duplicate member name %s" % (index, member.name))
+        names.add(member.name)
+    result["members"] = list(members)
     for section, keys in SCHEMA.items():
-        given = raw.get(section) or {}
+        given = raw.get(section)
+        given = {} if given is None else given
         if not isinstance(given, dict):
             raise ConfigError("%s: expected a mapping" % section)
         unknown = sorted(set(given) - set(keys))
@@ -109,7 +139,8 @@ def load(path: Optional[str] = None, environ=os.environ) -> Config:
             raise ConfigError("cannot read config %s: %s" % (path, exc.strerror)) from None
     values = validate(raw)
     token = environ.get("VIOLIN_API_TOKEN") or values["api"]["token"]
-    return Config(FabricSettings(**values["fabric"]), token, values["state"]["directory"])
+    return Config(FabricSettings(**values["fabric"]), token, values["state"]["directory"],
+                  SnapshotSettings(**values["snapshot"]), tuple(values["members"]))
 
 
 def check_config_main(argv=None) -> int:

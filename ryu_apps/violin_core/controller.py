@@ -1,22 +1,67 @@
 """The controller's pure core: everything the RyuApp and REST shims delegate to.
 
-Handlers take ``now`` (a monotonic time in seconds) and return the OpenFlow
-messages to send. ``build_rest_app`` wires the REST routes to it.
+OpenFlow handlers take the event and return the messages to send. Work that
+must wait (barrier replies, flow statistics, timers, calls to helpers) goes
+through an injected ``io`` object: the RyuApp passes one built on eventlet,
+unit tests a synchronous fake over a simulated network. ``build_rest_app``
+wires the REST routes to it.
 """
 
-from typing import Callable, Iterable, List, Tuple
+import logging
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from . import __version__, of
+from .catalogue import Catalogue
+from .channel import ChannelFrame
 from .config import Config
 from .fabric import Fabric
 from .rest import HttpError, RestApp
+from .snapshot import COMPLETE, RUNNING, Coordinator, SnapshotError, parse_member
+
+LOG = logging.getLogger("violin.controller")
+SNAPSHOT_ROLES = (of.ROLE_MARKER, of.ROLE_HOLD, of.ROLE_RECORD, of.ROLE_FLOOD_CUT)
+
+
+class ControllerIO:
+    """What the core needs from the outside world (the RyuApp implements it on eventlet)."""
+
+    def send(self, messages: List[of.Message]) -> None:
+        raise NotImplementedError
+
+    def send_and_barrier(self, messages: List[of.Message], dpids: Iterable[int], timeout: float) -> bool:
+        """Send, then a barrier to each of ``dpids``; True once every reply is in."""
+        raise NotImplementedError
+
+    def flow_stats(self, dpids: Iterable[int], role: int, timeout: float) -> Optional[int]:
+        """Packets matched by the flows of ``role`` on those switches, or None on time-out."""
+        raise NotImplementedError
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        raise NotImplementedError
+
+    def sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    def spawn(self, function, *args) -> None:
+        raise NotImplementedError
+
+    def post_json(self, url: str, body: dict, timeout: float) -> Tuple[int, object]:
+        raise NotImplementedError
 
 
 class ViolinController:
-    def __init__(self, config: Config, clock: Callable[[], float]):
+    def __init__(self, config: Config, clock: Callable[[], float], wall_clock: Callable[[], float],
+                 io: Optional[ControllerIO] = None):
         self.config = config
         self.clock = clock
+        self.wall_clock = wall_clock
+        self.io = io
         self.fabric = Fabric(config.fabric)
+        self.coordinator = Coordinator(self.fabric, config.snapshot)
+        self.catalogue = Catalogue(config.state_directory).open()
+        self.coordinator.last_epoch = self.catalogue.max_epoch()
+        for spec in config.members:
+            self.coordinator.add_member(parse_member(spec))
         self.started_at = clock()
         self.connected: set = set()
         self.errors: dict = {}
@@ -34,7 +79,13 @@ class ViolinController:
     def port_changed(self, dpid: int, port_no: int, name: str, up: bool, deleted: bool) -> List[of.Message]:
         return self.fabric.port_changed(self.clock(), dpid, port_no, name, up, deleted)
 
-    def packet_in(self, dpid: int, in_port: int, data: bytes) -> List[of.Message]:
+    def packet_in(self, dpid: int, in_port: int, data: bytes, role: Optional[int] = None) -> List[of.Message]:
+        if role in SNAPSHOT_ROLES:
+            late_record = role == of.ROLE_RECORD and not self.coordinator.running()
+            messages = self.coordinator.packet_in(self.clock(), self.wall_clock(), dpid, in_port, data, role)
+            if late_record:
+                self._late_record()
+            return messages
         return self.fabric.packet_in(self.clock(), dpid, in_port, data)
 
     def switch_error(self, dpid: int) -> None:
@@ -42,13 +93,173 @@ class ViolinController:
         self.errors[dpid] = self.errors.get(dpid, 0) + 1
 
     def tick(self) -> List[of.Message]:
-        return self.fabric.tick(self.clock())
+        now = self.clock()
+        messages = self.fabric.tick(now)
+        was_running = self.coordinator.running()
+        messages += self.coordinator.tick(now, self.wall_clock())
+        if was_running and not self.coordinator.running():
+            self._persist()
+        return messages
+
+    # --- snapshots -------------------------------------------------------------
+
+    def start_snapshot(self, body: dict, base_url: str) -> dict:
+        members, label, timeout = body.get("members"), body.get("label", ""), body.get("timeout_s")
+        unknown = sorted(set(body) - {"members", "label", "timeout_s"})
+        if unknown:
+            raise HttpError(400, "unknown field(s) %s; known: members, label, timeout_s" % ", ".join(unknown))
+        if members is not None and (not isinstance(members, list) or not all(isinstance(m, str) for m in members)):
+            raise HttpError(400, "members must be a list of member names")
+        snapshot, messages = self.coordinator.start(self.clock(), self.wall_clock(), members, label, timeout)
+        self._persist()
+        dpids = set(self.fabric.switches)
+        if not self.io.send_and_barrier(messages, dpids, self.config.snapshot.barrier_timeout):
+            self._abort("the switches did not confirm the snapshot rules within %.1f s"
+                        % self.config.snapshot.barrier_timeout)
+            raise HttpError(504, self.coordinator.current.reason)
+        for name in snapshot.participants:
+            member = self.coordinator.members[name]
+            if member.helper_url:
+                self.io.spawn(self._notify_helper, snapshot.id, member.name, member.helper_url, base_url)
+        return self.snapshot_view(snapshot.id)
+
+    def cut(self, snapshot_id: str, name: str) -> dict:
+        """A helper's member is paused: flip it once its marker is in; answer when rules are in force."""
+        settings = self.config.snapshot
+        _, cut = self.coordinator.require(snapshot_id, name)
+        if cut.state != "pending":
+            raise HttpError(409, "%s was already cut in snapshot %s" % (name, snapshot_id))
+        if self.coordinator.members[name].marker and not cut.marker_seen:
+            self.io.wait_until(lambda: cut.marker_seen or not self.coordinator.running(), settings.marker_timeout)
+            self.coordinator.require(snapshot_id, name)
+            if not cut.marker_seen:
+                self._abort("no cut marker from %s within %.1f s (is its helper sending one on the member's "
+                            "link, or should the member be registered with marker: false?)"
+                            % (name, settings.marker_timeout))
+                raise HttpError(409, self.coordinator.current.reason)
+        started = self.clock()
+        member = self.coordinator.members[name]
+        dpids = self.coordinator._switches_of(member)
+        messages = self.coordinator.flip(started, snapshot_id, name)
+        if not self.io.send_and_barrier(messages, dpids, settings.barrier_timeout):
+            self._abort("the switch did not confirm the cut of %s within %.1f s" % (name, settings.barrier_timeout))
+            raise HttpError(504, self.coordinator.current.reason)
+        flip_ms = (self.clock() - started) * 1000.0
+        self.coordinator.cut_done(self.wall_clock(), snapshot_id, name, flip_ms)
+        self._persist()
+        return {"snapshot": snapshot_id, "member": name, "epoch": member.epoch,
+                "cut_time": cut.cut_time, "flip_ms": cut.flip_ms}
+
+    def done(self, snapshot_id: str, name: str, report: dict) -> dict:
+        if self.coordinator.done(snapshot_id, name, report):
+            self.io.spawn(self.drain_and_complete, snapshot_id)
+        self._persist()
+        return self.snapshot_view(snapshot_id)
+
+    def failed(self, snapshot_id: str, name: str, body: dict) -> dict:
+        self.coordinator.require(snapshot_id, name)
+        reason = body.get("reason") if isinstance(body.get("reason"), str) else "no reason given"
+        self._abort("helper for %s failed: %s" % (name, reason[:500]))
+        return self.snapshot_view(snapshot_id)
+
+    def abort(self, snapshot_id: str, body: dict) -> dict:
+        self.coordinator.require(snapshot_id)
+        reason = body.get("reason") if isinstance(body.get("reason"), str) else "aborted by request"
+        self._abort(reason[:500])
+        return self.snapshot_view(snapshot_id)
+
+    def drain_and_complete(self, snapshot_id: str) -> None:
+        """Wait until no pre-snapshot frame can still be in flight, then seal the snapshot.
+
+        Every participant is post now, so a pre-colour frame still in the network can
+        only end at a record rule. Poll those rules' packet counters (OpenFlow flow
+        statistics) until they stand still, at least ``drain_min`` after the last
+        flip, and equal what the controller recorded; after ``drain_timeout``
+        complete anyway and say so in the manifest.
+        """
+        settings, coordinator = self.config.snapshot, self.coordinator
+        snapshot = coordinator.current
+        began, history, method = self.clock(), [], "timeout"
+        while coordinator.running() and snapshot.id == snapshot_id:
+            total = self.io.flow_stats(coordinator.participant_switches(), of.ROLE_RECORD, settings.barrier_timeout)
+            history.append(total)
+            got = snapshot.counts["recorded_by_rule"]
+            quiet = (total is not None and len(history) >= 2 and history[-2] == total and total == got
+                     and self.clock() - (snapshot.last_flip or began) >= settings.drain_min)
+            if quiet:
+                method = "counters"
+                break
+            if self.clock() - began >= settings.drain_timeout:
+                break
+            self.io.sleep(settings.drain_poll)
+        if not coordinator.running() or snapshot.id != snapshot_id:
+            return
+        switch_count = history[-1] if history else None
+        drain = {"method": method, "polls": len(history), "waited_ms": round((self.clock() - began) * 1000, 1),
+                 "switch_recorded": switch_count, "controller_recorded": snapshot.counts["recorded_by_rule"]}
+        if switch_count is not None and switch_count > snapshot.counts["recorded_by_rule"]:
+            snapshot.drain = drain
+            self._abort("channel state incomplete: the switches delivered %d pre-snapshot frames to "
+                        "post-snapshot receivers but the controller recorded %d"
+                        % (switch_count, snapshot.counts["recorded_by_rule"]))
+            return
+        self.io.send(coordinator.complete(self.clock(), self.wall_clock(), drain))
+        frames = [ChannelFrame(r.receiver, r.time, r.frame) for r in coordinator.recorded]
+        self.catalogue.save(snapshot.manifest(), frames)
+        LOG.info("snapshot %s complete: %d members, %d frames of channel state (drain by %s)",
+                 snapshot.id, len(snapshot.participants), len(frames), method)
+
+    def _abort(self, reason: str) -> None:
+        messages = self.coordinator.abort(self.clock(), self.wall_clock(), reason)
+        if self.io is not None:
+            self.io.send(messages)
+        self._persist()
+        LOG.warning("snapshot %s aborted: %s", self.coordinator.current.id, reason)
+
+    def _late_record(self) -> None:
+        """A pre-snapshot frame reached a post receiver after completion: the snapshot lacks it."""
+        snapshot = self.coordinator.current
+        if snapshot is not None and snapshot.state == COMPLETE:
+            manifest = dict(self.catalogue.get(snapshot.id) or snapshot.manifest())
+            manifest.update(state="aborted", phase="aborted", restorable=False,
+                            reason="a pre-snapshot frame reached a post-snapshot receiver after completion "
+                                   "(drain too short); its channel state is incomplete")
+            snapshot.state, snapshot.reason = "aborted", manifest["reason"]
+            self.catalogue.save(manifest)
+
+    def _persist(self) -> None:
+        snapshot = self.coordinator.current
+        if snapshot is not None and snapshot.state != COMPLETE:
+            self.catalogue.save(snapshot.manifest())
+
+    def _notify_helper(self, snapshot_id: str, name: str, helper_url: str, base_url: str) -> None:
+        callbacks = "%s/violin/snapshots/%s/members/%s" % (base_url.rstrip("/"), snapshot_id, name)
+        body = {"snapshot": snapshot_id, "member": name, "epoch": self.coordinator.current.epoch,
+                "cut_url": callbacks + "/cut", "done_url": callbacks + "/done", "failed_url": callbacks + "/failed"}
+        try:
+            status, answer = self.io.post_json(helper_url.rstrip("/") + "/snapshot", body, 10.0)
+        except OSError as error:
+            status, answer = None, str(error)
+        if status is None or not 200 <= status < 300:
+            if self.coordinator.running() and self.coordinator.current.id == snapshot_id:
+                self._abort("helper of %s at %s did not take the snapshot request: %s"
+                            % (name, helper_url, status or answer))
 
     # --- views ---------------------------------------------------------------
+
+    def snapshot_view(self, snapshot_id: str) -> dict:
+        current = self.coordinator.current
+        if current is not None and current.id == snapshot_id and current.state == RUNNING:
+            return current.manifest()
+        manifest = self.catalogue.get(snapshot_id)
+        if manifest is None:
+            raise HttpError(404, "no snapshot %s" % snapshot_id)
+        return manifest
 
     def health(self) -> dict:
         now = self.clock()
         fabric = self.fabric
+        current = self.coordinator.current
         return {
             "status": "ok",
             "app": "violin_snapshot",
@@ -57,28 +268,43 @@ class ViolinController:
             "switches": len(fabric.switches),
             "links": len(fabric.links) // 2,
             "hosts": len(fabric.hosts),
+            "members": len(self.coordinator.members),
             "settled": fabric.settled(now),
             "counters": dict(fabric.counters),
             "switch_errors": sum(self.errors.values()),
+            "snapshot": None if current is None else {"id": current.id, "state": current.state,
+                                                       "phase": current.phase},
         }
 
     def topology(self) -> dict:
         return self.fabric.describe(self.clock())
 
 
+def _snapshot_errors(handler):
+    """Turn the coordinator's refusals into HTTP errors."""
+    def wrapped(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except SnapshotError as error:
+            raise HttpError(error.status, error.reason) from None
+    return wrapped
+
+
 def build_rest_app(controller: ViolinController) -> RestApp:
     app = RestApp(controller.config.api_token)
+    route = lambda method, path: lambda f: app.route(method, path)(_snapshot_errors(f))  # noqa: E731
+    coordinator = controller.coordinator
 
-    @app.route("GET", "/health")
-    def health(_body):
+    @route("GET", "/health")
+    def health(_req, _body):
         return controller.health()
 
-    @app.route("GET", "/topology")
-    def topology(_body):
+    @route("GET", "/topology")
+    def topology(_req, _body):
         return controller.topology()
 
-    @app.route("GET", "/topology/switches/{dpid}")
-    def switch(_body, dpid):
+    @route("GET", "/topology/switches/{dpid}")
+    def switch(_req, _body, dpid):
         try:
             number = int(dpid, 16)
         except ValueError:
@@ -87,5 +313,61 @@ def build_rest_app(controller: ViolinController) -> RestApp:
             if int(entry["dpid"], 16) == number:
                 return entry
         raise HttpError(404, "no switch with dpid %s" % dpid)
+
+    @route("GET", "/members")
+    def members(_req, _body):
+        return {"members": [m.describe(controller.fabric) for m in coordinator.members.values()]}
+
+    @route("POST", "/members")
+    def add_member(_req, body):
+        return 201, coordinator.add_member(parse_member(body)).describe(controller.fabric)
+
+    @route("GET", "/members/{name}")
+    def member(_req, _body, name):
+        return coordinator.get_member(name).describe(controller.fabric)
+
+    @route("DELETE", "/members/{name}")
+    def remove_member(_req, _body, name):
+        return coordinator.remove_member(name).describe(controller.fabric)
+
+    @route("GET", "/snapshots")
+    def snapshots(_req, _body):
+        listed = {m["id"]: m for m in controller.catalogue.list()}
+        current = coordinator.current
+        if current is not None and current.state == RUNNING:
+            listed[current.id] = current.manifest()
+        return {"snapshots": sorted(listed.values(), key=lambda m: (m.get("created") or 0, m["id"]))}
+
+    @route("POST", "/snapshots")
+    def start(req, body):
+        return 202, controller.start_snapshot(body, req.host_url)
+
+    @route("GET", "/snapshots/{snapshot_id}")
+    def snapshot(_req, _body, snapshot_id):
+        return controller.snapshot_view(snapshot_id)
+
+    @route("DELETE", "/snapshots/{snapshot_id}")
+    def delete(_req, _body, snapshot_id):
+        manifest = controller.snapshot_view(snapshot_id)
+        if manifest["state"] == RUNNING:
+            raise HttpError(409, "snapshot %s is running; abort it first" % snapshot_id)
+        controller.catalogue.delete(snapshot_id)
+        return {"deleted": snapshot_id}
+
+    @route("POST", "/snapshots/{snapshot_id}/abort")
+    def abort(_req, body, snapshot_id):
+        return controller.abort(snapshot_id, body)
+
+    @route("POST", "/snapshots/{snapshot_id}/members/{name}/cut")
+    def cut(_req, _body, snapshot_id, name):
+        return controller.cut(snapshot_id, name)
+
+    @route("POST", "/snapshots/{snapshot_id}/members/{name}/done")
+    def done(_req, body, snapshot_id, name):
+        return controller.done(snapshot_id, name, body)
+
+    @route("POST", "/snapshots/{snapshot_id}/members/{name}/failed")
+    def failed(_req, body, snapshot_id, name):
+        return controller.failed(snapshot_id, name, body)
 
     return app

@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import networkx as nx
 
 from . import of
-from .packets import PROBE_DST, PROBE_ETH_TYPE, build_probe, is_multicast, parse_eth, parse_probe
+from .packets import MARKER_DST, PROBE_DST, PROBE_ETH_TYPE, build_probe, is_multicast, parse_eth, parse_probe
 
 INGRESS_TABLE, FORWARD_TABLE, EGRESS_TABLE, FLOOD_TABLE = 0, 1, 2, 3
 TAG_PRESENT = (of.OFPVID_PRESENT, of.OFPVID_PRESENT)  # OVS refuses pop_vlan unless the match implies a tag
@@ -75,6 +75,7 @@ class Fabric:
         self.last_probe_round: Optional[float] = None
         self.counters = {"packet_in": 0, "learned": 0, "moved": 0, "ignored": 0, "hosts_over_limit": 0}
         self._graph_cache = None
+        self.policy = None  # the snapshot coordinator: colours and cut rules
 
     # --- port classification --------------------------------------------------
 
@@ -144,13 +145,21 @@ class Fabric:
     # --- the flow plan --------------------------------------------------------
 
     def host_vid(self, mac: str) -> int:
-        """The outer tag VID a host's frames carry. Snapshot colouring overrides this."""
+        """The outer tag VID a host's frames carry (its snapshot colour, if a member)."""
+        if self.policy is not None:
+            return self.policy.ingress_vid(mac)
         return self.settings.tag_vid
 
     def egress_entries(self, dpid: int, mac: str, port_no: int) -> List[of.FlowEntry]:
-        """Deliver to a local host. Snapshot cut rules override this."""
-        return [of.FlowEntry(EGRESS_TABLE, 500, of.match(eth_dst=mac, vlan_vid=TAG_PRESENT),
-                             (of.PopVlan(), of.Output(port_no)))]
+        """Deliver to a local host: any colour, plus the cut rules of a running snapshot."""
+        entries = [of.FlowEntry(EGRESS_TABLE, 500, of.match(eth_dst=mac, vlan_vid=TAG_PRESENT),
+                                (of.PopVlan(), of.Output(port_no)))]
+        if self.policy is not None:
+            entries += self.policy.cut_entries(dpid, mac, port_no)
+        return entries
+
+    def hosts_on(self, dpid: int, port_no: int) -> List[str]:
+        return sorted(mac for mac, where in self.hosts.items() if where == (dpid, port_no))
 
     def flood_actions(self, dpid: int, now: float, tree: Set[PortRef]) -> Tuple[of.Action, ...]:
         trunks = sorted(p for (d, p) in tree if d == dpid)
@@ -166,11 +175,14 @@ class Fabric:
         switch = self.switches[dpid]
         entries = [
             of.FlowEntry(INGRESS_TABLE, 1000, of.match(eth_type=PROBE_ETH_TYPE, eth_dst=PROBE_DST),
-                         (of.Output(of.OFPP_CONTROLLER),)),
-            of.FlowEntry(INGRESS_TABLE, 0, of.match(), (of.Output(of.OFPP_CONTROLLER),)),
+                         (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_PROBE),
+            of.FlowEntry(INGRESS_TABLE, 1000, of.match(eth_type=PROBE_ETH_TYPE, eth_dst=MARKER_DST),
+                         (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_MARKER),
+            of.FlowEntry(INGRESS_TABLE, 0, of.match(), (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_LEARN),
             of.FlowEntry(FORWARD_TABLE, 0, of.match(), goto=FLOOD_TABLE),
             of.FlowEntry(EGRESS_TABLE, 0, of.match()),
             of.FlowEntry(FLOOD_TABLE, 1, of.match(vlan_vid=TAG_PRESENT), self.flood_actions(dpid, now, tree)),
+            *(self.policy.flood_entries(self, dpid, now, tree) if self.policy is not None else ()),
             of.FlowEntry(FLOOD_TABLE, 0, of.match()),
         ]
         for port_no, port in sorted(switch.ports.items()):
@@ -278,7 +290,7 @@ class Fabric:
         if origin is not None:
             return self._link_seen(now, origin, (dpid, in_port))
         header = parse_eth(data)
-        if (header is None or is_multicast(header.src) or header.dst == PROBE_DST
+        if (header is None or is_multicast(header.src) or header.dst in (PROBE_DST, MARKER_DST)
                 or not self.is_edge(dpid, in_port, now)):
             self.counters["ignored"] += 1
             return []

@@ -68,6 +68,17 @@ def match(**fields: MatchValue) -> Match:
 
 # --- messages ----------------------------------------------------------------
 
+# Roles, carried in the low 32 bits of every flow's cookie (the high 32 bits mark
+# the app): packet-ins name the rule that sent them, flow stats filter by role.
+ROLE_FORWARD = 0
+ROLE_LEARN = 1  # table-miss at ingress: unknown source
+ROLE_PROBE = 2  # link-discovery probes
+ROLE_MARKER = 3  # a member's cut marker
+ROLE_HOLD = 4  # post-snapshot frame for a pre-snapshot receiver
+ROLE_RECORD = 5  # pre-snapshot frame delivered to a post-snapshot receiver
+ROLE_FLOOD_CUT = 6  # a flood some of whose receivers need the cut rules
+
+
 @dataclass(frozen=True)
 class FlowEntry:
     """A flow the core wants in a switch table. ``goto`` is a GotoTable id."""
@@ -77,6 +88,7 @@ class FlowEntry:
     match: Match
     actions: Tuple[Action, ...] = ()
     goto: Optional[int] = None
+    role: int = ROLE_FORWARD
 
     @property
     def key(self):

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 PROBE_DST = "03:76:69:6f:6c:6e"  # locally administered multicast, never a guest MAC
 PROBE_SRC = "02:76:69:6f:6c:6e"
+MARKER_DST = "03:76:69:6f:6c:6d"  # a member's cut marker: sent on its own link while it is paused
 PROBE_ETH_TYPE = 0x88B5  # IEEE 802 local experimental ethertype 1
 _PROBE_MAGIC = b"VIOLINPROBE1"
 _PROBE_BODY = struct.Struct("!12s8sQI")  # magic, controller nonce, dpid, port
@@ -50,6 +51,31 @@ def build_probe(nonce: bytes, dpid: int, port: int) -> bytes:
     header = mac_to_bytes(PROBE_DST) + mac_to_bytes(PROBE_SRC) + struct.pack("!H", PROBE_ETH_TYPE)
     frame = header + _PROBE_BODY.pack(_PROBE_MAGIC, nonce, dpid, port)
     return frame.ljust(60, b"\0")
+
+
+_MARKER_MAGIC = b"VIOLINMARK1\0"
+_MARKER_BODY = struct.Struct("!12s40s40s")  # magic, snapshot id, member name
+
+
+def build_marker(src_mac: str, snapshot_id: str, member: str) -> bytes:
+    """The frame a paused member's helper sends down the member's link (see DESIGN: cut precision)."""
+    header = mac_to_bytes(MARKER_DST) + mac_to_bytes(src_mac) + struct.pack("!H", PROBE_ETH_TYPE)
+    return header + _MARKER_BODY.pack(_MARKER_MAGIC, snapshot_id.encode(), member.encode())
+
+
+def parse_marker(frame: bytes) -> Optional[Tuple[str, str, str]]:
+    """(source MAC, snapshot id, member name) of a marker frame, or None."""
+    if len(frame) < 14 + _MARKER_BODY.size or frame[0:6] != mac_to_bytes(MARKER_DST):
+        return None
+    magic, snapshot_id, member = _MARKER_BODY.unpack_from(frame, 14)
+    if magic != _MARKER_MAGIC:
+        return None
+    return mac_to_str(frame[6:12]), snapshot_id.rstrip(b"\0").decode(), member.rstrip(b"\0").decode()
+
+
+def strip_outer_tag(frame: bytes) -> bytes:
+    """The guest frame inside our outer 802.1Q tag."""
+    return frame[:12] + frame[16:]
 
 
 def parse_probe(frame: bytes, nonce: bytes) -> Optional[Tuple[int, int]]:

@@ -1,7 +1,8 @@
 """The REST edge under ``/violin``: routing, auth, JSON and errors in one place.
 
-A plain WSGI application (webob, no ryu). Handlers receive parsed JSON and URL
-variables and return a JSON-ready value; every failure becomes a JSON body
+A plain WSGI application (webob, no ryu). Handlers receive the request, the
+parsed JSON body and the URL variables and return a JSON-ready value (or a
+``(status, value)`` pair); every failure becomes a JSON body
 ``{"error": ..., "reason": ...}`` with a 4xx status, never a traceback.
 """
 
@@ -75,7 +76,7 @@ class RestApp:
         if route.mutating:
             self._authorize(request)
         body = _json_body(request) if request.method in ("POST", "PUT", "PATCH") else None
-        result = route.handler(body, **match.groupdict())
+        result = route.handler(request, body, **match.groupdict())
         return result if isinstance(result, tuple) else (200, result)
 
     def _authorize(self, request: Request) -> None:

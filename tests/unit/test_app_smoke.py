@@ -43,9 +43,11 @@ def port(no, name, down=False):
 
 
 @pytest.fixture
-def app(monkeypatch):
+def app(monkeypatch, tmp_path):
     monkeypatch.setenv("VIOLIN_API_TOKEN", "t")
-    monkeypatch.delenv("VIOLIN_CONFIG", raising=False)
+    config = tmp_path / "violin.json"
+    config.write_text(json.dumps({"state": {"directory": str(tmp_path / "state")}}))
+    monkeypatch.setenv("VIOLIN_CONFIG", str(config))
     wsgi = WSGIApplication()
     instance = violin_snapshot.ViolinSnapshot(wsgi=wsgi)
     yield instance, wsgi
@@ -69,14 +71,16 @@ def test_every_handler_runs_and_sends_valid_openflow(app):
     assert {"OFPPortDescStatsRequest", "OFPFlowMod", "OFPPacketOut"} <= kinds
     # A probe from s1 port 2 arriving at s2 port 2: a link.
     instance._packet_in(SimpleNamespace(msg=SimpleNamespace(
-        datapath=dp2, match={"in_port": 2}, data=build_probe(instance.core.fabric.nonce, 1, 2))))
+        datapath=dp2, match={"in_port": 2}, data=build_probe(instance.core.fabric.nonce, 1, 2),
+        cookie=violin_snapshot.COOKIE_APP | of.ROLE_PROBE)))
     assert instance.core.fabric.is_trunk(2, 2) and instance.core.fabric.is_trunk(1, 2)
     # A host frame (ports settle after the settle time: move the core's clock on).
     start = instance.core.clock()
     instance.core.clock = lambda: start + 10
     instance.send(instance.core.tick())
     frame = bytes.fromhex("ffffffffffff0000000000aa0806") + b"\0" * 46
-    instance._packet_in(SimpleNamespace(msg=SimpleNamespace(datapath=dp1, match={"in_port": 1}, data=frame)))
+    instance._packet_in(SimpleNamespace(msg=SimpleNamespace(datapath=dp1, match={"in_port": 1}, data=frame,
+                                                            cookie=violin_snapshot.COOKIE_APP | of.ROLE_LEARN)))
     assert "00:00:00:00:00:aa" in instance.core.fabric.hosts
     assert isinstance(dp1.sent[-1], ofproto_v1_3_parser.OFPPacketOut)
     # Port down, an error message, a disconnect.

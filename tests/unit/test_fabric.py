@@ -8,12 +8,17 @@ from violin_core.packets import build_probe
 
 from harness import Harness, assert_only, eth_frame, line_topology, ring_topology
 
+def _tmp():
+    import tempfile
+    return tempfile.mkdtemp(prefix="violin-test-")
+
+
 A, B, C = "00:00:00:00:00:0a", "00:00:00:00:00:0b", "00:00:00:00:00:0c"
 BCAST = "ff:ff:ff:ff:ff:ff"
 
 
 def started(ports, links, **settings):
-    harness = Harness(ports, links, FabricSettings(**settings))
+    harness = Harness(ports, links, FabricSettings(**settings), state_dir=_tmp())
     harness.start()
     return harness
 
@@ -27,9 +32,9 @@ def test_discovery_finds_every_link_and_settles():
 
 def test_ports_are_not_edges_before_settle_time():
     ports, links = line_topology(2)
-    h = Harness(ports, links, FabricSettings(settle_time=0.5))
+    h = Harness(ports, links, FabricSettings(settle_time=0.5), state_dir=_tmp())
     for dpid in (1, 2):
-        h.run(h.fabric.switch_up(h.now, dpid, [(p, "", True) for p in ports[dpid]]))
+        h.run(h.controller.switch_up(dpid, [(p, "", True) for p in ports[dpid]]))
     assert not h.fabric.settled(h.now)
     # A host frame on a pending port is neither learned nor flooded.
     out = h.send(1, 1, eth_frame(BCAST, A))

@@ -19,8 +19,8 @@ class Clock:
         return self.now
 
 
-def make_app(token="s3cret"):
-    controller = ViolinController(cfg.Config(FabricSettings(), token, "/tmp/x"), Clock())
+def make_app(token="s3cret", tmp="/tmp/violin-unit-rest"):
+    controller = ViolinController(cfg.Config(FabricSettings(), token, tmp), Clock(), Clock())
     return controller, build_rest_app(controller)
 
 
@@ -68,7 +68,7 @@ def test_mutating_routes_need_the_bearer_token():
     controller, app = make_app()
 
     @app.route("POST", "/things")
-    def create(body):
+    def create(_req, body):
         return 201, {"got": body}
 
     assert call(app, "/violin/things", "POST", {"a": 1})[0] == 401

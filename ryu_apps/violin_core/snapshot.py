@@ -1,0 +1,519 @@
+"""Snapshot coordination in the network (Mattern's algorithm): the pure core.
+
+Every member has an epoch. Snapshot ``k`` moves each participant from ``k-1``
+to ``k`` at its cut (the helper's cut call, while the member is paused). Frames
+carry their sender's colour (epoch parity) in the outer tag pushed at ingress;
+at the receiver's egress edge:
+
+  same colour          delivered by the switch (fast path)
+  post -> pre receiver HELD at the controller, released in order right after
+                       the receiver flips (``ROLE_HOLD``)
+  pre -> post receiver delivered AND copied to the controller, recorded as the
+                       snapshot's channel state, in order (``ROLE_RECORD``)
+
+Floods while epochs are mixed go to the controller only for the ports whose
+receivers need a cut rule, and are replicated per destination under the same
+rules (``ROLE_FLOOD_CUT``). Frames of non-members, and of members outside the
+snapshot's subset, carry the neutral colour and are always delivered.
+
+The coordinator is a policy the ``Fabric`` consults when it derives flows; its
+handlers take times and events and return OpenFlow messages. Blocking work
+(barriers, flow statistics, helpers) is the caller's (``controller.py``).
+"""
+
+import os
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, Dict, Iterable, List, Optional, Set, Tuple
+
+from . import of
+from .fabric import EGRESS_TABLE, FLOOD_TABLE, TAG_PRESENT, Fabric
+from .packets import is_multicast, parse_eth, parse_marker, strip_outer_tag
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+RUNNING, COMPLETE, ABORTED = "running", "complete", "aborted"
+
+
+class SnapshotError(Exception):
+    """A request the coordinator refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class SnapshotSettings:
+    hold_bytes_per_receiver: int = 8 * 1024 * 1024  # held frames beyond this are dropped, counted
+    max_channel_bytes: int = 256 * 1024 * 1024  # recorded channel state beyond this aborts
+    timeout: float = 120.0  # a snapshot not complete by then is aborted
+    marker_timeout: float = 2.0  # a cut waits this long for the member's marker frame
+    barrier_timeout: float = 5.0
+    drain_poll: float = 0.05  # seconds between flow-statistics polls while draining
+    drain_min: float = 0.2  # never complete sooner than this after the last flip
+    drain_timeout: float = 2.0  # fall back to completing on time (said in the manifest)
+
+
+@dataclass
+class Member:
+    name: str
+    macs: Tuple[str, ...]
+    helper_url: Optional[str] = None
+    backend: str = "manual"
+    handle: str = ""
+    marker: bool = True  # the cut waits for a marker frame from the member's own link
+    epoch: int = 0
+
+    def describe(self, fabric: Fabric) -> dict:
+        where = [fabric.hosts.get(mac) for mac in self.macs]
+        return {"name": self.name, "macs": list(self.macs), "helper_url": self.helper_url,
+                "backend": self.backend, "handle": self.handle, "marker": self.marker,
+                "epoch": self.epoch,
+                "located": all(w is not None for w in where),
+                "attachment": [None if w is None else {"dpid": "%016x" % w[0], "port": w[1]} for w in where]}
+
+
+def parse_member(spec) -> Member:
+    """Validate a member description (REST body or config entry)."""
+    if not isinstance(spec, dict):
+        raise SnapshotError(400, "a member is a JSON object")
+    known = {"name", "macs", "helper_url", "backend", "handle", "marker"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise SnapshotError(400, "unknown member field(s) %s; known: %s" % (", ".join(unknown), ", ".join(sorted(known))))
+    name = spec.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise SnapshotError(400, "member name must be 1-40 letters, digits, '_', '.', '-', got %r" % (name,))
+    macs = spec.get("macs")
+    if isinstance(macs, str):
+        macs = [macs]
+    if not isinstance(macs, list) or not macs:
+        raise SnapshotError(400, "member %s: macs must be a non-empty list of MAC addresses" % name)
+    cleaned = []
+    for mac in macs:
+        if not isinstance(mac, str) or not MAC_RE.match(mac.lower()) or is_multicast(mac.lower()):
+            raise SnapshotError(400, "member %s: %r is not a unicast MAC address" % (name, mac))
+        cleaned.append(mac.lower())
+    helper_url = spec.get("helper_url")
+    if helper_url is not None and (not isinstance(helper_url, str) or not helper_url.startswith(("http://", "https://"))):
+        raise SnapshotError(400, "member %s: helper_url must be an http(s) URL" % name)
+    for key in ("backend", "handle"):
+        if key in spec and not isinstance(spec[key], str):
+            raise SnapshotError(400, "member %s: %s must be a string" % (name, key))
+    if "marker" in spec and not isinstance(spec["marker"], bool):
+        raise SnapshotError(400, "member %s: marker must be true or false" % name)
+    return Member(name, tuple(dict.fromkeys(cleaned)), helper_url, spec.get("backend", "manual"),
+                  spec.get("handle", ""), spec.get("marker", True))
+
+
+@dataclass
+class MemberCut:
+    name: str
+    state: str = "pending"  # pending -> cut -> done; "flipped" when aborted before its cut
+    marker_seen: bool = False
+    cut_time: Optional[float] = None  # wall clock when its rules were in force
+    flip_ms: Optional[float] = None  # cut request -> barrier replies
+    report: dict = field(default_factory=dict)  # what the helper said at done
+
+
+@dataclass
+class Snapshot:
+    id: str
+    epoch: int
+    participants: Tuple[str, ...]
+    label: str
+    created: float  # wall clock
+    timeout: float
+    deadline: float  # monotonic
+    state: str = RUNNING
+    phase: str = "cutting"  # cutting -> draining -> complete/aborted
+    reason: Optional[str] = None
+    completed: Optional[float] = None
+    cuts: Dict[str, MemberCut] = field(default_factory=dict)
+    counts: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("held", "released", "recorded", "recorded_by_rule", "recorded_bytes", "dropped", "late_released"), 0))
+    drain: dict = field(default_factory=dict)
+    last_flip: Optional[float] = None  # monotonic
+
+    def manifest(self) -> dict:
+        return {
+            "id": self.id, "epoch": self.epoch, "label": self.label, "state": self.state,
+            "phase": self.phase, "reason": self.reason, "created": self.created, "completed": self.completed,
+            "restorable": self.state == COMPLETE,
+            "members": [dict(name=c.name, state=c.state, cut_time=c.cut_time, flip_ms=c.flip_ms,
+                             marker=c.marker_seen, **c.report) for c in self.cuts.values()],
+            "counts": dict(self.counts), "drain": dict(self.drain),
+        }
+
+
+@dataclass
+class Recorded:
+    receiver: str
+    time: float  # wall clock of the packet-in
+    frame: bytes  # the guest frame as delivered (outer tag removed)
+
+
+class Coordinator:
+    """Members, epochs and the one running snapshot; the fabric's colouring policy."""
+
+    def __init__(self, fabric: Fabric, settings: SnapshotSettings = SnapshotSettings()):
+        self.fabric = fabric
+        self.settings = settings
+        self.members: Dict[str, Member] = {}
+        self.current: Optional[Snapshot] = None  # running, or the last one until the next starts
+        self.last_epoch = 0
+        self.holds: Dict[str, Deque[Tuple[int, int, bytes]]] = {}
+        self.held_bytes: Dict[str, int] = {}
+        self.recorded: List[Recorded] = []
+        self.overflowed = False  # channel state over max_channel_bytes: the snapshot must abort
+        fabric.policy = self
+
+    # --- membership ---------------------------------------------------------------
+
+    def add_member(self, member: Member) -> Member:
+        if member.name in self.members:
+            raise SnapshotError(409, "member %s exists; delete it first" % member.name)
+        for other in self.members.values():
+            shared = set(other.macs) & set(member.macs)
+            if shared:
+                raise SnapshotError(409, "MAC %s already belongs to member %s" % (sorted(shared)[0], other.name))
+        member.epoch = self.last_epoch
+        self.members[member.name] = member
+        return member
+
+    def remove_member(self, name: str) -> Member:
+        member = self.get_member(name)
+        if self.running() and name in self.current.participants:
+            raise SnapshotError(409, "member %s takes part in running snapshot %s" % (name, self.current.id))
+        return self.members.pop(member.name)
+
+    def get_member(self, name: str) -> Member:
+        if name not in self.members:
+            raise SnapshotError(404, "no member named %s" % name)
+        return self.members[name]
+
+    def member_by_mac(self, mac: str) -> Optional[Member]:
+        for member in self.members.values():
+            if mac in member.macs:
+                return member
+        return None
+
+    def running(self) -> bool:
+        return self.current is not None and self.current.state == RUNNING
+
+    def participant(self, mac: str) -> Optional[Member]:
+        member = self.member_by_mac(mac)
+        if member is not None and self.running() and member.name in self.current.participants:
+            return member
+        return None
+
+    # --- colours and cut rules (the fabric asks) -----------------------------------
+
+    def colour(self, epoch: int) -> int:
+        return self.fabric.settings.tag_vid + 1 + epoch % 2
+
+    def ingress_vid(self, mac: str) -> int:
+        member = self.member_by_mac(mac)
+        if member is None or (self.running() and member.name not in self.current.participants):
+            return self.fabric.settings.tag_vid
+        return self.colour(member.epoch)
+
+    def is_post(self, member: Member) -> bool:
+        return member.epoch >= self.current.epoch
+
+    def cut_entries(self, dpid: int, mac: str, port_no: int) -> List[of.FlowEntry]:
+        member = self.participant(mac)
+        if member is None:
+            return []
+        k = self.current.epoch
+        if self.is_post(member):  # pre-colour frames arriving now were in flight at its cut
+            return [of.FlowEntry(EGRESS_TABLE, 510, of.match(eth_dst=mac, vlan_vid=self.colour(k - 1) | of.OFPVID_PRESENT),
+                                 (of.Output(of.OFPP_CONTROLLER), of.PopVlan(), of.Output(port_no)),
+                                 role=of.ROLE_RECORD)]
+        return [of.FlowEntry(EGRESS_TABLE, 510, of.match(eth_dst=mac, vlan_vid=self.colour(k) | of.OFPVID_PRESENT),
+                             (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_HOLD)]
+
+    def _participants_on(self, dpid: int, port_no: int) -> List[Member]:
+        found = {}
+        for mac in self.fabric.hosts_on(dpid, port_no):
+            member = self.participant(mac)
+            if member is not None:
+                found[member.name] = member
+        return list(found.values())
+
+    def _cut_action(self, member: Member, colour: int) -> Optional[str]:
+        """'hold', 'record' or None for a frame of ``colour`` reaching a participant."""
+        k = self.current.epoch
+        if colour == self.colour(k) and not self.is_post(member):
+            return "hold"
+        if colour == self.colour(k - 1) and self.is_post(member):
+            return "record"
+        return None
+
+    def flood_entries(self, fabric: Fabric, dpid: int, now: float, tree) -> List[of.FlowEntry]:
+        """Per-colour floods while a snapshot runs: ports of participants are served by the controller.
+
+        All of them, not only those needing a cut rule right now: a packet-in then
+        never leaves a port in doubt about whether the switch already delivered.
+        """
+        if not self.running():
+            return []
+        entries = []
+        trunks = sorted(p for (d, p) in tree if d == dpid)
+        edges = fabric.edge_ports(dpid, now)
+        special = [p for p in edges if self._participants_on(dpid, p)]
+        direct = [p for p in edges if p not in special]
+        for epoch in (self.current.epoch - 1, self.current.epoch):
+            colour = self.colour(epoch)
+            actions: List[of.Action] = [of.Output(p) for p in trunks]
+            if special:
+                actions.append(of.Output(of.OFPP_CONTROLLER))
+            if direct:
+                actions.append(of.PopVlan())
+                actions.extend(of.Output(p) for p in direct)
+            entries.append(of.FlowEntry(FLOOD_TABLE, 2, of.match(vlan_vid=colour | of.OFPVID_PRESENT),
+                                        tuple(actions), role=of.ROLE_FLOOD_CUT if special else of.ROLE_FORWARD))
+        return entries
+
+    # --- the snapshot's life ----------------------------------------------------------
+
+    def start(self, now: float, wall: float, names: Optional[Iterable[str]] = None, label: str = "",
+              timeout: Optional[float] = None) -> Tuple[Snapshot, List[of.Message]]:
+        """Begin snapshot k: participants normalised to epoch k-1, hold rules everywhere."""
+        if self.running():
+            raise SnapshotError(409, "snapshot %s is still running (one at a time)" % self.current.id)
+        names = list(self.members) if names is None else list(dict.fromkeys(names))
+        if not names:
+            raise SnapshotError(409 if not self.members else 400, "no members to snapshot")
+        for name in names:
+            member = self.get_member(name)
+            missing = [mac for mac in member.macs if mac not in self.fabric.hosts]
+            if missing:
+                raise SnapshotError(409, "member %s is not located on the network yet (MAC %s not seen); "
+                                         "let it send a frame first" % (name, missing[0]))
+        if not isinstance(label, str) or len(label) > 200:
+            raise SnapshotError(400, "label must be a string of at most 200 characters")
+        timeout = self.settings.timeout if timeout is None else timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+            raise SnapshotError(400, "timeout_s must be a number of seconds in (0, 86400]")
+        epoch = self.last_epoch + 1
+        self.last_epoch = epoch
+        for name in names:
+            self.members[name].epoch = epoch - 1
+        snapshot = Snapshot("snap-%04d-%s" % (epoch, os.urandom(3).hex()), epoch, tuple(names), label, wall,
+                            timeout, now + timeout)
+        snapshot.cuts = {name: MemberCut(name) for name in names}
+        self.current = snapshot
+        self.holds, self.held_bytes, self.recorded, self.overflowed = {}, {}, [], False
+        return snapshot, self.fabric.reconcile(now)
+
+    def require(self, snapshot_id: str, name: Optional[str] = None) -> Tuple[Snapshot, Optional[MemberCut]]:
+        """The running snapshot (and a participant's cut), or the right HTTP error."""
+        if self.current is None or self.current.id != snapshot_id:
+            raise SnapshotError(404, "no running snapshot %s" % snapshot_id)
+        if self.current.state != RUNNING:
+            raise SnapshotError(409, "snapshot %s is %s%s" % (snapshot_id, self.current.state,
+                                                             ": " + self.current.reason if self.current.reason else ""))
+        if name is None:
+            return self.current, None
+        if name not in self.current.cuts:
+            raise SnapshotError(404, "%s takes no part in snapshot %s" % (name, snapshot_id))
+        return self.current, self.current.cuts[name]
+
+    def marker_in(self, dpid: int, in_port: int, frame: bytes) -> None:
+        """A member's marker came in on its own link: every earlier frame of it has passed ingress."""
+        parsed = parse_marker(frame)
+        if parsed is None or not self.running():
+            return
+        src, snapshot_id, name = parsed
+        member = self.members.get(name)
+        cut = self.current.cuts.get(name)
+        if (snapshot_id == self.current.id and member is not None and cut is not None and src in member.macs
+                and self.fabric.hosts.get(src) == (dpid, in_port)):
+            cut.marker_seen = True
+
+    def marker_seen(self, snapshot_id: str, name: str) -> bool:
+        cut = self.current.cuts.get(name) if self.current is not None and self.current.id == snapshot_id else None
+        return cut is not None and cut.marker_seen
+
+    def flip(self, now: float, snapshot_id: str, name: str) -> List[of.Message]:
+        """Move a paused member to the new epoch: release what it was held, then switch its rules."""
+        snapshot, cut = self.require(snapshot_id, name)
+        if cut.state != "pending":
+            raise SnapshotError(409, "%s was already cut in snapshot %s" % (name, snapshot_id))
+        member = self.members[name]
+        member.epoch = snapshot.epoch
+        cut.state = "cut"
+        snapshot.last_flip = now
+        # Held frames go out before the new rules, so they reach the member ahead of newer ones.
+        return self._release_queue(name) + self.fabric.reconcile(now, self._switches_of(member))
+
+    def cut_done(self, wall: float, snapshot_id: str, name: str, flip_ms: float) -> None:
+        cut = self.current.cuts[name]
+        cut.cut_time, cut.flip_ms = wall, round(flip_ms, 3)
+
+    def done(self, snapshot_id: str, name: str, report: dict) -> bool:
+        """The helper has stored the member's image; True when every participant is done."""
+        snapshot, cut = self.require(snapshot_id, name)
+        if cut.state == "pending":
+            raise SnapshotError(409, "%s reported done before its cut" % name)
+        if cut.state == "done":
+            raise SnapshotError(409, "%s already reported done" % name)
+        cut.report = _validate_report(report)
+        cut.state = "done"
+        done = all(c.state == "done" for c in snapshot.cuts.values())
+        if done:
+            snapshot.phase = "draining"
+        return done
+
+    def complete(self, now: float, wall: float, drain: dict) -> List[of.Message]:
+        snapshot = self.current
+        snapshot.state, snapshot.phase, snapshot.completed, snapshot.drain = COMPLETE, COMPLETE, wall, drain
+        return self.fabric.reconcile(now)
+
+    def abort(self, now: float, wall: float, reason: str) -> List[of.Message]:
+        """Flip the rest without snapshotting them, release every held frame, drop the channel state."""
+        snapshot = self.current
+        if snapshot is None or snapshot.state != RUNNING:
+            return []
+        snapshot.state, snapshot.phase, snapshot.reason, snapshot.completed = ABORTED, ABORTED, reason, wall
+        for name, cut in snapshot.cuts.items():
+            member = self.members.get(name)
+            if member is not None and member.epoch < snapshot.epoch:
+                member.epoch = snapshot.epoch
+                cut.state = "flipped"
+        messages: List[of.Message] = []
+        for name in list(self.holds):
+            messages += self._release_queue(name)
+        self.recorded = []
+        return messages + self.fabric.reconcile(now)
+
+    def tick(self, now: float, wall: float) -> List[of.Message]:
+        """Abort on timeout or when a participant has left the network."""
+        if not self.running():
+            return []
+        snapshot = self.current
+        if self.overflowed:
+            return self.abort(now, wall, "channel state exceeded max_channel_bytes (%d)" % self.settings.max_channel_bytes)
+        if now >= snapshot.deadline:
+            waiting = sorted(n for n, c in snapshot.cuts.items() if c.state != "done")
+            return self.abort(now, wall, "timed out after %.0f s waiting for %s" % (snapshot.timeout, ", ".join(waiting)))
+        for name in snapshot.participants:
+            member = self.members.get(name)
+            if member is None or any(mac not in self.fabric.hosts for mac in member.macs):
+                return self.abort(now, wall, "member %s disappeared from the network" % name)
+        return []
+
+    # --- packet-ins of the cut rules ------------------------------------------------------
+
+    def packet_in(self, now: float, wall: float, dpid: int, in_port: int, frame: bytes,
+                  role: int) -> List[of.Message]:
+        if role == of.ROLE_MARKER:
+            self.marker_in(dpid, in_port, frame)
+            return []
+        if not self.running():
+            # A late hold/flood packet-in after completion or abort: deliver, never lose it.
+            return self._deliver_late(now, dpid, in_port, frame, role)
+        header = parse_eth(frame)
+        if header is None or not header.vlan_ids:
+            return []
+        colour, guest = header.vlan_ids[0], strip_outer_tag(frame)
+        if role in (of.ROLE_HOLD, of.ROLE_RECORD):
+            receiver = self.participant(header.dst)
+            where = self.fabric.hosts.get(header.dst)
+            if receiver is None or where is None:
+                return []
+            return self._apply_cut(wall, receiver, where, colour, guest)
+        if role == of.ROLE_FLOOD_CUT:
+            messages = []
+            for port_no in self.fabric.edge_ports(dpid, now):
+                receivers = self._participants_on(dpid, port_no) if port_no != in_port else []
+                if receivers:  # the first participant on a shared port decides for the port
+                    messages += self._apply_cut(wall, receivers[0], (dpid, port_no), colour, guest, flood=True)
+            return messages
+        return []
+
+    def _apply_cut(self, wall, receiver: Member, where, colour, guest, flood=False) -> List[of.Message]:
+        action = self._cut_action(receiver, colour)
+        snapshot = self.current
+        if action == "hold":
+            queue = self.holds.setdefault(receiver.name, deque())
+            if self.held_bytes.get(receiver.name, 0) + len(guest) > self.settings.hold_bytes_per_receiver:
+                snapshot.counts["dropped"] += 1
+                return []
+            queue.append((where[0], where[1], guest))
+            self.held_bytes[receiver.name] = self.held_bytes.get(receiver.name, 0) + len(guest)
+            snapshot.counts["held"] += 1
+            return []
+        if action == "record":
+            self.recorded.append(Recorded(receiver.name, wall, guest))
+            snapshot.counts["recorded"] += 1
+            snapshot.counts["recorded_bytes"] += len(guest)
+            if not flood:
+                snapshot.counts["recorded_by_rule"] += 1
+            if snapshot.counts["recorded_bytes"] > self.settings.max_channel_bytes:
+                self.overflowed = True
+            # A unicast record was delivered by the switch; a flood copy is ours to deliver.
+            return [_packet_out(where, guest)] if flood else []
+        if not flood:  # the receiver flipped while this held frame was on its way to us
+            snapshot.counts["late_released"] += 1
+        return [_packet_out(where, guest)]
+
+    def _deliver_late(self, now: float, dpid: int, in_port: int, frame: bytes, role: int) -> List[of.Message]:
+        """Hold and flood-cut copies the switch did not deliver itself: deliver them now."""
+        header = parse_eth(frame)
+        if header is None or not header.vlan_ids or self.current is None:
+            return []
+        guest = strip_outer_tag(frame)
+        if role == of.ROLE_HOLD and header.dst in self.fabric.hosts:
+            return [_packet_out(self.fabric.hosts[header.dst], guest)]
+        if role == of.ROLE_FLOOD_CUT:
+            macs = {mac for name in self.current.participants if name in self.members
+                    for mac in self.members[name].macs}
+            return [_packet_out((dpid, port_no), guest) for port_no in self.fabric.edge_ports(dpid, now)
+                    if port_no != in_port and macs & set(self.fabric.hosts_on(dpid, port_no))]
+        return []
+
+    def _release_queue(self, name: str) -> List[of.Message]:
+        queue = self.holds.pop(name, None)
+        self.held_bytes.pop(name, None)
+        if not queue:
+            return []
+        if self.current is not None:
+            self.current.counts["released"] += len(queue)
+        return [_packet_out((dpid, port), frame) for dpid, port, frame in queue]
+
+    def _switches_of(self, member: Member) -> Set[int]:
+        return {self.fabric.hosts[mac][0] for mac in member.macs if mac in self.fabric.hosts}
+
+    def participant_switches(self) -> Set[int]:
+        found = set()
+        if self.current is not None:
+            for name in self.current.participants:
+                if name in self.members:
+                    found |= self._switches_of(self.members[name])
+        return found
+
+    def channel_bytes(self) -> int:
+        return self.current.counts["recorded_bytes"] if self.current else 0
+
+
+def _packet_out(where: Tuple[int, int], frame: bytes) -> of.PacketOut:
+    return of.PacketOut(where[0], of.OFPP_CONTROLLER, (of.Output(where[1]),), frame)
+
+
+def _validate_report(report) -> dict:
+    """What a helper may say about a member's image (kept in the manifest)."""
+    if not isinstance(report, dict):
+        raise SnapshotError(400, "done body must be a JSON object")
+    allowed = {"image": dict, "pause_ms": (int, float), "bytes": int, "server": str, "note": str}
+    unknown = sorted(set(report) - set(allowed))
+    if unknown:
+        raise SnapshotError(400, "unknown field(s) in done report: %s; allowed: %s" % (
+            ", ".join(unknown), ", ".join(sorted(allowed))))
+    for key, types in allowed.items():
+        if key in report and (isinstance(report[key], bool) or not isinstance(report[key], types)):
+            raise SnapshotError(400, "done report field %s has the wrong type" % key)
+    return dict(report)

@@ -1,0 +1,299 @@
+"""Snapshot coordination in the pure core, against a simulated OF1.3 network.
+
+Topology: s1 (port 1: A, port 4: C, port 3: trunk) -- s2 (port 2: trunk, port 1: B).
+"""
+
+import json
+import os
+
+import pytest
+from webob import Request
+
+from violin_core import channel, of
+from violin_core.catalogue import Catalogue
+from violin_core.controller import ViolinController, build_rest_app
+from violin_core.fabric import FabricSettings
+from violin_core.packets import build_marker
+from violin_core.rest import HttpError
+from violin_core.snapshot import SnapshotError, SnapshotSettings, parse_member
+
+from harness import Harness, eth_frame
+
+A, B, C, D = "00:00:00:00:00:0a", "00:00:00:00:00:0b", "00:00:00:00:00:0c", "00:00:00:00:00:0d"
+BCAST = "ff:ff:ff:ff:ff:ff"
+WHERE = {A: (1, 1), B: (2, 1), C: (1, 4), D: (2, 5)}
+
+
+def frame(dst, src, seq):
+    return eth_frame(dst, src, 0x0800, b"seq%06d" % seq + b"." * 40)
+
+
+@pytest.fixture
+def h(tmp_path):
+    return make_harness(tmp_path)
+
+
+def make_harness(tmp_path, members=("A", "B", "C"), marker=False, **snapshot_settings):
+    harness = Harness({1: [1, 3, 4], 2: [1, 2, 5]}, [((1, 3), (2, 2))], FabricSettings(),
+                      SnapshotSettings(**snapshot_settings), state_dir=str(tmp_path / "state"))
+    harness.start()
+    for mac, (dpid, port) in WHERE.items():
+        harness.send(dpid, port, eth_frame(BCAST, mac, 0x0806))
+    for name in members:
+        mac = {"A": A, "B": B, "C": C, "D": D}[name]
+        harness.coordinator.add_member(parse_member({"name": name, "macs": [mac], "marker": marker}))
+    return harness
+
+
+def send(h, src, dst, seq):
+    h.deliveries.clear()
+    h.send(*WHERE[src], frame(dst, src, seq))
+    return list(h.deliveries)
+
+
+def received(h, mac, deliveries=None):
+    return [f[14:23] for d, p, f in (h.deliveries if deliveries is None else deliveries) if (d, p) == WHERE[mac]]
+
+
+def test_three_colour_cases(h):
+    snap = h.controller.start_snapshot({}, "http://ctl")
+    sid = snap["id"]
+    # Same colour (both pre): the switch delivers, nothing recorded or held.
+    assert received(h, B, send(h, A, B, 1)) == [b"seq000001"]
+    h.controller.cut(sid, "A")
+    # Post -> pre: held at the controller.
+    assert send(h, A, B, 2) == [] and send(h, A, B, 3) == []
+    assert h.coordinator.current.counts["held"] == 2
+    # Pre -> post: delivered and recorded.
+    assert received(h, A, send(h, B, A, 4)) == [b"seq000004"]
+    assert [r.frame[14:23] for r in h.coordinator.recorded] == [b"seq000004"]
+    # B flips: its held frames are released in arrival order, then post->post is fast.
+    h.deliveries.clear()
+    h.controller.cut(sid, "B")
+    assert received(h, B) == [b"seq000002", b"seq000003"]
+    assert received(h, B, send(h, A, B, 5)) == [b"seq000005"]
+    assert h.coordinator.current.counts["released"] == 2
+
+
+def test_frames_arrive_unchanged_through_hold_and_record(h):
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.controller.cut(sid, "A")
+    original = frame(B, A, 7)
+    h.send(*WHERE[A], original)
+    h.deliveries.clear()
+    h.controller.cut(sid, "C")
+    h.send(*WHERE[B], frame(C, B, 8))  # pre -> post, recorded
+    h.controller.cut(sid, "B")
+    assert [f for d, p, f in h.deliveries if (d, p) == WHERE[B]] == [original]
+    assert h.coordinator.recorded[0].frame == frame(C, B, 8)
+
+
+def test_broadcast_in_mixed_epochs_is_replicated_under_the_cut_rules(h):
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.controller.cut(sid, "A")
+    # A (post) broadcasts: B and C are pre, so both copies are held; D (no member) gets it now.
+    out = send(h, A, BCAST, 1)
+    assert sorted((d, p) for d, p, _ in out) == [WHERE[D]]
+    # B (pre) broadcasts: A (post) gets it and it is recorded for A; C (pre) gets it; D too.
+    out = send(h, B, BCAST, 2)
+    assert sorted((d, p) for d, p, _ in out) == sorted([WHERE[A], WHERE[C], WHERE[D]])
+    assert [(r.receiver, r.frame[14:23]) for r in h.coordinator.recorded] == [("A", b"seq000002")]
+    h.deliveries.clear()
+    h.controller.cut(sid, "C")
+    assert received(h, C) == [b"seq000001"]
+    h.deliveries.clear()
+    h.controller.cut(sid, "B")
+    assert received(h, B) == [b"seq000001"]
+
+
+def test_non_members_and_members_outside_the_subset_are_never_held(h):
+    sid = h.controller.start_snapshot({"members": ["A", "B"]}, "http://ctl")["id"]
+    h.controller.cut(sid, "A")
+    assert received(h, C, send(h, A, C, 1)) == [b"seq000001"]  # C takes no part
+    assert received(h, D, send(h, A, D, 2)) == [b"seq000002"]  # D is no member
+    assert received(h, A, send(h, C, A, 3)) == [b"seq000003"]
+    assert h.coordinator.recorded == []
+
+
+def test_hold_bound_drops_and_counts(tmp_path):
+    h = make_harness(tmp_path, hold_bytes_per_receiver=150)
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.controller.cut(sid, "A")
+    for seq in range(5):
+        send(h, A, B, seq)
+    counts = h.coordinator.current.counts
+    assert (counts["held"], counts["dropped"]) == (2, 3)
+    h.deliveries.clear()
+    h.controller.cut(sid, "B")
+    assert received(h, B) == [b"seq000000", b"seq000001"]
+
+
+def test_abort_releases_everything_and_keeps_no_channel_state(h):
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.controller.cut(sid, "A")
+    send(h, A, B, 1)
+    send(h, A, C, 2)
+    send(h, B, A, 3)
+    h.deliveries.clear()
+    view = h.controller.abort(sid, {"reason": "operator said so"})
+    assert view["state"] == "aborted" and view["reason"] == "operator said so" and not view["restorable"]
+    assert received(h, B) == [b"seq000001"] and received(h, C) == [b"seq000002"]
+    assert h.coordinator.holds == {} and h.coordinator.recorded == []
+    # The slice is healthy: everyone is in the new epoch, frames flow on the fast path.
+    assert {m.epoch for m in h.coordinator.members.values()} == {1}
+    assert received(h, B, send(h, A, B, 4)) == [b"seq000004"]
+    assert not any(e.role in (of.ROLE_HOLD, of.ROLE_RECORD, of.ROLE_FLOOD_CUT)
+                   for t in h.net.switches.values() for table in t.tables.values() for e in table.values())
+
+
+def run_to_completion(h, sid):
+    for name in h.coordinator.current.participants:
+        if h.coordinator.current.cuts[name].state == "pending":
+            h.controller.cut(sid, name)
+    for name in h.coordinator.current.participants:
+        h.controller.done(sid, name, {"image": {"location": "x"}, "pause_ms": 1.0})
+    h.run_spawned()
+    return h.controller.snapshot_view(sid)
+
+
+def test_completion_by_counters_writes_manifest_and_pcapng(h, tmp_path):
+    sid = h.controller.start_snapshot({"label": "first"}, "http://ctl")["id"]
+    h.controller.cut(sid, "A")
+    send(h, B, A, 1)
+    send(h, C, A, 2)
+    view = run_to_completion(h, sid)
+    assert view["state"] == "complete" and view["restorable"] and view["label"] == "first"
+    assert view["drain"]["method"] == "counters" and view["drain"]["switch_recorded"] == 2
+    assert view["channel"]["frames"] == 2
+    with open(os.path.join(str(tmp_path / "state"), sid, "channel.pcapng"), "rb") as handle:
+        frames = channel.decode(handle.read())
+    assert [(f.receiver, f.frame[14:23]) for f in frames] == [("A", b"seq000001"), ("A", b"seq000002")]
+    # Normal mode again: no cut rules left on any switch.
+    assert not any(e.role in (of.ROLE_HOLD, of.ROLE_RECORD) for s in h.net.switches.values()
+                   for table in s.tables.values() for e in table.values())
+
+
+def test_completion_by_timeout_when_counters_are_unavailable(h):
+    h.io.flow_stats = lambda dpids, role, timeout: None
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    view = run_to_completion(h, sid)
+    assert view["state"] == "complete" and view["drain"]["method"] == "timeout"
+
+
+def test_a_lost_record_copy_aborts_instead_of_sealing_an_incomplete_snapshot(h):
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.controller.cut(sid, "A")
+    h.drop_roles = {of.ROLE_RECORD}
+    send(h, B, A, 1)
+    view = run_to_completion(h, sid)
+    assert view["state"] == "aborted" and "channel state incomplete" in view["reason"]
+
+
+def test_one_snapshot_at_a_time_and_state_errors(h):
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    with pytest.raises(SnapshotError) as error:
+        h.controller.start_snapshot({}, "http://ctl")
+    assert error.value.status == 409
+    with pytest.raises(SnapshotError) as error:
+        h.controller.done(sid, "A", {})
+    assert error.value.status == 409  # done before cut
+    h.controller.cut(sid, "A")
+    with pytest.raises(HttpError) as error:
+        h.controller.cut(sid, "A")
+    assert error.value.status == 409
+    with pytest.raises(SnapshotError) as error:
+        h.controller.cut("snap-nope", "A")
+    assert error.value.status == 404
+
+
+def test_timeout_and_disappearing_member_abort(tmp_path):
+    h = make_harness(tmp_path, timeout=5.0)
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.advance(6.0)
+    assert "timed out" in h.controller.snapshot_view(sid)["reason"]
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.run(h.controller.port_changed(2, 1, "s2-eth1", up=False, deleted=False))
+    h.advance(0.1)
+    assert h.controller.snapshot_view(sid)["reason"] == "member B disappeared from the network"
+
+
+def test_cut_waits_for_the_marker_from_the_members_own_link(tmp_path):
+    h = make_harness(tmp_path, marker=True)
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.send(*WHERE[A], build_marker(A, sid, "A"))
+    assert h.controller.cut(sid, "A")["epoch"] == 1
+    # A marker from the wrong port does not count; no marker in time aborts with the reason.
+    h.send(*WHERE[C], build_marker(B, sid, "B"))
+    with pytest.raises(HttpError) as error:
+        h.controller.cut(sid, "B")
+    assert error.value.status == 409 and "no cut marker from B" in error.value.reason
+
+
+def test_helpers_are_called_and_a_refusing_helper_aborts(tmp_path):
+    h = make_harness(tmp_path, members=())
+    h.coordinator.add_member(parse_member({"name": "A", "macs": [A], "helper_url": "http://helper-a:7000"}))
+    sid = h.controller.start_snapshot({}, "http://ctl:8080/")["id"]
+    h.io.post_status = 503
+    h.run_spawned()
+    url, body = h.io.posts[0]
+    assert url == "http://helper-a:7000/snapshot" and body["cut_url"].startswith("http://ctl:8080/violin/snapshots/")
+    assert "did not take the snapshot request: 503" in h.controller.snapshot_view(sid)["reason"]
+
+
+def test_catalogue_survives_restart_and_interrupted_snapshots_are_not_restorable(h, tmp_path):
+    first = h.controller.start_snapshot({}, "http://ctl")["id"]
+    run_to_completion(h, first)
+    second = h.controller.start_snapshot({}, "http://ctl")["id"]
+    restarted = Catalogue(str(tmp_path / "state")).open()
+    assert restarted.get(first)["state"] == "complete" and restarted.get(first)["restorable"]
+    assert restarted.get(second)["state"] == "aborted" and not restarted.get(second)["restorable"]
+    assert restarted.max_epoch() == 2
+
+
+def test_member_validation():
+    for bad, needle in [({"name": "x y", "macs": [A]}, "name"), ({"name": "x", "macs": []}, "macs"),
+                        ({"name": "x", "macs": ["ff:ff:ff:ff:ff:ff"]}, "unicast"),
+                        ({"name": "x", "macs": [A], "color": 1}, "unknown"),
+                        ({"name": "x", "macs": [A], "helper_url": "ftp://x"}, "helper_url"),
+                        ({"name": "x", "macs": [A], "marker": "yes"}, "marker")]:
+        with pytest.raises(SnapshotError) as error:
+            parse_member(bad)
+        assert error.value.status == 400 and needle in error.value.reason
+
+
+def call(app, path, method="GET", body=None, token="token"):
+    request = Request.blank(path, method=method)
+    if body is not None:
+        request.body = json.dumps(body).encode()
+    request.headers["Authorization"] = "Bearer " + token
+    response = request.get_response(app)
+    return response.status_int, json.loads(response.text)
+
+
+def test_rest_snapshot_lifecycle(h):
+    app = build_rest_app(h.controller)
+    assert call(app, "/violin/members", "POST", {"name": "D", "macs": [D]})[0] == 201
+    assert call(app, "/violin/members", "POST", {"name": "D", "macs": [D]})[0] == 409
+    assert call(app, "/violin/members", "POST", {"name": "E", "macs": [D]})[0] == 409
+    assert call(app, "/violin/members/E")[0] == 404
+    assert call(app, "/violin/snapshots", "POST", {"members": ["nobody"]})[0] == 404
+    assert call(app, "/violin/snapshots", "POST", {"colour": 1})[0] == 400
+    status, snap = call(app, "/violin/snapshots", "POST", {"members": ["A", "B"], "label": "x"})
+    assert status == 202 and snap["state"] == "running"
+    assert call(app, "/violin/snapshots", "POST", {})[0] == 409
+    assert call(app, "/violin/members/A", "DELETE")[0] == 409
+    assert call(app, "/violin/snapshots/%s" % snap["id"], "DELETE")[0] == 409
+    for name in ("A", "B"):
+        assert call(app, "/violin/snapshots/%s/members/%s/cut" % (snap["id"], name), "POST", {})[0] == 200
+        assert call(app, "/violin/snapshots/%s/members/%s/done" % (snap["id"], name), "POST",
+                    {"image": {"location": "srv:/x"}, "pause_ms": 3})[0] == 200
+    h.run_spawned()
+    status, listing = call(app, "/violin/snapshots")
+    assert [s["state"] for s in listing["snapshots"]] == ["complete"]
+    assert call(app, "/violin/snapshots/%s" % snap["id"], "DELETE") == (200, {"deleted": snap["id"]})
+    assert call(app, "/violin/snapshots/%s" % snap["id"])[0] == 404
+
+
+def test_members_from_config_are_registered(tmp_path):
+    h = Harness({1: [1]}, [], state_dir=str(tmp_path), members=[{"name": "m1", "macs": [A]}])
+    assert list(h.coordinator.members) == ["m1"]
