@@ -1,7 +1,8 @@
 """Node and link classes every violin-snapshot topology uses.
 
 - ``VioSwitch``: Open vSwitch with the userspace datapath (``datapath_type=netdev``;
-  this kernel has no openvswitch module), OpenFlow 1.3 only, fail-mode secure.
+  this kernel has no openvswitch module), OpenFlow 1.3 only, fail-mode secure,
+  and a deeper packet-in queue toward the controller (held and recorded frames).
 - ``VioHost``: a Mininet host with TX checksum offload off on its interfaces
   (TCP over the userspace datapath hangs otherwise).
 - ``TrunkLink``: a switch-to-switch link with room for the outer colour tag
@@ -20,12 +21,32 @@ TRUNK_MTU = 1600  # 1500 guest MTU + Ethernet header + outer tag + any inner tag
 MAX_PREFIX = 5
 
 
+CONTROLLER_QUEUE = 512  # OVS's default of 100 queued packet-ins drops held/recorded frames under load
+
+
 class VioSwitch(OVSSwitch):
     def __init__(self, name, **params):
         params.setdefault("datapath", "user")
         params.setdefault("protocols", "OpenFlow13")
         params.setdefault("failMode", "secure")
         super().__init__(name, **params)
+
+    def start(self, controllers):
+        super().start(controllers)
+        if not self.batch:
+            self.deepen_controller_queue()
+
+    @classmethod
+    def batchStartup(cls, switches, run=None):
+        started = super().batchStartup(switches, **({"run": run} if run else {}))
+        for switch in switches:
+            switch.deepen_controller_queue()
+        return started
+
+    def deepen_controller_queue(self):
+        uuids = self.cmd("ovs-vsctl get bridge %s controller" % self.name).strip().strip("[]")
+        for uuid in filter(None, (u.strip() for u in uuids.split(","))):
+            self.cmd("ovs-vsctl set controller %s controller_queue_size=%d" % (uuid, CONTROLLER_QUEUE))
 
 
 class VioHost(Host):

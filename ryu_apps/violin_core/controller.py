@@ -127,7 +127,7 @@ class ViolinController:
         """A helper's member is paused: flip it once its marker is in; answer when rules are in force."""
         settings = self.config.snapshot
         _, cut = self.coordinator.require(snapshot_id, name)
-        if cut.state != "pending":
+        if cut.state not in ("pending", "prepared"):
             raise HttpError(409, "%s was already cut in snapshot %s" % (name, snapshot_id))
         if self.coordinator.members[name].marker and not cut.marker_seen:
             self.io.wait_until(lambda: cut.marker_seen or not self.coordinator.running(), settings.marker_timeout)
@@ -137,10 +137,10 @@ class ViolinController:
                             "link, or should the member be registered with marker: false?)"
                             % (name, settings.marker_timeout))
                 raise HttpError(409, self.coordinator.current.reason)
-        started = self.clock()
+        started, started_wall = self.clock(), self.wall_clock()
         member = self.coordinator.members[name]
         dpids = self.coordinator._switches_of(member)
-        messages = self.coordinator.flip(started, snapshot_id, name)
+        messages = self.coordinator.flip(started, snapshot_id, name, started_wall)
         if not self.io.send_and_barrier(messages, dpids, settings.barrier_timeout):
             self._abort("the switch did not confirm the cut of %s within %.1f s" % (name, settings.barrier_timeout))
             raise HttpError(504, self.coordinator.current.reason)
@@ -148,7 +148,17 @@ class ViolinController:
         self.coordinator.cut_done(self.wall_clock(), snapshot_id, name, flip_ms)
         self._persist()
         return {"snapshot": snapshot_id, "member": name, "epoch": member.epoch,
-                "cut_time": cut.cut_time, "flip_ms": cut.flip_ms}
+                "flip_started": started_wall, "cut_time": cut.cut_time, "flip_ms": cut.flip_ms}
+
+    def prepare(self, snapshot_id: str, name: str) -> dict:
+        """The helper is about to pause the member: answer once frames for it are held."""
+        member = self.coordinator.get_member(name)
+        messages = self.coordinator.prepare(self.clock(), snapshot_id, name)
+        if not self.io.send_and_barrier(messages, self.coordinator._switches_of(member),
+                                        self.config.snapshot.barrier_timeout):
+            self._abort("the switch did not confirm holding frames for %s" % name)
+            raise HttpError(504, self.coordinator.current.reason)
+        return {"snapshot": snapshot_id, "member": name, "state": "prepared"}
 
     def done(self, snapshot_id: str, name: str, report: dict) -> dict:
         if self.coordinator.done(snapshot_id, name, report):
@@ -173,18 +183,21 @@ class ViolinController:
 
         Every participant is post now, so a pre-colour frame still in the network can
         only end at a record rule. Poll those rules' packet counters (OpenFlow flow
-        statistics) until they stand still, at least ``drain_min`` after the last
-        flip, and equal what the controller recorded; after ``drain_timeout``
-        complete anyway and say so in the manifest.
+        statistics) until they and the controller's own record count stand still,
+        at least ``drain_min`` after the last flip; after ``drain_timeout`` complete
+        anyway and say so in the manifest. (OVS credits a datapath flow's unpushed
+        packets to the rule it translates to *after* a rule change, so the switch's
+        count can exceed the frames really recorded: it shows motion, not a sum.)
+        A record copy that still arrives after completion marks the snapshot
+        incomplete (``_late_record``).
         """
         settings, coordinator = self.config.snapshot, self.coordinator
         snapshot = coordinator.current
         began, history, method = self.clock(), [], "timeout"
         while coordinator.running() and snapshot.id == snapshot_id:
             total = self.io.flow_stats(coordinator.participant_switches(), of.ROLE_RECORD, settings.barrier_timeout)
-            history.append(total)
-            got = snapshot.counts["recorded_by_rule"]
-            quiet = (total is not None and len(history) >= 2 and history[-2] == total and total == got
+            history.append((total, snapshot.counts["recorded"]))
+            quiet = (total is not None and len(history) >= 2 and history[-2] == history[-1]
                      and self.clock() - (snapshot.last_flip or began) >= settings.drain_min)
             if quiet:
                 method = "counters"
@@ -194,15 +207,9 @@ class ViolinController:
             self.io.sleep(settings.drain_poll)
         if not coordinator.running() or snapshot.id != snapshot_id:
             return
-        switch_count = history[-1] if history else None
         drain = {"method": method, "polls": len(history), "waited_ms": round((self.clock() - began) * 1000, 1),
-                 "switch_recorded": switch_count, "controller_recorded": snapshot.counts["recorded_by_rule"]}
-        if switch_count is not None and switch_count > snapshot.counts["recorded_by_rule"]:
-            snapshot.drain = drain
-            self._abort("channel state incomplete: the switches delivered %d pre-snapshot frames to "
-                        "post-snapshot receivers but the controller recorded %d"
-                        % (switch_count, snapshot.counts["recorded_by_rule"]))
-            return
+                 "switch_record_rule_packets": history[-1][0] if history else None,
+                 "controller_recorded": snapshot.counts["recorded"]}
         self.io.send(coordinator.complete(self.clock(), self.wall_clock(), drain))
         frames = [ChannelFrame(r.receiver, r.time, r.frame) for r in coordinator.recorded]
         self.catalogue.save(snapshot.manifest(), frames)
@@ -357,6 +364,10 @@ def build_rest_app(controller: ViolinController) -> RestApp:
     @route("POST", "/snapshots/{snapshot_id}/abort")
     def abort(_req, body, snapshot_id):
         return controller.abort(snapshot_id, body)
+
+    @route("POST", "/snapshots/{snapshot_id}/members/{name}/prepare")
+    def prepare(_req, _body, snapshot_id, name):
+        return controller.prepare(snapshot_id, name)
 
     @route("POST", "/snapshots/{snapshot_id}/members/{name}/cut")
     def cut(_req, _body, snapshot_id, name):

@@ -222,12 +222,15 @@ class Fabric:
                 continue
             wanted = self.desired_flows(dpid, now, tree, hops)
             installed = self.installed.setdefault(dpid, {})
-            for key, entry in installed.items():
-                if key not in wanted:
-                    messages.append(of.delete_flow(dpid, entry))
+            # Adds before deletes: a switch applies them one by one, and packets between
+            # two flow-mods must never meet a table more permissive than before and after
+            # (e.g. a hold rule deleted before its replacement record rule is in).
             for key, entry in wanted.items():
                 if installed.get(key) != entry:
                     messages.append(of.add_flow(dpid, entry))
+            for key, entry in installed.items():
+                if key not in wanted:
+                    messages.append(of.delete_flow(dpid, entry))
             self.installed[dpid] = wanted
         return messages
 

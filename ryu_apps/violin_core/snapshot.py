@@ -8,8 +8,11 @@ at the receiver's egress edge:
   same colour          delivered by the switch (fast path)
   post -> pre receiver HELD at the controller, released in order right after
                        the receiver flips (``ROLE_HOLD``)
-  pre -> post receiver delivered AND copied to the controller, recorded as the
-                       snapshot's channel state, in order (``ROLE_RECORD``)
+  pre -> post receiver sent to the controller, recorded as the snapshot's
+                       channel state (in order) and then delivered (``ROLE_RECORD``):
+                       a frame is delivered only if it was recorded, so a
+                       packet-in the switch drops is a network loss, never a
+                       hole in the channel state
 
 Floods while epochs are mixed go to the controller only for the ports whose
 receivers need a cut rule, and are replicated per destination under the same
@@ -111,7 +114,7 @@ def parse_member(spec) -> Member:
 @dataclass
 class MemberCut:
     name: str
-    state: str = "pending"  # pending -> cut -> done; "flipped" when aborted before its cut
+    state: str = "pending"  # pending -> (prepared ->) cut -> done; "flipped" when aborted before its cut
     marker_seen: bool = False
     cut_time: Optional[float] = None  # wall clock when its rules were in force
     flip_ms: Optional[float] = None  # cut request -> barrier replies
@@ -133,7 +136,7 @@ class Snapshot:
     completed: Optional[float] = None
     cuts: Dict[str, MemberCut] = field(default_factory=dict)
     counts: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("held", "released", "recorded", "recorded_by_rule", "recorded_bytes", "dropped", "late_released"), 0))
+        ("held", "released", "recorded", "recorded_bytes", "dropped", "late_released"), 0))
     drain: dict = field(default_factory=dict)
     last_flip: Optional[float] = None  # monotonic
 
@@ -164,7 +167,7 @@ class Coordinator:
         self.members: Dict[str, Member] = {}
         self.current: Optional[Snapshot] = None  # running, or the last one until the next starts
         self.last_epoch = 0
-        self.holds: Dict[str, Deque[Tuple[int, int, bytes]]] = {}
+        self.holds: Dict[str, Deque[Tuple[int, int, bytes, int]]] = {}  # receiver -> (dpid, port, frame, colour)
         self.held_bytes: Dict[str, int] = {}
         self.recorded: List[Recorded] = []
         self.overflowed = False  # channel state over max_channel_bytes: the snapshot must abort
@@ -229,9 +232,12 @@ class Coordinator:
             return []
         k = self.current.epoch
         if self.is_post(member):  # pre-colour frames arriving now were in flight at its cut
+            # The controller records and then delivers them: what it did not record never arrives.
             return [of.FlowEntry(EGRESS_TABLE, 510, of.match(eth_dst=mac, vlan_vid=self.colour(k - 1) | of.OFPVID_PRESENT),
-                                 (of.Output(of.OFPP_CONTROLLER), of.PopVlan(), of.Output(port_no)),
-                                 role=of.ROLE_RECORD)]
+                                 (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_RECORD)]
+        if self.current.cuts[member.name].state == "prepared":  # about to pause: nothing may reach it
+            return [of.FlowEntry(EGRESS_TABLE, 520, of.match(eth_dst=mac, vlan_vid=TAG_PRESENT),
+                                 (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_HOLD)]
         return [of.FlowEntry(EGRESS_TABLE, 510, of.match(eth_dst=mac, vlan_vid=self.colour(k) | of.OFPVID_PRESENT),
                              (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_HOLD)]
 
@@ -246,7 +252,7 @@ class Coordinator:
     def _cut_action(self, member: Member, colour: int) -> Optional[str]:
         """'hold', 'record' or None for a frame of ``colour`` reaching a participant."""
         k = self.current.epoch
-        if colour == self.colour(k) and not self.is_post(member):
+        if not self.is_post(member) and (colour == self.colour(k) or self.current.cuts[member.name].state == "prepared"):
             return "hold"
         if colour == self.colour(k - 1) and self.is_post(member):
             return "record"
@@ -322,6 +328,19 @@ class Coordinator:
             raise SnapshotError(404, "%s takes no part in snapshot %s" % (name, snapshot_id))
         return self.current, self.current.cuts[name]
 
+    def prepare(self, now: float, snapshot_id: str, name: str) -> List[of.Message]:
+        """The helper is about to pause the member: hold every frame for it until its flip.
+
+        Frames that reach a paused member's link are not in its image (they wait in
+        a tap or socket queue), so none may arrive between its pause and its flip;
+        the pre-snapshot ones among them become channel state at the flip.
+        """
+        _, cut = self.require(snapshot_id, name)
+        if cut.state != "pending":
+            raise SnapshotError(409, "%s is %s in snapshot %s, not pending" % (name, cut.state, snapshot_id))
+        cut.state = "prepared"
+        return self.fabric.reconcile(now, self._switches_of(self.members[name]))
+
     def marker_in(self, dpid: int, in_port: int, frame: bytes) -> None:
         """A member's marker came in on its own link: every earlier frame of it has passed ingress."""
         parsed = parse_marker(frame)
@@ -338,17 +357,19 @@ class Coordinator:
         cut = self.current.cuts.get(name) if self.current is not None and self.current.id == snapshot_id else None
         return cut is not None and cut.marker_seen
 
-    def flip(self, now: float, snapshot_id: str, name: str) -> List[of.Message]:
+    def flip(self, now: float, snapshot_id: str, name: str, wall: float = 0.0) -> List[of.Message]:
         """Move a paused member to the new epoch: release what it was held, then switch its rules."""
         snapshot, cut = self.require(snapshot_id, name)
-        if cut.state != "pending":
+        if cut.state not in ("pending", "prepared"):
             raise SnapshotError(409, "%s was already cut in snapshot %s" % (name, snapshot_id))
         member = self.members[name]
         member.epoch = snapshot.epoch
         cut.state = "cut"
         snapshot.last_flip = now
-        # Held frames go out before the new rules, so they reach the member ahead of newer ones.
-        return self._release_queue(name) + self.fabric.reconcile(now, self._switches_of(member))
+        # Held frames go out before the new rules, so they reach the member ahead of newer ones;
+        # the pre-snapshot ones among them (held while it was paused) are channel state.
+        return self._release_queue(name, record_colour=self.colour(snapshot.epoch - 1), wall=wall) + \
+            self.fabric.reconcile(now, self._switches_of(member))
 
     def cut_done(self, wall: float, snapshot_id: str, name: str, flip_ms: float) -> None:
         cut = self.current.cuts[name]
@@ -435,6 +456,14 @@ class Coordinator:
             return messages
         return []
 
+    def _record(self, receiver: str, wall: float, guest: bytes) -> None:
+        snapshot = self.current
+        self.recorded.append(Recorded(receiver, wall, guest))
+        snapshot.counts["recorded"] += 1
+        snapshot.counts["recorded_bytes"] += len(guest)
+        if snapshot.counts["recorded_bytes"] > self.settings.max_channel_bytes:
+            self.overflowed = True
+
     def _apply_cut(self, wall, receiver: Member, where, colour, guest, flood=False) -> List[of.Message]:
         action = self._cut_action(receiver, colour)
         snapshot = self.current
@@ -443,20 +472,13 @@ class Coordinator:
             if self.held_bytes.get(receiver.name, 0) + len(guest) > self.settings.hold_bytes_per_receiver:
                 snapshot.counts["dropped"] += 1
                 return []
-            queue.append((where[0], where[1], guest))
+            queue.append((where[0], where[1], guest, colour))
             self.held_bytes[receiver.name] = self.held_bytes.get(receiver.name, 0) + len(guest)
             snapshot.counts["held"] += 1
             return []
         if action == "record":
-            self.recorded.append(Recorded(receiver.name, wall, guest))
-            snapshot.counts["recorded"] += 1
-            snapshot.counts["recorded_bytes"] += len(guest)
-            if not flood:
-                snapshot.counts["recorded_by_rule"] += 1
-            if snapshot.counts["recorded_bytes"] > self.settings.max_channel_bytes:
-                self.overflowed = True
-            # A unicast record was delivered by the switch; a flood copy is ours to deliver.
-            return [_packet_out(where, guest)] if flood else []
+            self._record(receiver.name, wall, guest)
+            return [_packet_out(where, guest)]
         if not flood:  # the receiver flipped while this held frame was on its way to us
             snapshot.counts["late_released"] += 1
         return [_packet_out(where, guest)]
@@ -467,7 +489,7 @@ class Coordinator:
         if header is None or not header.vlan_ids or self.current is None:
             return []
         guest = strip_outer_tag(frame)
-        if role == of.ROLE_HOLD and header.dst in self.fabric.hosts:
+        if role in (of.ROLE_HOLD, of.ROLE_RECORD) and header.dst in self.fabric.hosts:
             return [_packet_out(self.fabric.hosts[header.dst], guest)]
         if role == of.ROLE_FLOOD_CUT:
             macs = {mac for name in self.current.participants if name in self.members
@@ -476,14 +498,17 @@ class Coordinator:
                     if port_no != in_port and macs & set(self.fabric.hosts_on(dpid, port_no))]
         return []
 
-    def _release_queue(self, name: str) -> List[of.Message]:
+    def _release_queue(self, name: str, record_colour: Optional[int] = None, wall: float = 0.0) -> List[of.Message]:
         queue = self.holds.pop(name, None)
         self.held_bytes.pop(name, None)
         if not queue:
             return []
-        if self.current is not None:
-            self.current.counts["released"] += len(queue)
-        return [_packet_out((dpid, port), frame) for dpid, port, frame in queue]
+        self.current.counts["released"] += len(queue)
+        if record_colour is not None:
+            for _dpid, _port, frame, colour in queue:
+                if colour == record_colour:
+                    self._record(name, wall, frame)
+        return [_packet_out((dpid, port), frame) for dpid, port, frame, _colour in queue]
 
     def _switches_of(self, member: Member) -> Set[int]:
         return {self.fabric.hosts[mac][0] for mac in member.macs if mac in self.fabric.hosts}

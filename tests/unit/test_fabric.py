@@ -151,3 +151,4 @@ def test_egress_pops_the_outer_tag_and_ingress_pushes_it():
     egress = [e for e in flows.values() if e.table_id == EGRESS_TABLE and ("eth_dst", A) in e.match]
     assert ingress[0].actions[0] == of.PushVlan()
     assert egress[0].actions[0] == of.PopVlan()
+

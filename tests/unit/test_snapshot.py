@@ -163,7 +163,7 @@ def test_completion_by_counters_writes_manifest_and_pcapng(h, tmp_path):
     send(h, C, A, 2)
     view = run_to_completion(h, sid)
     assert view["state"] == "complete" and view["restorable"] and view["label"] == "first"
-    assert view["drain"]["method"] == "counters" and view["drain"]["switch_recorded"] == 2
+    assert view["drain"]["method"] == "counters" and view["drain"]["switch_record_rule_packets"] == 2
     assert view["channel"]["frames"] == 2
     with open(os.path.join(str(tmp_path / "state"), sid, "channel.pcapng"), "rb") as handle:
         frames = channel.decode(handle.read())
@@ -180,13 +180,25 @@ def test_completion_by_timeout_when_counters_are_unavailable(h):
     assert view["state"] == "complete" and view["drain"]["method"] == "timeout"
 
 
-def test_a_lost_record_copy_aborts_instead_of_sealing_an_incomplete_snapshot(h):
+def test_drain_waits_for_record_counters_to_stand_still(h):
     sid = h.controller.start_snapshot({}, "http://ctl")["id"]
     h.controller.cut(sid, "A")
-    h.drop_roles = {of.ROLE_RECORD}
     send(h, B, A, 1)
+    moving = iter(range(100))
+    h.io.flow_stats = lambda dpids, role, timeout: next(moving)  # frames keep arriving
     view = run_to_completion(h, sid)
-    assert view["state"] == "aborted" and "channel state incomplete" in view["reason"]
+    assert view["drain"]["method"] == "timeout" and view["drain"]["polls"] > 10
+
+
+def test_a_record_copy_after_completion_marks_the_snapshot_incomplete(h):
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.controller.cut(sid, "A")
+    late = eth_frame(A, B, 0x0800, b"late" * 12, vlan=h.coordinator.colour(0))
+    run_to_completion(h, sid)
+    assert h.controller.snapshot_view(sid)["restorable"]
+    h.controller.packet_in(1, 3, late, of.ROLE_RECORD)
+    view = h.controller.snapshot_view(sid)
+    assert view["state"] == "aborted" and not view["restorable"] and "after completion" in view["reason"]
 
 
 def test_one_snapshot_at_a_time_and_state_errors(h):
@@ -297,3 +309,40 @@ def test_rest_snapshot_lifecycle(h):
 def test_members_from_config_are_registered(tmp_path):
     h = Harness({1: [1]}, [], state_dir=str(tmp_path), members=[{"name": "m1", "macs": [A]}])
     assert list(h.coordinator.members) == ["m1"]
+
+
+def test_prepared_member_gets_nothing_until_its_flip_then_pre_frames_become_channel_state(h):
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.controller.cut(sid, "C")  # C is post: its frames carry the new colour
+    h.controller.prepare(sid, "A")
+    assert send(h, B, A, 1) == []  # pre frame, held while A is (about to be) paused
+    assert send(h, C, A, 2) == []  # post frame, held as before
+    h.deliveries.clear()
+    h.controller.cut(sid, "A")
+    assert received(h, A) == [b"seq000001", b"seq000002"]  # released in arrival order
+    assert [(r.receiver, r.frame[14:23]) for r in h.coordinator.recorded] == [("A", b"seq000001")]
+    with pytest.raises(SnapshotError) as error:
+        h.controller.prepare(sid, "A")
+    assert error.value.status == 409
+
+
+def test_held_frame_reaching_the_controller_after_the_flip_is_recorded_and_delivered(h):
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.controller.prepare(sid, "A")
+    h.controller.cut(sid, "A")
+    # A copy sent up by a hold rule the datapath still applied after the flip.
+    late = eth_frame(A, B, 0x0800, b"seq000009" + b"." * 40, vlan=h.coordinator.colour(0))
+    h.deliveries.clear()
+    h.run(h.controller.packet_in(1, 3, late, of.ROLE_HOLD))
+    assert received(h, A) == [b"seq000009"]
+    assert [r.frame[14:23] for r in h.coordinator.recorded] == [b"seq000009"]
+
+
+def test_rule_changes_add_before_they_delete(h):
+    """Between two flow-mods no packet may meet a table more permissive than before and after."""
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    for messages in (h.coordinator.prepare(h.now, sid, "A"), h.coordinator.flip(h.now, sid, "A")):
+        kinds = [m.command for m in messages if isinstance(m, of.FlowMod)]
+        assert "delete_strict" in kinds and "add" in kinds
+        assert min(i for i, k in enumerate(kinds) if k == "delete_strict") > max(
+            i for i, k in enumerate(kinds) if k == "add")

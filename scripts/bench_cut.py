@@ -1,0 +1,1039 @@
+"""Cut benchmark: the controller's flip latency and the capacity of the hold/record path.
+
+Part 1, cut overhead. Eight seqstream members (light background traffic: every
+member sends ``--bg-rate`` datagrams/s to every other) on two topologies,
+LanTopo(8) (one switch) and LineTopo(4, 2) (four switches in a line, two hosts
+each). Four series per topology, one snapshot at a time, each snapshot run to
+``complete`` (every member done, then GET until the controller sealed it):
+
+  one_at_a_time             ``marker: false``; each member in turn is paused
+                            (SIGSTOP), cut (POST .../cut), resumed, reported done.
+  all_at_once               ``marker: false``; all eight paused, then eight
+                            concurrent POST .../cut from threads, resumed, done.
+  markers_no_datapath_wait  ``marker: true``; each member in turn: pause, marker
+                            frame on its own link, cut, resume, done.
+  helper                    ``marker: true``; each member in turn through
+                            ``topologies.members.Slice.cut`` as it is in the tree
+                            (the test suite's host helper: prepare, datapath wait,
+                            pause, marker, cut, datapath wait, resume, done). Its
+                            pause is the one a member sees.
+
+``flip_ms`` is the controller's own figure (cut request -> barrier replies);
+``rtt_ms`` is the client's wall time of the POST .../cut.
+
+Part 2, hold/record capacity. Two members (LanTopo(2)) stream to each other at
+R datagrams/s per direction. A snapshot cuts h1 by a bare POST .../cut while it
+keeps sending (``marker: false``, not paused, so no catch-up burst), so its
+frames to h2 are HELD at the controller and h2's frames to h1 are RECORDED;
+after ``hold_s`` h2 is cut through the helper path (its held frames are
+released) and the snapshot completes. A step passes when nothing was lost:
+every h1 -> h2 datagram sent in the window arrived exactly once, every pre-cut
+h2 -> h1 one arrived and, when it arrived after h1's flip, is in the channel
+state, the controller dropped nothing and released all it held. Misses right
+at a flip (stale datapath flows) are reported apart as ``flip_race``. R steps
+up until a step fails twice in a row.
+
+    .venv/bin/python scripts/bench_cut.py [--out docs/bench/bench_cut.json] [--quick] [--keep DIR]
+
+Must run as root. Exit codes: 0 success, 1 a run failed, 2 bad usage,
+130 interrupted. Every part has its own name prefix, controller process and
+bridges; teardown stops only the processes this script started (by pid) and
+deletes only the bridges it created (by name).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (ROOT, os.path.join(ROOT, "ryu_apps")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from topologies.lab import ControllerProcess, LabError, network, run_prefix  # noqa: E402
+from topologies.lan import LanTopo  # noqa: E402
+import topologies.members as members_module  # noqa: E402
+from topologies.members import Slice, pcap_datagrams, wait_stopped  # noqa: E402
+from topologies.tree import LineTopo  # noqa: E402
+
+DEFAULT_OUT = os.path.join(ROOT, "docs", "bench", "bench_cut.json")
+FULL = {"one_at_a_time": 30, "all_at_once": 20, "with_markers": 20, "helper": 6,
+        "rates": [250, 500, 1000, 2000, 3000, 4000], "hold_s": 2.0}
+QUICK = {"one_at_a_time": 4, "all_at_once": 3, "with_markers": 3, "helper": 2, "rates": [250, 1000], "hold_s": 1.0}
+SLACK = 0.002  # as topologies.members.check_cut: frames still in the kernel when the flip ended
+BOUNDARY_MS = 50  # record misses this close to the flip are a flip race (stale datapath flows), not capacity
+OVS_COUNTERS = re.compile(r"drop|overflow|discard|upcall_error|lost", re.I)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+class Interrupted(BaseException):
+    pass
+
+
+def _on_signal(signum, _frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _ignore_signals():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _handle_signals():
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+def _run(argv):
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info():
+    ovs = _run(["ovs-vswitchd", "--version"]) or _run(["ovs-vsctl", "--version"]) or ""
+    try:
+        import importlib.metadata
+        ryu_version = importlib.metadata.version("ryu")
+    except Exception:  # noqa: BLE001 - informational only
+        ryu_version = None
+    model = None
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return {
+        "hostname": platform.node(),
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "ovs_version": ovs.splitlines()[0] if ovs else None,
+        "ovs_datapath": "netdev (userspace)",
+        "python": platform.python_version(),
+        "ryu": ryu_version,
+        "loadavg_at_start": list(os.getloadavg()),
+        "other_ryu_controllers_at_start": other_controllers(),
+    }
+
+
+def code_version():
+    """Which code was measured: HEAD, the changed files, and a digest of the sources as they were."""
+    import hashlib
+    digest = hashlib.sha256()
+    for folder in ("ryu_apps", "topologies", "hostside"):
+        for dirpath, _dirs, files in sorted(os.walk(os.path.join(ROOT, folder))):
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    with open(os.path.join(dirpath, name), "rb") as handle:
+                        digest.update(name.encode() + handle.read())
+    status = _run(["git", "-C", ROOT, "status", "--porcelain"]) or ""
+    return {"head": _run(["git", "-C", ROOT, "rev-parse", "HEAD"]),
+            "changed": [line[3:] for line in status.splitlines()],
+            "sources_sha256": digest.hexdigest()}
+
+
+def ovs_counters():
+    """Open vSwitch's global drop/overflow coverage totals (all bridges: other runs count too)."""
+    out = _run(["ovs-appctl", "coverage/show"]) or ""
+    found = {}
+    for line in out.splitlines():
+        match = re.match(r"(\S+)\s.*total: (\d+)", line)
+        if match and OVS_COUNTERS.search(match.group(1)):
+            found[match.group(1)] = int(match.group(2))
+    return found
+
+
+def softnet_dropped():
+    """Frames the kernel dropped from its per-CPU backlogs (netdev_max_backlog), all CPUs."""
+    try:
+        with open("/proc/net/softnet_stat") as handle:
+            return sum(int(line.split()[1], 16) for line in handle if line.strip())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def link_drops(net):
+    """{interface: rx_dropped + tx_dropped} for both ends of every link (host ends read in the host)."""
+    found = {}
+    for link in net.links:
+        for intf in (link.intf1, link.intf2):
+            out = intf.node.cmd("cat /sys/class/net/%s/statistics/rx_dropped /sys/class/net/%s/statistics/tx_dropped"
+                                % (intf.name, intf.name)).split()
+            try:
+                found[intf.name] = sum(int(v) for v in out)
+            except ValueError:
+                pass
+    ovs = {}
+    for switch in net.switches:
+        for intf in switch.intfList():
+            if intf.name == "lo":
+                continue
+            text = _run(["ovs-vsctl", "--timeout=5", "get", "interface", intf.name, "statistics"]) or ""
+            ovs[intf.name] = sum(int(v) for k, v in re.findall(r"(\w*drop\w*)=(\d+)", text))
+    return {"kernel": found, "ovs": ovs}
+
+
+def cpu_seconds(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def other_controllers():
+    """ryu-manager processes this script did not start (e.g. a concurrent test run): noise."""
+    mine, found = {c.process.pid for c in STARTED_CONTROLLERS if c.process}, 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in mine:
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                    if b"ryu-manager" in handle.read():
+                        found += 1
+            except OSError:
+                pass
+    return found
+
+
+STARTED_CONTROLLERS = []
+
+
+def _counter_delta(before, after):
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def pct(values, q):
+    """Linear-interpolated percentile (q in 0..100)."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    pos = (len(ordered) - 1) * q / 100.0
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summary(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0}
+    r = lambda v: round(v, 3)  # noqa: E731
+    return {"n": len(values), "min": r(min(values)), "p50": r(pct(values, 50)), "p90": r(pct(values, 90)),
+            "p99": r(pct(values, 99)), "max": r(max(values)), "mean": r(statistics.fmean(values))}
+
+
+def write(path, document):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(document, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _log_lines(controller):
+    """Warnings, errors and tracebacks of the controller's whole log (read before stop())."""
+    try:
+        with open(controller.log_path, errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return {"lines": 0, "notable": []}
+    notable = [line for line in text.splitlines()
+               if re.search(r"error|warn|traceback|exception|abort|overflow|drop", line, re.I)]
+    return {"lines": text.count("\n"), "notable_count": len(notable), "notable": notable[:40]}
+
+
+class Api:
+    """REST calls with the client's wall time."""
+
+    def __init__(self, controller):
+        self.controller = controller
+
+    def timed(self, method, path, body=None):
+        started = time.perf_counter()
+        status, answer = self.controller.request(method, path, body)
+        return status, answer, (time.perf_counter() - started) * 1000.0
+
+    def register(self, hosts, marker):
+        for host in hosts:
+            status, _ = self.controller.request("DELETE", "/violin/members/%s" % host.name)
+            if status not in (200, 404):
+                raise BenchError("cannot remove member %s: %s" % (host.name, status))
+            spec = {"name": host.name, "macs": [host.MAC()], "marker": marker, "backend": "manual"}
+            status, answer = self.controller.request("POST", "/violin/members", spec)
+            if status != 201:
+                raise BenchError("registering %s failed: %s %s" % (host.name, status, answer))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status, answer = self.controller.get("/violin/members")
+            if status == 200 and all(m["located"] for m in answer["members"]):
+                return
+            time.sleep(0.1)
+        raise BenchError("members not located after 10 s: %r" % answer)
+
+    def start(self, label):
+        status, answer = self.controller.request("POST", "/violin/snapshots", {"label": label})
+        if status != 202:
+            raise BenchError("starting snapshot %s failed: %s %s" % (label, status, answer))
+        return answer["id"]
+
+    def wait_final(self, sid, timeout=15.0):
+        deadline, view = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            status, view = self.controller.get("/violin/snapshots/%s" % sid)
+            if status == 200 and view["state"] in ("complete", "aborted"):
+                return view
+            time.sleep(0.02)
+        raise BenchError("snapshot %s not finished after %.0f s: %r" % (sid, timeout, view))
+
+    def abort_if_running(self, sid):
+        status, view = self.controller.get("/violin/snapshots/%s" % sid)
+        if status == 200 and view.get("state") == "running":
+            self.controller.request("POST", "/violin/snapshots/%s/abort" % sid, {"reason": "bench_cut cleanup"})
+            return self.wait_final(sid)
+        return view
+
+
+def _pause(process):
+    os.kill(process.pid, signal.SIGSTOP)
+    wait_stopped(process.pid)
+
+
+def _resume(process):
+    os.kill(process.pid, signal.SIGCONT)
+
+
+def _snapshot_record(view, started, kind):
+    return {"id": view["id"], "kind": kind, "state": view["state"], "reason": view.get("reason"),
+            "total_ms": round((time.perf_counter() - started) * 1000, 1),
+            "counts": view.get("counts"), "drain": view.get("drain")}
+
+
+# --- part 1: cut overhead ---------------------------------------------------------
+
+
+def series_one_at_a_time(api, members, hosts, count, marker, log):
+    """``count`` snapshots; in each, every member in turn: pause, [marker], cut, resume, done."""
+    samples, snapshots = [], []
+    kind = "markers_no_datapath_wait" if marker else "one_at_a_time"
+    for index in range(count):
+        order = list(hosts)
+        random.shuffle(order)
+        started = time.perf_counter()
+        sid = api.start("%s-%d" % (kind, index))
+        failed = None
+        try:
+            for host in order:
+                process = members.processes[host.name]
+                t0 = time.perf_counter()
+                _pause(process)
+                t_stopped = time.perf_counter()
+                marker_ms = None
+                if marker:
+                    members.progress(host)  # what the helper reads while the member is paused
+                    pipe = members.markers[host.name]
+                    pipe.stdin.write(("%s %s\n" % (sid, host.name)).encode())
+                    pipe.stdin.flush()
+                    pipe.stdout.readline()
+                    marker_ms = (time.perf_counter() - t_stopped) * 1000
+                try:
+                    status, answer, rtt = api.timed("POST", "/violin/snapshots/%s/members/%s/cut" % (sid, host.name))
+                finally:
+                    _resume(process)
+                pause_ms = (time.perf_counter() - t0) * 1000
+                if status != 200:
+                    failed = "cut of %s: %s %s" % (host.name, status, answer)
+                    break
+                samples.append({"flip_ms": answer["flip_ms"], "rtt_ms": round(rtt, 3),
+                                "pause_ms": round(pause_ms, 3), "stop_ms": round((t_stopped - t0) * 1000, 3),
+                                "marker_ms": None if marker_ms is None else round(marker_ms, 3)})
+                status, answer = api.controller.request(
+                    "POST", "/violin/snapshots/%s/members/%s/done" % (sid, host.name),
+                    {"pause_ms": round(pause_ms, 3), "note": "bench_cut"})
+                if status != 200:
+                    failed = "done of %s: %s %s" % (host.name, status, answer)
+                    break
+            view = api.abort_if_running(sid) if failed else api.wait_final(sid)
+        except BenchError:
+            api.abort_if_running(sid)
+            raise
+        record = _snapshot_record(view, started, kind)
+        if failed:
+            record["error"] = failed
+        snapshots.append(record)
+        if view["state"] != "complete":
+            log("  snapshot %s %s: %s" % (sid, view["state"], failed or view.get("reason")))
+    return samples, snapshots
+
+
+def series_all_at_once(api, members, hosts, count, log):
+    """``count`` snapshots; in each, all members paused, then concurrent cuts from threads."""
+    samples, batches, snapshots = [], [], []
+    for index in range(count):
+        started = time.perf_counter()
+        sid = api.start("all_at_once-%d" % index)
+        results = [None] * len(hosts)
+        gate = threading.Barrier(len(hosts) + 1)
+
+        def worker(slot, host):
+            try:
+                gate.wait(10)
+            except threading.BrokenBarrierError:
+                return
+            begin = time.perf_counter()
+            status, answer, rtt = api.timed("POST", "/violin/snapshots/%s/members/%s/cut" % (sid, host.name))
+            results[slot] = (status, answer, rtt, begin, time.perf_counter())
+
+        threads = [threading.Thread(target=worker, args=(i, h), daemon=True) for i, h in enumerate(hosts)]
+        failed = None
+        try:
+            paused_at = time.perf_counter()
+            for host in hosts:
+                _pause(members.processes[host.name])
+            for thread in threads:
+                thread.start()
+            gate.wait(10)
+            for thread in threads:
+                thread.join(30)
+        finally:
+            for host in hosts:
+                _resume(members.processes[host.name])
+        pause_ms = (time.perf_counter() - paused_at) * 1000
+        if any(r is None for r in results):
+            failed = "a cut request did not return"
+        else:
+            for host, (status, answer, rtt, _b, _e) in zip(hosts, results):
+                if status != 200:
+                    failed = failed or "cut of %s: %s %s" % (host.name, status, answer)
+                    continue
+                samples.append({"flip_ms": answer["flip_ms"], "rtt_ms": round(rtt, 3)})
+            if not failed:
+                batches.append({"batch_ms": round((max(r[4] for r in results) - min(r[3] for r in results)) * 1000, 3),
+                                "max_flip_ms": max(r[1]["flip_ms"] for r in results),
+                                "pause_ms": round(pause_ms, 3)})
+                for host in hosts:
+                    status, answer = api.controller.request(
+                        "POST", "/violin/snapshots/%s/members/%s/done" % (sid, host.name),
+                        {"pause_ms": round(pause_ms, 3), "note": "bench_cut all_at_once"})
+                    if status != 200:
+                        failed = "done of %s: %s %s" % (host.name, status, answer)
+                        break
+        view = api.abort_if_running(sid) if failed else api.wait_final(sid)
+        record = _snapshot_record(view, started, "all_at_once")
+        if failed:
+            record["error"] = failed
+        snapshots.append(record)
+        if view["state"] != "complete":
+            log("  snapshot %s %s: %s" % (sid, view["state"], failed or view.get("reason")))
+    return samples, batches, snapshots
+
+
+class TimedController:
+    """A ControllerProcess whose request() remembers (last path element, status, ms, answer)."""
+
+    def __init__(self, controller):
+        self.controller, self.calls = controller, []
+
+    def request(self, method, path, body=None, token=None):
+        started = time.perf_counter()
+        status, answer = self.controller.request(method, path, body, token)
+        self.calls.append((path.rstrip("/").rsplit("/", 1)[-1], status, (time.perf_counter() - started) * 1000,
+                           answer))
+        return status, answer
+
+    def __getattr__(self, name):
+        return getattr(self.controller, name)
+
+
+def series_helper(api, members, hosts, count, log):
+    """``count`` snapshots; every member in turn through ``Slice.cut``, the test suite's host helper.
+
+    Whatever that helper does (today: prepare, wait for the datapath, pause, marker, cut,
+    wait for the datapath, resume, done) is timed from outside: each REST call, each
+    datapath wait, the pause it reports.
+    """
+    samples, snapshots, waits = [], [], []
+    original = getattr(members_module, "wait_datapath", None)
+
+    def timed_wait(*args, **kwargs):
+        started = time.perf_counter()
+        how = original(*args, **kwargs)
+        waits.append((how, (time.perf_counter() - started) * 1000))
+        return how
+
+    if original is not None:
+        members_module.wait_datapath = timed_wait
+    try:
+        for index in range(count):
+            order = list(hosts)
+            random.shuffle(order)
+            started = time.perf_counter()
+            sid = api.start("helper-%d" % index)
+            failed = None
+            for host in order:
+                timed = TimedController(api.controller)
+                del waits[:]
+                t0 = time.perf_counter()
+                try:
+                    members.cut(timed, sid, host, marker=True)
+                except (AssertionError, RuntimeError) as exc:
+                    failed = "%s: %s" % (host.name, exc)
+                    break
+                helper_ms = (time.perf_counter() - t0) * 1000
+                calls = {name: (status, ms, answer) for name, status, ms, answer in timed.calls}
+                record = members.cuts[host.name]
+                cut = calls.get("cut")
+                samples.append({
+                    "flip_ms": cut[2]["flip_ms"], "rtt_ms": round(cut[1], 3), "pause_ms": round(record.pause_ms, 3),
+                    "helper_ms": round(helper_ms, 3),
+                    "resumed_ms_after_flip": round(record.resumed_ms_after_flip, 3),
+                    "prepare_rtt_ms": round(calls["prepare"][1], 3) if "prepare" in calls else None,
+                    "datapath_waits_ms": [round(ms, 3) for _how, ms in waits],
+                    "datapath_wait_how": sorted({how for how, _ms in waits}),
+                })
+            view = api.abort_if_running(sid) if failed else api.wait_final(sid)
+            entry = _snapshot_record(view, started, "helper")
+            if failed:
+                entry["error"] = failed
+            snapshots.append(entry)
+            if view["state"] != "complete":
+                log("  snapshot %s %s: %s" % (sid, view["state"], failed or view.get("reason")))
+    finally:
+        if original is not None:
+            members_module.wait_datapath = original
+    return samples, snapshots
+
+
+def _series_result(samples, snapshots, batches=None):
+    result = {
+        "cuts": len(samples),
+        "snapshots": len(snapshots),
+        "complete": sum(1 for s in snapshots if s["state"] == "complete"),
+        "aborted": [{"id": s["id"], "reason": s.get("error") or s.get("reason")}
+                    for s in snapshots if s["state"] != "complete"],
+        "flip_ms": summary([s["flip_ms"] for s in samples]),
+        "rtt_ms": summary([s["rtt_ms"] for s in samples]),
+        "snapshot_total_ms": summary([s["total_ms"] for s in snapshots]),
+        "drain_waited_ms": summary([(s.get("drain") or {}).get("waited_ms") for s in snapshots]),
+        "drain_methods": sorted({(s.get("drain") or {}).get("method") or "-" for s in snapshots}),
+        "held_per_snapshot": summary([(s.get("counts") or {}).get("held") for s in snapshots]),
+        "recorded_per_snapshot": summary([(s.get("counts") or {}).get("recorded") for s in snapshots]),
+        "dropped_total": sum((s.get("counts") or {}).get("dropped", 0) for s in snapshots),
+        "samples": {"flip_ms": [s["flip_ms"] for s in samples], "rtt_ms": [s["rtt_ms"] for s in samples]},
+    }
+    if samples and samples[0].get("pause_ms") is not None:
+        result["pause_ms"] = summary([s["pause_ms"] for s in samples])
+        result["stop_ms"] = summary([s.get("stop_ms") for s in samples])
+        result["samples"]["pause_ms"] = [s["pause_ms"] for s in samples]
+    if samples and samples[0].get("marker_ms") is not None:
+        result["marker_ms"] = summary([s["marker_ms"] for s in samples])
+    if samples and "helper_ms" in samples[0]:
+        result["helper_ms"] = summary([s["helper_ms"] for s in samples])
+        result["resumed_ms_after_flip"] = summary([s["resumed_ms_after_flip"] for s in samples])
+        result["prepare_rtt_ms"] = summary([s["prepare_rtt_ms"] for s in samples])
+        result["datapath_wait_ms"] = summary([ms for s in samples for ms in s["datapath_waits_ms"]])
+        result["datapath_wait_how"] = sorted({how for s in samples for how in s["datapath_wait_how"]})
+    if batches is not None:
+        result["batch_ms"] = summary([b["batch_ms"] for b in batches])
+        result["max_flip_ms_per_snapshot"] = summary([b["max_flip_ms"] for b in batches])
+        result["pause_ms_all_members"] = summary([b["pause_ms"] for b in batches])
+    return result
+
+
+def run_overhead(name, topo, counts, bg_rate, log):
+    prefix = topo.prefix
+    controller = ControllerProcess()
+    STARTED_CONTROLLERS.append(controller)
+    record = {"topology": name, "prefix": prefix, "bridges": list(topo.switches()), "background_rate": bg_rate}
+    workdir = tempfile.mkdtemp(prefix="bench-cut-")
+    with ExitStack() as stack:
+        stack.callback(_handle_signals)      # runs last: signals back on after cleanup
+        stack.callback(shutil.rmtree, workdir, True)
+        stack.callback(controller.stop)
+        started = time.monotonic()
+        try:
+            controller.start()
+            net = stack.enter_context(network(topo, controller))
+        except LabError as exc:
+            raise BenchError("bringing up %s failed: %s" % (name, exc)) from None
+        record["setup_s"] = round(time.monotonic() - started, 2)
+        stack.callback(lambda: record.__setitem__("controller_log", _log_lines(controller)))
+        stack.callback(_ignore_signals)      # runs first: no second Ctrl-C mid-cleanup
+        hosts = list(net.hosts)
+        members = Slice(hosts, workdir, rate=bg_rate)
+        stack.callback(members.stop)
+        members.start()
+        time.sleep(1.0)
+        api = Api(controller)
+        series = {}
+        api.register(hosts, marker=False)
+        log("%s: one_at_a_time x %d ..." % (name, counts["one_at_a_time"]))
+        samples, snaps = series_one_at_a_time(api, members, hosts, counts["one_at_a_time"], False, log)
+        series["one_at_a_time"] = _series_result(samples, snaps)
+        log("%s: all_at_once x %d ..." % (name, counts["all_at_once"]))
+        samples, batches, snaps = series_all_at_once(api, members, hosts, counts["all_at_once"], log)
+        series["all_at_once"] = _series_result(samples, snaps, batches)
+        api.register(hosts, marker=True)
+        log("%s: markers_no_datapath_wait x %d ..." % (name, counts["with_markers"]))
+        samples, snaps = series_one_at_a_time(api, members, hosts, counts["with_markers"], True, log)
+        series["markers_no_datapath_wait"] = _series_result(samples, snaps)
+        log("%s: helper (Slice.cut) x %d ..." % (name, counts["helper"]))
+        samples, snaps = series_helper(api, members, hosts, counts["helper"], log)
+        series["helper"] = _series_result(samples, snaps)
+        record["series"] = series
+        record["other_controllers_at_end"] = other_controllers()
+        status, health = controller.get("/violin/health")
+        record["health_after"] = health if status == 200 else None
+        if controller.process.poll() is not None:
+            raise BenchError("%s: controller died:\n%s" % (name, controller.log_text()[-2000:]))
+    return record
+
+
+# --- part 2: hold/record capacity ------------------------------------------------------
+
+
+def _arrivals(log_entries, sender_id):
+    got = {}
+    for sender, seq, arrival in log_entries:
+        if sender == sender_id:
+            got.setdefault(seq, []).append(arrival / 1e9)
+    return got
+
+
+def _inversions(log_entries, sender_id, first, last):
+    """Datagrams of the window that arrived after one with a higher seq (receive order vs send order)."""
+    highest, late = 0, 0
+    for sender, seq, _arrival in log_entries:
+        if sender == sender_id and first <= seq <= last:
+            if seq < highest:
+                late += 1
+            highest = max(highest, seq)
+    return late
+
+
+def _ranges(seqs, limit=8):
+    """Compact runs of missing sequence numbers: [[first, last], ...]."""
+    runs = []
+    for seq in sorted(seqs):
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1][1] = seq
+        else:
+            runs.append([seq, seq])
+    return runs[:limit]
+
+
+def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
+    """One rate: h1 cut directly (not paused: no catch-up burst), h2 cut through the helper path.
+
+    h1 is registered with ``marker: false`` and cut by a bare POST .../cut while it keeps
+    sending, so from its flip on its frames to h2 are held at the controller at the
+    steady rate R, and h2's frames to h1 go through the record path. h2 is then cut
+    the way the helper does it (``Slice.cut``), which releases the held frames.
+    """
+    h1, h2 = net.hosts[0], net.hosts[1]
+    members = Slice([h1, h2], workdir, rate=rate)
+    id1, id2 = members.ids[h1.name], members.ids[h2.name]
+    step = {"rate_pps_per_direction": rate, "hold_s": hold_s}
+    ovs_before, softnet_before, links_before = ovs_counters(), softnet_dropped(), link_drops(net)
+    cpu_before, wall_before = cpu_seconds(controller.process.pid), time.monotonic()
+    step["other_controllers"] = other_controllers()
+    sid, view, after = None, None, None
+    try:
+        members.start()
+        time.sleep(0.6)
+        base = {h.name: members.progress(h) for h in (h1, h2)}
+        time.sleep(0.8)
+        before = {h.name: members.progress(h) for h in (h1, h2)}
+        t_before = time.monotonic()
+        sid = api.start("capacity-%d" % rate)
+        step["snapshot"] = sid
+        h1_before_cut = members.progress(h1)[id2][1]
+        status, cut1, rtt = api.timed("POST", "/violin/snapshots/%s/members/%s/cut" % (sid, h1.name))
+        h1_after_cut = members.progress(h1)[id2][1]
+        if status != 200:
+            raise BenchError("cut of %s: %s %s" % (h1.name, status, cut1))
+        step["h1_flip_ms"], step["h1_cut_rtt_ms"] = cut1["flip_ms"], round(rtt, 3)
+        time.sleep(hold_s)
+        _, mid = controller.get("/violin/snapshots/%s" % sid)
+        step["counts_before_release"] = mid.get("counts")
+        h1_before_release = members.progress(h1)[id2][1]
+        status, answer = controller.request("POST", "/violin/snapshots/%s/members/%s/done" % (sid, h1.name),
+                                            {"note": "bench_cut capacity, not paused"})
+        if status != 200:
+            raise BenchError("done of %s: %s %s" % (h1.name, status, answer))
+        members.cut(controller, sid, h2, marker=True)
+        h1_after_release = members.progress(h1)[id2][1]
+        view = api.wait_final(sid, timeout=30)
+        time.sleep(0.5)
+        after = {h.name: members.progress(h) for h in (h1, h2)}
+        t_after = time.monotonic()
+        time.sleep(0.4)  # the last datagrams reach their receivers before the logs close
+    except (AssertionError, BenchError, RuntimeError) as exc:  # Slice.cut refused, or no completion
+        step["error"] = str(exc)
+        view = api.abort_if_running(sid) if sid else None
+    finally:
+        members.stop()
+    step["ovs_counter_delta"] = _counter_delta(ovs_before, ovs_counters())
+    cpu_after = cpu_seconds(controller.process.pid)
+    if cpu_before is not None and cpu_after is not None:
+        step["controller_cpu_pct"] = round(100 * (cpu_after - cpu_before) / (time.monotonic() - wall_before), 1)
+    softnet_after = softnet_dropped()
+    step["kernel_backlog_drops"] = (softnet_after - softnet_before) if None not in (softnet_after, softnet_before) \
+        else None
+    links_after = link_drops(net)
+    step["link_drops"] = {kind: _counter_delta(links_before[kind], links_after[kind]) for kind in links_after}
+    step["state"] = view["state"] if view else None
+    step["reason"] = view.get("reason") if view else None
+    step["counts"] = view.get("counts") if view else None
+    step["drain"] = view.get("drain") if view else None
+    step["channel"] = view.get("channel") if view else None
+    failures = []
+    if step.get("error"):
+        failures.append(step["error"])
+    if view is None or view["state"] != "complete":
+        failures.append("snapshot %s: %s" % (view and view["state"], view and view.get("reason")))
+    if after is None:
+        step["failures"], step["pass"], step["strict_pass"], step["flip_race"] = failures, False, False, []
+        return step
+
+    logs = members.logs()
+    pcap = os.path.join(controller.workdir, "state", sid, "channel.pcapng")
+    recorded = pcap_datagrams(pcap)
+    channel_h1 = set(recorded.get(h1.name, []))
+    cut2 = members.cuts[h2.name]
+    h1_flip_started, h1_cut_time = cut1["flip_started"], cut1["cut_time"]
+    at_h2, at_h1 = _arrivals(logs[h2.name], id1), _arrivals(logs[h1.name], id2)
+
+    # h1 -> h2: every datagram of the window arrives exactly once (held ones after h2's flip).
+    first, last = before[h1.name][id2][1] + 1, after[h1.name][id2][1]
+    missing_12 = [q for q in range(first, last + 1) if q not in at_h2]
+    dup_12 = [q for q in range(first, last + 1) if len(at_h2.get(q, ())) > 1]
+    escaped = [q for q in range(h1_after_cut + 1, h1_before_release + 1)
+               if at_h2.get(q) and min(at_h2[q]) < cut2.flip_started]
+    b1, b2 = base[h1.name][id2][1] + 1, before[h1.name][id2][1]
+
+    def phase_12(q):
+        if q <= h1_before_cut:
+            return "before_h1_cut"
+        if q <= h1_after_cut:
+            return "during_h1_cut"
+        if q <= h1_before_release:
+            return "held"
+        if q <= h1_after_release:
+            return "during_h2_cut"
+        return "after_release"
+
+    phases = {}
+    for q in missing_12:
+        phases[phase_12(q)] = phases.get(phase_12(q), 0) + 1
+    step["h1_to_h2"] = {
+        "window": [first, last], "sent": last - first + 1,
+        "achieved_pps": round((last - first + 1) / (t_after - t_before), 1),
+        "seq_marks": {"before_h1_cut": h1_before_cut, "after_h1_cut": h1_after_cut,
+                      "before_release": h1_before_release, "after_release": h1_after_release},
+        "missing": len(missing_12), "missing_by_phase": phases, "missing_runs": _ranges(missing_12),
+        "duplicates": len(dup_12), "reordered": _inversions(logs[h2.name], id1, first, last),
+        "escaped_hold": len(escaped), "escaped_hold_seqs": escaped[:10],
+        "baseline_window": [b1, b2], "baseline_missing": sum(1 for q in range(b1, b2 + 1) if q not in at_h2),
+    }
+    # h2 -> h1: pre-cut datagrams (sent before h2's pause) all arrive; those arriving after h1's flip
+    # are in the channel state. Post ones (after h2 resumed) take the fast path: reported apart.
+    first, last = before[h2.name][id1][1] + 1, after[h2.name][id1][1]
+    pre_last = cut2.progress[id1][1]
+    missing_pre = [q for q in range(first, min(pre_last, last) + 1) if q not in at_h1]
+    missing_post = [q for q in range(pre_last + 1, last + 1) if q not in at_h1]
+    dup_21 = [q for q in range(first, last + 1) if len(at_h1.get(q, ())) > 1]
+    must_record = [q for q in range(first, pre_last + 1) if at_h1.get(q) and min(at_h1[q]) > h1_cut_time + SLACK]
+    not_recorded = [q for q in must_record if (id2, q) not in channel_h1]
+    late_ms = {q: (min(at_h1[q]) - h1_cut_time) * 1000 for q in not_recorded}
+    at_boundary = [q for q in not_recorded if late_ms[q] <= BOUNDARY_MS]
+    beyond = [q for q in not_recorded if late_ms[q] > BOUNDARY_MS]
+    recorded_early = [q for q in range(first, last + 1)
+                      if (id2, q) in channel_h1 and at_h1.get(q) and min(at_h1[q]) < h1_flip_started]
+    recorded_post = [q for s_, q in recorded.get(h1.name, []) if s_ == id2 and q > pre_last]
+    b1, b2 = base[h2.name][id1][1] + 1, before[h2.name][id1][1]
+    step["h2_to_h1"] = {
+        "window": [first, last], "sent": last - first + 1, "last_pre_cut_seq": pre_last,
+        "achieved_pps": round((last - first + 1) / (t_after - t_before), 1),
+        "missing_pre_cut": len(missing_pre), "missing_pre_cut_runs": _ranges(missing_pre),
+        "missing_after_h2_resumed": len(missing_post), "missing_after_h2_resumed_runs": _ranges(missing_post),
+        "duplicates": len(dup_21), "reordered": _inversions(logs[h1.name], id2, first, last),
+        "must_be_recorded": len(must_record), "not_recorded": len(not_recorded),
+        "not_recorded_runs": _ranges(not_recorded),
+        "not_recorded_at_flip_boundary": len(at_boundary), "not_recorded_beyond_boundary": len(beyond),
+        "not_recorded_ms_after_flip": [round(late_ms[q], 2) for q in not_recorded[:20]],
+        "recorded_in_pcap": len(recorded.get(h1.name, [])), "recorded_before_h1_flip": len(recorded_early),
+        "recorded_post_cut": len(recorded_post),
+        "baseline_window": [b1, b2], "baseline_missing": sum(1 for q in range(b1, b2 + 1) if q not in at_h1),
+    }
+    step["h2_pause_ms"] = round(cut2.pause_ms, 3)
+    step["h2_resumed_ms_after_flip"] = round(cut2.resumed_ms_after_flip, 3)
+    step["h2_flip_ms"] = next((m.get("flip_ms") for m in view.get("members", []) if m["name"] == h2.name), None)
+    step["h2_flip_after_h1_flip_ms"] = round((cut2.flip_started - h1_cut_time) * 1000, 1)
+
+    counts = view.get("counts") or {}
+    if counts.get("dropped"):
+        failures.append("controller dropped %d held frames (counts.dropped)" % counts["dropped"])
+    if counts.get("held", 0) != counts.get("released", 0):
+        failures.append("held %d != released %d" % (counts.get("held", 0), counts.get("released", 0)))
+    if missing_12:
+        failures.append("h1->h2: %d of %d datagrams never arrived (by phase %s; first runs %s)"
+                        % (len(missing_12), step["h1_to_h2"]["sent"], phases, _ranges(missing_12, 3)))
+    if dup_12 or dup_21:
+        failures.append("duplicates: h1->h2 %d, h2->h1 %d" % (len(dup_12), len(dup_21)))
+    if missing_pre:
+        failures.append("h2->h1: %d pre-cut datagrams never arrived (record path; first runs %s)"
+                        % (len(missing_pre), _ranges(missing_pre, 3)))
+    if beyond:
+        failures.append("h2->h1: %d of %d pre-cut datagrams that reached h1 more than %d ms after its flip are "
+                        "missing from the channel state (first runs %s)"
+                        % (len(beyond), len(must_record), BOUNDARY_MS, _ranges(beyond, 3)))
+    channel = view.get("channel") or {}
+    if channel.get("frames") is not None and channel["frames"] != counts.get("recorded"):
+        failures.append("channel.frames %s != counts.recorded %s" % (channel["frames"], counts.get("recorded")))
+    step["failures"] = failures
+    step["pass"] = not failures
+    notes = []
+    if at_boundary:
+        notes.append("h2->h1: %d pre-cut datagrams reached h1 %s ms after its flip (barrier reply) and are not "
+                     "recorded" % (len(at_boundary), [round(late_ms[q], 1) for q in at_boundary[:5]]))
+    if escaped:
+        notes.append("h1->h2: %d datagrams sent after h1's cut reached h2 before h2's flip (not held): seqs %s"
+                     % (len(escaped), escaped[:5]))
+    if recorded_early or recorded_post:
+        notes.append("channel state: %d recorded before h1's flip, %d sent after h2's pause"
+                     % (len(recorded_early), len(recorded_post)))
+    step["flip_race"] = notes
+    step["strict_pass"] = step["pass"] and not notes
+    if missing_post:
+        step["note"] = ("h2->h1: %d datagrams sent after h2 resumed (fast path, outside the snapshot) were lost; "
+                        "h2 was paused %.0f ms and seqstream catches up in a burst" % (len(missing_post), cut2.pause_ms))
+    if keep_dir and (failures or notes or missing_post):
+        kept = os.path.join(keep_dir, "%d-%s" % (rate, sid))
+        shutil.copytree(workdir, kept, dirs_exist_ok=True)
+        if os.path.exists(pcap):
+            shutil.copy(pcap, kept)
+        with open(os.path.join(kept, "step.json"), "w") as handle:
+            json.dump({"cut1": cut1, "cut2": vars(cut2), "view": view, "before": before, "after": after,
+                       "step": step}, handle, indent=1, default=str)
+        step["kept"] = kept
+    return step
+
+
+def run_capacity(rates, hold_s, log, keep_dir=None):
+    prefix = run_prefix()
+    topo = LanTopo(2, prefix=prefix)
+    controller = ControllerProcess()
+    STARTED_CONTROLLERS.append(controller)
+    record = {"topology": "LanTopo(2)", "prefix": prefix, "bridges": list(topo.switches()), "steps": []}
+    with ExitStack() as stack:
+        stack.callback(_handle_signals)
+        stack.callback(controller.stop)
+        try:
+            controller.start()
+            net = stack.enter_context(network(topo, controller))
+        except LabError as exc:
+            raise BenchError("bringing up the capacity network failed: %s" % exc) from None
+        stack.callback(lambda: record.__setitem__("controller_log", _log_lines(controller)))
+        stack.callback(_ignore_signals)
+        api = Api(controller)
+        net.pingAll(timeout=2)
+        api.register(net.hosts[:1], marker=False)  # cut directly, without pausing
+        api.register(net.hosts[1:], marker=True)   # cut through the helper path
+        for rate in rates:
+            attempts = []
+            for attempt in (1, 2):
+                workdir = tempfile.mkdtemp(prefix="bench-cut-cap-")
+                try:
+                    step = capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir)
+                finally:
+                    shutil.rmtree(workdir, ignore_errors=True)
+                step["attempt"] = attempt
+                attempts.append(step)
+                record["steps"].append(step)
+                c = step.get("counts") or {}
+                log("capacity %5d pps/direction, attempt %d: %s (held %s, released %s, recorded %s, dropped %s)"
+                    % (rate, attempt, "ok" if step["pass"] else "LOSS", c.get("held"), c.get("released"),
+                       c.get("recorded"), c.get("dropped")))
+                if step["pass"] or controller.process.poll() is not None:
+                    break
+            if controller.process.poll() is not None:
+                raise BenchError("capacity: controller died:\n%s" % controller.log_text()[-2000:])
+            if not attempts[-1]["pass"]:
+                break
+    passed = [s["rate_pps_per_direction"] for s in record["steps"] if s["pass"]]
+    failed_rates = {s["rate_pps_per_direction"] for s in record["steps"] if not s["pass"]}
+    max_ok = None
+    for rate in rates:  # largest rate below the first one that failed on every attempt
+        last = [s for s in record["steps"] if s["rate_pps_per_direction"] == rate]
+        if not last or not last[-1]["pass"]:
+            break
+        max_ok = rate
+    first_fail = next((s for s in record["steps"] if not s["pass"] and s["rate_pps_per_direction"] not in passed), None)
+    record["max_lossless_pps_per_direction"] = max_ok
+    record["first_failing_rate"] = first_fail["rate_pps_per_direction"] if first_fail else None
+    record["first_failure"] = first_fail["failures"] if first_fail else None
+    record["flaky_rates"] = sorted(r for r in failed_rates if r in passed)
+    record["strict_pass_rates"] = sorted({s["rate_pps_per_direction"] for s in record["steps"] if s.get("strict_pass")})
+    record["flip_race_steps"] = [{"rate": s["rate_pps_per_direction"], "attempt": s["attempt"],
+                                  "what": s["flip_race"]} for s in record["steps"] if s.get("flip_race")]
+    return record
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def print_summary(document, out):
+    print()
+    print("cut overhead, ms                       flip p50  flip p99   rtt p50   rtt p99  pause p50 pause p99  complete")
+    for topo in document["overhead"]:
+        for key, stats in topo.get("series", {}).items():
+            pause = stats.get("pause_ms", {})
+            print("%-13s %-24s %9s %9s %9s %9s %9s %9s  %d/%d" % (
+                topo["topology"], key, stats["flip_ms"].get("p50"), stats["flip_ms"].get("p99"),
+                stats["rtt_ms"].get("p50"), stats["rtt_ms"].get("p99"),
+                pause.get("p50", "-"), pause.get("p99", "-"), stats["complete"], stats["snapshots"]))
+            if key == "all_at_once":
+                print("%38s batch of 8 cuts: p50 %s, p99 %s" % ("", stats["batch_ms"].get("p50"),
+                                                               stats["batch_ms"].get("p99")))
+            if key == "helper":
+                print("%38s datapath wait (%s): p50 %s, p99 %s; whole helper per member p50 %s" % (
+                    "", ",".join(stats.get("datapath_wait_how", [])) or "-",
+                    stats.get("datapath_wait_ms", {}).get("p50"), stats.get("datapath_wait_ms", {}).get("p99"),
+                    stats.get("helper_ms", {}).get("p50")))
+    cap = document.get("capacity")
+    if cap:
+        print()
+        print("hold/record capacity (LanTopo(2), hold %.1f s):" % document["parameters"]["capacity_hold_s"])
+        for step in cap["steps"]:
+            c = step.get("counts") or {}
+            a, b = step.get("h1_to_h2") or {}, step.get("h2_to_h1") or {}
+            print("  %5d pps/dir try %d: %-4s held %-6s released %-6s recorded %-6s dropped %-3s lost h1->h2 %s, "
+                  "h2->h1 pre-cut %s, unrecorded %s, ctl cpu %s%%" % (
+                      step["rate_pps_per_direction"], step["attempt"], "ok" if step["pass"] else "LOSS",
+                      c.get("held"), c.get("released"), c.get("recorded"), c.get("dropped"), a.get("missing"),
+                      b.get("missing_pre_cut"), b.get("not_recorded"), step.get("controller_cpu_pct")))
+            for what in step["failures"] + step.get("flip_race", []) + ([step["note"]] if step.get("note") else []):
+                print("        %s" % what)
+        print("  largest lossless rate: %s pps per direction" % cap.get("max_lossless_pps_per_direction"))
+        if cap.get("first_failure"):
+            print("  at %s pps: %s" % (cap["first_failing_rate"], "; ".join(cap["first_failure"])))
+    print("results: %s" % out)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON output (default docs/bench/bench_cut.json)")
+    parser.add_argument("--quick", action="store_true", help="few snapshots and two rates: a smoke run")
+    parser.add_argument("--bg-rate", type=float, default=100.0,
+                        help="background datagrams/s from every member to every other (default 100)")
+    parser.add_argument("--keep", metavar="DIR", help="copy logs and channel state of failing capacity steps here")
+    parser.add_argument("--skip-overhead", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-capacity", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("must run as root (Mininet and Open vSwitch need it)")
+    for tool in ("ovs-vsctl", "ovs-appctl", "mnexec"):
+        if shutil.which(tool) is None:
+            parser.error("%s not found on PATH" % tool)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.chdir(ROOT)  # the members run ``python -m hostside.marker`` from here
+    counts = QUICK if args.quick else FULL
+    _handle_signals()
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    document = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "code": code_version(),
+        "parameters": {
+            "quick": args.quick,
+            "snapshots": {k: counts[k] for k in ("one_at_a_time", "all_at_once", "with_markers", "helper")},
+            "series": {
+                "one_at_a_time": "marker false; each member in turn: SIGSTOP, POST cut, SIGCONT, POST done",
+                "all_at_once": "marker false; all 8 SIGSTOPped, 8 concurrent POST cut (threads), SIGCONT, done",
+                "markers_no_datapath_wait": "marker true; each member in turn: SIGSTOP, marker frame, POST cut, "
+                                            "SIGCONT, done (no prepare, no datapath wait)",
+                "helper": "marker true; each member in turn through topologies.members.Slice.cut as it is in "
+                          "the tree (prepare, wait_datapath, SIGSTOP, marker, cut, wait_datapath, SIGCONT, done)",
+            },
+            "members": 8, "background_rate_per_peer": args.bg_rate,
+            "topologies": ["LanTopo(8): 8 hosts on 1 switch", "LineTopo(4, 2): 4 switches in a line, 2 hosts each"],
+            "capacity_rates": counts["rates"], "capacity_hold_s": counts["hold_s"],
+            "capacity_setup": "LanTopo(2); h1<->h2 seqstream at R/s per direction, 120-byte datagrams; cut h1 "
+                              "(helper path, marker), hold, cut h2, complete",
+            "capacity_pass": "no datagram lost or duplicated in either direction, counts.dropped 0, held == "
+                             "released, and every pre-cut h2->h1 datagram reaching h1 more than %d ms after h1's "
+                             "flip is in channel.pcapng; misses within %d ms of the flip and cut-check problems "
+                             "are reported as flip_race (strict_pass excludes them)" % (BOUNDARY_MS, BOUNDARY_MS),
+            "flip_ms": "controller: cut request -> barrier replies (response field flip_ms)",
+            "rtt_ms": "client: wall time of POST .../cut (new TCP connection per request)",
+            "pause_ms": "SIGSTOP -> SIGCONT of the member (markers series: includes the marker; helper: as "
+                        "Slice.cut reports it, includes its datapath wait before SIGCONT)",
+            "percentiles": "linear interpolation",
+        },
+        "overhead": [],
+        "capacity": None,
+        "out": args.out,
+    }
+    error, code = None, 0
+    began = time.monotonic()
+    try:
+        if not args.skip_overhead:
+            for name, make in (("LanTopo(8)", lambda p: LanTopo(8, prefix=p)),
+                               ("LineTopo(4,2)", lambda p: LineTopo(4, 2, prefix=p))):
+                document["overhead"].append(run_overhead(name, make(run_prefix()), counts, args.bg_rate, log))
+        if not args.skip_capacity:
+            document["capacity"] = run_capacity(counts["rates"], counts["hold_s"], log, args.keep)
+    except Interrupted as exc:
+        error, code = "interrupted by %s" % exc, 130
+    except BenchError as exc:
+        error, code = str(exc), 1
+    except Exception as exc:  # noqa: BLE001 - report, don't dump a traceback
+        error, code = "%s: %s" % (type(exc).__name__, exc), 1
+    finally:
+        _ignore_signals()
+    document["elapsed_s"] = round(time.monotonic() - began, 1)
+    document["loadavg_at_end"] = list(os.getloadavg())
+    document["error"] = error
+    try:
+        write(args.out, document)
+    except OSError as exc:
+        print("\nbench_cut: cannot write %s: %s" % (args.out, exc), file=sys.stderr)
+        return 1
+    if error:
+        print("\nbench_cut: FAILED: %s" % error, file=sys.stderr)
+        print("partial results: %s" % args.out, file=sys.stderr)
+        return code
+    print_summary(document, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
