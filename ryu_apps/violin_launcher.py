@@ -61,6 +61,7 @@ def main(argv=None):
 
 
 def run_os_ken(args):
+    from oslo_config.cfg import DuplicateOptError
     from os_ken import cfg
     from os_ken.lib import hub
     hub.patch(thread=False)
@@ -69,7 +70,7 @@ def run_os_ken(args):
     for opt in (cfg.StrOpt("wsapi-host", default="127.0.0.1"), cfg.IntOpt("wsapi-port", default=8080)):
         try:
             conf.register_cli_opt(opt)
-        except cfg.DuplicateOptError:
+        except DuplicateOptError:
             pass
     conf(args=framework_args(args), project="os_ken")
     manager = AppManager.get_instance()

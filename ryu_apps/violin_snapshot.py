@@ -5,15 +5,24 @@ This module only translates: OpenFlow 1.3 events into calls on the pure core
 (``violin_core.of``) into ryu parser messages. It runs on Ryu 4.34 and on its
 maintained fork os-ken. REST is served under ``/violin`` through Ryu's WSGI
 server (``--wsapi-host``/``--wsapi-port``, default 127.0.0.1:8080 here) or, on
-os-ken, through an eventlet WSGI server of our own on the same options.
+os-ken (which has no WSGI module), through a threaded WSGI server of our own on
+the same options.
+
+The core is not thread-safe: every entry into it (OpenFlow events, REST
+requests, the ticker) holds ``self.lock``, which the io waits (barriers, flow
+statistics, sleeps) give up while they wait. Under Ryu's eventlet that is a
+green semaphore; under os-ken's native threads a real one.
 """
 
+import functools
 import json
 import logging
 import sys
 import time
 import urllib.error
 import urllib.request
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import violin_ryu_compat
 
@@ -36,6 +45,8 @@ except ModuleNotFoundError:  # os-ken
     from os_ken.ofproto import ofproto_v1_3
     FRAMEWORK = "os_ken"
 
+from oslo_config.cfg import NoSuchOptError
+
 try:
     from ryu.app.wsgi import ControllerBase, WSGIApplication, route
 except ModuleNotFoundError:
@@ -55,7 +66,7 @@ DEFAULT_WSAPI_PORT = 8080
 
 try:  # bind the REST API to loopback unless the user says otherwise
     cfg.CONF.set_default("wsapi_host", DEFAULT_WSAPI_HOST)
-except cfg.NoSuchOptError:
+except NoSuchOptError:
     pass
 
 
@@ -72,6 +83,24 @@ if ControllerBase is not None:
             return req.get_response(self.rest_app)
 
 
+def _locked(handler):
+    """Run an event handler of the app with the core lock held."""
+    @functools.wraps(handler)
+    def wrapped(self, *args, **kwargs):
+        with self.lock:
+            return handler(self, *args, **kwargs)
+    return wrapped
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
 class ViolinSnapshot(BaseApp):
     OFP_VERSIONS = [ofproto_v1_3.OFP_VERSION]
     _CONTEXTS = {"wsgi": WSGIApplication} if WSGIApplication is not None else {}
@@ -84,10 +113,11 @@ class ViolinSnapshot(BaseApp):
             print("violin_snapshot: %s" % exc, file=sys.stderr)
             raise SystemExit(2) from None
         self.datapaths = {}
-        self.io = EventletIO(self)
+        self.lock = hub.BoundedSemaphore(1)
+        self.io = HubIO(self)
         self.core = ViolinController(config, time.monotonic, time.time, self.io)
         self._port_desc = {}
-        self.rest_app = build_rest_app(self.core)
+        self.rest_app = self._locked_app(build_rest_app(self.core))
         if "wsgi" in kwargs:
             kwargs["wsgi"].register(_RestBridge, self.rest_app)
         else:
@@ -103,10 +133,17 @@ class ViolinSnapshot(BaseApp):
             if datapath is not None:
                 datapath.send_msg(to_ofp(datapath, message))
 
+    def _locked_app(self, app):
+        def locked(environ, start_response):
+            with self.lock:
+                return app(environ, start_response)
+        return locked
+
     def _ticker(self):
         while True:
             try:
-                self.send(self.core.tick())
+                with self.lock:
+                    self.send(self.core.tick())
             except Exception:  # keep ticking; the error is logged in full
                 LOG.exception("periodic work failed")
             hub.sleep(TICK_SECONDS)
@@ -114,11 +151,14 @@ class ViolinSnapshot(BaseApp):
     def _serve_rest(self):
         host = _conf("wsapi_host", DEFAULT_WSAPI_HOST)
         port = _conf("wsapi_port", DEFAULT_WSAPI_PORT)
-        hub.WSGIServer((host, port), self.rest_app).serve_forever()
+        server = make_server(host, port, self.rest_app, _ThreadingWSGIServer, _QuietHandler)
+        LOG.info("REST API on http://%s:%d/violin", host, port)
+        server.serve_forever()
 
     # --- OpenFlow events ---------------------------------------------------------
 
     @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
+    @_locked
     def _switch_features(self, ev):
         datapath = ev.msg.datapath
         self.datapaths[datapath.id] = datapath
@@ -126,6 +166,7 @@ class ViolinSnapshot(BaseApp):
         datapath.send_msg(datapath.ofproto_parser.OFPPortDescStatsRequest(datapath, 0))
 
     @set_ev_cls(ofp_event.EventOFPPortDescStatsReply, MAIN_DISPATCHER)
+    @_locked
     def _port_desc_reply(self, ev):
         datapath, ofproto = ev.msg.datapath, ev.msg.datapath.ofproto
         collected = self._port_desc.setdefault(datapath.id, [])
@@ -134,6 +175,7 @@ class ViolinSnapshot(BaseApp):
             self.send(self.core.switch_up(datapath.id, self._port_desc.pop(datapath.id)))
 
     @set_ev_cls(ofp_event.EventOFPStateChange, DEAD_DISPATCHER)
+    @_locked
     def _switch_gone(self, ev):
         dpid = ev.datapath.id
         if dpid is not None and self.datapaths.get(dpid) is ev.datapath:
@@ -141,6 +183,7 @@ class ViolinSnapshot(BaseApp):
             self.send(self.core.switch_down(dpid))
 
     @set_ev_cls(ofp_event.EventOFPPortStatus, MAIN_DISPATCHER)
+    @_locked
     def _port_status(self, ev):
         msg, ofproto = ev.msg, ev.msg.datapath.ofproto
         deleted = msg.reason == ofproto.OFPPR_DELETE
@@ -148,6 +191,7 @@ class ViolinSnapshot(BaseApp):
                                          _port_up(ofproto, msg.desc), deleted))
 
     @set_ev_cls(ofp_event.EventOFPErrorMsg, [CONFIG_DISPATCHER, MAIN_DISPATCHER])
+    @_locked
     def _error(self, ev):
         msg = ev.msg
         self.core.switch_error(msg.datapath.id)
@@ -155,6 +199,7 @@ class ViolinSnapshot(BaseApp):
                   msg.datapath.id, msg.type, msg.code, bytes(msg.data[:64]).hex())
 
     @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
+    @_locked
     def _packet_in(self, ev):
         msg = ev.msg
         role = msg.cookie & 0xFFFFFFFF if msg.cookie & COOKIE_APP_MASK == COOKIE_APP else None
@@ -171,12 +216,20 @@ class ViolinSnapshot(BaseApp):
         self.io.replied(msg.datapath.id, msg.xid, packets, final=not msg.flags & msg.datapath.ofproto.OFPMPF_REPLY_MORE)
 
 
-class EventletIO(ControllerIO):
-    """The core's waiting work on eventlet: barriers and flow statistics by xid, helpers over HTTP."""
+class HubIO(ControllerIO):
+    """The core's waiting work on the framework's hub: barriers and flow statistics by xid,
+    helpers over HTTP. Every wait gives up the core lock (held by the caller) while it waits."""
 
     def __init__(self, app):
         self.app = app
         self.pending = {}  # (dpid, xid) -> [event, accumulated value]
+
+    def _unlocked(self, wait, *args):
+        self.app.lock.release()
+        try:
+            return wait(*args)
+        finally:
+            self.app.lock.acquire()
 
     def send(self, messages):
         self.app.send(messages)
@@ -197,7 +250,7 @@ class EventletIO(ControllerIO):
             if any(r is None for r in requests):
                 return None
             for _, waiter in requests:
-                if not waiter[0].wait(timeout=max(0.0, deadline - time.monotonic())):
+                if not self._unlocked(waiter[0].wait, max(0.0, deadline - time.monotonic())):
                     return None
             return [waiter[1] for _, waiter in requests]
         finally:
@@ -228,21 +281,26 @@ class EventletIO(ControllerIO):
     def wait_until(self, predicate, timeout):
         deadline = time.monotonic() + timeout
         while not predicate() and time.monotonic() < deadline:
-            hub.sleep(0.001)
+            self._unlocked(hub.sleep, 0.001)
         return predicate()
 
     def sleep(self, seconds):
-        hub.sleep(seconds)
+        self._unlocked(hub.sleep, seconds)
 
     def spawn(self, function, *args):
         def guarded():
             try:
-                function(*args)
+                with self.app.lock:
+                    function(*args)
             except Exception:  # the core's background work must never die silently
                 LOG.exception("background work %s failed", getattr(function, "__name__", function))
         self.app.threads.append(hub.spawn(guarded))
 
     def post_json(self, url, body, timeout):
+        return self._unlocked(self._post_json, url, body, timeout)
+
+    @staticmethod
+    def _post_json(url, body, timeout):
         request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -256,7 +314,7 @@ class EventletIO(ControllerIO):
 def _conf(name, default):
     try:
         return getattr(cfg.CONF, name)
-    except cfg.NoSuchOptError:
+    except NoSuchOptError:
         return default
 
 

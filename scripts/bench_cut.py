@@ -71,8 +71,9 @@ from topologies.tree import LineTopo  # noqa: E402
 
 DEFAULT_OUT = os.path.join(ROOT, "docs", "bench", "bench_cut.json")
 FULL = {"one_at_a_time": 30, "all_at_once": 20, "with_markers": 20, "helper": 6,
-        "rates": [250, 500, 1000, 2000, 3000, 4000], "hold_s": 2.0}
+        "rates": [250, 500, 1000, 2000, 3000, 4000, 6000, 8000], "hold_s": 2.0}
 QUICK = {"one_at_a_time": 4, "all_at_once": 3, "with_markers": 3, "helper": 2, "rates": [250, 1000], "hold_s": 1.0}
+SENDER_SHORTFALL = 0.9  # a sender below 90% of the asked rate ends the sweep: the rest would measure seqstream
 SLACK = 0.002  # as topologies.members.check_cut: frames still in the kernel when the flip ended
 BOUNDARY_MS = 50  # record misses this close to the flip are a flip race (stale datapath flows), not capacity
 OVS_COUNTERS = re.compile(r"drop|overflow|discard|upcall_error|lost", re.I)
@@ -757,6 +758,7 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
         "missing": len(missing_12), "missing_by_phase": phases, "missing_runs": _ranges(missing_12),
         "duplicates": len(dup_12), "reordered": _inversions(logs[h2.name], id1, first, last),
         "escaped_hold": len(escaped), "escaped_hold_seqs": escaped[:10],
+        "escaped_hold_ms_after_h1_flip": [round((min(at_h2[q]) - h1_cut_time) * 1000, 2) for q in escaped[:10]],
         "baseline_window": [b1, b2], "baseline_missing": sum(1 for q in range(b1, b2 + 1) if q not in at_h2),
     }
     # h2 -> h1: pre-cut datagrams (sent before h2's pause) all arrive; those arriving after h1's flip
@@ -814,18 +816,24 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
     channel = view.get("channel") or {}
     if channel.get("frames") is not None and channel["frames"] != counts.get("recorded"):
         failures.append("channel.frames %s != counts.recorded %s" % (channel["frames"], counts.get("recorded")))
-    step["failures"] = failures
-    step["pass"] = not failures
+    shortfall = [d for d in ("h1_to_h2", "h2_to_h1") if step[d]["achieved_pps"] < SENDER_SHORTFALL * rate]
+    step["sender_limited"] = shortfall
     notes = []
     if at_boundary:
         notes.append("h2->h1: %d pre-cut datagrams reached h1 %s ms after its flip (barrier reply) and are not "
                      "recorded" % (len(at_boundary), [round(late_ms[q], 1) for q in at_boundary[:5]]))
     if escaped:
-        notes.append("h1->h2: %d datagrams sent after h1's cut reached h2 before h2's flip (not held): seqs %s"
-                     % (len(escaped), escaped[:5]))
+        notes.append("h1->h2: %d datagrams sent after h1's cut reached h2 before h2's flip (not held), %s ms "
+                     "after h1's flip" % (len(escaped), step["h1_to_h2"]["escaped_hold_ms_after_h1_flip"][:5]))
+    late_escapes = [q for q in escaped if (min(at_h2[q]) - h1_cut_time) * 1000 > BOUNDARY_MS]
+    if late_escapes:
+        failures.append("h1->h2: %d datagrams escaped the hold more than %d ms after h1's flip: seqs %s"
+                        % (len(late_escapes), BOUNDARY_MS, late_escapes[:5]))
     if recorded_early or recorded_post:
         notes.append("channel state: %d recorded before h1's flip, %d sent after h2's pause"
                      % (len(recorded_early), len(recorded_post)))
+    step["failures"] = failures
+    step["pass"] = not failures
     step["flip_race"] = notes
     step["strict_pass"] = step["pass"] and not notes
     if missing_post:
@@ -884,6 +892,11 @@ def run_capacity(rates, hold_s, log, keep_dir=None):
                 raise BenchError("capacity: controller died:\n%s" % controller.log_text()[-2000:])
             if not attempts[-1]["pass"]:
                 break
+            if attempts[-1].get("sender_limited"):
+                record["sender_limited_at"] = rate
+                log("capacity: the senders reached only %s of %d pps: sweep ends here" % (
+                    [attempts[-1][d]["achieved_pps"] for d in ("h1_to_h2", "h2_to_h1")], rate))
+                break
     passed = [s["rate_pps_per_direction"] for s in record["steps"] if s["pass"]]
     failed_rates = {s["rate_pps_per_direction"] for s in record["steps"] if not s["pass"]}
     max_ok = None
@@ -894,6 +907,9 @@ def run_capacity(rates, hold_s, log, keep_dir=None):
         max_ok = rate
     first_fail = next((s for s in record["steps"] if not s["pass"] and s["rate_pps_per_direction"] not in passed), None)
     record["max_lossless_pps_per_direction"] = max_ok
+    best = [s for s in record["steps"] if s["rate_pps_per_direction"] == max_ok and s["pass"]]
+    record["max_lossless_achieved_pps"] = (min(best[-1]["h1_to_h2"]["achieved_pps"], best[-1]["h2_to_h1"]["achieved_pps"])
+                                           if best else None)
     record["first_failing_rate"] = first_fail["rate_pps_per_direction"] if first_fail else None
     record["first_failure"] = first_fail["failures"] if first_fail else None
     record["flaky_rates"] = sorted(r for r in failed_rates if r in passed)
@@ -932,13 +948,18 @@ def print_summary(document, out):
             c = step.get("counts") or {}
             a, b = step.get("h1_to_h2") or {}, step.get("h2_to_h1") or {}
             print("  %5d pps/dir try %d: %-4s held %-6s released %-6s recorded %-6s dropped %-3s lost h1->h2 %s, "
-                  "h2->h1 pre-cut %s, unrecorded %s, ctl cpu %s%%" % (
+                  "h2->h1 pre-cut %s, unrecorded %s, sent %s/%s pps, ctl cpu %s%%" % (
                       step["rate_pps_per_direction"], step["attempt"], "ok" if step["pass"] else "LOSS",
                       c.get("held"), c.get("released"), c.get("recorded"), c.get("dropped"), a.get("missing"),
-                      b.get("missing_pre_cut"), b.get("not_recorded"), step.get("controller_cpu_pct")))
+                      b.get("missing_pre_cut"), b.get("not_recorded"), a.get("achieved_pps"), b.get("achieved_pps"),
+                      step.get("controller_cpu_pct")))
             for what in step["failures"] + step.get("flip_race", []) + ([step["note"]] if step.get("note") else []):
                 print("        %s" % what)
-        print("  largest lossless rate: %s pps per direction" % cap.get("max_lossless_pps_per_direction"))
+        print("  largest lossless rate: %s pps per direction (achieved %s)%s" % (
+            cap.get("max_lossless_pps_per_direction"), cap.get("max_lossless_achieved_pps"),
+            " (the senders could not go faster: seqstream-limited at %s)" % cap["sender_limited_at"]
+            if cap.get("sender_limited_at") else
+            "" if cap.get("first_failing_rate") else " (no step failed: the sweep's top rate)"))
         if cap.get("first_failure"):
             print("  at %s pps: %s" % (cap["first_failing_rate"], "; ".join(cap["first_failure"])))
     print("results: %s" % out)

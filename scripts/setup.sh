@@ -55,6 +55,24 @@ else
         die "the virtual environment is incomplete (see pip's output above)"
     echo "$want" >"$STAMP"
 fi
+# 3b. A second environment with os-ken (Ryu's maintained fork) instead of Ryu: the app runs on both.
+OSKEN_VENV="${VIOLIN_OSKEN_VENV:-$REPO/.venv-osken}"
+want_osken="$(cat "$REPO/requirements-osken.txt" | sha256sum | cut -d' ' -f1)"
+if [[ -x $OSKEN_VENV/bin/python && -f $OSKEN_VENV/.violin-setup-stamp && $(cat "$OSKEN_VENV/.violin-setup-stamp") == "$want_osken" ]]; then
+    say "os-ken environment $OSKEN_VENV up to date"
+else
+    say "building os-ken environment $OSKEN_VENV"
+    [[ -x $OSKEN_VENV/bin/python ]] || "$PYTHON" -m venv "$OSKEN_VENV"
+    "$OSKEN_VENV/bin/python" -m pip -q --disable-pip-version-check install -r "$REPO/requirements-osken.txt" 2>&1 |
+        grep -v "^WARNING: Location" || true
+    "$OSKEN_VENV/bin/python" -c "import os_ken.base.app_manager, networkx, webob" ||
+        die "the os-ken environment is incomplete (see pip's output above)"
+    echo "$want_osken" >"$OSKEN_VENV/.violin-setup-stamp"
+fi
+# The project's modules, from this checkout (no install needed for a second framework).
+osken_site="$("$OSKEN_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+printf '%s\n%s\n' "$REPO/ryu_apps" "$REPO" >"$osken_site/violin-snapshot.pth"
+
 site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 # Debian's mininet 2.3.0 (just that package, not all of dist-packages).
 ln -sfn /usr/lib/python3/dist-packages/mininet "$site/mininet"
