@@ -4,21 +4,29 @@ import subprocess
 import time
 
 
+def _appctl(command: str, timeout: float) -> bool:
+    try:
+        result = subprocess.run(["ovs-appctl", "-T", str(max(1, int(timeout + 0.999))), command],
+                                capture_output=True, timeout=timeout + 1)
+        return result.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def wait_datapath(timeout: float = 1.0, grace: float = 0.01) -> str:
-    """Wait until ovs-vswitchd has revalidated its datapath flows after a rule change.
+    """Make sure the local datapath forwards by the flow tables as they are now.
 
     An OpenFlow barrier reply says the flow tables changed; the datapath's cached
-    flows follow a moment later (revalidator threads). ``ovs-appctl
-    revalidator/wait`` returns after a full revalidation pass. If it cannot be
-    used (no local OVS, several datapath types), sleep ``grace`` instead.
-    Returns "revalidator" or "grace".
+    flows follow a moment later, when revalidator threads get to them. ``ovs-appctl
+    revalidator/purge`` deletes the cached flows synchronously, so every packet
+    after it is looked up in the new tables (all bridges of this ovs-vswitchd pay
+    one upcall per flow for it). If that is not possible, ``revalidator/wait``
+    (a full revalidation pass, up to ``max-revalidator`` ms, 500 by default), and
+    failing that a ``grace`` sleep. Returns "purge", "revalidator" or "grace".
     """
-    try:
-        result = subprocess.run(["ovs-appctl", "-T", str(max(1, int(timeout + 0.999))), "revalidator/wait"],
-                                capture_output=True, timeout=timeout + 1)
-        if result.returncode == 0:
-            return "revalidator"
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    if _appctl("revalidator/purge", timeout):
+        return "purge"
+    if _appctl("revalidator/wait", timeout):
+        return "revalidator"
     time.sleep(grace)
     return "grace"

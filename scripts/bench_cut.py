@@ -151,7 +151,7 @@ def code_version():
                         digest.update(name.encode() + handle.read())
     status = _run(["git", "-C", ROOT, "status", "--porcelain"]) or ""
     return {"head": _run(["git", "-C", ROOT, "rev-parse", "HEAD"]),
-            "changed": [line[3:] for line in status.splitlines()],
+            "changed": [line.split(None, 1)[-1] for line in status.splitlines() if line.strip()],
             "sources_sha256": digest.hexdigest()}
 
 
@@ -196,6 +196,14 @@ def link_drops(net):
     return {"kernel": found, "ovs": ovs}
 
 
+def udp_errors(host):
+    """The host's UDP error counters (its own network namespace): socket buffer overflows show here."""
+    lines = [line.split() for line in host.cmd("cat /proc/net/snmp").splitlines() if line.startswith("Udp:")]
+    if len(lines) < 2:
+        return {}
+    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:]) if k in ("InErrors", "RcvbufErrors", "SndbufErrors")}
+
+
 def cpu_seconds(pid):
     try:
         with open("/proc/%d/stat" % pid) as handle:
@@ -203,6 +211,22 @@ def cpu_seconds(pid):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def quiesce(controller, timeout=15.0, idle=0.05):
+    """Wait until the controller is idle (its queue of packet-ins worked off): seconds waited.
+
+    seqstream datagrams carry no run id, so a frame of the previous step delivered
+    late would count as a duplicate in the next one.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = cpu_seconds(controller.process.pid)
+        time.sleep(0.3)
+        after = cpu_seconds(controller.process.pid)
+        if before is None or after is None or (after - before) / 0.3 < idle:
+            break
+    return round(time.monotonic() - started, 2)
 
 
 def other_controllers():
@@ -659,6 +683,7 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
     id1, id2 = members.ids[h1.name], members.ids[h2.name]
     step = {"rate_pps_per_direction": rate, "hold_s": hold_s}
     ovs_before, softnet_before, links_before = ovs_counters(), softnet_dropped(), link_drops(net)
+    udp_before = {h.name: udp_errors(h) for h in (h1, h2)}
     cpu_before, wall_before = cpu_seconds(controller.process.pid), time.monotonic()
     step["other_controllers"] = other_controllers()
     sid, view, after = None, None, None
@@ -706,6 +731,7 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
         else None
     links_after = link_drops(net)
     step["link_drops"] = {kind: _counter_delta(links_before[kind], links_after[kind]) for kind in links_after}
+    step["udp_errors"] = {h.name: _counter_delta(udp_before[h.name], udp_errors(h)) for h in (h1, h2)}
     step["state"] = view["state"] if view else None
     step["reason"] = view.get("reason") if view else None
     step["counts"] = view.get("counts") if view else None
@@ -775,7 +801,8 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
     beyond = [q for q in not_recorded if late_ms[q] > BOUNDARY_MS]
     recorded_early = [q for q in range(first, last + 1)
                       if (id2, q) in channel_h1 and at_h1.get(q) and min(at_h1[q]) < h1_flip_started]
-    recorded_post = [q for s_, q in recorded.get(h1.name, []) if s_ == id2 and q > pre_last]
+    about = max(cut2.progress[id1])  # the seq it was about to send may or may not have left: ambiguous
+    recorded_post = [q for s_, q in recorded.get(h1.name, []) if s_ == id2 and q > about]
     b1, b2 = base[h2.name][id1][1] + 1, before[h2.name][id1][1]
     step["h2_to_h1"] = {
         "window": [first, last], "sent": last - first + 1, "last_pre_cut_seq": pre_last,
@@ -802,13 +829,24 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
     if counts.get("held", 0) != counts.get("released", 0):
         failures.append("held %d != released %d" % (counts.get("held", 0), counts.get("released", 0)))
     if missing_12:
-        failures.append("h1->h2: %d of %d datagrams never arrived (by phase %s; first runs %s)"
-                        % (len(missing_12), step["h1_to_h2"]["sent"], phases, _ranges(missing_12, 3)))
+        overflow = step["udp_errors"].get(h2.name, {}).get("RcvbufErrors", 0)
+        unsent = step["udp_errors"].get(h1.name, {}).get("SndbufErrors", 0)
+        failures.append("h1->h2: %d of %d datagrams never arrived (by phase %s; first runs %s)%s%s"
+                        % (len(missing_12), step["h1_to_h2"]["sent"], phases, _ranges(missing_12, 3),
+                           "; h2's UDP socket dropped %d for a full receive buffer (h2 paused %.0f ms, its flip "
+                           "released %s held frames)" % (overflow, cut2.pause_ms, counts.get("released"))
+                           if overflow else "",
+                           "; h1's UDP socket refused %d sends (full send buffer)" % unsent if unsent else ""))
     if dup_12 or dup_21:
         failures.append("duplicates: h1->h2 %d, h2->h1 %d" % (len(dup_12), len(dup_21)))
     if missing_pre:
-        failures.append("h2->h1: %d pre-cut datagrams never arrived (record path; first runs %s)"
-                        % (len(missing_pre), _ranges(missing_pre, 3)))
+        unsent = step["udp_errors"].get(h2.name, {}).get("SndbufErrors", 0)
+        overflow = step["udp_errors"].get(h1.name, {}).get("RcvbufErrors", 0)
+        failures.append("h2->h1: %d pre-cut datagrams never arrived (first runs %s)%s%s"
+                        % (len(missing_pre), _ranges(missing_pre, 3),
+                           "; h2's UDP socket refused %d sends for a full send buffer (never sent)" % unsent
+                           if unsent else "",
+                           "; h1's UDP socket dropped %d for a full receive buffer" % overflow if overflow else ""))
     if beyond:
         failures.append("h2->h1: %d of %d pre-cut datagrams that reached h1 more than %d ms after its flip are "
                         "missing from the channel state (first runs %s)"
@@ -830,7 +868,7 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
         failures.append("h1->h2: %d datagrams escaped the hold more than %d ms after h1's flip: seqs %s"
                         % (len(late_escapes), BOUNDARY_MS, late_escapes[:5]))
     if recorded_early or recorded_post:
-        notes.append("channel state: %d recorded before h1's flip, %d sent after h2's pause"
+        notes.append("channel state: %d recorded before h1's flip, %d sent after h2's pause (post-cut)"
                      % (len(recorded_early), len(recorded_post)))
     step["failures"] = failures
     step["pass"] = not failures
@@ -874,12 +912,14 @@ def run_capacity(rates, hold_s, log, keep_dir=None):
         for rate in rates:
             attempts = []
             for attempt in (1, 2):
+                quiet_s = quiesce(controller)
                 workdir = tempfile.mkdtemp(prefix="bench-cut-cap-")
                 try:
                     step = capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir)
                 finally:
                     shutil.rmtree(workdir, ignore_errors=True)
                 step["attempt"] = attempt
+                step["quiesce_before_s"] = quiet_s
                 attempts.append(step)
                 record["steps"].append(step)
                 c = step.get("counts") or {}
