@@ -229,6 +229,12 @@ def quiesce(controller, timeout=15.0, idle=0.05):
     return round(time.monotonic() - started, 2)
 
 
+def other_bridges(prefix):
+    """Bridges on this Open vSwitch that are not this run's (another run shares ovs-vswitchd: noise)."""
+    return sum(1 for name in (_run(["ovs-vsctl", "--timeout=5", "list-br"]) or "").split()
+               if not name.startswith(prefix))
+
+
 def other_controllers():
     """ryu-manager processes this script did not start (e.g. a concurrent test run): noise."""
     mine, found = {c.process.pid for c in STARTED_CONTROLLERS if c.process}, 0
@@ -630,6 +636,7 @@ def run_overhead(name, topo, counts, bg_rate, log):
         series["helper"] = _series_result(samples, snaps)
         record["series"] = series
         record["other_controllers_at_end"] = other_controllers()
+        record["other_bridges_at_end"] = other_bridges(prefix)
         status, health = controller.get("/violin/health")
         record["health_after"] = health if status == 200 else None
         if controller.process.poll() is not None:
@@ -686,6 +693,7 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
     udp_before = {h.name: udp_errors(h) for h in (h1, h2)}
     cpu_before, wall_before = cpu_seconds(controller.process.pid), time.monotonic()
     step["other_controllers"] = other_controllers()
+    step["other_bridges"] = other_bridges(net.topo.prefix)
     sid, view, after = None, None, None
     try:
         members.start()
@@ -1002,6 +1010,9 @@ def print_summary(document, out):
             "" if cap.get("first_failing_rate") else " (no step failed: the sweep's top rate)"))
         if cap.get("first_failure"):
             print("  at %s pps: %s" % (cap["first_failing_rate"], "; ".join(cap["first_failure"])))
+    if document.get("concurrent_activity_seen"):
+        print("NOTE: other controllers or bridges were running on this machine's Open vSwitch during the run; "
+              "the numbers include their noise")
     print("results: %s" % out)
 
 
@@ -1083,6 +1094,11 @@ def main(argv=None):
     document["elapsed_s"] = round(time.monotonic() - began, 1)
     document["loadavg_at_end"] = list(os.getloadavg())
     document["error"] = error
+    document["concurrent_activity_seen"] = bool(
+        document["machine"].get("other_ryu_controllers_at_start")
+        or any(t.get("other_controllers_at_end") or t.get("other_bridges_at_end") for t in document["overhead"])
+        or any(s.get("other_controllers") or s.get("other_bridges")
+               for s in (document.get("capacity") or {}).get("steps", [])))
     try:
         write(args.out, document)
     except OSError as exc:

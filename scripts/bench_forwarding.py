@@ -40,7 +40,7 @@ CONTROLLERS = (  # (label, ryu app, serves REST)
     ("simple_switch_13", "ryu.app.simple_switch_13", False),
 )
 GOAL = 0.95
-DEFAULT_OUT = os.path.join(ROOT, "results", "bench_forwarding.json")
+DEFAULT_OUT = os.path.join(ROOT, "docs", "bench", "bench_forwarding.json")
 IPERF_PORT = 5201  # inside h2's own network namespace, so no clash with anything else
 PING_COUNT = 20
 PING_INTERVAL = 0.05

@@ -45,7 +45,7 @@ SCHEMA = {
         "hold_bytes_per_receiver": (int, 8 * 1024 * 1024, _positive, "held frames per receiver, bytes"),
         "max_channel_bytes": (int, 256 * 1024 * 1024, _positive, "recorded channel state beyond this aborts"),
         "timeout": ((int, float), 120.0, _positive, "seconds before a snapshot that is not complete aborts"),
-        "marker_timeout": ((int, float), 2.0, _positive, "seconds a cut waits for the member's marker"),
+        "marker_timeout": ((int, float), 5.0, _positive, "seconds a cut waits for the member's marker"),
         "barrier_timeout": ((int, float), 5.0, _positive, "seconds to wait for switches to confirm rules"),
         "drain_poll": ((int, float), 0.05, _positive, "seconds between flow-statistics polls while draining"),
         "drain_min": ((int, float), 0.2, _positive, "seconds after the last cut before completion"),

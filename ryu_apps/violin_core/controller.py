@@ -140,11 +140,13 @@ class ViolinController:
         started, started_wall = self.clock(), self.wall_clock()
         member = self.coordinator.members[name]
         dpids = self.coordinator._switches_of(member)
-        messages = self.coordinator.flip(started, snapshot_id, name, started_wall)
-        if not self.io.send_and_barrier(messages, dpids, settings.barrier_timeout):
+        rules, releases = self.coordinator.flip(started, snapshot_id, name, started_wall)
+        if not self.io.send_and_barrier(rules, dpids, settings.barrier_timeout):
+            self.io.send(releases)
             self._abort("the switch did not confirm the cut of %s within %.1f s" % (name, settings.barrier_timeout))
             raise HttpError(504, self.coordinator.current.reason)
         flip_ms = (self.clock() - started) * 1000.0
+        self.io.send(releases)  # queued behind the answer's rules; the member resumes meanwhile
         self.coordinator.cut_done(self.wall_clock(), snapshot_id, name, flip_ms)
         self._persist()
         return {"snapshot": snapshot_id, "member": name, "epoch": member.epoch,

@@ -6,8 +6,8 @@ carry their sender's colour (epoch parity) in the outer tag pushed at ingress;
 at the receiver's egress edge:
 
   same colour          delivered by the switch (fast path)
-  post -> pre receiver HELD at the controller, released in order right after
-                       the receiver flips (``ROLE_HOLD``)
+  post -> pre receiver HELD at the controller, released in arrival order
+                       right after the receiver flips (``ROLE_HOLD``)
   pre -> post receiver sent to the controller, recorded as the snapshot's
                        channel state (in order) and then delivered (``ROLE_RECORD``):
                        a frame is delivered only if it was recorded, so a
@@ -52,7 +52,7 @@ class SnapshotSettings:
     hold_bytes_per_receiver: int = 8 * 1024 * 1024  # held frames beyond this are dropped, counted
     max_channel_bytes: int = 256 * 1024 * 1024  # recorded channel state beyond this aborts
     timeout: float = 120.0  # a snapshot not complete by then is aborted
-    marker_timeout: float = 2.0  # a cut waits this long for the member's marker frame
+    marker_timeout: float = 5.0  # a cut waits this long for the member's marker frame
     barrier_timeout: float = 5.0
     drain_poll: float = 0.05  # seconds between flow-statistics polls while draining
     drain_min: float = 0.2  # never complete sooner than this after the last flip
@@ -357,8 +357,15 @@ class Coordinator:
         cut = self.current.cuts.get(name) if self.current is not None and self.current.id == snapshot_id else None
         return cut is not None and cut.marker_seen
 
-    def flip(self, now: float, snapshot_id: str, name: str, wall: float = 0.0) -> List[of.Message]:
-        """Move a paused member to the new epoch: release what it was held, then switch its rules."""
+    def flip(self, now: float, snapshot_id: str, name: str, wall: float = 0.0) -> Tuple[List[of.Message], List[of.Message]]:
+        """Move a paused member to the new epoch.
+
+        Returns (rule changes, releases). The pre-snapshot frames held for it (while
+        it was prepared) are recorded now; the caller sends the rule changes, waits
+        for the barrier, lets the member resume and then sends the releases, so the
+        pause does not grow with the backlog. Released frames may therefore reach
+        the member after newer ones the switch delivers directly.
+        """
         snapshot, cut = self.require(snapshot_id, name)
         if cut.state not in ("pending", "prepared"):
             raise SnapshotError(409, "%s was already cut in snapshot %s" % (name, snapshot_id))
@@ -366,10 +373,8 @@ class Coordinator:
         member.epoch = snapshot.epoch
         cut.state = "cut"
         snapshot.last_flip = now
-        # Held frames go out before the new rules, so they reach the member ahead of newer ones;
-        # the pre-snapshot ones among them (held while it was paused) are channel state.
-        return self._release_queue(name, record_colour=self.colour(snapshot.epoch - 1), wall=wall) + \
-            self.fabric.reconcile(now, self._switches_of(member))
+        releases = self._release_queue(name, record_colour=self.colour(snapshot.epoch - 1), wall=wall)
+        return self.fabric.reconcile(now, self._switches_of(member)), releases
 
     def cut_done(self, wall: float, snapshot_id: str, name: str, flip_ms: float) -> None:
         cut = self.current.cuts[name]

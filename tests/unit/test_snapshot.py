@@ -341,7 +341,7 @@ def test_held_frame_reaching_the_controller_after_the_flip_is_recorded_and_deliv
 def test_rule_changes_add_before_they_delete(h):
     """Between two flow-mods no packet may meet a table more permissive than before and after."""
     sid = h.controller.start_snapshot({}, "http://ctl")["id"]
-    for messages in (h.coordinator.prepare(h.now, sid, "A"), h.coordinator.flip(h.now, sid, "A")):
+    for messages in (h.coordinator.prepare(h.now, sid, "A"), h.coordinator.flip(h.now, sid, "A")[0]):
         kinds = [m.command for m in messages if isinstance(m, of.FlowMod)]
         assert "delete_strict" in kinds and "add" in kinds
         assert min(i for i, k in enumerate(kinds) if k == "delete_strict") > max(
