@@ -42,32 +42,26 @@ deletes only the bridges it created (by name).
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import random
 import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from contextlib import ExitStack
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (ROOT, os.path.join(ROOT, "ryu_apps")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from topologies.lab import ControllerProcess, LabError, network, run_prefix  # noqa: E402
-from topologies.lan import LanTopo  # noqa: E402
-import topologies.members as members_module  # noqa: E402
-from topologies.members import Slice, pcap_datagrams, wait_stopped  # noqa: E402
-from topologies.tree import LineTopo  # noqa: E402
+from benchkit import (ROOT, BenchError, bring_up, check_host, handle_signals, ignore_signals,  # sets sys.path
+                      machine_info, run, run_guarded, save, timestamp)
+from topologies.lab import ControllerProcess, run_prefix
+from topologies.lan import LanTopo
+import topologies.members as members_module
+from topologies.members import Slice, pcap_datagrams, wait_stopped
+from topologies.tree import LineTopo
 
 DEFAULT_OUT = os.path.join(ROOT, "docs", "bench", "bench_cut.json")
 FULL = {"one_at_a_time": 30, "all_at_once": 20, "with_markers": 20, "helper": 6,
@@ -79,64 +73,7 @@ BOUNDARY_MS = 50  # record misses this close to the flip are a flip race (stale 
 OVS_COUNTERS = re.compile(r"drop|overflow|discard|upcall_error|lost", re.I)
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-class Interrupted(BaseException):
-    pass
-
-
-def _on_signal(signum, _frame):
-    raise Interrupted(signal.Signals(signum).name)
-
-
-def _ignore_signals():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _handle_signals():
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-
-
 # --- helpers -------------------------------------------------------------------
-
-
-def _run(argv):
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine_info():
-    ovs = _run(["ovs-vswitchd", "--version"]) or _run(["ovs-vsctl", "--version"]) or ""
-    try:
-        import importlib.metadata
-        ryu_version = importlib.metadata.version("ryu")
-    except Exception:  # noqa: BLE001 - informational only
-        ryu_version = None
-    model = None
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
-    except OSError:
-        pass
-    return {
-        "hostname": platform.node(),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "ovs_version": ovs.splitlines()[0] if ovs else None,
-        "ovs_datapath": "netdev (userspace)",
-        "python": platform.python_version(),
-        "ryu": ryu_version,
-        "loadavg_at_start": list(os.getloadavg()),
-        "other_ryu_controllers_at_start": other_controllers(),
-    }
 
 
 def code_version():
@@ -149,15 +86,15 @@ def code_version():
                 if name.endswith(".py"):
                     with open(os.path.join(dirpath, name), "rb") as handle:
                         digest.update(name.encode() + handle.read())
-    status = _run(["git", "-C", ROOT, "status", "--porcelain"]) or ""
-    return {"head": _run(["git", "-C", ROOT, "rev-parse", "HEAD"]),
+    status = run(["git", "-C", ROOT, "status", "--porcelain"]) or ""
+    return {"head": run(["git", "-C", ROOT, "rev-parse", "HEAD"]),
             "changed": [line.split(None, 1)[-1] for line in status.splitlines() if line.strip()],
             "sources_sha256": digest.hexdigest()}
 
 
 def ovs_counters():
     """Open vSwitch's global drop/overflow coverage totals (all bridges: other runs count too)."""
-    out = _run(["ovs-appctl", "coverage/show"]) or ""
+    out = run(["ovs-appctl", "coverage/show"]) or ""
     found = {}
     for line in out.splitlines():
         match = re.match(r"(\S+)\s.*total: (\d+)", line)
@@ -191,7 +128,7 @@ def link_drops(net):
         for intf in switch.intfList():
             if intf.name == "lo":
                 continue
-            text = _run(["ovs-vsctl", "--timeout=5", "get", "interface", intf.name, "statistics"]) or ""
+            text = run(["ovs-vsctl", "--timeout=5", "get", "interface", intf.name, "statistics"]) or ""
             ovs[intf.name] = sum(int(v) for k, v in re.findall(r"(\w*drop\w*)=(\d+)", text))
     return {"kernel": found, "ovs": ovs}
 
@@ -231,7 +168,7 @@ def quiesce(controller, timeout=15.0, idle=0.05):
 
 def other_bridges(prefix):
     """Bridges on this Open vSwitch that are not this run's (another run shares ovs-vswitchd: noise)."""
-    return sum(1 for name in (_run(["ovs-vsctl", "--timeout=5", "list-br"]) or "").split()
+    return sum(1 for name in (run(["ovs-vsctl", "--timeout=5", "list-br"]) or "").split()
                if not name.startswith(prefix))
 
 
@@ -276,15 +213,6 @@ def summary(values):
             "p99": r(pct(values, 99)), "max": r(max(values)), "mean": r(statistics.fmean(values))}
 
 
-def write(path, document):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(document, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
 def _log_lines(controller):
     """Warnings, errors and tracebacks of the controller's whole log (read before stop())."""
     try:
@@ -307,6 +235,15 @@ class Api:
         started = time.perf_counter()
         status, answer = self.controller.request(method, path, body)
         return status, answer, (time.perf_counter() - started) * 1000.0
+
+    def cut(self, sid, name):
+        """POST .../cut: (status, answer, ms)."""
+        return self.timed("POST", "/violin/snapshots/%s/members/%s/cut" % (sid, name))
+
+    def done(self, sid, name, body):
+        """POST .../done: None, or what went wrong."""
+        status, answer = self.controller.request("POST", "/violin/snapshots/%s/members/%s/done" % (sid, name), body)
+        return None if status == 200 else "done of %s: %s %s" % (name, status, answer)
 
     def register(self, hosts, marker):
         for host in hosts:
@@ -357,10 +294,17 @@ def _resume(process):
     os.kill(process.pid, signal.SIGCONT)
 
 
-def _snapshot_record(view, started, kind):
-    return {"id": view["id"], "kind": kind, "state": view["state"], "reason": view.get("reason"),
-            "total_ms": round((time.perf_counter() - started) * 1000, 1),
-            "counts": view.get("counts"), "drain": view.get("drain")}
+def _finish_snapshot(api, sid, started, kind, failed, snapshots, log):
+    """Abort the snapshot if ``failed`` (else wait until it is final), append its record, log if not complete."""
+    view = api.abort_if_running(sid) if failed else api.wait_final(sid)
+    record = {"id": view["id"], "kind": kind, "state": view["state"], "reason": view.get("reason"),
+              "total_ms": round((time.perf_counter() - started) * 1000, 1),
+              "counts": view.get("counts"), "drain": view.get("drain")}
+    if failed:
+        record["error"] = failed
+    snapshots.append(record)
+    if view["state"] != "complete":
+        log("  snapshot %s %s: %s" % (sid, view["state"], failed or view.get("reason")))
 
 
 # --- part 1: cut overhead ---------------------------------------------------------
@@ -391,7 +335,7 @@ def series_one_at_a_time(api, members, hosts, count, marker, log):
                     pipe.stdout.readline()
                     marker_ms = (time.perf_counter() - t_stopped) * 1000
                 try:
-                    status, answer, rtt = api.timed("POST", "/violin/snapshots/%s/members/%s/cut" % (sid, host.name))
+                    status, answer, rtt = api.cut(sid, host.name)
                 finally:
                     _resume(process)
                 pause_ms = (time.perf_counter() - t0) * 1000
@@ -401,22 +345,13 @@ def series_one_at_a_time(api, members, hosts, count, marker, log):
                 samples.append({"flip_ms": answer["flip_ms"], "rtt_ms": round(rtt, 3),
                                 "pause_ms": round(pause_ms, 3), "stop_ms": round((t_stopped - t0) * 1000, 3),
                                 "marker_ms": None if marker_ms is None else round(marker_ms, 3)})
-                status, answer = api.controller.request(
-                    "POST", "/violin/snapshots/%s/members/%s/done" % (sid, host.name),
-                    {"pause_ms": round(pause_ms, 3), "note": "bench_cut"})
-                if status != 200:
-                    failed = "done of %s: %s %s" % (host.name, status, answer)
+                failed = api.done(sid, host.name, {"pause_ms": round(pause_ms, 3), "note": "bench_cut"})
+                if failed:
                     break
-            view = api.abort_if_running(sid) if failed else api.wait_final(sid)
+            _finish_snapshot(api, sid, started, kind, failed, snapshots, log)
         except BenchError:
             api.abort_if_running(sid)
             raise
-        record = _snapshot_record(view, started, kind)
-        if failed:
-            record["error"] = failed
-        snapshots.append(record)
-        if view["state"] != "complete":
-            log("  snapshot %s %s: %s" % (sid, view["state"], failed or view.get("reason")))
     return samples, snapshots
 
 
@@ -435,7 +370,7 @@ def series_all_at_once(api, members, hosts, count, log):
             except threading.BrokenBarrierError:
                 return
             begin = time.perf_counter()
-            status, answer, rtt = api.timed("POST", "/violin/snapshots/%s/members/%s/cut" % (sid, host.name))
+            status, answer, rtt = api.cut(sid, host.name)
             results[slot] = (status, answer, rtt, begin, time.perf_counter())
 
         threads = [threading.Thread(target=worker, args=(i, h), daemon=True) for i, h in enumerate(hosts)]
@@ -466,19 +401,10 @@ def series_all_at_once(api, members, hosts, count, log):
                                 "max_flip_ms": max(r[1]["flip_ms"] for r in results),
                                 "pause_ms": round(pause_ms, 3)})
                 for host in hosts:
-                    status, answer = api.controller.request(
-                        "POST", "/violin/snapshots/%s/members/%s/done" % (sid, host.name),
-                        {"pause_ms": round(pause_ms, 3), "note": "bench_cut all_at_once"})
-                    if status != 200:
-                        failed = "done of %s: %s %s" % (host.name, status, answer)
+                    failed = api.done(sid, host.name, {"pause_ms": round(pause_ms, 3), "note": "bench_cut all_at_once"})
+                    if failed:
                         break
-        view = api.abort_if_running(sid) if failed else api.wait_final(sid)
-        record = _snapshot_record(view, started, "all_at_once")
-        if failed:
-            record["error"] = failed
-        snapshots.append(record)
-        if view["state"] != "complete":
-            log("  snapshot %s %s: %s" % (sid, view["state"], failed or view.get("reason")))
+        _finish_snapshot(api, sid, started, "all_at_once", failed, snapshots, log)
     return samples, batches, snapshots
 
 
@@ -545,13 +471,7 @@ def series_helper(api, members, hosts, count, log):
                     "datapath_waits_ms": [round(ms, 3) for _how, ms in waits],
                     "datapath_wait_how": sorted({how for how, _ms in waits}),
                 })
-            view = api.abort_if_running(sid) if failed else api.wait_final(sid)
-            entry = _snapshot_record(view, started, "helper")
-            if failed:
-                entry["error"] = failed
-            snapshots.append(entry)
-            if view["state"] != "complete":
-                log("  snapshot %s %s: %s" % (sid, view["state"], failed or view.get("reason")))
+            _finish_snapshot(api, sid, started, "helper", failed, snapshots, log)
     finally:
         if original is not None:
             members_module.wait_datapath = original
@@ -601,18 +521,14 @@ def run_overhead(name, topo, counts, bg_rate, log):
     record = {"topology": name, "prefix": prefix, "bridges": list(topo.switches()), "background_rate": bg_rate}
     workdir = tempfile.mkdtemp(prefix="bench-cut-")
     with ExitStack() as stack:
-        stack.callback(_handle_signals)      # runs last: signals back on after cleanup
+        stack.callback(handle_signals)       # runs last: signals back on after cleanup
         stack.callback(shutil.rmtree, workdir, True)
         stack.callback(controller.stop)
         started = time.monotonic()
-        try:
-            controller.start()
-            net = stack.enter_context(network(topo, controller))
-        except LabError as exc:
-            raise BenchError("bringing up %s failed: %s" % (name, exc)) from None
+        net = bring_up(stack, controller, topo, name)
         record["setup_s"] = round(time.monotonic() - started, 2)
         stack.callback(lambda: record.__setitem__("controller_log", _log_lines(controller)))
-        stack.callback(_ignore_signals)      # runs first: no second Ctrl-C mid-cleanup
+        stack.callback(ignore_signals)       # runs first: no second Ctrl-C mid-cleanup
         hosts = list(net.hosts)
         members = Slice(hosts, workdir, rate=bg_rate)
         stack.callback(members.stop)
@@ -705,7 +621,7 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
         sid = api.start("capacity-%d" % rate)
         step["snapshot"] = sid
         h1_before_cut = members.progress(h1)[id2][1]
-        status, cut1, rtt = api.timed("POST", "/violin/snapshots/%s/members/%s/cut" % (sid, h1.name))
+        status, cut1, rtt = api.cut(sid, h1.name)
         h1_after_cut = members.progress(h1)[id2][1]
         if status != 200:
             raise BenchError("cut of %s: %s %s" % (h1.name, status, cut1))
@@ -714,10 +630,9 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
         _, mid = controller.get("/violin/snapshots/%s" % sid)
         step["counts_before_release"] = mid.get("counts")
         h1_before_release = members.progress(h1)[id2][1]
-        status, answer = controller.request("POST", "/violin/snapshots/%s/members/%s/done" % (sid, h1.name),
-                                            {"note": "bench_cut capacity, not paused"})
-        if status != 200:
-            raise BenchError("done of %s: %s %s" % (h1.name, status, answer))
+        failed = api.done(sid, h1.name, {"note": "bench_cut capacity, not paused"})
+        if failed:
+            raise BenchError(failed)
         members.cut(controller, sid, h2, marker=True)
         h1_after_release = members.progress(h1)[id2][1]
         view = api.wait_final(sid, timeout=30)
@@ -904,15 +819,11 @@ def run_capacity(rates, hold_s, log, keep_dir=None):
     STARTED_CONTROLLERS.append(controller)
     record = {"topology": "LanTopo(2)", "prefix": prefix, "bridges": list(topo.switches()), "steps": []}
     with ExitStack() as stack:
-        stack.callback(_handle_signals)
+        stack.callback(handle_signals)
         stack.callback(controller.stop)
-        try:
-            controller.start()
-            net = stack.enter_context(network(topo, controller))
-        except LabError as exc:
-            raise BenchError("bringing up the capacity network failed: %s" % exc) from None
+        net = bring_up(stack, controller, topo, "the capacity network")
         stack.callback(lambda: record.__setitem__("controller_log", _log_lines(controller)))
-        stack.callback(_ignore_signals)
+        stack.callback(ignore_signals)
         api = Api(controller)
         net.pingAll(timeout=2)
         api.register(net.hosts[:1], marker=False)  # cut directly, without pausing
@@ -924,6 +835,10 @@ def run_capacity(rates, hold_s, log, keep_dir=None):
                 workdir = tempfile.mkdtemp(prefix="bench-cut-cap-")
                 try:
                     step = capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir)
+                except (OSError, TimeoutError, AssertionError, BenchError) as error:
+                    # An overloaded step (e.g. the REST call timing out) fails that step, not the run.
+                    step = {"rate_pps_per_direction": rate, "pass": False, "strict_pass": False,
+                            "failures": ["%s: %s" % (type(error).__name__, error)]}
                 finally:
                     shutil.rmtree(workdir, ignore_errors=True)
                 step["attempt"] = attempt
@@ -1026,11 +941,7 @@ def parse_args(argv):
     parser.add_argument("--skip-overhead", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-capacity", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        parser.error("must run as root (Mininet and Open vSwitch need it)")
-    for tool in ("ovs-vsctl", "ovs-appctl", "mnexec"):
-        if shutil.which(tool) is None:
-            parser.error("%s not found on PATH" % tool)
+    check_host(parser, ("ovs-vsctl", "ovs-appctl", "mnexec"))
     return args
 
 
@@ -1038,11 +949,11 @@ def main(argv=None):
     args = parse_args(argv)
     os.chdir(ROOT)  # the members run ``python -m hostside.marker`` from here
     counts = QUICK if args.quick else FULL
-    _handle_signals()
+    handle_signals()
     log = lambda text: print(text, flush=True)  # noqa: E731
     document = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "timestamp": timestamp(),
+        "machine": machine_info(cpu_model=True, other_ryu_controllers_at_start=other_controllers()),
         "code": code_version(),
         "parameters": {
             "quick": args.quick,
@@ -1074,23 +985,17 @@ def main(argv=None):
         "capacity": None,
         "out": args.out,
     }
-    error, code = None, 0
-    began = time.monotonic()
-    try:
+
+    def parts():
         if not args.skip_overhead:
             for name, make in (("LanTopo(8)", lambda p: LanTopo(8, prefix=p)),
                                ("LineTopo(4,2)", lambda p: LineTopo(4, 2, prefix=p))):
                 document["overhead"].append(run_overhead(name, make(run_prefix()), counts, args.bg_rate, log))
         if not args.skip_capacity:
             document["capacity"] = run_capacity(counts["rates"], counts["hold_s"], log, args.keep)
-    except Interrupted as exc:
-        error, code = "interrupted by %s" % exc, 130
-    except BenchError as exc:
-        error, code = str(exc), 1
-    except Exception as exc:  # noqa: BLE001 - report, don't dump a traceback
-        error, code = "%s: %s" % (type(exc).__name__, exc), 1
-    finally:
-        _ignore_signals()
+
+    began = time.monotonic()
+    error, code = run_guarded(parts)
     document["elapsed_s"] = round(time.monotonic() - began, 1)
     document["loadavg_at_end"] = list(os.getloadavg())
     document["error"] = error
@@ -1099,17 +1004,10 @@ def main(argv=None):
         or any(t.get("other_controllers_at_end") or t.get("other_bridges_at_end") for t in document["overhead"])
         or any(s.get("other_controllers") or s.get("other_bridges")
                for s in (document.get("capacity") or {}).get("steps", [])))
-    try:
-        write(args.out, document)
-    except OSError as exc:
-        print("\nbench_cut: cannot write %s: %s" % (args.out, exc), file=sys.stderr)
-        return 1
-    if error:
-        print("\nbench_cut: FAILED: %s" % error, file=sys.stderr)
-        print("partial results: %s" % args.out, file=sys.stderr)
-        return code
-    print_summary(document, args.out)
-    return 0
+    status = save("bench_cut", args.out, document, error, code)
+    if status == 0:
+        print_summary(document, args.out)
+    return status
 
 
 if __name__ == "__main__":

@@ -14,26 +14,19 @@ Must run as root. Exit codes: 0 success, 1 a run failed, 2 bad usage,
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from contextlib import ExitStack
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (ROOT, os.path.join(ROOT, "ryu_apps")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from topologies.lab import ControllerProcess, LabError, network, run_prefix  # noqa: E402
-from topologies.tree import LineTopo  # noqa: E402
+from benchkit import (ROOT, BenchError, bring_up, check_host, handle_signals, ignore_signals,  # sets sys.path
+                      machine_info, run, run_guarded, save, timestamp)
+from topologies.lab import ControllerProcess, run_prefix
+from topologies.tree import LineTopo
 
 CONTROLLERS = (  # (label, ryu app, serves REST)
     ("violin", "violin_snapshot", True),
@@ -46,58 +39,7 @@ PING_COUNT = 20
 PING_INTERVAL = 0.05
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-class Interrupted(BaseException):
-    pass
-
-
-def _on_signal(signum, _frame):
-    raise Interrupted(signal.Signals(signum).name)
-
-
-def _ignore_signals():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _handle_signals():
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-
-
 # --- helpers -------------------------------------------------------------------
-
-
-def _run(argv):
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine_info():
-    ovs = _run(["ovs-vswitchd", "--version"]) or _run(["ovs-vsctl", "--version"]) or ""
-    iperf = _run(["iperf3", "--version"]) or ""
-    try:
-        import importlib.metadata
-        ryu_version = importlib.metadata.version("ryu")
-    except Exception:  # noqa: BLE001 - informational only
-        ryu_version = None
-    return {
-        "hostname": platform.node(),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_count": os.cpu_count(),
-        "kernel": platform.release(),
-        "ovs_version": ovs.splitlines()[0] if ovs else None,
-        "ovs_datapath": "netdev (userspace)",
-        "iperf3_version": iperf.splitlines()[0] if iperf else None,
-        "python": platform.python_version(),
-        "ryu": ryu_version,
-        "loadavg_at_start": list(os.getloadavg()),
-    }
 
 
 def _kill(proc):
@@ -152,7 +94,7 @@ def flow_counters(bridges):
     """{bridge: {"flows": n, "to_controller_packets": n, "packets": n}} from dump-flows."""
     result = {}
     for bridge in bridges:
-        out = _run(["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", bridge]) or ""
+        out = run(["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", bridge]) or ""
         flows = [line for line in out.splitlines() if "n_packets=" in line]
         to_ctl = total = 0
         for line in flows:
@@ -220,15 +162,11 @@ def run_round(label, app, rest, seconds):
     controller = ControllerProcess(app, rest=rest)
     record = {"controller": label, "app": app, "prefix": prefix, "bridges": bridges}
     with ExitStack() as stack:
-        stack.callback(_handle_signals)      # runs last: signals back on after cleanup
+        stack.callback(handle_signals)       # runs last: signals back on after cleanup
         stack.callback(controller.stop)
         started = time.monotonic()
-        try:
-            controller.start()
-            net = stack.enter_context(network(topo, controller))
-        except LabError as exc:
-            raise BenchError("bringing up %s failed: %s" % (label, exc)) from None
-        stack.callback(_ignore_signals)      # runs first: no second Ctrl-C mid-cleanup
+        net = bring_up(stack, controller, topo, label)
+        stack.callback(ignore_signals)       # runs first: no second Ctrl-C mid-cleanup
         record["setup_s"] = round(time.monotonic() - started, 2)
         h1, h2 = net.get(prefix + "h1"), net.get(prefix + "h2")
         record["warmup_ping"] = warm_up(h1, h2)
@@ -289,15 +227,6 @@ def print_summary(per, ratio, out_path):
     print("results: %s" % out_path)
 
 
-def write(path, document):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(document, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
 # --- main ----------------------------------------------------------------------
 
 
@@ -311,20 +240,16 @@ def parse_args(argv):
         parser.error("--seconds must be at least 1")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    if os.geteuid() != 0:
-        parser.error("must run as root (Mininet and Open vSwitch need it)")
-    for tool in ("iperf3", "ping", "ss", "ovs-vsctl", "ovs-ofctl", "mnexec"):
-        if shutil.which(tool) is None:
-            parser.error("%s not found on PATH" % tool)
+    check_host(parser, ("iperf3", "ping", "ss", "ovs-vsctl", "ovs-ofctl", "mnexec"))
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    _handle_signals()
+    handle_signals()
     document = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "timestamp": timestamp(),
+        "machine": machine_info(iperf3=True),
         "parameters": {
             "seconds": args.seconds, "rounds_per_controller": args.rounds,
             "topology": "LineTopo(2): h1 - s1 - s2 - h2", "order": "interleaved",
@@ -335,8 +260,8 @@ def main(argv=None):
         "rounds": [],
         "goal": ">= %.2f" % GOAL,
     }
-    error, code = None, 0
-    try:
+
+    def rounds():
         for index in range(args.rounds):
             for label, app, rest in CONTROLLERS:
                 print("round %d/%d %-16s ... " % (index + 1, args.rounds, label), end="", flush=True)
@@ -346,14 +271,8 @@ def main(argv=None):
                 print("%.1f Mbit/s, %s retransmits, RTT %s ms"
                       % (record["iperf"]["receiver_mbps"], record["iperf"]["retransmits"],
                          record["ping"].get("avg_ms")), flush=True)
-    except Interrupted as exc:
-        error, code = "interrupted by %s" % exc, 130
-    except BenchError as exc:
-        error, code = str(exc), 1
-    except Exception as exc:  # noqa: BLE001 - report, don't dump a traceback
-        error, code = "%s: %s" % (type(exc).__name__, exc), 1
-    finally:
-        _ignore_signals()
+
+    error, code = run_guarded(rounds)
     per, ratio = summarize(document["rounds"])
     document.update(
         per_controller=per,
@@ -363,17 +282,10 @@ def main(argv=None):
         meets_goal=(ratio >= GOAL) if ratio is not None and error is None else None,
         error=error,
     )
-    try:
-        write(args.out, document)
-    except OSError as exc:
-        print("\nbench_forwarding: cannot write %s: %s" % (args.out, exc), file=sys.stderr)
-        return 1
-    if error:
-        print("\nbench_forwarding: FAILED: %s" % error, file=sys.stderr)
-        print("partial results: %s" % args.out, file=sys.stderr)
-        return code
-    print_summary(per, ratio, args.out)
-    return 0
+    status = save("bench_forwarding", args.out, document, error, code)
+    if status == 0:
+        print_summary(per, ratio, args.out)
+    return status
 
 
 if __name__ == "__main__":

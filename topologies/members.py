@@ -8,6 +8,7 @@ then verifies the cut from the receivers' logs and the recorded channel state.
 """
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -64,10 +65,18 @@ class Slice:
     def start(self):
         for host in self.hosts:
             peers = ",".join("%d=%s" % (self.ids[h.name], h.IP()) for h in self.hosts if h is not host)
+            open(self._path(host, "stdin"), "a").close()
+            # Open its stdio and working directory from inside the host (its own mount namespace):
+            # files, not pipes or descriptors of ours, so CRIU can dump and restore it.
+            command = " ".join(shlex.quote(a) for a in [
+                sys.executable, SEQSTREAM, "--id", str(self.ids[host.name]), "--bind", host.IP(),
+                "--peers", peers, "--rate", str(self.rate), "--progress", self._path(host, "progress"),
+                "--log", self._path(host, "log")])
             self.processes[host.name] = host.popen(
-                [sys.executable, SEQSTREAM, "--id", str(self.ids[host.name]), "--bind", host.IP(),
-                 "--peers", peers, "--rate", str(self.rate), "--progress", self._path(host, "progress"),
-                 "--log", self._path(host, "log")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                ["sh", "-c", "cd %s && exec %s <%s >%s 2>&1" % (
+                    shlex.quote(self.member_dir(host)), command, shlex.quote(self._path(host, "stdin")),
+                    shlex.quote(self._path(host, "output")))],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             marker = host.popen([sys.executable, "-m", "hostside.marker", "serve", "--iface",
                                  str(host.defaultIntf()), "--src", host.MAC()],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -76,8 +85,14 @@ class Slice:
             if marker.stdout.readline().strip() != b"ready":
                 raise RuntimeError("marker sender for %s did not start: %s" % (name, marker.stderr.read()))
 
+    def member_dir(self, host):
+        """The member's own working directory (its files are part of its state)."""
+        path = os.path.join(self.workdir, host.name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
     def _path(self, host, kind):
-        return os.path.join(self.workdir, "%s.%s" % (host.name, kind))
+        return os.path.join(self.member_dir(host), "member.%s" % kind)
 
     def member_specs(self, marker=True):
         return [{"name": h.name, "macs": [h.MAC()], "marker": marker, "backend": "manual"} for h in self.hosts]

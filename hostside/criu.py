@@ -1,0 +1,155 @@
+"""CRIU backend: a member is a process tree in a network namespace, plus its working directory.
+
+Snapshot is a live dump (``criu dump --leave-running --tcp-established``) run
+inside the member's network namespace. CRIU freezes the tree, dumps it, then
+runs the ``post-dump`` action script while the tasks are still frozen; our
+script hands control back to the helper (two FIFOs), which copies the working
+directory (the member's files belong to the same instant), sends the cut
+marker, calls the controller's cut endpoint and only then lets CRIU resume the
+tasks. Restore puts the working directory back and runs ``criu restore``
+inside the namespace (restored sockets land in the namespace CRIU runs in).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+CRIU = os.environ.get("VIOLIN_CRIU", "/usr/local/sbin/criu")
+WORKDIR_ARCHIVE = "workdir.tar"
+HOOK = """#!/bin/sh
+# violin-snapshot: on post-dump (tasks still frozen), hand over to the helper and wait for it.
+[ "$CRTOOLS_SCRIPT_ACTION" = "post-dump" ] || exit 0
+echo frozen > "{request}"
+read answer < "{reply}"
+[ "$answer" = "ok" ]
+"""
+
+
+class CriuError(RuntimeError):
+    """A dump or restore failed; the message carries the tail of CRIU's log."""
+
+
+@dataclass
+class ProcessMember:
+    name: str
+    netns: str  # path of the network namespace, e.g. /proc/<pid>/ns/net or /run/netns/<name>
+    pid: int  # root of the member's process tree
+    workdir: Optional[str] = None  # the member's files, captured at the cut
+    mntns: Optional[str] = None  # its mount namespace, if not the helper's (Mininet hosts have their own)
+
+
+@dataclass
+class DumpReport:
+    images: str
+    frozen_ms: float  # from CRIU's post-dump hook firing to the resume we allowed (measured here)
+    dump_ms: float  # the whole criu dump
+    bytes: int
+
+
+def _nsenter(member: ProcessMember):
+    """CRIU runs in the member's namespaces: restored sockets land where CRIU runs."""
+    return ["nsenter", "--net=%s" % member.netns] + (["--mount=%s" % member.mntns] if member.mntns else [])
+
+
+def _log_tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return "".join(handle.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], timeout: float = 60.0) -> DumpReport:
+    """Live-dump ``member`` into ``images``; ``on_frozen`` runs while its tasks are frozen.
+
+    If ``on_frozen`` raises, CRIU is told to fail: the tasks resume unharmed and
+    the error is raised here.
+    """
+    os.makedirs(images, exist_ok=True)
+    control = tempfile.mkdtemp(prefix="violin-criu-")
+    request, reply = os.path.join(control, "request"), os.path.join(control, "reply")
+    os.mkfifo(request)
+    os.mkfifo(reply)
+    script = os.path.join(control, "hook.sh")
+    with open(script, "w") as handle:
+        handle.write(HOOK.format(request=request, reply=reply))
+    os.chmod(script, 0o755)
+    outcome = {}
+
+    def hand_over():
+        with open(request) as fifo:  # blocks until the hook fires (or the dump ends: EOF)
+            if not fifo.read():
+                return
+        frozen_at = time.monotonic()
+        try:
+            if member.workdir:
+                with tarfile.open(os.path.join(images, WORKDIR_ARCHIVE), "w") as archive:
+                    archive.add(member.workdir, arcname=".")
+            on_frozen()
+            answer = "ok"
+        except BaseException as error:  # reported below; CRIU must still be answered
+            outcome["error"] = error
+            answer = "fail"
+        outcome["frozen_ms"] = (time.monotonic() - frozen_at) * 1000
+        with open(reply, "w") as fifo:
+            fifo.write(answer + "\n")
+
+    waiter = threading.Thread(target=hand_over, daemon=True)
+    waiter.start()
+    log = os.path.join(images, "dump.log")
+    started = time.monotonic()
+    try:
+        result = subprocess.run(
+            _nsenter(member) + [CRIU, "dump", "-t", str(member.pid), "-D", images, "-o", "dump.log", "-v2",
+                                "--leave-running", "--tcp-established", "--file-locks",
+                                "--action-script", script],
+            capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        result = None
+    finally:
+        if waiter.is_alive():  # the hook never fired: release the reader
+            try:
+                fd = os.open(request, os.O_WRONLY | os.O_NONBLOCK)
+                os.close(fd)
+            except OSError:
+                pass
+        waiter.join(5)
+        shutil.rmtree(control, ignore_errors=True)
+    dump_ms = (time.monotonic() - started) * 1000
+    if "error" in outcome:
+        raise outcome["error"]
+    if result is None or result.returncode != 0:
+        raise CriuError("criu dump of %s failed%s:\n%s" % (
+            member.name, "" if result else " (timed out)", _log_tail(log)))
+    return DumpReport(images, outcome.get("frozen_ms", 0.0), dump_ms, _dir_bytes(images))
+
+
+def restore(member: ProcessMember, images: str, timeout: float = 60.0) -> float:
+    """Put back the working directory and restore the tree detached; returns milliseconds."""
+    started = time.monotonic()
+    archive = os.path.join(images, WORKDIR_ARCHIVE)
+    if member.workdir and os.path.exists(archive):
+        shutil.rmtree(member.workdir, ignore_errors=True)
+        os.makedirs(member.workdir)
+        with tarfile.open(archive) as tar:
+            tar.extractall(member.workdir, filter="fully_trusted") if sys.version_info >= (3, 12) \
+                else tar.extractall(member.workdir)
+    log = "restore.log"
+    result = subprocess.run(
+        _nsenter(member) + [CRIU, "restore", "-D", images, "-o", log, "-v2", "-d",
+                            "--tcp-established", "--file-locks"],
+        capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise CriuError("criu restore of %s failed:\n%s" % (member.name, _log_tail(os.path.join(images, log))))
+    return (time.monotonic() - started) * 1000

@@ -1,0 +1,103 @@
+"""Client of ``violin-snapshot-server``: stream image files up with their checksum, fetch them back verified."""
+
+import hashlib
+import http.client
+import json
+import os
+import urllib.parse
+from typing import Dict, List
+
+CHUNK = 1 << 20
+
+
+class StorageError(RuntimeError):
+    """The server refused or could not be reached; the message says which and why."""
+
+
+class ChecksumError(StorageError):
+    """A fetched file does not match the checksum the server stored with it."""
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ImageServer:
+    def __init__(self, url: str, token: str, timeout: float = 30.0):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme != "http" or not parsed.hostname:
+            raise StorageError("snapshot server URL must be http://HOST:PORT, got %r" % url)
+        self.url, self.host, self.port = url.rstrip("/"), parsed.hostname, parsed.port or 80
+        self.token, self.timeout = token, timeout
+
+    def _connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _request(self, method, path, body=None, headers=None):
+        connection = self._connect()
+        try:
+            connection.request(method, path, body=body, headers=dict(
+                {"Authorization": "Bearer " + self.token}, **(headers or {})))
+            response = connection.getresponse()
+            return response, connection
+        except OSError as error:
+            connection.close()
+            raise StorageError("snapshot server %s unreachable: %s" % (self.url, error)) from None
+
+    def upload(self, snapshot: str, member: str, path: str, name: str = None) -> Dict:
+        """Stream one file; the server checks the checksum we computed first."""
+        name = name or os.path.basename(path)
+        size, checksum = os.path.getsize(path), sha256_file(path)
+        with open(path, "rb") as handle:
+            response, connection = self._request(
+                "PUT", "/images/%s/%s/%s" % (snapshot, member, name), body=handle,
+                headers={"Content-Length": str(size), "X-Sha256": checksum})
+            try:
+                answer = json.loads(response.read() or b"{}")
+            finally:
+                connection.close()
+        if response.status != 201:
+            raise StorageError("snapshot server %s refused %s: %s %s" % (
+                self.url, name, response.status, answer.get("reason", answer)))
+        return answer
+
+    def upload_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
+        return [self.upload(snapshot, member, os.path.join(directory, name))
+                for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))]
+
+    def index(self, snapshot: str, member: str) -> Dict:
+        response, connection = self._request("GET", "/images/%s/%s" % (snapshot, member))
+        try:
+            answer = json.loads(response.read() or b"{}")
+        finally:
+            connection.close()
+        if response.status != 200:
+            raise StorageError("snapshot server %s has no images for %s/%s: %s" % (
+                self.url, snapshot, member, answer.get("reason", response.status)))
+        return answer
+
+    def download_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
+        """Fetch every file of a member's image into ``directory``, each checksum verified."""
+        os.makedirs(directory, exist_ok=True)
+        files = self.index(snapshot, member)["files"]
+        for entry in files:
+            response, connection = self._request("GET", "/images/%s/%s/%s" % (snapshot, member, entry["name"]))
+            try:
+                if response.status != 200:
+                    raise StorageError("snapshot server %s: %s/%s/%s: %s" % (
+                        self.url, snapshot, member, entry["name"], response.status))
+                digest, target = hashlib.sha256(), os.path.join(directory, entry["name"])
+                with open(target, "wb") as handle:
+                    for chunk in iter(lambda: response.read(CHUNK), b""):
+                        digest.update(chunk)
+                        handle.write(chunk)
+            finally:
+                connection.close()
+            if digest.hexdigest() != entry["sha256"]:
+                raise ChecksumError("image file %s of %s/%s is corrupt: sha256 %s, expected %s" % (
+                    entry["name"], snapshot, member, digest.hexdigest(), entry["sha256"]))
+        return files

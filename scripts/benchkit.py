@@ -1,0 +1,150 @@
+"""What the benchmark scripts share: errors, signal handling, machine facts, bring-up, JSON output.
+
+Importing it puts the repository root and ``ryu_apps`` on ``sys.path``, so the
+scripts can import ``topologies`` after it.
+"""
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (ROOT, os.path.join(ROOT, "ryu_apps")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from topologies.lab import LabError, network  # noqa: E402
+
+
+class BenchError(RuntimeError):
+    """A run failed (exit code 1)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (exit code 130)."""
+
+
+def _on_signal(signum, _frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def ignore_signals():
+    """Ignore SIGINT and SIGTERM (during cleanup)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def handle_signals():
+    """Turn SIGINT and SIGTERM into ``Interrupted``."""
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+
+def check_host(parser, tools):
+    """``parser.error`` unless running as root with every one of ``tools`` on PATH."""
+    if os.geteuid() != 0:
+        parser.error("must run as root (Mininet and Open vSwitch need it)")
+    for tool in tools:
+        if shutil.which(tool) is None:
+            parser.error("%s not found on PATH" % tool)
+
+
+def run(argv):
+    """A command's stripped stdout, or None when it could not run."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _first_line(text):
+    return text.splitlines()[0] if text else None
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def _ryu_version():
+    try:
+        import importlib.metadata
+        return importlib.metadata.version("ryu")
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+def machine_info(cpu_model=False, iperf3=False, **more):
+    """The machine and its software; optional ``cpu_model``, ``iperf3_version``, then ``more`` at the end."""
+    info = {"hostname": platform.node(), "nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count()}
+    if cpu_model:
+        info["cpu_model"] = _cpu_model()
+    info.update(kernel=platform.release(),
+                ovs_version=_first_line(run(["ovs-vswitchd", "--version"]) or run(["ovs-vsctl", "--version"])),
+                ovs_datapath="netdev (userspace)")
+    if iperf3:
+        info["iperf3_version"] = _first_line(run(["iperf3", "--version"]))
+    info.update(python=platform.python_version(), ryu=_ryu_version(), loadavg_at_start=list(os.getloadavg()))
+    info.update(more)
+    return info
+
+
+def timestamp():
+    """Now, UTC, ISO 8601 to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def bring_up(stack, controller, topo, what):
+    """Start ``controller`` and ``topo``'s network (closed by ``stack``); a LabError becomes a BenchError."""
+    try:
+        controller.start()
+        return stack.enter_context(network(topo, controller))
+    except LabError as exc:
+        raise BenchError("bringing up %s failed: %s" % (what, exc)) from None
+
+
+def run_guarded(body):
+    """Call ``body()``; (error text or None, exit code). Signals are ignored afterwards."""
+    try:
+        body()
+    except Interrupted as exc:
+        return "interrupted by %s" % exc, 130
+    except BenchError as exc:
+        return str(exc), 1
+    except Exception as exc:  # noqa: BLE001 - report, don't dump a traceback
+        return "%s: %s" % (type(exc).__name__, exc), 1
+    finally:
+        ignore_signals()
+    return None, 0
+
+
+def write_json(path, document):
+    """Write ``document`` to ``path`` atomically (through ``path.tmp``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(document, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def save(name, path, document, error, code):
+    """Write the results and report a failure on stderr; the script's exit code."""
+    try:
+        write_json(path, document)
+    except OSError as exc:
+        print("\n%s: cannot write %s: %s" % (name, path, exc), file=sys.stderr)
+        return 1
+    if error:
+        print("\n%s: FAILED: %s" % (name, error), file=sys.stderr)
+        print("partial results: %s" % path, file=sys.stderr)
+        return code
+    return 0
