@@ -296,12 +296,15 @@ class HubIO(ControllerIO):
                 LOG.exception("background work %s failed", getattr(function, "__name__", function))
         self.app.threads.append(hub.spawn(guarded))
 
-    def post_json(self, url, body, timeout):
-        return self._unlocked(self._post_json, url, body, timeout)
+    def post_json(self, url, body, timeout, token=None):
+        return self._unlocked(self._post_json, url, body, timeout, token)
 
     @staticmethod
-    def _post_json(url, body, timeout):
-        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    def _post_json(url, body, timeout, token):
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        request = urllib.request.Request(url, json.dumps(body).encode(), headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.loads(response.read() or b"null")

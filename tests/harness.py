@@ -64,7 +64,7 @@ class FakeIO(ControllerIO):
     def spawn(self, function, *args):
         self.spawned.append((function, args))
 
-    def post_json(self, url, body, timeout):
+    def post_json(self, url, body, timeout, token=None):
         self.posts.append((url, body))
         return self.post_status, {}
 

@@ -5,7 +5,8 @@ keys and wrong types are rejected with the key's path in the message. The
 ``violin-check-config`` command runs the same validation.
 
 Environment: ``VIOLIN_CONFIG`` names the file when the app is started by
-``ryu-manager violin_snapshot``; ``VIOLIN_API_TOKEN`` overrides ``api.token``.
+``ryu-manager violin_snapshot``; ``VIOLIN_API_TOKEN`` overrides ``api.token``
+and ``VIOLIN_HELPER_TOKEN`` overrides ``api.helper_token``.
 """
 
 import json
@@ -37,6 +38,7 @@ SCHEMA = {
     },
     "api": {
         "token": ((str, type(None)), None, None, "bearer token for mutating REST calls"),
+        "helper_token": ((str, type(None)), None, None, "bearer token the controller sends to host helpers"),
     },
     "state": {
         "directory": (str, "/var/lib/violin-snapshot", None, "the snapshot catalogue (manifests, channel state)"),
@@ -62,6 +64,7 @@ class Config:
     state_directory: str = "/var/lib/violin-snapshot"
     snapshot: SnapshotSettings = SnapshotSettings()
     members: tuple = ()
+    helper_token: Optional[str] = None
 
 
 def validate(raw: Any) -> Dict[str, Dict[str, Any]]:
@@ -139,8 +142,9 @@ def load(path: Optional[str] = None, environ=os.environ) -> Config:
             raise ConfigError("cannot read config %s: %s" % (path, exc.strerror)) from None
     values = validate(raw)
     token = environ.get("VIOLIN_API_TOKEN") or values["api"]["token"]
+    helper_token = environ.get("VIOLIN_HELPER_TOKEN") or values["api"]["helper_token"]
     return Config(FabricSettings(**values["fabric"]), token, values["state"]["directory"],
-                  SnapshotSettings(**values["snapshot"]), tuple(values["members"]))
+                  SnapshotSettings(**values["snapshot"]), tuple(values["members"]), helper_token)
 
 
 def check_config_main(argv=None) -> int:

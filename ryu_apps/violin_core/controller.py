@@ -45,7 +45,7 @@ class ControllerIO:
     def spawn(self, function, *args) -> None:
         raise NotImplementedError
 
-    def post_json(self, url: str, body: dict, timeout: float) -> Tuple[int, object]:
+    def post_json(self, url: str, body: dict, timeout: float, token: Optional[str] = None) -> Tuple[int, object]:
         raise NotImplementedError
 
 
@@ -246,7 +246,8 @@ class ViolinController:
         body = {"snapshot": snapshot_id, "member": name, "epoch": self.coordinator.current.epoch,
                 "cut_url": callbacks + "/cut", "done_url": callbacks + "/done", "failed_url": callbacks + "/failed"}
         try:
-            status, answer = self.io.post_json(helper_url.rstrip("/") + "/snapshot", body, 10.0)
+            status, answer = self.io.post_json(helper_url.rstrip("/") + "/snapshot", body, 10.0,
+                                               self.config.helper_token)
         except OSError as error:
             status, answer = None, str(error)
         if status is None or not 200 <= status < 300:

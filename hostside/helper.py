@@ -1,0 +1,309 @@
+"""``violin-helper``: the host-side helper that snapshots the members on its host.
+
+The controller asks it (``POST /snapshot``) to snapshot a member; for a CRIU
+member the helper then, in the background:
+
+  1. calls the controller's ``prepare`` (frames for the member are held from
+     now on) and purges its local datapath's cached flows;
+  2. live-dumps the member; while its tasks are frozen (CRIU's post-dump hook)
+     it copies the member's directory, sends the cut marker down the member's
+     link, calls ``cut``, purges the datapath again, and lets CRIU resume it;
+  3. streams the image to a snapshot server (sha256 checked there);
+  4. reports ``done`` with where the image went and how long the member was
+     frozen, or ``failed`` with the reason.
+
+Config (JSON or YAML; unknown keys refused, ``violin-helper --check``)::
+
+    listen: 127.0.0.1:7001
+    token: <bearer token the controller sends>          # or VIOLIN_HELPER_TOKEN
+    controller_token: <bearer token for the controller> # or VIOLIN_API_TOKEN
+    servers: [http://10.0.0.5:7070]                     # snapshot servers
+    server_token: <token of the snapshot servers>       # or VIOLIN_SERVER_TOKEN
+    work_dir: /var/lib/violin-helper
+    members:
+      h1: {backend: criu, pid: 1234, netns: /proc/77/ns/net, mntns: /proc/77/ns/mnt,
+           workdir: /srv/h1, iface: h1-eth0, mac: "00:00:00:00:00:01"}
+"""
+
+import argparse
+import ctypes
+import hmac
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List, Optional
+
+from hostside import criu
+from hostside.ovs import wait_datapath
+from hostside.storage import ImageServer, StorageError
+from violin_core.packets import build_marker
+
+CLONE_NEWNET = 0x40000000
+
+
+class HelperConfigError(ValueError):
+    pass
+
+
+@dataclass
+class HelperMember:
+    name: str
+    pid: int
+    netns: str
+    iface: str
+    mac: str
+    workdir: Optional[str] = None
+    mntns: Optional[str] = None
+    backend: str = "criu"
+
+
+@dataclass
+class HelperConfig:
+    host: str
+    port: int
+    token: str
+    controller_token: str
+    servers: List[str]
+    server_token: str
+    work_dir: str
+    members: Dict[str, HelperMember]
+
+
+MEMBER_KEYS = {"backend": str, "pid": int, "netns": str, "mntns": str, "workdir": str, "iface": str, "mac": str}
+REQUIRED_MEMBER_KEYS = ("pid", "netns", "iface", "mac")
+
+
+def parse_config(raw, environ=os.environ) -> HelperConfig:
+    if not isinstance(raw, dict):
+        raise HelperConfigError("config: expected a mapping")
+    known = {"listen", "token", "controller_token", "servers", "server_token", "work_dir", "members"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise HelperConfigError("config: unknown key(s) %s; known: %s" % (", ".join(unknown), ", ".join(sorted(known))))
+    host, _, port = str(raw.get("listen", "127.0.0.1:7001")).rpartition(":")
+    if not host or not port.isdigit():
+        raise HelperConfigError("listen: expected HOST:PORT, got %r" % raw.get("listen"))
+    secrets = {}
+    for key, env in (("token", "VIOLIN_HELPER_TOKEN"), ("controller_token", "VIOLIN_API_TOKEN"),
+                     ("server_token", "VIOLIN_SERVER_TOKEN")):
+        secrets[key] = raw.get(key) or environ.get(env)
+        if not isinstance(secrets[key], str) or not secrets[key]:
+            raise HelperConfigError("%s: required (or set %s)" % (key, env))
+    servers = raw.get("servers")
+    if not isinstance(servers, list) or not servers or not all(
+            isinstance(s, str) and s.startswith("http://") for s in servers):
+        raise HelperConfigError("servers: expected a non-empty list of http://HOST:PORT URLs")
+    members = {}
+    for name, spec in (raw.get("members") or {}).items():
+        if not isinstance(spec, dict):
+            raise HelperConfigError("members.%s: expected a mapping" % name)
+        unknown = sorted(set(spec) - set(MEMBER_KEYS))
+        if unknown:
+            raise HelperConfigError("members.%s: unknown key(s) %s" % (name, ", ".join(unknown)))
+        for key, kind in MEMBER_KEYS.items():
+            if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], kind)):
+                raise HelperConfigError("members.%s.%s: expected %s" % (name, key, kind.__name__))
+        missing = [k for k in REQUIRED_MEMBER_KEYS if k not in spec]
+        if missing:
+            raise HelperConfigError("members.%s: missing %s" % (name, ", ".join(missing)))
+        if spec.get("backend", "criu") != "criu":
+            raise HelperConfigError("members.%s.backend: only 'criu' is supported so far" % name)
+        members[name] = HelperMember(name=name, **spec)
+    return HelperConfig(host, int(port), secrets["token"], secrets["controller_token"], servers,
+                        secrets["server_token"], str(raw.get("work_dir", "/var/lib/violin-helper")), members)
+
+
+def open_marker_socket(netns: str, iface: str) -> socket.socket:
+    """An AF_PACKET socket on ``iface`` of another network namespace (opened in a thread there)."""
+    result = {}
+
+    def inside():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(netns) as handle:
+                if libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns %s" % netns)
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+            sock.bind((iface, 0))
+            result["socket"] = sock
+        except OSError as error:
+            result["error"] = error
+
+    thread = threading.Thread(target=inside)  # the thread's namespace dies with it; the socket stays
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["socket"]
+
+
+class Helper:
+    def __init__(self, config: HelperConfig):
+        self.config = config
+        self.jobs: Dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    def _post(self, url: str, body: dict, timeout: float = 30.0):
+        request = urllib.request.Request(url, json.dumps(body).encode(), {
+            "Content-Type": "application/json", "Authorization": "Bearer " + self.config.controller_token})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            text = error.read().decode("utf-8", "replace")
+            try:
+                reason = json.loads(text).get("reason", text)
+            except ValueError:
+                reason = text
+            raise RuntimeError("controller answered %d to %s: %s" % (error.code, url.rsplit("/", 1)[-1], reason))
+        except (urllib.error.URLError, OSError) as error:
+            raise RuntimeError("controller unreachable at %s: %s" % (url, error))
+
+    def server_for(self, member: str) -> str:
+        return self.config.servers[zlib.crc32(member.encode()) % len(self.config.servers)]
+
+    def start_snapshot(self, body: dict) -> dict:
+        for key in ("snapshot", "member", "cut_url", "done_url", "failed_url"):
+            if not isinstance(body.get(key), str):
+                raise ValueError("%s is required" % key)
+        member = self.config.members.get(body["member"])
+        if member is None:
+            raise LookupError("this helper hosts no member %s" % body["member"])
+        key = "%s/%s" % (body["snapshot"], member.name)
+        with self.lock:
+            if key in self.jobs:
+                raise FileExistsError("already snapshotting %s" % key)
+            self.jobs[key] = {"state": "running", "started": time.time()}
+        threading.Thread(target=self._snapshot, args=(body, member, key), daemon=True).start()
+        return {"accepted": key}
+
+    def _snapshot(self, body: dict, member: HelperMember, key: str) -> None:
+        base = body["cut_url"].rsplit("/", 1)[0]
+        images = os.path.join(self.config.work_dir, body["snapshot"], member.name)
+        try:
+            marker = open_marker_socket(member.netns, member.iface)
+            try:
+                self._post(base + "/prepare", {})
+                wait_datapath()
+
+                def on_frozen():
+                    marker.send(build_marker(member.mac, body["snapshot"], member.name))
+                    self._post(body["cut_url"], {})
+                    wait_datapath()
+
+                report = criu.dump(criu.ProcessMember(member.name, member.netns, member.pid, member.workdir,
+                                                      member.mntns), images, on_frozen)
+            finally:
+                marker.close()
+            server = self.server_for(member.name)
+            stored = ImageServer(server, self.config.server_token).upload_dir(body["snapshot"], member.name, images)
+            shutil.rmtree(images, ignore_errors=True)
+            self._post(body["done_url"], {
+                "pause_ms": round(report.frozen_ms, 3), "bytes": report.bytes, "server": server,
+                "image": {"backend": "criu", "dump_ms": round(report.dump_ms, 1),
+                          "files": [{"name": f["name"], "bytes": f["bytes"], "sha256": f["sha256"]} for f in stored]}})
+            self.jobs[key].update(state="done")
+        except (criu.CriuError, StorageError, RuntimeError, OSError) as error:
+            self.jobs[key].update(state="failed", reason=str(error))
+            try:
+                self._post(body["failed_url"], {"reason": str(error)[:1000]})
+            except RuntimeError:
+                pass
+            shutil.rmtree(images, ignore_errors=True)
+
+
+def make_handler(helper: Helper):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _json(self, status, body):
+            data = (json.dumps(body, sort_keys=True) + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _authorized(self):
+            scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), helper.config.token.encode()):
+                return True
+            self._json(401, {"error": "unauthorized", "reason": "missing or wrong bearer token"})
+            return False
+
+        def do_GET(self):
+            if self.path == "/health":
+                return self._json(200, {"status": "ok", "members": sorted(helper.config.members)})
+            if self.path == "/jobs" and self._authorized():
+                return self._json(200, helper.jobs)
+            if self.path != "/jobs":
+                self._json(404, {"error": "not_found", "reason": "no such resource: %s" % self.path})
+
+        def do_POST(self):
+            if not self._authorized():
+                return
+            if self.path != "/snapshot":
+                return self._json(404, {"error": "not_found", "reason": "no such resource: %s" % self.path})
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                self._json(202, helper.start_snapshot(body))
+            except (ValueError, AttributeError) as error:
+                self._json(400, {"error": "bad_request", "reason": str(error)})
+            except LookupError as error:
+                self._json(404, {"error": "not_found", "reason": str(error)})
+            except FileExistsError as error:
+                self._json(409, {"error": "conflict", "reason": str(error)})
+
+    return Handler
+
+
+def load_config(path: str) -> HelperConfig:
+    with open(path) as handle:
+        text = handle.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        raw = yaml.safe_load(text)
+    else:
+        raw = json.loads(text)
+    return parse_config(raw)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="violin-helper", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="helper config (JSON or YAML)")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config)
+    except (OSError, ValueError, HelperConfigError) as error:
+        print("violin-helper: %s" % error, file=sys.stderr)
+        return 2
+    if args.check:
+        print("%s: OK (%d members)" % (args.config, len(config.members)))
+        return 0
+    os.makedirs(config.work_dir, exist_ok=True)
+    server = ThreadingHTTPServer((config.host, config.port), make_handler(Helper(config)))
+    server.daemon_threads = True
+    print("violin-helper: listening on %s:%d for %s" % (config.host, config.port, ", ".join(sorted(config.members))),
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
