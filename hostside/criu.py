@@ -135,8 +135,11 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
     return DumpReport(images, outcome.get("frozen_ms", 0.0), dump_ms, _dir_bytes(images))
 
 
-def restore(member: ProcessMember, images: str, timeout: float = 60.0) -> float:
-    """Put back the working directory and restore the tree detached; returns milliseconds."""
+def restore(member: ProcessMember, images: str, timeout: float = 60.0, leave_stopped: bool = False) -> float:
+    """Put back the working directory and restore the tree detached; returns milliseconds.
+
+    With ``leave_stopped`` the restored tasks stay stopped until sent SIGCONT (a
+    whole-slice restore resumes every member together)."""
     started = time.monotonic()
     archive = os.path.join(images, WORKDIR_ARCHIVE)
     if member.workdir and os.path.exists(archive):
@@ -148,7 +151,7 @@ def restore(member: ProcessMember, images: str, timeout: float = 60.0) -> float:
     log = "restore.log"
     result = subprocess.run(
         _nsenter(member) + [CRIU, "restore", "-D", images, "-o", log, "-v2", "-d",
-                            "--tcp-established", "--file-locks"],
+                            "--tcp-established", "--file-locks"] + (["--leave-stopped"] if leave_stopped else []),
         capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise CriuError("criu restore of %s failed:\n%s" % (member.name, _log_tail(os.path.join(images, log))))

@@ -31,6 +31,7 @@ import hmac
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -146,11 +147,86 @@ def open_marker_socket(netns: str, iface: str) -> socket.socket:
     return result["socket"]
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Restored trees (criu restore -d) are re-parented to us, so we can reap them when replaced."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def stop_tree(pid: int, timeout: float = 5.0) -> None:
+    """Kill a member's process group and wait until its PID is free (reaped, if it is our child)."""
+    for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            kill()
+            break
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            continue
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:  # not ours: wait for its parent to reap it
+            if not os.path.exists("/proc/%d" % pid):
+                return
+        time.sleep(0.01)
+    raise RuntimeError("member process %d did not go away (a zombie nobody reaps keeps its PID)" % pid)
+
+
 class Helper:
     def __init__(self, config: HelperConfig):
         self.config = config
         self.jobs: Dict[str, dict] = {}
         self.lock = threading.Lock()
+
+    def _member(self, body: dict) -> HelperMember:
+        for key in ("snapshot", "member"):
+            if not isinstance(body.get(key), str):
+                raise ValueError("%s is required" % key)
+        member = self.config.members.get(body["member"])
+        if member is None:
+            raise LookupError("this helper hosts no member %s" % body["member"])
+        return member
+
+    def _restore_dir(self, body: dict) -> str:
+        return os.path.join(self.config.work_dir, "restore", body["snapshot"], body["member"])
+
+    def stage(self, body: dict) -> dict:
+        """Fetch a member's image and verify every checksum; nothing running is touched."""
+        member = self._member(body)
+        if not isinstance(body.get("server"), str) or not isinstance(body.get("files"), list):
+            raise ValueError("server and files are required")
+        target = self._restore_dir(body)
+        shutil.rmtree(target, ignore_errors=True)
+        files = ImageServer(body["server"], self.config.server_token).download_dir(body["snapshot"], member.name, target)
+        expected = {(f.get("name"), f.get("sha256")) for f in body["files"] if isinstance(f, dict)}
+        if {(f["name"], f["sha256"]) for f in files} != expected:
+            raise StorageError("the server's image of %s/%s is not the one the snapshot recorded"
+                               % (body["snapshot"], member.name))
+        return {"staged": member.name, "files": len(files)}
+
+    def restore(self, body: dict) -> dict:
+        """Replace the running member by the staged image, left stopped until ``resume``."""
+        member = self._member(body)
+        images = self._restore_dir(body)
+        if not os.path.isdir(images):
+            raise FileNotFoundError("%s/%s is not staged" % (body["snapshot"], member.name))
+        stop_tree(member.pid)
+        restore_ms = criu.restore(criu.ProcessMember(member.name, member.netns, member.pid, member.workdir,
+                                                     member.mntns), images, leave_stopped=True)
+        return {"restored": member.name, "pid": member.pid, "restore_ms": round(restore_ms, 1)}
+
+    def resume(self, body: dict) -> dict:
+        member = self._member(body)
+        try:
+            os.killpg(member.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            raise RuntimeError("member %s (pid %d) is not running" % (member.name, member.pid)) from None
+        return {"resumed": member.name}
 
     def _post(self, url: str, body: dict, timeout: float = 30.0):
         request = urllib.request.Request(url, json.dumps(body).encode(), {
@@ -254,17 +330,24 @@ def make_handler(helper: Helper):
         def do_POST(self):
             if not self._authorized():
                 return
-            if self.path != "/snapshot":
+            routes = {"/snapshot": (202, helper.start_snapshot), "/stage": (200, helper.stage),
+                      "/restore": (200, helper.restore), "/resume": (200, helper.resume)}
+            if self.path not in routes:
                 return self._json(404, {"error": "not_found", "reason": "no such resource: %s" % self.path})
+            status, action = routes[self.path]
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                self._json(202, helper.start_snapshot(body))
+                if not isinstance(body, dict):
+                    raise ValueError("body must be a JSON object")
+                self._json(status, action(body))
             except (ValueError, AttributeError) as error:
                 self._json(400, {"error": "bad_request", "reason": str(error)})
-            except LookupError as error:
+            except (LookupError, FileNotFoundError) as error:
                 self._json(404, {"error": "not_found", "reason": str(error)})
             except FileExistsError as error:
                 self._json(409, {"error": "conflict", "reason": str(error)})
+            except (StorageError, criu.CriuError, RuntimeError, OSError) as error:
+                self._json(502, {"error": "failed", "reason": str(error)[:2000]})
 
     return Handler
 
@@ -294,6 +377,7 @@ def main(argv=None) -> int:
         print("%s: OK (%d members)" % (args.config, len(config.members)))
         return 0
     os.makedirs(config.work_dir, exist_ok=True)
+    become_subreaper()
     server = ThreadingHTTPServer((config.host, config.port), make_handler(Helper(config)))
     server.daemon_threads = True
     print("violin-helper: listening on %s:%d for %s" % (config.host, config.port, ", ".join(sorted(config.members))),

@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -58,6 +59,14 @@ class Slice:
 
     def __post_init__(self):
         self.ids = {host.name: i for i, host in enumerate(self.hosts, 1)}
+        self.pids: Dict[str, int] = {}
+        self._reaping = threading.Event()
+
+    def _reap(self):
+        """Reap members that die (killed by a restore), so their PIDs are free for CRIU to reuse."""
+        while not self._reaping.wait(0.02):
+            for process in list(self.processes.values()):
+                process.poll()
 
     def peers_of(self, host) -> List[int]:
         return [self.ids[h.name] for h in self.hosts if h is not host]
@@ -77,6 +86,7 @@ class Slice:
                     shlex.quote(self.member_dir(host)), command, shlex.quote(self._path(host, "stdin")),
                     shlex.quote(self._path(host, "output")))],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.pids[host.name] = self.processes[host.name].pid
             marker = host.popen([sys.executable, "-m", "hostside.marker", "serve", "--iface",
                                  str(host.defaultIntf()), "--src", host.MAC()],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -84,6 +94,7 @@ class Slice:
         for name, marker in self.markers.items():
             if marker.stdout.readline().strip() != b"ready":
                 raise RuntimeError("marker sender for %s did not start: %s" % (name, marker.stderr.read()))
+        threading.Thread(target=self._reap, daemon=True).start()
 
     def member_dir(self, host):
         """The member's own working directory (its files are part of its state)."""
@@ -150,17 +161,32 @@ class Slice:
         os.kill(process.pid, signal.SIGCONT)
         self.cuts[host.name] = CutRecord(progress, paused, paused, paused, hold_s * 1000)
 
+    def alive(self, host) -> bool:
+        try:
+            with open("/proc/%d/cmdline" % self.pids[host.name]) as handle:
+                return "seqstream" in handle.read()
+        except OSError:
+            return False
+
     def stop(self):
-        """Stop the members (they flush their logs) and the marker senders (end of input)."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGCONT)
-                process.terminate()
+        """Stop the members (they flush their logs) and the marker senders (end of input).
+
+        By PID: after a restore a member is no child of ours any more."""
+        self._reaping.set()
+        for host in self.hosts:
+            if host.name in self.pids and self.alive(host):
+                os.kill(self.pids[host.name], signal.SIGCONT)
+                os.kill(self.pids[host.name], signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while any(self.alive(h) for h in self.hosts if h.name in self.pids) and time.monotonic() < deadline:
+            for process in self.processes.values():
+                process.poll()
+            time.sleep(0.02)
         for marker in self.markers.values():
             marker.stdin.close()
         for process in list(self.processes.values()) + list(self.markers.values()):
             try:
-                process.wait(10)
+                process.wait(10 if process in self.markers.values() else 1)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)

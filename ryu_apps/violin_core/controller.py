@@ -7,11 +7,15 @@ unit tests a synchronous fake over a simulated network. ``build_rest_app``
 wires the REST routes to it.
 """
 
+import hashlib
 import logging
-from typing import Callable, Iterable, List, Optional, Tuple
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import __version__, of
 from .catalogue import Catalogue
+from . import channel
 from .channel import ChannelFrame
 from .config import Config
 from .fabric import Fabric
@@ -49,6 +53,28 @@ class ControllerIO:
         raise NotImplementedError
 
 
+@dataclass
+class RestoreJob:
+    """A whole-slice restore: stage (verify) -> quarantine -> restore paused -> re-inject -> resume."""
+
+    id: str
+    snapshot: str
+    epoch: int
+    members: Dict[str, dict]  # name -> {"helper": url, "state": ..., "image": {...}}
+    started: float
+    state: str = "running"  # running -> complete | failed
+    phase: str = "staging"
+    reason: Optional[str] = None
+    finished: Optional[float] = None
+    timings_ms: Dict[str, float] = field(default_factory=dict)
+    reinjected: int = 0
+
+    def view(self) -> dict:
+        return {"id": self.id, "snapshot": self.snapshot, "epoch": self.epoch, "state": self.state,
+                "phase": self.phase, "reason": self.reason, "started": self.started, "finished": self.finished,
+                "members": self.members, "timings_ms": self.timings_ms, "reinjected_frames": self.reinjected}
+
+
 class ViolinController:
     def __init__(self, config: Config, clock: Callable[[], float], wall_clock: Callable[[], float],
                  io: Optional[ControllerIO] = None):
@@ -65,6 +91,7 @@ class ViolinController:
         self.started_at = clock()
         self.connected: set = set()
         self.errors: dict = {}
+        self.restores: Dict[str, RestoreJob] = {}
 
     # --- OpenFlow events (the shim converts ryu events into these calls) ------
 
@@ -218,6 +245,120 @@ class ViolinController:
         LOG.info("snapshot %s complete: %d members, %d frames of channel state (drain by %s)",
                  snapshot.id, len(snapshot.participants), len(frames), method)
 
+    # --- restore ---------------------------------------------------------------
+
+    def start_restore(self, snapshot_id: str, body: dict) -> dict:
+        """Check everything that can be checked before anything running is touched, then go."""
+        unknown = sorted(set(body) - {"placement"})
+        if unknown:
+            raise HttpError(400, "unknown field(s) %s; known: placement" % ", ".join(unknown))
+        placement = body.get("placement") or {}
+        if not isinstance(placement, dict) or not all(isinstance(v, str) and v.startswith("http")
+                                                      for v in placement.values()):
+            raise HttpError(400, "placement maps member names to helper URLs")
+        manifest = self.catalogue.get(snapshot_id)
+        if manifest is None:
+            raise HttpError(404, "no snapshot %s" % snapshot_id)
+        if not manifest.get("restorable"):
+            raise HttpError(409, "snapshot %s is %s and is not offered for restore%s" % (
+                snapshot_id, manifest.get("state"), ": " + manifest["reason"] if manifest.get("reason") else ""))
+        if self.coordinator.running():
+            raise HttpError(409, "snapshot %s is running; restore after it ends" % self.coordinator.current.id)
+        if any(job.state == "running" for job in self.restores.values()):
+            raise HttpError(409, "a restore is already running")
+        members = {}
+        for entry in manifest["members"]:
+            name = entry["name"]
+            member = self.coordinator.members.get(name)
+            if member is None:
+                raise HttpError(409, "member %s of the snapshot is not registered" % name)
+            helper = placement.get(name) or member.helper_url
+            if not helper or not entry.get("server") or not (entry.get("image") or {}).get("files"):
+                raise HttpError(409, "member %s has no helper or no stored image to restore from" % name)
+            members[name] = {"helper": helper, "state": "pending", "server": entry["server"],
+                             "files": entry["image"]["files"]}
+        unknown_placement = sorted(set(placement) - set(members))
+        if unknown_placement:
+            raise HttpError(400, "placement names members not in the snapshot: %s" % ", ".join(unknown_placement))
+        job = RestoreJob("restore-%s-%s" % (snapshot_id, os.urandom(2).hex()), snapshot_id, manifest["epoch"],
+                         members, self.wall_clock())
+        self.restores[job.id] = job
+        self.io.spawn(self._run_restore, job.id)
+        return job.view()
+
+    def _helper_call(self, job: RestoreJob, name: str, action: str, extra: Optional[dict] = None) -> dict:
+        info = job.members[name]
+        body = dict({"snapshot": job.snapshot, "member": name}, **(extra or {}))
+        status, answer = self.io.post_json(info["helper"].rstrip("/") + "/" + action, body, 60.0,
+                                           self.config.helper_token)
+        if status is None or not 200 <= status < 300:
+            reason = answer.get("reason", answer) if isinstance(answer, dict) else answer
+            raise RuntimeError("%s of %s at %s failed: %s %s" % (action, name, info["helper"], status, reason))
+        info["state"] = action + ("d" if action.endswith("e") else "ed")
+        return answer
+
+    def _run_restore(self, job_id: str) -> None:
+        job, names = self.restores[job_id], sorted(self.restores[job_id].members)
+        settings, quarantined, resumed = self.config.snapshot, False, False
+
+        def timed(phase, work):
+            job.phase, began = phase, self.clock()
+            result = work()
+            job.timings_ms[phase] = round((self.clock() - began) * 1000, 1)
+            return result
+
+        try:
+            frames = timed("staging", lambda: self._stage(job, names))
+            quarantine = self.coordinator.quarantine(self.clock(), names)
+            quarantined = True
+            if not self.io.send_and_barrier(quarantine, set(self.fabric.switches), settings.barrier_timeout):
+                raise RuntimeError("the switches did not confirm the quarantine")
+            timed("restoring", lambda: [self._helper_call(job, n, "restore") for n in names])
+            rules, injections = self.coordinator.restored(self.clock(), job.epoch, names, frames)
+            quarantined = False
+
+            def reinject():
+                if not self.io.send_and_barrier(rules, set(self.fabric.switches), settings.barrier_timeout):
+                    raise RuntimeError("the switches did not confirm the restored members' rules")
+                self.io.send_and_barrier(injections, {m.dpid for m in injections}, settings.barrier_timeout)
+                job.reinjected = len(injections)
+            timed("reinjecting", reinject)
+            timed("resuming", lambda: [self._helper_call(job, n, "resume") for n in names])
+            resumed = True
+            job.state, job.phase = "complete", "complete"
+        except (RuntimeError, SnapshotError, HttpError, OSError) as error:
+            job.state, job.reason = "failed", str(getattr(error, "reason", error))
+            if quarantined:
+                self.io.send(self.coordinator.lift_quarantine(self.clock()))
+            if not resumed:  # what was restored already runs on rather than stay frozen
+                for name in names:
+                    if job.members[name]["state"] == "restored":
+                        try:
+                            self._helper_call(job, name, "resume")
+                        except RuntimeError:
+                            pass
+            LOG.warning("restore %s failed: %s", job.id, job.reason)
+        job.finished = self.wall_clock()
+
+    def _stage(self, job: RestoreJob, names: List[str]) -> List[ChannelFrame]:
+        """Verify the channel state and have every helper fetch and verify its member's image."""
+        manifest = self.catalogue.get(job.snapshot)
+        frames = []
+        if manifest.get("channel"):
+            path = self.catalogue.channel_path(job.snapshot)
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except OSError as error:
+                raise RuntimeError("channel state of %s unreadable: %s" % (job.snapshot, error.strerror))
+            if hashlib.sha256(data).hexdigest() != manifest["channel"]["sha256"]:
+                raise RuntimeError("channel state of %s is corrupt (checksum mismatch)" % job.snapshot)
+            frames = channel.decode(data)
+        for name in names:
+            info = job.members[name]
+            self._helper_call(job, name, "stage", {"server": info["server"], "files": info["files"]})
+        return frames
+
     def _abort(self, reason: str) -> None:
         messages = self.coordinator.abort(self.clock(), self.wall_clock(), reason)
         if self.io is not None:
@@ -363,6 +504,21 @@ def build_rest_app(controller: ViolinController) -> RestApp:
             raise HttpError(409, "snapshot %s is running; abort it first" % snapshot_id)
         controller.catalogue.delete(snapshot_id)
         return {"deleted": snapshot_id}
+
+    @route("POST", "/snapshots/{snapshot_id}/restore")
+    def restore(_req, body, snapshot_id):
+        return 202, controller.start_restore(snapshot_id, body)
+
+    @route("GET", "/restores")
+    def restores(_req, _body):
+        return {"restores": [job.view() for job in controller.restores.values()]}
+
+    @route("GET", "/restores/{restore_id}")
+    def restore_view(_req, _body, restore_id):
+        job = controller.restores.get(restore_id)
+        if job is None:
+            raise HttpError(404, "no restore %s" % restore_id)
+        return job.view()
 
     @route("POST", "/snapshots/{snapshot_id}/abort")
     def abort(_req, body, snapshot_id):

@@ -200,6 +200,8 @@ class Fabric:
                 entries.append(of.FlowEntry(INGRESS_TABLE, 100, of.match(in_port=port_no)))
         for mac, (host_dpid, host_port) in sorted(self.hosts.items()):
             if host_dpid == dpid:
+                if self.policy is not None:
+                    entries.extend(self.policy.ingress_entries(dpid, mac, host_port))
                 entries.append(of.FlowEntry(
                     INGRESS_TABLE, 500, of.match(in_port=host_port, eth_src=mac),
                     (of.PushVlan(), of.SetField("vlan_vid", self.host_vid(mac) | of.OFPVID_PRESENT)),

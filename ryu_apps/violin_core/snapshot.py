@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import of
-from .fabric import EGRESS_TABLE, FLOOD_TABLE, TAG_PRESENT, Fabric
+from .fabric import EGRESS_TABLE, FLOOD_TABLE, INGRESS_TABLE, TAG_PRESENT, Fabric
 from .packets import is_multicast, parse_eth, parse_marker, strip_outer_tag
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
@@ -171,6 +171,7 @@ class Coordinator:
         self.held_bytes: Dict[str, int] = {}
         self.recorded: List[Recorded] = []
         self.overflowed = False  # channel state over max_channel_bytes: the snapshot must abort
+        self.quarantined: Set[str] = set()  # members being replaced by a restore
         fabric.policy = self
 
     # --- membership ---------------------------------------------------------------
@@ -226,7 +227,19 @@ class Coordinator:
     def is_post(self, member: Member) -> bool:
         return member.epoch >= self.current.epoch
 
+    def quarantined_member(self, mac: str) -> Optional[Member]:
+        member = self.member_by_mac(mac)
+        return member if member is not None and member.name in self.quarantined else None
+
+    def ingress_entries(self, dpid: int, mac: str, port_no: int) -> List[of.FlowEntry]:
+        """While a restore replaces a member, nothing it (or its dying predecessor) sends gets in."""
+        if self.quarantined_member(mac) is None:
+            return []
+        return [of.FlowEntry(INGRESS_TABLE, 600, of.match(in_port=port_no, eth_src=mac))]
+
     def cut_entries(self, dpid: int, mac: str, port_no: int) -> List[of.FlowEntry]:
+        if self.quarantined_member(mac) is not None:  # ... and nothing reaches it
+            return [of.FlowEntry(EGRESS_TABLE, 530, of.match(eth_dst=mac, vlan_vid=TAG_PRESENT))]
         member = self.participant(mac)
         if member is None:
             return []
@@ -285,9 +298,45 @@ class Coordinator:
 
     # --- the snapshot's life ----------------------------------------------------------
 
+    def quarantine(self, now: float, names: Iterable[str]) -> List[of.Message]:
+        """Cut the members off the network (both ways) while a restore replaces them."""
+        if self.running():
+            raise SnapshotError(409, "snapshot %s is running; restore after it ends" % self.current.id)
+        for name in names:
+            self.get_member(name)
+        self.quarantined = set(names)
+        return self.fabric.reconcile(now)
+
+    def restored(self, now: float, epoch: int, names: Iterable[str], frames) -> Tuple[List[of.Message], List[of.Message]]:
+        """Members are back from a snapshot of ``epoch``: reset their epochs, lift the quarantine.
+
+        Returns (rule changes, re-injections): the snapshot's channel state, each frame
+        sent to its receiver's port in recorded order.
+        """
+        for name in names:
+            self.members[name].epoch = epoch
+        self.last_epoch = max(self.last_epoch, epoch)
+        self.quarantined = set()
+        self.holds, self.held_bytes = {}, {}
+        injections = []
+        for item in frames:
+            member = self.members.get(item.receiver)
+            where = self.fabric.hosts.get(member.macs[0]) if member else None
+            if where is None:
+                raise SnapshotError(409, "cannot re-inject channel state: receiver %s is not on the network"
+                                    % item.receiver)
+            injections.append(_packet_out(where, item.frame))
+        return self.fabric.reconcile(now), injections
+
+    def lift_quarantine(self, now: float) -> List[of.Message]:
+        self.quarantined = set()
+        return self.fabric.reconcile(now)
+
     def start(self, now: float, wall: float, names: Optional[Iterable[str]] = None, label: str = "",
               timeout: Optional[float] = None) -> Tuple[Snapshot, List[of.Message]]:
         """Begin snapshot k: participants normalised to epoch k-1, hold rules everywhere."""
+        if self.quarantined:
+            raise SnapshotError(409, "a restore is replacing %s" % ", ".join(sorted(self.quarantined)))
         if self.running():
             raise SnapshotError(409, "snapshot %s is still running (one at a time)" % self.current.id)
         names = list(self.members) if names is None else list(dict.fromkeys(names))

@@ -3,7 +3,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -97,19 +96,38 @@ def test_controller_helper_criu_and_snapshot_server(helper_controller, tmp_path)
                     assert entry["server"] == server_url and entry["image"]["files"]
                     index = client.index(snap["id"], entry["name"])
                     assert {f["sha256"] for f in index["files"]} == {f["sha256"] for f in entry["image"]["files"]}
-                # The stored image restores: kill one member and bring it back from the server's copy.
-                h1 = net.hosts[0]
-                process = members.processes[h1.name]
-                images = str(tmp_path / "restore-h1")
-                client.download_dir(snap["id"], h1.name, images)
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(5)
-                time.sleep(0.2)
-                criu.restore(criu.ProcessMember(h1.name, "/proc/%d/ns/net" % h1.pid, process.pid,
-                                                members.member_dir(h1), "/proc/%d/ns/mnt" % h1.pid), images)
-                with open("/proc/%d/cmdline" % process.pid) as handle:
-                    assert "seqstream" in handle.read()
-                os.kill(process.pid, signal.SIGTERM)
+                # Let the slice run on, then bring every member back from the snapshot through the helpers.
+                time.sleep(1.0)
+                before = {h.name: members.progress(h) for h in net.hosts}
+                status, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
+                assert status == 202, job
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    job = controller.get("/violin/restores/%s" % job["id"])[1]
+                    if job["state"] != "running":
+                        break
+                    time.sleep(0.1)
+                assert job["state"] == "complete", (job, (tmp_path / "helper.log").read_text()[-2000:])
+                assert job["reinjected_frames"] == (view.get("channel") or {}).get("frames", 0)
+                time.sleep(0.5)
+                after = {h.name: members.progress(h) for h in net.hosts}
+                for h in net.hosts:
+                    assert members.alive(h), h.name
+                    peer = next(iter(after[h.name]))
+                    # Back at the snapshot's sequence numbers (below where it was), and running again.
+                    assert after[h.name][peer][1] < before[h.name][peer][1]
+                time.sleep(0.3)
+                assert all(members.progress(h) != after[h.name] for h in net.hosts)
+                # A second restore of the same snapshot (replicas of one experiment) works too.
+                status, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
+                assert status == 202, job
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    job = controller.get("/violin/restores/%s" % job["id"])[1]
+                    if job["state"] != "running":
+                        break
+                    time.sleep(0.1)
+                assert job["state"] == "complete", job
             finally:
                 members.stop()
     finally:

@@ -346,3 +346,70 @@ def test_rule_changes_add_before_they_delete(h):
         assert "delete_strict" in kinds and "add" in kinds
         assert min(i for i, k in enumerate(kinds) if k == "delete_strict") > max(
             i for i, k in enumerate(kinds) if k == "add")
+
+
+def test_restore_checks_before_touching_anything_then_quarantines_reinjects_and_resumes(tmp_path):
+    h = make_harness(tmp_path, members=())
+    for name, mac in (("A", A), ("B", B)):
+        h.coordinator.add_member(parse_member({"name": name, "macs": [mac], "marker": False,
+                                               "helper_url": "http://helper-%s" % name}))
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.controller.cut(sid, "A")
+    send(h, B, A, 7)  # pre -> post: channel state for A
+    h.controller.cut(sid, "B")
+    for name in ("A", "B"):
+        h.controller.done(sid, name, {"server": "http://srv", "image": {"files": [{"name": "f", "sha256": "x"}]}})
+    h.run_spawned()
+    assert h.controller.snapshot_view(sid)["state"] == "complete"
+    with pytest.raises(HttpError) as error:
+        h.controller.start_restore("snap-nope", {})
+    assert error.value.status == 404
+    with pytest.raises(HttpError) as error:
+        h.controller.start_restore(sid, {"placement": {"Z": "http://x"}})
+    assert error.value.status == 400
+    h.io.posts.clear()
+    job = h.controller.start_restore(sid, {})
+    with pytest.raises(HttpError) as error:
+        h.controller.start_restore(sid, {})
+    assert error.value.status == 409  # one restore at a time
+    h.deliveries.clear()
+    h.run_spawned()
+    view = h.controller.restores[job["id"]].view()
+    assert view["state"] == "complete" and view["reinjected_frames"] == 1
+    assert [url.rsplit("/", 1)[1] for url, _ in h.io.posts] == ["stage", "stage", "restore", "restore",
+                                                               "resume", "resume"]
+    assert received(h, A) == [b"seq000007"]  # the channel state went back to its receiver
+    assert h.coordinator.quarantined == set()
+
+
+def test_restore_of_an_aborted_snapshot_is_refused(h):
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.controller.abort(sid, {})
+    with pytest.raises(HttpError) as error:
+        h.controller.start_restore(sid, {})
+    assert error.value.status == 409 and "not offered for restore" in error.value.reason
+
+
+def test_quarantine_cuts_members_off_both_ways(h):
+    h.run(h.coordinator.quarantine(h.now, ["A"]))
+    assert send(h, A, B, 1) == [] and send(h, B, A, 2) == []
+    assert received(h, C, send(h, B, C, 3)) == [b"seq000003"]  # the rest of the slice is untouched
+    h.run(h.coordinator.lift_quarantine(h.now))
+    assert received(h, B, send(h, A, B, 4)) == [b"seq000004"]
+
+
+def test_failed_staging_leaves_the_running_slice_alone(tmp_path):
+    h = make_harness(tmp_path, members=())
+    h.coordinator.add_member(parse_member({"name": "A", "macs": [A], "marker": False, "helper_url": "http://h"}))
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.controller.cut(sid, "A")
+    h.controller.done(sid, "A", {"server": "http://srv", "image": {"files": [{"name": "f", "sha256": "x"}]}})
+    h.run_spawned()
+    h.io.post_status = 502  # the helper finds the image corrupt
+    job = h.controller.start_restore(sid, {})
+    h.io.posts.clear()
+    h.run_spawned()
+    view = h.controller.restores[job["id"]].view()
+    assert view["state"] == "failed" and "stage of A" in view["reason"]
+    assert [url.rsplit("/", 1)[1] for url, _ in h.io.posts] == ["stage"]  # nothing stopped or restored
+    assert h.coordinator.quarantined == set()
