@@ -296,15 +296,16 @@ class HubIO(ControllerIO):
                 LOG.exception("background work %s failed", getattr(function, "__name__", function))
         self.app.threads.append(hub.spawn(guarded))
 
-    def post_json(self, url, body, timeout, token=None):
-        return self._unlocked(self._post_json, url, body, timeout, token)
+    def post_json(self, url, body, timeout, token=None, method="POST"):
+        return self._unlocked(self._post_json, url, body, timeout, token, method)
 
     @staticmethod
-    def _post_json(url, body, timeout, token):
+    def _post_json(url, body, timeout, token, method):
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = "Bearer " + token
-        request = urllib.request.Request(url, json.dumps(body).encode(), headers)
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data, headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.loads(response.read() or b"null")

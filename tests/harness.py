@@ -64,8 +64,8 @@ class FakeIO(ControllerIO):
     def spawn(self, function, *args):
         self.spawned.append((function, args))
 
-    def post_json(self, url, body, timeout, token=None):
-        self.posts.append((url, body))
+    def post_json(self, url, body, timeout, token=None, method="POST"):
+        self.posts.append((url, body) if method == "POST" else (method + " " + url, body))
         return self.post_status, {}
 
 

@@ -82,6 +82,17 @@ class Catalogue:
         self.manifests[manifest["id"]] = manifest
         return manifest
 
+    def load_extra(self, name: str) -> Optional[dict]:
+        """A small JSON document of the controller's kept beside the snapshots (e.g. the schedule)."""
+        try:
+            with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None
+
+    def save_extra(self, name: str, document: dict) -> None:
+        write_atomic(os.path.join(self.directory, name), json.dumps(document, indent=1).encode())
+
     def channel_path(self, snapshot_id: str) -> str:
         return os.path.join(self.directory, snapshot_id, CHANNEL)
 

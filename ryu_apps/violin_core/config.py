@@ -39,6 +39,7 @@ SCHEMA = {
     "api": {
         "token": ((str, type(None)), None, None, "bearer token for mutating REST calls"),
         "helper_token": ((str, type(None)), None, None, "bearer token the controller sends to host helpers"),
+        "server_token": ((str, type(None)), None, None, "bearer token of the snapshot servers (to prune images)"),
     },
     "state": {
         "directory": (str, "/var/lib/violin-snapshot", None, "the snapshot catalogue (manifests, channel state)"),
@@ -65,6 +66,7 @@ class Config:
     snapshot: SnapshotSettings = SnapshotSettings()
     members: tuple = ()
     helper_token: Optional[str] = None
+    server_token: Optional[str] = None
 
 
 def validate(raw: Any) -> Dict[str, Dict[str, Any]]:
@@ -143,8 +145,9 @@ def load(path: Optional[str] = None, environ=os.environ) -> Config:
     values = validate(raw)
     token = environ.get("VIOLIN_API_TOKEN") or values["api"]["token"]
     helper_token = environ.get("VIOLIN_HELPER_TOKEN") or values["api"]["helper_token"]
+    server_token = environ.get("VIOLIN_SERVER_TOKEN") or values["api"]["server_token"]
     return Config(FabricSettings(**values["fabric"]), token, values["state"]["directory"],
-                  SnapshotSettings(**values["snapshot"]), tuple(values["members"]), helper_token)
+                  SnapshotSettings(**values["snapshot"]), tuple(values["members"]), helper_token, server_token)
 
 
 def check_config_main(argv=None) -> int:

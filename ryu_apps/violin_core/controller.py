@@ -49,7 +49,9 @@ class ControllerIO:
     def spawn(self, function, *args) -> None:
         raise NotImplementedError
 
-    def post_json(self, url: str, body: dict, timeout: float, token: Optional[str] = None) -> Tuple[int, object]:
+    def post_json(self, url: str, body: Optional[dict], timeout: float, token: Optional[str] = None,
+                  method: str = "POST") -> Tuple[int, object]:
+        """(status, parsed answer) of an HTTP call; status None when the peer is unreachable."""
         raise NotImplementedError
 
 
@@ -75,6 +77,30 @@ class RestoreJob:
                 "members": self.members, "timings_ms": self.timings_ms, "reinjected_frames": self.reinjected}
 
 
+@dataclass
+class Schedule:
+    """Periodic snapshots: every ``interval_s``, keeping the newest ``keep`` scheduled ones."""
+
+    interval_s: Optional[float] = None
+    keep: int = 5
+    members: Optional[List[str]] = None
+    base_url: str = ""
+    next_at: Optional[float] = None  # monotonic
+    taken: int = 0
+    skipped: List[str] = field(default_factory=list)  # the last few reasons a turn was skipped
+
+    def view(self, now: float) -> dict:
+        return {"enabled": self.interval_s is not None, "interval_s": self.interval_s, "keep": self.keep,
+                "members": self.members, "taken": self.taken, "skipped": self.skipped[-5:],
+                "next_in_s": None if self.next_at is None else round(max(0.0, self.next_at - now), 3)}
+
+    def persistable(self) -> dict:
+        return {"interval_s": self.interval_s, "keep": self.keep, "members": self.members, "base_url": self.base_url}
+
+
+SCHEDULE_LABEL = "scheduled"
+
+
 class ViolinController:
     def __init__(self, config: Config, clock: Callable[[], float], wall_clock: Callable[[], float],
                  io: Optional[ControllerIO] = None):
@@ -92,6 +118,11 @@ class ViolinController:
         self.connected: set = set()
         self.errors: dict = {}
         self.restores: Dict[str, RestoreJob] = {}
+        self.schedule = Schedule()
+        saved = self.catalogue.load_extra("schedule.json")
+        if saved and saved.get("interval_s"):
+            self.schedule = Schedule(saved["interval_s"], saved.get("keep", 5), saved.get("members"),
+                                     saved.get("base_url", ""), clock() + saved["interval_s"])
 
     # --- OpenFlow events (the shim converts ryu events into these calls) ------
 
@@ -126,7 +157,73 @@ class ViolinController:
         messages += self.coordinator.tick(now, self.wall_clock())
         if was_running and not self.coordinator.running():
             self._persist()
+        if self.schedule.next_at is not None and now >= self.schedule.next_at:
+            self.schedule.next_at = now + self.schedule.interval_s
+            self.io.spawn(self._scheduled_snapshot)
         return messages
+
+    # --- periodic snapshots ------------------------------------------------------
+
+    def set_schedule(self, body: dict, base_url: str) -> dict:
+        unknown = sorted(set(body) - {"interval_s", "keep", "members"})
+        if unknown:
+            raise HttpError(400, "unknown field(s) %s; known: interval_s, keep, members" % ", ".join(unknown))
+        interval, keep, members = body.get("interval_s"), body.get("keep", 5), body.get("members")
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 1 <= interval <= 86400 * 7:
+            raise HttpError(400, "interval_s must be a number of seconds between 1 and 604800")
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= 1000:
+            raise HttpError(400, "keep must be a whole number from 1 to 1000")
+        if members is not None and (not isinstance(members, list) or not all(isinstance(m, str) for m in members)):
+            raise HttpError(400, "members must be a list of member names")
+        for name in members or []:
+            self.coordinator.get_member(name)
+        self.schedule = Schedule(float(interval), keep, members, base_url, self.clock() + float(interval))
+        self.catalogue.save_extra("schedule.json", self.schedule.persistable())
+        return self.schedule.view(self.clock())
+
+    def clear_schedule(self) -> dict:
+        self.schedule = Schedule()
+        self.catalogue.save_extra("schedule.json", self.schedule.persistable())
+        return self.schedule.view(self.clock())
+
+    def _scheduled_snapshot(self) -> None:
+        if any(job.state == "running" for job in self.restores.values()):
+            self._skip("a restore is running")
+            return
+        body = {"label": SCHEDULE_LABEL}
+        if self.schedule.members is not None:
+            body["members"] = self.schedule.members
+        try:
+            self.start_snapshot(body, self.schedule.base_url)
+            self.schedule.taken += 1
+        except (HttpError, SnapshotError) as error:
+            self._skip(getattr(error, "reason", str(error)))
+
+    def _skip(self, reason: str) -> None:
+        self.schedule.skipped = (self.schedule.skipped + ["%.0f: %s" % (self.wall_clock(), reason)])[-20:]
+        LOG.info("scheduled snapshot skipped: %s", reason)
+
+    def prune(self) -> List[str]:
+        """Keep the newest ``keep`` complete scheduled snapshots; delete the older scheduled ones.
+
+        Aborted scheduled snapshots newer than the oldest one kept stay for inspection.
+        """
+        scheduled = [m for m in self.catalogue.list() if m.get("label") == SCHEDULE_LABEL and m["state"] != RUNNING]
+        complete = [m for m in scheduled if m["state"] == COMPLETE]
+        if len(complete) <= self.schedule.keep:
+            return []
+        oldest_kept = complete[-self.schedule.keep]
+        doomed = [m for m in scheduled if (m.get("created") or 0) < (oldest_kept.get("created") or 0)]
+        for manifest in doomed:
+            self._delete_snapshot(manifest)
+        return [m["id"] for m in doomed]
+
+    def _delete_snapshot(self, manifest: dict) -> None:
+        servers = {m.get("server") for m in manifest.get("members", []) if m.get("server")}
+        for server in sorted(servers):
+            self.io.post_json("%s/images/%s" % (server.rstrip("/"), manifest["id"]), None, 10.0,
+                              self.config.server_token, method="DELETE")
+        self.catalogue.delete(manifest["id"])
 
     # --- snapshots -------------------------------------------------------------
 
@@ -244,6 +341,8 @@ class ViolinController:
         self.catalogue.save(snapshot.manifest(), frames)
         LOG.info("snapshot %s complete: %d members, %d frames of channel state (drain by %s)",
                  snapshot.id, len(snapshot.participants), len(frames), method)
+        if snapshot.label == SCHEDULE_LABEL:
+            self.prune()
 
     # --- restore ---------------------------------------------------------------
 
@@ -502,12 +601,24 @@ def build_rest_app(controller: ViolinController) -> RestApp:
         manifest = controller.snapshot_view(snapshot_id)
         if manifest["state"] == RUNNING:
             raise HttpError(409, "snapshot %s is running; abort it first" % snapshot_id)
-        controller.catalogue.delete(snapshot_id)
+        controller._delete_snapshot(manifest)
         return {"deleted": snapshot_id}
 
     @route("POST", "/snapshots/{snapshot_id}/restore")
     def restore(_req, body, snapshot_id):
         return 202, controller.start_restore(snapshot_id, body)
+
+    @route("GET", "/schedule")
+    def schedule(_req, _body):
+        return controller.schedule.view(controller.clock())
+
+    @route("PUT", "/schedule")
+    def set_schedule(req, body):
+        return controller.set_schedule(body, req.host_url)
+
+    @route("DELETE", "/schedule")
+    def clear_schedule(_req, _body):
+        return controller.clear_schedule()
 
     @route("GET", "/restores")
     def restores(_req, _body):

@@ -413,3 +413,29 @@ def test_failed_staging_leaves_the_running_slice_alone(tmp_path):
     assert view["state"] == "failed" and "stage of A" in view["reason"]
     assert [url.rsplit("/", 1)[1] for url, _ in h.io.posts] == ["stage"]  # nothing stopped or restored
     assert h.coordinator.quarantined == set()
+
+
+def test_schedule_takes_snapshots_and_keeps_the_newest(tmp_path):
+    h = make_harness(tmp_path)
+    with pytest.raises(HttpError):
+        h.controller.set_schedule({"interval_s": 0.1}, "http://ctl")
+    with pytest.raises(HttpError):
+        h.controller.set_schedule({"interval_s": 5, "keep": 0}, "http://ctl")
+    view = h.controller.set_schedule({"interval_s": 10, "keep": 2}, "http://ctl")
+    assert view["enabled"] and view["next_in_s"] == 10
+    ids = []
+    for _ in range(4):
+        h.advance(10.0)
+        h.run_spawned()  # the scheduled start
+        sid = h.coordinator.current.id
+        ids.append(sid)
+        run_to_completion(h, sid)
+    listed = [m["id"] for m in h.controller.catalogue.list()]
+    assert listed == ids[-2:]  # the two newest kept, the older ones pruned
+    assert h.controller.schedule.view(h.now)["taken"] == 4
+    # A turn while a snapshot runs is skipped, with the reason.
+    h.controller.start_snapshot({"label": "manual"}, "http://ctl")
+    h.advance(10.0)
+    h.run_spawned()
+    assert "running" in h.controller.schedule.view(h.now)["skipped"][-1]
+    assert not h.controller.clear_schedule()["enabled"]
