@@ -49,6 +49,19 @@ def parse_log(path):
     return records
 
 
+def send(sock, data, address, attempts=50):
+    """Send one datagram, waiting for room in the socket buffer rather than dropping it."""
+    for _ in range(attempts):
+        try:
+            sock.sendto(data, address)
+            return True
+        except BlockingIOError:
+            select.select([], [sock], [], 0.01)
+        except OSError:
+            return False  # e.g. no route yet: a loss the receiver will show
+    return False
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--id", type=int, required=True)
@@ -86,14 +99,10 @@ def main(argv=None):
             seq += 1
             for i, (peer, address) in enumerate(peers):
                 struct.pack_into("<q", progress, i * SLOT.size, seq)
-                try:
-                    sock.sendto(DATAGRAM.pack(MAGIC, args.id, peer, seq) + padding, (address, PORT))
-                except (BlockingIOError, OSError):
-                    pass  # a full socket buffer is a loss the receivers will show
+                send(sock, DATAGRAM.pack(MAGIC, args.id, peer, seq) + padding, (address, PORT))
                 struct.pack_into("<q", progress, i * SLOT.size + 8, seq)
-            next_send += interval
-            if now - next_send > 1.0:  # resumed after a long pause: do not burst to catch up
-                next_send = now + interval
+            # Keep the pace, but never burst to catch up after a pause (a snapshot, a restore).
+            next_send = max(next_send + interval, now - 2 * interval)
         timeout = max(0.0, next_send - time.monotonic()) if interval else 0.2
         ready, _, _ = select.select([sock], [], [], timeout)
         while ready:

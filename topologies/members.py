@@ -7,6 +7,7 @@ controller's cut endpoint, resume it (SIGCONT), report done. ``check_cut``
 then verifies the cut from the receivers' logs and the recorded channel state.
 """
 
+import json
 import os
 import shlex
 import signal
@@ -75,6 +76,8 @@ class Slice:
         for host in self.hosts:
             peers = ",".join("%d=%s" % (self.ids[h.name], h.IP()) for h in self.hosts if h is not host)
             open(self._path(host, "stdin"), "a").close()
+            with open(self._path(host, "id"), "w") as handle:  # for the oracle: who it is, its peers in order
+                json.dump([self.ids[host.name], self.peers_of(host)], handle)
             # Open its stdio and working directory from inside the host (its own mount namespace):
             # files, not pipes or descriptors of ours, so CRIU can dump and restore it.
             command = " ".join(shlex.quote(a) for a in [

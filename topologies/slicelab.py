@@ -1,0 +1,100 @@
+"""A whole slice for end-to-end runs: seqstream members, a snapshot server and a violin-helper.
+
+Everything runs on this machine: the server and the helper in the root
+namespace on loopback, the members in the Mininet hosts; each run has its own
+ports and directories, and everything is stopped by PID at the end.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+from topologies import lab
+from topologies.members import Slice
+
+SERVER_TOKEN, HELPER_TOKEN = "server-secret", "helper-secret"
+
+
+def start_daemon(argv, url, log_path, timeout=15.0):
+    log = open(log_path, "w")
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise lab.LabError("%s exited:\n%s" % (argv[2], open(log_path).read()))
+        try:
+            if lab.http_json(url + "/health")[0] == 200:
+                return process
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.1)
+    raise lab.LabError("%s did not answer at %s" % (argv[2], url))
+
+
+def stop_daemon(process):
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def controller_config():
+    """What the controller needs to talk to this slice's helper and server."""
+    return {"api": {"helper_token": HELPER_TOKEN, "server_token": SERVER_TOKEN}}
+
+
+@contextmanager
+def helped_slice(controller, net, workdir, rate=200.0, register=True):
+    """Members in every host of ``net``, their helper and a snapshot server; yields the Slice."""
+    os.makedirs(workdir, exist_ok=True)
+    server_port, helper_port = lab.free_port(), lab.free_port()
+    server_url, helper_url = "http://127.0.0.1:%d" % server_port, "http://127.0.0.1:%d" % helper_port
+    members = Slice(net.hosts, os.path.join(workdir, "slice"), rate=rate)
+    daemons = []
+    try:
+        daemons.append(start_daemon(
+            [sys.executable, "-m", "hostside.server", "--listen", "127.0.0.1:%d" % server_port,
+             "--dir", os.path.join(workdir, "images"), "--token", SERVER_TOKEN],
+            server_url, os.path.join(workdir, "server.log")))
+        members.start()
+        config = {
+            "listen": "127.0.0.1:%d" % helper_port, "token": HELPER_TOKEN, "controller_token": controller.token,
+            "servers": [server_url], "server_token": SERVER_TOKEN, "work_dir": os.path.join(workdir, "helper"),
+            "members": {h.name: {"pid": members.pids[h.name], "netns": "/proc/%d/ns/net" % h.pid,
+                                 "mntns": "/proc/%d/ns/mnt" % h.pid, "workdir": members.member_dir(h),
+                                 "iface": str(h.defaultIntf()), "mac": h.MAC()} for h in net.hosts}}
+        with open(os.path.join(workdir, "helper.json"), "w") as handle:
+            json.dump(config, handle)
+        daemons.append(start_daemon([sys.executable, "-m", "hostside.helper", "--config",
+                                     os.path.join(workdir, "helper.json")], helper_url,
+                                    os.path.join(workdir, "helper.log")))
+        members.server_url, members.helper_url = server_url, helper_url
+        members.helper_log = os.path.join(workdir, "helper.log")
+        if register:
+            for h in net.hosts:
+                status, body = controller.request("POST", "/violin/members", {
+                    "name": h.name, "macs": [h.MAC()], "helper_url": helper_url, "backend": "criu"})
+                if status != 201:
+                    raise lab.LabError("registering %s: %s %s" % (h.name, status, body))
+        yield members
+    finally:
+        members.stop()
+        for daemon in daemons:
+            stop_daemon(daemon)
+
+
+def wait_for(controller, path, timeout=60.0, done=("complete", "aborted", "failed")):
+    """Poll a snapshot or restore until it leaves 'running'."""
+    deadline, view = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        status, view = controller.get(path)
+        if status == 200 and view["state"] in done:
+            return view
+        time.sleep(0.05)
+    raise lab.LabError("%s still running after %.0f s: %r" % (path, timeout, view))
