@@ -23,11 +23,12 @@ from typing import Callable, Optional
 
 CRIU = os.environ.get("VIOLIN_CRIU", "/usr/local/sbin/criu")
 WORKDIR_ARCHIVE = "workdir.tar"
+HOOK_TIMEOUT_S = 10  # a helper that died must not leave the member frozen: CRIU then fails and resumes it
 HOOK = """#!/bin/sh
 # violin-snapshot: on post-dump (tasks still frozen), hand over to the helper and wait for it.
 [ "$CRTOOLS_SCRIPT_ACTION" = "post-dump" ] || exit 0
-echo frozen > "{request}"
-read answer < "{reply}"
+timeout {timeout} sh -c 'echo frozen > "$1"' sh "{request}" || exit 1
+answer=$(timeout {timeout} cat "{reply}")
 [ "$answer" = "ok" ]
 """
 
@@ -83,7 +84,7 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
     os.mkfifo(reply)
     script = os.path.join(control, "hook.sh")
     with open(script, "w") as handle:
-        handle.write(HOOK.format(request=request, reply=reply))
+        handle.write(HOOK.format(request=request, reply=reply, timeout=HOOK_TIMEOUT_S))
     os.chmod(script, 0o755)
     outcome = {}
 

@@ -50,8 +50,10 @@ def controller_config():
 
 
 @contextmanager
-def helped_slice(controller, net, workdir, rate=200.0, register=True):
-    """Members in every host of ``net``, their helper and a snapshot server; yields the Slice."""
+def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None):
+    """Members in every host of ``net``, their helper and a snapshot server; yields the Slice.
+
+    ``servers`` overrides the snapshot servers the helper is told about (e.g. one that is down)."""
     os.makedirs(workdir, exist_ok=True)
     server_port, helper_port = lab.free_port(), lab.free_port()
     server_url, helper_url = "http://127.0.0.1:%d" % server_port, "http://127.0.0.1:%d" % helper_port
@@ -65,7 +67,7 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True):
         members.start()
         config = {
             "listen": "127.0.0.1:%d" % helper_port, "token": HELPER_TOKEN, "controller_token": controller.token,
-            "servers": [server_url], "server_token": SERVER_TOKEN, "work_dir": os.path.join(workdir, "helper"),
+            "servers": servers or [server_url], "server_token": SERVER_TOKEN, "work_dir": os.path.join(workdir, "helper"),
             "members": {h.name: {"pid": members.pids[h.name], "netns": "/proc/%d/ns/net" % h.pid,
                                  "mntns": "/proc/%d/ns/mnt" % h.pid, "workdir": members.member_dir(h),
                                  "iface": str(h.defaultIntf()), "mac": h.MAC()} for h in net.hosts}}
@@ -75,6 +77,7 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True):
                                      os.path.join(workdir, "helper.json")], helper_url,
                                     os.path.join(workdir, "helper.log")))
         members.server_url, members.helper_url = server_url, helper_url
+        members.helper_process = daemons[-1]
         members.helper_log = os.path.join(workdir, "helper.log")
         if register:
             for h in net.hosts:

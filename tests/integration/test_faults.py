@@ -1,0 +1,87 @@
+"""Faults on the host side: a clear reason, nothing running harmed, nothing half-restored."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from hostside import criu
+from topologies import lab, slicelab
+from topologies.lan import LanTopo
+
+
+@pytest.fixture
+def slice_controller(lab_ready):
+    if not os.path.exists(criu.CRIU):
+        if os.environ.get("CI"):
+            pytest.fail("CI must test CRIU: %s is missing" % criu.CRIU)
+        pytest.skip("CRIU 4.2.1 not installed")
+    process = lab.ControllerProcess(config=slicelab.controller_config()).start()
+    yield process
+    process.stop()
+
+
+def advancing(members, host, wait=0.4):
+    first = members.progress(host)
+    time.sleep(wait)
+    return members.progress(host) != first
+
+
+def no_cut_rules(net):
+    return all(s.cmd("ovs-ofctl -O OpenFlow13 dump-flows %s" % s.name).count("cookie=0x76696f6c0000000%d" % r) == 0
+               for s in net.switches for r in (4, 5, 6))
+
+
+def test_unreachable_snapshot_server_aborts_with_the_reason(slice_controller, tmp_path):
+    controller = slice_controller
+    with lab.network(LanTopo(2, prefix=lab.run_prefix()), controller) as net:
+        with slicelab.helped_slice(controller, net, str(tmp_path), servers=["http://127.0.0.1:%d" % lab.free_port()]) \
+                as members:
+            time.sleep(0.5)
+            _, snap = controller.request("POST", "/violin/snapshots", {})
+            view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"])
+            assert view["state"] == "aborted" and "unreachable" in view["reason"], view
+            assert all(advancing(members, h) for h in net.hosts)  # the members run on
+            assert no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
+
+
+def test_helper_killed_during_a_snapshot(slice_controller, tmp_path):
+    controller = slice_controller
+    with lab.network(LanTopo(2, prefix=lab.run_prefix()), controller) as net:
+        with slicelab.helped_slice(controller, net, str(tmp_path)) as members:
+            time.sleep(0.5)
+            _, snap = controller.request("POST", "/violin/snapshots", {"timeout_s": 4})
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # wait until it is in the middle of the snapshot
+                view = controller.get("/violin/snapshots/%s" % snap["id"])[1]
+                if any(m["state"] != "pending" for m in view["members"]):
+                    break
+                time.sleep(0.005)
+            members.helper_process.kill()  # gone before it could report everything
+            view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=30)
+            assert view["state"] == "aborted" and "timed out" in view["reason"], view
+            time.sleep(criu.HOOK_TIMEOUT_S + 1)  # a dump the dead helper left behind gives up
+            assert all(members.alive(h) and advancing(members, h) for h in net.hosts)
+            assert no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
+
+
+def test_corrupted_image_fails_the_restore_before_anything_is_stopped(slice_controller, tmp_path):
+    controller = slice_controller
+    with lab.network(LanTopo(2, prefix=lab.run_prefix()), controller) as net:
+        with slicelab.helped_slice(controller, net, str(tmp_path)) as members:
+            time.sleep(0.5)
+            _, snap = controller.request("POST", "/violin/snapshots", {})
+            view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"])
+            assert view["state"] == "complete", view
+            victim = view["members"][0]
+            pages = max(victim["image"]["files"], key=lambda f: f["bytes"])["name"]
+            with open(os.path.join(str(tmp_path), "images", snap["id"], victim["name"], pages), "r+b") as handle:
+                handle.seek(100)
+                handle.write(b"\xff\xfe\xfd")
+            pids = dict(members.pids)
+            _, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
+            job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"])
+            assert job["state"] == "failed" and "corrupt" in job["reason"] and job["phase"] == "staging", job
+            assert all(members.alive(h) and advancing(members, h) for h in net.hosts)
+            assert members.pids == pids and no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
