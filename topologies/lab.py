@@ -164,6 +164,26 @@ def controller_has_app(controller) -> bool:
     return controller.app == "violin_snapshot"
 
 
+def attach_out_of_band(net, host, index: int, prefix: str = ""):
+    """Give ``host`` a link to the root namespace that does not pass the switches.
+
+    For snapshot servers: helpers (in the root namespace) reach them at the
+    returned address, and image streams never cross the experiment's LAN.
+    Returns (address in the host, the root-namespace interface name).
+    """
+    from mininet.node import Node
+    root = net.get(prefix + "root") if (prefix + "root") in net.nameToNode else None
+    if root is None:
+        root = Node(prefix + "root", inNamespace=False)
+        net.nameToNode[root.name] = root
+    link = net.addLink(host, root)
+    host_ip, root_ip = "169.254.%d.1" % index, "169.254.%d.2" % index
+    host.setIP(host_ip, 30, intf=link.intf1)
+    root.setIP(root_ip, 30, intf=link.intf2)
+    host.cmd("ethtool -K %s tx off >/dev/null 2>&1" % link.intf1)
+    return host_ip, link.intf2.name
+
+
 @contextmanager
 def network(topo, controller, wait=True):
     """A started Mininet network of ``topo`` on ``controller``; cleaned up by name/pid."""

@@ -19,8 +19,8 @@ SERVER_TOKEN, HELPER_TOKEN = "server-secret", "helper-secret"
 
 
 def start_daemon(argv, url, log_path, timeout=15.0):
-    log = open(log_path, "w")
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -31,6 +31,7 @@ def start_daemon(argv, url, log_path, timeout=15.0):
         except OSError:
             pass  # not listening yet
         time.sleep(0.1)
+    stop_daemon(process)
     raise lab.LabError("%s did not answer at %s" % (argv[2], url))
 
 
