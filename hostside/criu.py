@@ -49,9 +49,44 @@ class ProcessMember:
 @dataclass
 class DumpReport:
     images: str
-    frozen_ms: float  # from CRIU's post-dump hook firing to the resume we allowed (measured here)
-    dump_ms: float  # the whole criu dump
+    frozen_ms: Optional[float]  # how long the member's tasks were frozen, as CRIU measured it (stats-dump)
+    hook_ms: float  # of that, the time our post-dump hook held them (copy, marker, cut)
+    dump_ms: float  # the whole criu dump command
     bytes: int
+
+
+def _varint(data: bytes, offset: int):
+    value, shift = 0, 0
+    while True:
+        byte = data[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, offset
+
+
+def read_dump_stats(images: str) -> dict:
+    """CRIU's own timings of a dump (stats-dump: StatsEntry.dump), in microseconds."""
+    names = {1: "freezing_time", 2: "frozen_time", 3: "memdump_time", 4: "memwrite_time"}
+    with open(os.path.join(images, "stats-dump"), "rb") as handle:
+        data = handle.read()
+    size = int.from_bytes(data[8:12], "little")
+    entry, stats, offset = data[12:12 + size], {}, 0
+    while offset < len(entry):  # StatsEntry: field 1 (dump) is a nested message
+        key, offset = _varint(entry, offset)
+        length, offset = _varint(entry, offset)
+        if key == (1 << 3 | 2):
+            inner, position = entry[offset:offset + length], 0
+            while position < len(inner):
+                field_key, position = _varint(inner, position)
+                if field_key & 7 != 0:
+                    break
+                value, position = _varint(inner, position)
+                if field_key >> 3 in names:
+                    stats[names[field_key >> 3]] = value
+        offset += length
+    return stats
 
 
 def _nsenter(member: ProcessMember):
@@ -102,7 +137,7 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
         except BaseException as error:  # reported below; CRIU must still be answered
             outcome["error"] = error
             answer = "fail"
-        outcome["frozen_ms"] = (time.monotonic() - frozen_at) * 1000
+        outcome["hook_ms"] = (time.monotonic() - frozen_at) * 1000
         with open(reply, "w") as fifo:
             fifo.write(answer + "\n")
 
@@ -133,7 +168,11 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
     if result is None or result.returncode != 0:
         raise CriuError("criu dump of %s failed%s:\n%s" % (
             member.name, "" if result else " (timed out)", _log_tail(log)))
-    return DumpReport(images, outcome.get("frozen_ms", 0.0), dump_ms, _dir_bytes(images))
+    try:
+        frozen_ms = read_dump_stats(images).get("frozen_time", 0) / 1000.0
+    except (OSError, IndexError, ValueError):
+        frozen_ms = None
+    return DumpReport(images, frozen_ms, outcome.get("hook_ms", 0.0), dump_ms, _dir_bytes(images))
 
 
 def restore(member: ProcessMember, images: str, timeout: float = 60.0, leave_stopped: bool = False) -> float:

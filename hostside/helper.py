@@ -284,8 +284,9 @@ class Helper:
             stored = ImageServer(server, self.config.server_token).upload_dir(body["snapshot"], member.name, images)
             shutil.rmtree(images, ignore_errors=True)
             self._post(body["done_url"], {
-                "pause_ms": round(report.frozen_ms, 3), "bytes": report.bytes, "server": server,
-                "image": {"backend": "criu", "dump_ms": round(report.dump_ms, 1),
+                "pause_ms": round(report.frozen_ms if report.frozen_ms is not None else report.hook_ms, 3),
+                "bytes": report.bytes, "server": server,
+                "image": {"backend": "criu", "dump_ms": round(report.dump_ms, 1), "hook_ms": round(report.hook_ms, 3),
                           "files": [{"name": f["name"], "bytes": f["bytes"], "sha256": f["sha256"]} for f in stored]}})
             self.jobs[key].update(state="done")
         except (criu.CriuError, StorageError, RuntimeError, OSError) as error:
