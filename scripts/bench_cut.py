@@ -48,7 +48,6 @@ import random
 import re
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -56,7 +55,7 @@ import time
 from contextlib import ExitStack
 
 from benchkit import (ROOT, BenchError, bring_up, check_host, handle_signals, ignore_signals,  # sets sys.path
-                      machine_info, run, run_guarded, save, timestamp)
+                      machine_info, pct, run, run_guarded, save, summary, timestamp)
 from topologies.lab import ControllerProcess, run_prefix
 from topologies.lan import LanTopo
 import topologies.members as members_module
@@ -191,26 +190,6 @@ STARTED_CONTROLLERS = []
 
 def _counter_delta(before, after):
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
-
-
-def pct(values, q):
-    """Linear-interpolated percentile (q in 0..100)."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    pos = (len(ordered) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def summary(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"n": 0}
-    r = lambda v: round(v, 3)  # noqa: E731
-    return {"n": len(values), "min": r(min(values)), "p50": r(pct(values, 50)), "p90": r(pct(values, 90)),
-            "p99": r(pct(values, 99)), "max": r(max(values)), "mean": r(statistics.fmean(values))}
 
 
 def _log_lines(controller):

@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import shutil
 import signal
 import subprocess
@@ -148,3 +149,23 @@ def save(name, path, document, error, code):
         print("partial results: %s" % path, file=sys.stderr)
         return code
     return 0
+
+
+def pct(values, q):
+    """Linear-interpolated percentile (q in 0..100)."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    pos = (len(ordered) - 1) * q / 100.0
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summary(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0}
+    r = lambda v: round(v, 3)  # noqa: E731
+    return {"n": len(values), "min": r(min(values)), "p50": r(pct(values, 50)), "p90": r(pct(values, 90)),
+            "p99": r(pct(values, 99)), "max": r(max(values)), "mean": r(statistics.fmean(values))}
