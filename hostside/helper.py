@@ -33,6 +33,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -177,6 +178,17 @@ def stop_tree(pid: int, timeout: float = 5.0) -> None:
     raise RuntimeError("member process %d did not go away (a zombie nobody reaps keeps its PID)" % pid)
 
 
+def clear_orphan_sockets(netns: str) -> None:
+    """Destroy the TCP sockets the killed member left behind (TIME-WAIT, FIN-WAIT...).
+
+    They hold the very address pairs its restored connections need: CRIU's
+    connect-back would fail with EADDRNOTAVAIL. The member's namespace holds
+    only the member, so every TCP socket left in it is an orphan.
+    """
+    subprocess.run(["nsenter", "--net=%s" % netns, "ss", "-K", "-t", "state", "all"],
+                   capture_output=True, timeout=10)
+
+
 class Helper:
     def __init__(self, config: HelperConfig):
         self.config = config
@@ -216,6 +228,7 @@ class Helper:
         if not os.path.isdir(images):
             raise FileNotFoundError("%s/%s is not staged" % (body["snapshot"], member.name))
         stop_tree(member.pid)
+        clear_orphan_sockets(member.netns)
         restore_ms = criu.restore(criu.ProcessMember(member.name, member.netns, member.pid, member.workdir,
                                                      member.mntns), images, leave_stopped=True)
         return {"restored": member.name, "pid": member.pid, "restore_ms": round(restore_ms, 1)}
