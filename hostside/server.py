@@ -27,27 +27,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
+from violin_core.catalogue import fsync_dir, write_atomic
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 CHUNK = 1 << 20
 INDEX = "index.json"
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ImageStore:
@@ -88,7 +72,7 @@ class ImageStore:
             if expected and expected.lower() != sha256:
                 raise ChecksumMismatch("checksum mismatch for %s: sent %s, received %s" % (name, expected, sha256))
             os.replace(tmp, os.path.join(directory, name))
-            _fsync_dir(directory)
+            fsync_dir(directory)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -55,7 +55,7 @@ import time
 from contextlib import ExitStack
 
 from benchkit import (ROOT, BenchError, bring_up, check_host, handle_signals, ignore_signals,  # sets sys.path
-                      machine_info, pct, run, run_guarded, save, summary, timestamp)
+                      machine_info, run, run_guarded, save, summary, timestamp)
 from topologies.lab import ControllerProcess, run_prefix
 from topologies.lan import LanTopo
 import topologies.members as members_module

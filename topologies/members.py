@@ -266,7 +266,7 @@ def check_cut(members: Slice, recorded: Dict[str, list], slack: float = 0.002) -
 
 def received_fraction(members: Slice, since: Dict[str, Dict[int, tuple]], until: Dict[str, Dict[int, tuple]]):
     """Per stream, the share of datagrams sent between two progress readings that arrived."""
-    logs, names = members.logs(), {i: n for n, i in members.ids.items()}
+    logs = members.logs()
     worst = 1.0
     for receiver in members.hosts:
         d = members.ids[receiver.name]

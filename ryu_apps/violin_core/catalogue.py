@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from typing import Dict, List, Optional
 
 from . import channel
@@ -20,20 +21,23 @@ ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 MANIFEST, CHANNEL = "manifest.json", "channel.pcapng"
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """temp file + fsync + rename + fsync of the directory."""
-    directory = os.path.dirname(path)
-    tmp = "%s.tmp-%d" % (path, os.getpid())
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """temp file + fsync + rename + fsync of the directory (safe from several threads)."""
+    tmp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
 
 
 class Catalogue:

@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 
-from topologies import lab
+from hostside import criu
+from topologies import lab, slicelab
 
 pytestmark = pytest.mark.integration
 
@@ -60,3 +61,15 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, "rep_" + report.when, report)
+
+
+@pytest.fixture
+def slice_controller(lab_ready):
+    """A controller set up to talk to a slice's helper and snapshot server (topologies.slicelab)."""
+    if not os.path.exists(criu.CRIU):
+        if os.environ.get("CI"):
+            pytest.fail("CI must test CRIU: %s is missing (scripts/setup.sh builds it)" % criu.CRIU)
+        pytest.skip("CRIU 4.2.1 not installed (run scripts/setup.sh)")
+    process = lab.ControllerProcess(config=slicelab.controller_config()).start()
+    yield process
+    process.stop()

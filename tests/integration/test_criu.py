@@ -1,13 +1,12 @@
 """The CRIU backend on real member processes inside Mininet hosts."""
 
 import os
-import shutil
 import signal
 import time
 
 import pytest
 
-from hostside import criu, seqstream
+from hostside import criu
 from topologies import lab
 from topologies.lan import LanTopo
 from topologies.members import Slice

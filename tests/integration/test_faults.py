@@ -1,25 +1,11 @@
 """Faults on the host side: a clear reason, nothing running harmed, nothing half-restored."""
 
 import os
-import signal
 import time
-
-import pytest
 
 from hostside import criu
 from topologies import lab, slicelab
 from topologies.lan import LanTopo
-
-
-@pytest.fixture
-def slice_controller(lab_ready):
-    if not os.path.exists(criu.CRIU):
-        if os.environ.get("CI"):
-            pytest.fail("CI must test CRIU: %s is missing" % criu.CRIU)
-        pytest.skip("CRIU 4.2.1 not installed")
-    process = lab.ControllerProcess(config=slicelab.controller_config()).start()
-    yield process
-    process.stop()
 
 
 def advancing(members, host, wait=0.4):

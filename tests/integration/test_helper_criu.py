@@ -2,26 +2,11 @@
 (cut while frozen), streams their images to violin-snapshot-server, and reports done; then the
 whole slice is restored from the snapshot, twice."""
 
-import os
 import time
 
-import pytest
-
-from hostside import criu
 from hostside.storage import ImageServer
 from topologies import lab, slicelab
 from topologies.lan import LanTopo
-
-
-@pytest.fixture
-def slice_controller(lab_ready):
-    if not os.path.exists(criu.CRIU):
-        if os.environ.get("CI"):
-            pytest.fail("CI must test CRIU: %s is missing" % criu.CRIU)
-        pytest.skip("CRIU 4.2.1 not installed")
-    process = lab.ControllerProcess(config=slicelab.controller_config()).start()
-    yield process
-    process.stop()
 
 
 def test_snapshot_through_the_helper_then_restore_the_slice_twice(slice_controller, tmp_path):

@@ -15,17 +15,6 @@ from topologies.ring import RingTopo
 CYCLES = int(os.environ.get("VIOLIN_ORACLE_CYCLES", 20))
 
 
-@pytest.fixture
-def slice_controller(lab_ready):
-    if not os.path.exists(criu.CRIU):
-        if os.environ.get("CI"):
-            pytest.fail("CI must test CRIU: %s is missing" % criu.CRIU)
-        pytest.skip("CRIU 4.2.1 not installed")
-    process = lab.ControllerProcess(config=slicelab.controller_config()).start()
-    yield process
-    process.stop()
-
-
 def oracle_of(members):
     return oracle.load([members.member_dir(h) for h in members.hosts], margin=int(members.rate // 2))
 

@@ -11,7 +11,7 @@ from webob import Request
 
 from violin_core import channel, of
 from violin_core.catalogue import Catalogue
-from violin_core.controller import ViolinController, build_rest_app
+from violin_core.controller import build_rest_app
 from violin_core.fabric import FabricSettings
 from violin_core.packets import build_marker
 from violin_core.rest import HttpError
