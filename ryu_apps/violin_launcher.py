@@ -78,9 +78,13 @@ def run_os_ken(args):
     services = manager.instantiate_apps(**manager.create_contexts())
     try:
         hub.joinall(services)
+    except KeyboardInterrupt:
+        pass
     finally:
         manager.close()
-    return 0
+    # os-ken's native hub threads are not daemons: without this, Ctrl-C would leave the process up.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -117,6 +118,8 @@ class ViolinSnapshot(BaseApp):
         self.io = HubIO(self)
         self.core = ViolinController(config, time.monotonic, time.time, self.io)
         self._port_desc = {}
+        self._stopping = threading.Event()
+        self._rest_server = None
         self.rest_app = self._locked_app(build_rest_app(self.core))
         if "wsgi" in kwargs:
             kwargs["wsgi"].register(_RestBridge, self.rest_app)
@@ -139,8 +142,15 @@ class ViolinSnapshot(BaseApp):
                 return app(environ, start_response)
         return locked
 
+    def stop(self):
+        """End our own threads too: os-ken's native hub cannot kill them, only join them."""
+        self._stopping.set()
+        if self._rest_server is not None:
+            self._rest_server.shutdown()
+        super().stop()
+
     def _ticker(self):
-        while True:
+        while not self._stopping.is_set():
             try:
                 with self.lock:
                     self.send(self.core.tick())
@@ -151,9 +161,9 @@ class ViolinSnapshot(BaseApp):
     def _serve_rest(self):
         host = _conf("wsapi_host", DEFAULT_WSAPI_HOST)
         port = _conf("wsapi_port", DEFAULT_WSAPI_PORT)
-        server = make_server(host, port, self.rest_app, _ThreadingWSGIServer, _QuietHandler)
+        self._rest_server = make_server(host, port, self.rest_app, _ThreadingWSGIServer, _QuietHandler)
         LOG.info("REST API on http://%s:%d/violin", host, port)
-        server.serve_forever()
+        self._rest_server.serve_forever()
 
     # --- OpenFlow events ---------------------------------------------------------
 
