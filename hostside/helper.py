@@ -27,7 +27,6 @@ Config (JSON or YAML; unknown keys refused, ``violin-helper --check``)::
 
 import argparse
 import ctypes
-import hmac
 import json
 import os
 import shutil
@@ -41,10 +40,10 @@ import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional
 
 from hostside import criu
+from hostside.httpd import JsonHandler, listen, serve
 from hostside.ovs import wait_datapath
 from hostside.storage import ImageServer, StorageError
 from violin_core.packets import build_marker
@@ -312,34 +311,20 @@ class Helper:
 
 
 def make_handler(helper: Helper):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def _json(self, status, body):
-            data = (json.dumps(body, sort_keys=True) + "\n").encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(JsonHandler):
         def _authorized(self):
-            scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), helper.config.token.encode()):
+            if self.bearer_is(helper.config.token):
                 return True
-            self._json(401, {"error": "unauthorized", "reason": "missing or wrong bearer token"})
+            self.send_json(401, {"error": "unauthorized", "reason": "missing or wrong bearer token"})
             return False
 
         def do_GET(self):
             if self.path == "/health":
-                return self._json(200, {"status": "ok", "members": sorted(helper.config.members)})
+                return self.send_json(200, {"status": "ok", "members": sorted(helper.config.members)})
             if self.path == "/jobs" and self._authorized():
-                return self._json(200, helper.jobs)
+                return self.send_json(200, helper.jobs)
             if self.path != "/jobs":
-                self._json(404, {"error": "not_found", "reason": "no such resource: %s" % self.path})
+                self.send_json(404, {"error": "not_found", "reason": "no such resource: %s" % self.path})
 
         def do_POST(self):
             if not self._authorized():
@@ -347,21 +332,21 @@ def make_handler(helper: Helper):
             routes = {"/snapshot": (202, helper.start_snapshot), "/stage": (200, helper.stage),
                       "/restore": (200, helper.restore), "/resume": (200, helper.resume)}
             if self.path not in routes:
-                return self._json(404, {"error": "not_found", "reason": "no such resource: %s" % self.path})
+                return self.send_json(404, {"error": "not_found", "reason": "no such resource: %s" % self.path})
             status, action = routes[self.path]
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 if not isinstance(body, dict):
                     raise ValueError("body must be a JSON object")
-                self._json(status, action(body))
+                self.send_json(status, action(body))
             except (ValueError, AttributeError) as error:
-                self._json(400, {"error": "bad_request", "reason": str(error)})
+                self.send_json(400, {"error": "bad_request", "reason": str(error)})
             except (LookupError, FileNotFoundError) as error:
-                self._json(404, {"error": "not_found", "reason": str(error)})
+                self.send_json(404, {"error": "not_found", "reason": str(error)})
             except FileExistsError as error:
-                self._json(409, {"error": "conflict", "reason": str(error)})
+                self.send_json(409, {"error": "conflict", "reason": str(error)})
             except (StorageError, criu.CriuError, RuntimeError, OSError) as error:
-                self._json(502, {"error": "failed", "reason": str(error)[:2000]})
+                self.send_json(502, {"error": "failed", "reason": str(error)[:2000]})
 
     return Handler
 
@@ -392,15 +377,12 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(config.work_dir, exist_ok=True)
     become_subreaper()
-    server = ThreadingHTTPServer((config.host, config.port), make_handler(Helper(config)))
-    server.daemon_threads = True
+    server = listen(config.host, config.port, make_handler(Helper(config)), "violin-helper")
+    if server is None:
+        return 1
     print("violin-helper: listening on %s:%d for %s" % (config.host, config.port, ", ".join(sorted(config.members))),
           flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return serve(server)
 
 
 if __name__ == "__main__":

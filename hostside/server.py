@@ -17,16 +17,16 @@ complete files and their checksums) is rewritten the same way after each one.
 
 import argparse
 import hashlib
-import hmac
 import json
 import os
 import re
 import shutil
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Optional
 
+from hostside.httpd import JsonHandler, listen, serve as httpd_serve
 from violin_core.catalogue import fsync_dir, write_atomic
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -96,29 +96,15 @@ class ChecksumMismatch(ValueError):
 
 
 def make_handler(store: ImageStore, token: str):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def _json(self, status: int, body: dict) -> None:
-            data = (json.dumps(body, sort_keys=True) + "\n").encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(JsonHandler):
         def _error(self, status: int, reason: str) -> None:
-            self._json(status, {"error": status, "reason": reason})
+            self.send_json(status, {"error": status, "reason": reason})
 
         def _parts(self):
             """Validated path parts after /images, or None after answering an error."""
             if self.path == "/health":
                 return ["health"]
-            scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            if not self.bearer_is(token):
                 self._error(401, "missing or wrong bearer token")
                 return None
             parts = self.path.strip("/").split("/")
@@ -133,10 +119,10 @@ def make_handler(store: ImageStore, token: str):
             if parts is None:
                 return
             if parts == ["health"]:
-                return self._json(200, {"status": "ok", "root": store.root})
+                return self.send_json(200, {"status": "ok", "root": store.root})
             if len(parts) == 2:
                 index = store.index(*parts)
-                return self._json(200, index) if index else self._error(404, "no images for %s/%s" % tuple(parts))
+                return self.send_json(200, index) if index else self._error(404, "no images for %s/%s" % tuple(parts))
             if len(parts) != 3:
                 return self._error(400, "GET /images/<snapshot>/<member>[/<file>]")
             entry = next((f for f in (store.index(*parts[:2]) or {}).get("files", []) if f["name"] == parts[2]), None)
@@ -168,7 +154,7 @@ def make_handler(store: ImageStore, token: str):
                 return self._error(400, str(error))
             except OSError as error:
                 return self._error(507, "cannot store %s: %s" % ("/".join(parts), error.strerror))
-            self._json(201, dict(result, location="/images/" + "/".join(parts)))
+            self.send_json(201, dict(result, location="/images/" + "/".join(parts)))
 
         def do_DELETE(self):
             parts = self._parts()
@@ -178,12 +164,12 @@ def make_handler(store: ImageStore, token: str):
                 return self._error(400, "DELETE /images/<snapshot>")
             if not store.delete(parts[0]):
                 return self._error(404, "no images for snapshot %s" % parts[0])
-            self._json(200, {"deleted": parts[0]})
+            self.send_json(200, {"deleted": parts[0]})
 
     return Handler
 
 
-def serve(host: str, port: int, root: str, token: str) -> ThreadingHTTPServer:
+def serve(host: str, port: int, root: str, token: str):
     """A started-but-not-serving server (call ``serve_forever``); port 0 picks one."""
     server = ThreadingHTTPServer((host, port), make_handler(ImageStore(root), token))
     server.daemon_threads = True
@@ -208,17 +194,11 @@ def build_args(argv):
 
 def main(argv=None) -> int:
     args = build_args(sys.argv[1:] if argv is None else argv)
-    try:
-        server = serve(args.host, args.port, args.dir, args.token)
-    except OSError as error:
-        print("violin-snapshot-server: cannot listen on %s: %s" % (args.listen, error.strerror), file=sys.stderr)
+    server = listen(args.host, args.port, make_handler(ImageStore(args.dir), args.token), "violin-snapshot-server")
+    if server is None:
         return 1
     print("violin-snapshot-server: serving %s on %s:%d" % (args.dir, *server.server_address[:2]), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return httpd_serve(server)
 
 
 if __name__ == "__main__":

@@ -263,7 +263,7 @@ class ViolinController:
                 raise HttpError(409, self.coordinator.current.reason)
         started, started_wall = self.clock(), self.wall_clock()
         member = self.coordinator.members[name]
-        dpids = self.coordinator._switches_of(member)
+        dpids = self.coordinator.switches_of(member)
         rules, releases = self.coordinator.flip(started, snapshot_id, name, started_wall)
         if not self.io.send_and_barrier(rules, dpids, settings.barrier_timeout):
             self.io.send(releases)
@@ -280,7 +280,7 @@ class ViolinController:
         """The helper is about to pause the member: answer once frames for it are held."""
         member = self.coordinator.get_member(name)
         messages = self.coordinator.prepare(self.clock(), snapshot_id, name)
-        if not self.io.send_and_barrier(messages, self.coordinator._switches_of(member),
+        if not self.io.send_and_barrier(messages, self.coordinator.switches_of(member),
                                         self.config.snapshot.barrier_timeout):
             self._abort("the switch did not confirm holding frames for %s" % name)
             raise HttpError(504, self.coordinator.current.reason)

@@ -388,7 +388,7 @@ class Coordinator:
         if cut.state != "pending":
             raise SnapshotError(409, "%s is %s in snapshot %s, not pending" % (name, cut.state, snapshot_id))
         cut.state = "prepared"
-        return self.fabric.reconcile(now, self._switches_of(self.members[name]))
+        return self.fabric.reconcile(now, self.switches_of(self.members[name]))
 
     def marker_in(self, dpid: int, in_port: int, frame: bytes) -> None:
         """A member's marker came in on its own link: every earlier frame of it has passed ingress."""
@@ -423,7 +423,7 @@ class Coordinator:
         cut.state = "cut"
         snapshot.last_flip = now
         releases = self._release_queue(name, record_colour=self.colour(snapshot.epoch - 1), wall=wall)
-        return self.fabric.reconcile(now, self._switches_of(member)), releases
+        return self.fabric.reconcile(now, self.switches_of(member)), releases
 
     def cut_done(self, wall: float, snapshot_id: str, name: str, flip_ms: float) -> None:
         cut = self.current.cuts[name]
@@ -564,7 +564,7 @@ class Coordinator:
                     self._record(name, wall, frame)
         return [_packet_out((dpid, port), frame) for dpid, port, frame, _colour in queue]
 
-    def _switches_of(self, member: Member) -> Set[int]:
+    def switches_of(self, member: Member) -> Set[int]:
         return {self.fabric.hosts[mac][0] for mac in member.macs if mac in self.fabric.hosts}
 
     def participant_switches(self) -> Set[int]:
@@ -572,7 +572,7 @@ class Coordinator:
         if self.current is not None:
             for name in self.current.participants:
                 if name in self.members:
-                    found |= self._switches_of(self.members[name])
+                    found |= self.switches_of(self.members[name])
         return found
 
     def channel_bytes(self) -> int:
