@@ -20,9 +20,18 @@ Config (JSON or YAML; unknown keys refused, ``violin-helper --check``)::
     servers: [http://10.0.0.5:7070]                     # snapshot servers
     server_token: <token of the snapshot servers>       # or VIOLIN_SERVER_TOKEN
     work_dir: /var/lib/violin-helper
+    libvirt_uri: qemu:///system                         # for libvirt members
     members:
       h1: {backend: criu, pid: 1234, netns: /proc/77/ns/net, mntns: /proc/77/ns/mnt,
            workdir: /srv/h1, iface: h1-eth0, mac: "00:00:00:00:00:01"}
+      vm1: {backend: libvirt, domain: vm1, iface: vm1-tap, mac: "52:54:00:00:00:11"}
+
+For a libvirt member the snapshot is a fake live migration instead
+(hostside/vm.py): the memory is streamed to the snapshot server while the VM
+runs; when QEMU pauses it before the switchover, the helper waits until the
+switch has read every frame from the VM's tap (``iface``), calls ``cut``, and
+lets the migration finish and the VM run on. VMs cannot send a marker while
+paused: register them with the controller with ``marker: false``.
 """
 
 import argparse
@@ -42,13 +51,14 @@ import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from hostside import criu
+from hostside import criu, vm
 from hostside.httpd import JsonHandler, listen, serve
 from hostside.ovs import wait_datapath
 from hostside.storage import ImageServer, StorageError
 from violin_core.packets import build_marker
 
 CLONE_NEWNET = 0x40000000
+VM_IMAGE = "vm.save"  # a libvirt save file: header, migratable XML, QEMU's migration stream
 
 
 class HelperConfigError(ValueError):
@@ -58,13 +68,15 @@ class HelperConfigError(ValueError):
 @dataclass
 class HelperMember:
     name: str
-    pid: int
-    netns: str
     iface: str
     mac: str
+    pid: int = 0
+    netns: str = ""
     workdir: Optional[str] = None
     mntns: Optional[str] = None
     backend: str = "criu"
+    domain: Optional[str] = None  # libvirt members
+    ip: Optional[str] = None  # CRIU members: address/prefix to put on ``iface`` when restored here
 
 
 @dataclass
@@ -77,16 +89,19 @@ class HelperConfig:
     server_token: str
     work_dir: str
     members: Dict[str, HelperMember]
+    libvirt_uri: str = "qemu:///system"
 
 
-MEMBER_KEYS = {"backend": str, "pid": int, "netns": str, "mntns": str, "workdir": str, "iface": str, "mac": str}
-REQUIRED_MEMBER_KEYS = ("pid", "netns", "iface", "mac")
+MEMBER_KEYS = {"backend": str, "pid": int, "netns": str, "mntns": str, "workdir": str, "iface": str, "mac": str,
+               "domain": str, "ip": str}
+BACKEND_KEYS = {"criu": ({"pid", "netns", "iface", "mac"}, {"mntns", "workdir", "ip"}),
+                "libvirt": ({"domain", "iface", "mac"}, set())}
 
 
 def parse_config(raw, environ=os.environ) -> HelperConfig:
     if not isinstance(raw, dict):
         raise HelperConfigError("config: expected a mapping")
-    known = {"listen", "token", "controller_token", "servers", "server_token", "work_dir", "members"}
+    known = {"listen", "token", "controller_token", "servers", "server_token", "work_dir", "members", "libvirt_uri"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise HelperConfigError("config: unknown key(s) %s; known: %s" % (", ".join(unknown), ", ".join(sorted(known))))
@@ -113,14 +128,22 @@ def parse_config(raw, environ=os.environ) -> HelperConfig:
         for key, kind in MEMBER_KEYS.items():
             if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], kind)):
                 raise HelperConfigError("members.%s.%s: expected %s" % (name, key, kind.__name__))
-        missing = [k for k in REQUIRED_MEMBER_KEYS if k not in spec]
+        backend = spec.get("backend", "criu")
+        if backend not in BACKEND_KEYS:
+            raise HelperConfigError("members.%s.backend: expected one of %s" % (name, ", ".join(sorted(BACKEND_KEYS))))
+        required, optional = BACKEND_KEYS[backend]
+        missing = sorted(required - set(spec))
         if missing:
             raise HelperConfigError("members.%s: missing %s" % (name, ", ".join(missing)))
-        if spec.get("backend", "criu") != "criu":
-            raise HelperConfigError("members.%s.backend: only 'criu' is supported so far" % name)
+        foreign = sorted(set(spec) - required - optional - {"backend"})
+        if foreign:
+            raise HelperConfigError("members.%s: %s do not apply to backend %s" % (name, ", ".join(foreign), backend))
         members[name] = HelperMember(name=name, **spec)
+    uri = raw.get("libvirt_uri", "qemu:///system")
+    if not isinstance(uri, str) or not uri:
+        raise HelperConfigError("libvirt_uri: expected a libvirt URI such as qemu:///system")
     return HelperConfig(host, int(port), secrets["token"], secrets["controller_token"], servers,
-                        secrets["server_token"], str(raw.get("work_dir", "/var/lib/violin-helper")), members)
+                        secrets["server_token"], str(raw.get("work_dir", "/var/lib/violin-helper")), members, uri)
 
 
 def open_marker_socket(netns: str, iface: str) -> socket.socket:
@@ -188,11 +211,55 @@ def clear_orphan_sockets(netns: str) -> None:
                    capture_output=True, timeout=10)
 
 
+def in_netns(netns: str, *argv: str) -> str:
+    result = subprocess.run(["nsenter", "--net=%s" % netns, *argv], capture_output=True, text=True, timeout=10)
+    if result.returncode != 0:
+        raise RuntimeError("%s in %s: %s" % (" ".join(argv), netns, result.stderr.strip()))
+    return result.stdout
+
+
+def take_identity(member: "HelperMember") -> None:
+    """Give the member's interface here its MAC and address (a member restored away from home).
+
+    CRIU restores sockets bound to the member's address, and its peers know it
+    by its MAC: both must be on this host's interface before the restore.
+    """
+    current = json.loads(in_netns(member.netns, "ip", "-j", "addr", "show", "dev", member.iface) or "[]")
+    link = current[0] if current else {}
+    addresses = {"%s/%s" % (a["local"], a["prefixlen"]) for a in link.get("addr_info", []) if a.get("family") == "inet"}
+    if link.get("address", "").lower() == member.mac.lower() and addresses == {member.ip} and \
+            "UP" in link.get("flags", []):
+        return
+    in_netns(member.netns, "ip", "link", "set", member.iface, "down")
+    in_netns(member.netns, "ip", "link", "set", member.iface, "address", member.mac)
+    in_netns(member.netns, "ip", "-4", "addr", "flush", "dev", member.iface)
+    in_netns(member.netns, "ip", "addr", "add", member.ip, "dev", member.iface)
+    in_netns(member.netns, "ip", "link", "set", member.iface, "up")
+
+
+def switch_port_of(member: "HelperMember") -> str:
+    """The switch's name for the port the member's interface (a veth in its namespace) plugs into."""
+    links = json.loads(in_netns(member.netns, "ip", "-j", "link", "show", "dev", member.iface) or "[]")
+    peer = links[0].get("link_index") if links else None
+    if not peer:
+        raise RuntimeError("%s in %s is not a veth: cannot tell its switch port" % (member.iface, member.netns))
+    return socket.if_indextoname(peer)
+
+
 class Helper:
     def __init__(self, config: HelperConfig):
         self.config = config
         self.jobs: Dict[str, dict] = {}
         self.lock = threading.Lock()
+        self._libvirt: Optional[vm.Libvirt] = None
+
+    @property
+    def libvirt(self) -> "vm.Libvirt":
+        """One libvirt connection, opened when the first VM member needs it."""
+        with self.lock:
+            if self._libvirt is None:
+                self._libvirt = vm.Libvirt(self.config.libvirt_uri)
+            return self._libvirt
 
     def _member(self, body: dict) -> HelperMember:
         for key in ("snapshot", "member"):
@@ -226,14 +293,36 @@ class Helper:
         images = self._restore_dir(body)
         if not os.path.isdir(images):
             raise FileNotFoundError("%s/%s is not staged" % (body["snapshot"], member.name))
+        if member.backend == "libvirt":
+            restore_ms = self.libvirt.restore(os.path.join(images, VM_IMAGE), member.domain, tap=member.iface,
+                                              mac=member.mac)
+            return {"restored": member.name, "domain": member.domain, "iface": member.iface,
+                    "restore_ms": round(restore_ms, 1)}
         stop_tree(member.pid)
         clear_orphan_sockets(member.netns)
+        if member.ip:
+            take_identity(member)
         restore_ms = criu.restore(criu.ProcessMember(member.name, member.netns, member.pid, member.workdir,
                                                      member.mntns), images, leave_stopped=True)
-        return {"restored": member.name, "pid": member.pid, "restore_ms": round(restore_ms, 1)}
+        return {"restored": member.name, "pid": member.pid, "iface": switch_port_of(member),
+                "restore_ms": round(restore_ms, 1)}
+
+    def stop(self, body: dict) -> dict:
+        """Stop the member here for good: it is being restored on another host."""
+        member = self._member(body)
+        if member.backend == "libvirt":
+            self.libvirt.destroy(member.domain)
+        else:
+            stop_tree(member.pid)
+            clear_orphan_sockets(member.netns)
+            in_netns(member.netns, "ip", "link", "set", member.iface, "down")  # its MAC and IP live elsewhere now
+        return {"stopped": member.name}
 
     def resume(self, body: dict) -> dict:
         member = self._member(body)
+        if member.backend == "libvirt":
+            self.libvirt.resume(member.domain)
+            return {"resumed": member.name}
         try:
             os.killpg(member.pid, signal.SIGCONT)
         except ProcessLookupError:
@@ -275,6 +364,8 @@ class Helper:
         return {"accepted": key}
 
     def _snapshot(self, body: dict, member: HelperMember, key: str) -> None:
+        if member.backend == "libvirt":
+            return self._snapshot_vm(body, member, key)
         base = body["cut_url"].rsplit("/", 1)[0]
         images = os.path.join(self.config.work_dir, body["snapshot"], member.name)
         try:
@@ -302,12 +393,43 @@ class Helper:
                           "files": [{"name": f["name"], "bytes": f["bytes"], "sha256": f["sha256"]} for f in stored]}})
             self.jobs[key].update(state="done")
         except (criu.CriuError, StorageError, RuntimeError, OSError) as error:
-            self.jobs[key].update(state="failed", reason=str(error))
-            try:
-                self._post(body["failed_url"], {"reason": str(error)[:1000]})
-            except RuntimeError:
-                pass
+            self._report_failure(body, key, error)
             shutil.rmtree(images, ignore_errors=True)
+
+    def _report_failure(self, body: dict, key: str, error: Exception) -> None:
+        self.jobs[key].update(state="failed", reason=str(error))
+        try:
+            self._post(body["failed_url"], {"reason": str(error)[:1000]})
+        except RuntimeError:
+            pass
+
+    def _snapshot_vm(self, body: dict, member: HelperMember, key: str) -> None:
+        """Fake live migration of a VM to a snapshot server, the cut taken while QEMU holds it paused."""
+        server = self.server_for(member.name)
+        try:
+            self._post(body["cut_url"].rsplit("/", 1)[0] + "/prepare", {})
+            wait_datapath()
+
+            def on_paused() -> float:
+                drain_ms = vm.wait_tap_drained(member.iface)
+                self._post(body["cut_url"], {})
+                wait_datapath()
+                return drain_ms
+
+            storage = ImageServer(server, self.config.server_token)
+            report = self.libvirt.migrate_out(
+                member.domain, lambda reader: storage.upload_stream(body["snapshot"], member.name, VM_IMAGE, reader),
+                on_paused)
+            details = report.as_dict()
+            stored = details.pop("stored")
+            details.pop("sha256")
+            self._post(body["done_url"], {
+                "pause_ms": round(report.pause_ms, 3), "bytes": report.bytes, "server": server,
+                "image": dict(details, backend="libvirt", domain=member.domain,
+                              files=[{"name": VM_IMAGE, "bytes": stored["bytes"], "sha256": stored["sha256"]}])})
+            self.jobs[key].update(state="done")
+        except (vm.VmError, StorageError, RuntimeError, OSError) as error:
+            self._report_failure(body, key, error)
 
 
 def make_handler(helper: Helper):
@@ -330,7 +452,7 @@ def make_handler(helper: Helper):
             if not self._authorized():
                 return
             routes = {"/snapshot": (202, helper.start_snapshot), "/stage": (200, helper.stage),
-                      "/restore": (200, helper.restore), "/resume": (200, helper.resume)}
+                      "/restore": (200, helper.restore), "/resume": (200, helper.resume), "/stop": (200, helper.stop)}
             if self.path not in routes:
                 return self.send_json(404, {"error": "not_found", "reason": "no such resource: %s" % self.path})
             status, action = routes[self.path]
@@ -345,7 +467,7 @@ def make_handler(helper: Helper):
                 self.send_json(404, {"error": "not_found", "reason": str(error)})
             except FileExistsError as error:
                 self.send_json(409, {"error": "conflict", "reason": str(error)})
-            except (StorageError, criu.CriuError, RuntimeError, OSError) as error:
+            except (StorageError, criu.CriuError, vm.VmError, RuntimeError, OSError) as error:
                 self.send_json(502, {"error": "failed", "reason": str(error)[:2000]})
 
     return Handler

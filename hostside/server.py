@@ -52,20 +52,21 @@ class ImageStore:
         except (OSError, ValueError):
             return None
 
-    def store(self, snapshot: str, member: str, name: str, stream, length: int, expected: Optional[str]) -> dict:
+    def store(self, snapshot: str, member: str, name: str, stream, length: Optional[int],
+              expected: Optional[str]) -> dict:
+        """Store one file from ``stream``: ``length`` bytes, or HTTP chunks when ``length`` is None
+        (a VM's migration stream, whose size nobody knows in advance)."""
         directory = self.member_dir(snapshot, member)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, ".%s.part-%d" % (name, threading.get_ident()))
-        digest, remaining = hashlib.sha256(), length
+        digest, received = hashlib.sha256(), 0
+        chunks = read_chunked(stream) if length is None else read_exactly(stream, length)
         try:
             with open(tmp, "wb") as handle:
-                while remaining > 0:
-                    chunk = stream.read(min(CHUNK, remaining))
-                    if not chunk:
-                        raise ValueError("the body ended after %d of %d bytes" % (length - remaining, length))
+                for chunk in chunks:
                     digest.update(chunk)
                     handle.write(chunk)
-                    remaining -= len(chunk)
+                    received += len(chunk)
                 handle.flush()
                 os.fsync(handle.fileno())
             sha256 = digest.hexdigest()
@@ -79,9 +80,9 @@ class ImageStore:
         with self.lock:
             index = self.index(snapshot, member) or {"snapshot": snapshot, "member": member, "files": []}
             index["files"] = [f for f in index["files"] if f["name"] != name] + [
-                {"name": name, "bytes": length, "sha256": sha256}]
+                {"name": name, "bytes": received, "sha256": sha256}]
             write_atomic(os.path.join(directory, INDEX), json.dumps(index, indent=1).encode())
-        return {"name": name, "bytes": length, "sha256": sha256}
+        return {"name": name, "bytes": received, "sha256": sha256}
 
     def delete(self, snapshot: str) -> bool:
         path = os.path.join(self.root, snapshot)
@@ -93,6 +94,33 @@ class ImageStore:
 
 class ChecksumMismatch(ValueError):
     pass
+
+
+def read_exactly(stream, length: int):
+    remaining = length
+    while remaining > 0:
+        chunk = stream.read(min(CHUNK, remaining))
+        if not chunk:
+            raise ValueError("the body ended after %d of %d bytes" % (length - remaining, length))
+        remaining -= len(chunk)
+        yield chunk
+
+
+def read_chunked(stream):
+    """The payload of an HTTP/1.1 chunked body (trailers ignored)."""
+    while True:
+        line = stream.readline(1024)
+        try:
+            size = int(line.split(b";")[0].strip(), 16)
+        except ValueError:
+            raise ValueError("bad chunk header %r" % line[:40]) from None
+        if size == 0:
+            while stream.readline(1024) not in (b"\r\n", b"\n", b""):
+                pass
+            return
+        yield from read_exactly(stream, size)
+        if stream.readline(8) not in (b"\r\n", b"\n"):
+            raise ValueError("chunk not terminated by CRLF")
 
 
 def make_handler(store: ImageStore, token: str):
@@ -142,10 +170,11 @@ def make_handler(store: ImageStore, token: str):
                 return
             if len(parts) != 3 or parts[2] == INDEX:
                 return self._error(400, "PUT /images/<snapshot>/<member>/<file>")
-            if self.headers.get("Content-Length") is None:
-                return self._error(411, "Content-Length is required")
+            chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
+            if self.headers.get("Content-Length") is None and not chunked:
+                return self._error(411, "Content-Length or chunked transfer encoding is required")
             try:
-                length = int(self.headers["Content-Length"])
+                length = None if chunked else int(self.headers["Content-Length"])
                 result = store.store(*parts, self.rfile, length, self.headers.get("X-Sha256"))
             except ChecksumMismatch as error:
                 return self._error(422, str(error))

@@ -65,6 +65,40 @@ class ImageServer:
                 self.url, name, response.status, answer.get("reason", answer)))
         return answer
 
+    def upload_stream(self, snapshot: str, member: str, name: str, reader) -> Dict:
+        """Stream a file of unknown size (chunked) from ``reader.read(n)`` until it returns b"".
+
+        The server's checksum must equal ours, or the upload counts as failed."""
+        digest = hashlib.sha256()
+
+        def chunks():
+            for chunk in iter(lambda: reader.read(CHUNK), b""):
+                digest.update(chunk)
+                yield chunk
+
+        connection = self._connect()
+        try:
+            connection.putrequest("PUT", "/images/%s/%s/%s" % (snapshot, member, name))
+            connection.putheader("Authorization", "Bearer " + self.token)
+            connection.putheader("Transfer-Encoding", "chunked")
+            connection.endheaders()
+            for chunk in chunks():
+                connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            connection.send(b"0\r\n\r\n")
+            response = connection.getresponse()
+            answer = json.loads(response.read() or b"{}")
+        except OSError as error:
+            raise StorageError("snapshot server %s: streaming %s failed: %s" % (self.url, name, error)) from None
+        finally:
+            connection.close()
+        if response.status != 201:
+            raise StorageError("snapshot server %s refused %s: %s %s" % (
+                self.url, name, response.status, answer.get("reason", answer)))
+        if answer.get("sha256") != digest.hexdigest():
+            raise StorageError("snapshot server %s stored %s with sha256 %s, we sent %s" % (
+                self.url, name, answer.get("sha256"), digest.hexdigest()))
+        return answer
+
     def upload_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
         return [self.upload(snapshot, member, os.path.join(directory, name))
                 for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))]

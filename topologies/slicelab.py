@@ -51,14 +51,15 @@ def controller_config():
 
 
 @contextmanager
-def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None):
-    """Members in every host of ``net``, their helper and a snapshot server; yields the Slice.
+def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None, hosts=None):
+    """Members in every host of ``net`` (or in ``hosts``), their helper and a snapshot server; yields the Slice.
 
     ``servers`` overrides the snapshot servers the helper is told about (e.g. one that is down)."""
+    hosts = list(net.hosts if hosts is None else hosts)
     os.makedirs(workdir, exist_ok=True)
     server_port, helper_port = lab.free_port(), lab.free_port()
     server_url, helper_url = "http://127.0.0.1:%d" % server_port, "http://127.0.0.1:%d" % helper_port
-    members = Slice(net.hosts, os.path.join(workdir, "slice"), rate=rate)
+    members = Slice(hosts, os.path.join(workdir, "slice"), rate=rate)
     daemons = []
     try:
         daemons.append(start_daemon(
@@ -71,7 +72,7 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
             "servers": servers or [server_url], "server_token": SERVER_TOKEN, "work_dir": os.path.join(workdir, "helper"),
             "members": {h.name: {"pid": members.pids[h.name], "netns": "/proc/%d/ns/net" % h.pid,
                                  "mntns": "/proc/%d/ns/mnt" % h.pid, "workdir": members.member_dir(h),
-                                 "iface": str(h.defaultIntf()), "mac": h.MAC()} for h in net.hosts}}
+                                 "iface": str(h.defaultIntf()), "mac": h.MAC()} for h in hosts}}
         with open(os.path.join(workdir, "helper.json"), "w") as handle:
             json.dump(config, handle)
         daemons.append(start_daemon([sys.executable, "-m", "hostside.helper", "--config",
@@ -81,7 +82,7 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
         members.helper_process = daemons[-1]
         members.helper_log = os.path.join(workdir, "helper.log")
         if register:
-            for h in net.hosts:
+            for h in hosts:
                 status, body = controller.request("POST", "/violin/members", {
                     "name": h.name, "macs": [h.MAC()], "helper_url": helper_url, "backend": "criu"})
                 if status != 201:

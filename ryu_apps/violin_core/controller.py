@@ -396,6 +396,31 @@ class ViolinController:
         info["state"] = action + ("d" if action.endswith("e") else "ed")
         return answer
 
+    def _restore_member(self, job: RestoreJob, name: str) -> None:
+        """Restore one member where the job places it; a member moving to another helper is
+        first stopped where it runs now (if that host still answers), then located at its new port."""
+        info, member = job.members[name], self.coordinator.members[name]
+        if member.helper_url and info["helper"].rstrip("/") != member.helper_url.rstrip("/"):
+            info["moved_from"] = member.helper_url
+            status, answer = self.io.post_json(member.helper_url.rstrip("/") + "/stop",
+                                               {"snapshot": job.snapshot, "member": name}, 30.0,
+                                               self.config.helper_token)
+            if status is None or not 200 <= status < 300:  # a dead host is a reason to move, not to fail
+                reason = answer.get("reason", answer) if isinstance(answer, dict) else answer
+                info["previous"] = "not stopped: %s %s" % (status, reason)
+                LOG.warning("restore %s: %s at %s not stopped: %s", job.id, name, member.helper_url, reason)
+            else:
+                info["previous"] = "stopped"
+        answer = self._helper_call(job, name, "restore")
+        iface = answer.get("iface") if isinstance(answer, dict) else None
+        if iface:
+            where = self.fabric.port_named(iface)
+            if where is None:
+                raise RuntimeError("%s was restored behind %s, which no switch of the slice has" % (name, iface))
+            for mac in member.macs:
+                self.fabric.place_host(mac, where)
+        member.helper_url = info["helper"]
+
     def _run_restore(self, job_id: str) -> None:
         job, names = self.restores[job_id], sorted(self.restores[job_id].members)
         settings, quarantined, resumed = self.config.snapshot, False, False
@@ -412,7 +437,7 @@ class ViolinController:
             quarantined = True
             if not self.io.send_and_barrier(quarantine, set(self.fabric.switches), settings.barrier_timeout):
                 raise RuntimeError("the switches did not confirm the quarantine")
-            timed("restoring", lambda: [self._helper_call(job, n, "restore") for n in names])
+            timed("restoring", lambda: [self._restore_member(job, n) for n in names])
             rules, injections = self.coordinator.restored(self.clock(), job.epoch, names, frames)
             quarantined = False
 

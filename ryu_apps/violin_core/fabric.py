@@ -158,6 +158,18 @@ class Fabric:
             entries += self.policy.cut_entries(dpid, mac, port_no)
         return entries
 
+    def port_named(self, name: str) -> Optional[PortRef]:
+        """The (dpid, port) of the switch port called ``name`` (a host's link, a VM's tap), if any."""
+        for dpid, switch in sorted(self.switches.items()):
+            for number, port in sorted(switch.ports.items()):
+                if port.name == name:
+                    return dpid, number
+        return None
+
+    def place_host(self, mac: str, ref: PortRef) -> None:
+        """Locate ``mac`` behind ``ref`` now (a member restored on another host), not when it next speaks."""
+        self.hosts[mac.lower()] = ref
+
     def hosts_on(self, dpid: int, port_no: int) -> List[str]:
         return sorted(mac for mac, where in self.hosts.items() if where == (dpid, port_no))
 

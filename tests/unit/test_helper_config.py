@@ -22,12 +22,23 @@ def test_good_config_parses():
     ({"token": ""}, "token: required"),
     ({"servers": ["ftp://x"]}, "servers"),
     ({"members": {"h1": {"pid": "10", "netns": "x", "iface": "i", "mac": "m"}}}, "members.h1.pid"),
-    ({"members": {"h1": {"pid": 10}}}, "missing netns, iface, mac"),
-    ({"members": {"h1": dict(GOOD["members"]["h1"], backend="libvirt")}}, "only 'criu'"),
+    ({"members": {"h1": {"pid": 10}}}, "missing iface, mac, netns"),
+    ({"members": {"h1": dict(GOOD["members"]["h1"], backend="xen")}}, "expected one of criu, libvirt"),
+    ({"members": {"h1": dict(GOOD["members"]["h1"], backend="libvirt")}}, "missing domain"),
+    ({"members": {"v1": {"backend": "libvirt", "domain": "v1", "iface": "t", "mac": "m", "pid": 3}}},
+     "pid do not apply to backend libvirt"),
+    ({"libvirt_uri": 3}, "libvirt_uri"),
 ])
 def test_bad_config_is_refused(change, needle):
     with pytest.raises(helper.HelperConfigError, match=needle):
         helper.parse_config(dict(GOOD, **change), environ={})
+
+
+def test_libvirt_members_parse():
+    raw = dict(GOOD, libvirt_uri="qemu:///session",
+               members={"v1": {"backend": "libvirt", "domain": "dom-v1", "iface": "v1-tap", "mac": "52:54:00:00:00:01"}})
+    config = helper.parse_config(raw, environ={})
+    assert config.libvirt_uri == "qemu:///session" and config.members["v1"].domain == "dom-v1"
 
 
 def test_tokens_can_come_from_the_environment():

@@ -78,3 +78,36 @@ def test_command_line_validation(capsys):
     with pytest.raises(SystemExit):
         srv.build_args(["--dir", "/tmp/x"])
     assert "token is required" in capsys.readouterr().err
+
+
+class Trickle:
+    """A reader of unknown length, like a VM's migration stream (odd-sized reads)."""
+
+    def __init__(self, data, step=70001):
+        self.data, self.step = data, step
+
+    def read(self, _size):
+        chunk, self.data = self.data[:self.step], self.data[self.step:]
+        return chunk
+
+
+def test_a_stream_of_unknown_size_is_stored_chunked_and_verified(image_server, tmp_path):
+    url, store = image_server
+    client = ImageServer(url, "tok")
+    data = os.urandom(2 * 1024 * 1024 + 17)
+    stored = client.upload_stream("snap-2", "vm1", "vm.save", Trickle(data))
+    assert stored["bytes"] == len(data)
+    client.download_dir("snap-2", "vm1", str(tmp_path / "back"))
+    assert (tmp_path / "back" / "vm.save").read_bytes() == data
+    assert not [p for p in (store / "snap-2" / "vm1").iterdir() if ".part" in p.name]
+
+
+def test_a_stream_to_an_unreachable_server_fails_clearly():
+    with pytest.raises(StorageError, match="streaming vm.save failed|unreachable"):
+        ImageServer("http://127.0.0.1:9", "tok").upload_stream("s", "m", "vm.save", Trickle(b"x" * 10))
+
+
+def test_a_stream_with_a_wrong_token_is_refused(image_server):
+    url, _ = image_server
+    with pytest.raises(StorageError, match="refused vm.save: 401"):
+        ImageServer(url, "wrong").upload_stream("s", "m", "vm.save", Trickle(b"x" * 100))
