@@ -1,0 +1,423 @@
+"""libvirt/QEMU backend: a VM's "fake live migration" to a snapshot server, and its restore.
+
+Snapshot (QEMU 7.2 under libvirt, driven over QMP through libvirt-qemu):
+
+  1. ``migrate`` with capability ``pause-before-switchover`` to an ``fd:`` URI:
+     a pipe whose other end the helper streams to a snapshot server while the
+     guest runs on (live pre-copy). The stream starts with libvirt's save
+     header and the domain's migratable XML, so the stored image is a file
+     ``virsh restore`` takes as it is;
+  2. on MIGRATION status ``pre-switchover`` QEMU has stopped the guest: the
+     cut instant. Then ``on_paused`` runs (the helper proves the VM's tap is
+     drained into the switch, calls the controller's cut, waits for the
+     answer), then ``migrate-continue``; once the stream is complete, ``cont``;
+  3. any failure (the VM vanishes, the stream is refused, the hook fails)
+     cancels the migration and leaves the guest running.
+
+Restore: ``virDomainRestoreFlags`` of the staged save file, paused, after the
+running domain of the same name (if any) is destroyed; ``resume`` later.
+The guest's RAM is its whole state (diskless guests); domains with writable
+disks are refused rather than snapshotted without their disks.
+"""
+
+import json
+import os
+import queue
+import struct
+import threading
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+SAVE_MAGIC = b"LibvirtQemudSave"
+SAVE_VERSION = 2
+SAVE_HEADER = struct.Struct("<16s5I14I")  # magic, version, data_len, was_running, format, cookieOffset, unused
+FD_NAME = "violin-snapshot"
+CHUNK = 1 << 20
+
+
+class VmError(RuntimeError):
+    """A VM operation failed; the message says which and why."""
+
+
+def save_header(domain_xml: str, was_running: bool = False) -> bytes:
+    """libvirt's save-file header (version 2, raw format, no cookie) followed by the XML and its NUL."""
+    data = domain_xml.encode() + b"\0"
+    return SAVE_HEADER.pack(SAVE_MAGIC, SAVE_VERSION, len(data), int(was_running), 0, 0, *([0] * 14)) + data
+
+
+def read_save_header(head: bytes) -> str:
+    """The domain XML of a save file's first bytes; raises VmError if it is not one."""
+    if len(head) < SAVE_HEADER.size:
+        raise VmError("not a libvirt save file: %d bytes" % len(head))
+    fields = SAVE_HEADER.unpack_from(head)
+    if fields[0] != SAVE_MAGIC or fields[1] != SAVE_VERSION:
+        raise VmError("not a libvirt save file (magic %r, version %r)" % (fields[0], fields[1]))
+    xml = head[SAVE_HEADER.size:SAVE_HEADER.size + fields[2]]
+    if len(xml) != fields[2]:
+        raise VmError("truncated libvirt save file header")
+    return xml.rstrip(b"\0").decode()
+
+
+def writable_disks(domain_xml: str):
+    """Target names of the domain's writable disks (our snapshots carry RAM only)."""
+    root = ElementTree.fromstring(domain_xml)
+    return [(d.find("target").get("dev") if d.find("target") is not None else "?")
+            for d in root.findall("./devices/disk")
+            if d.get("device", "disk") == "disk" and d.find("readonly") is None]
+
+
+def retarget_nic(domain_xml: str, mac: Optional[str], tap: str) -> str:
+    """The domain XML with the NIC of ``mac`` (or the only NIC) on tap ``tap``."""
+    root = ElementTree.fromstring(domain_xml)
+    nics = root.findall("./devices/interface")
+    if mac:
+        nics = [n for n in nics if (n.find("mac") is not None and n.find("mac").get("address", "").lower()
+                                    == mac.lower())]
+    if len(nics) != 1:
+        raise VmError("cannot tell which NIC to put on %s (%d candidates)" % (tap, len(nics)))
+    target = nics[0].find("target")
+    if target is not None and target.get("dev") == tap:
+        return domain_xml
+    if target is None:
+        target = ElementTree.SubElement(nics[0], "target")
+    target.set("dev", tap)
+    target.set("managed", "no")
+    return ElementTree.tostring(root, encoding="unicode")
+
+
+def packet_socket_backlog(ifindex: int, path: str = "/proc/net/packet") -> Optional[int]:
+    """Bytes waiting in the receive queues of the AF_PACKET sockets bound to ``ifindex``
+    (None if no socket reads it).
+
+    Open vSwitch's userspace datapath reads a system port (a VM's tap)
+    through such a socket: when they are empty, every frame the guest wrote
+    to its tap has passed the switch's ingress.
+    """
+    total = None
+    with open(path) as handle:
+        next(handle)
+        for line in handle:
+            parts = line.split()  # sk RefCnt Type Proto Iface R Rmem User Inode
+            if len(parts) >= 7 and int(parts[4]) == ifindex:
+                total = (total or 0) + int(parts[6])
+    return total
+
+
+def wait_tap_drained(iface: str, timeout: float = 1.0) -> float:
+    """Wait until the switch has read every frame the (paused) guest sent; returns ms waited."""
+    with open("/sys/class/net/%s/ifindex" % iface) as handle:
+        ifindex = int(handle.read())
+    began = time.monotonic()
+    deadline = began + timeout
+    if packet_socket_backlog(ifindex) is None:
+        raise VmError("no switch reads %s (is the VM's tap on an Open vSwitch netdev bridge?)" % iface)
+    while packet_socket_backlog(ifindex):
+        if time.monotonic() > deadline:
+            raise VmError("frames from %s still wait for the switch after %.1f s" % (iface, timeout))
+        time.sleep(0.0002)
+    return (time.monotonic() - began) * 1000
+
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def _ensure_event_loop():
+    """libvirt delivers events only through a registered event loop, run here in a daemon thread."""
+    global _loop_started
+    import libvirt
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run():
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+@dataclass
+class MigrationReport:
+    pause_ms: float  # pre-switchover seen -> guest running again (what the guest's peers see)
+    hook_ms: float  # the cut hook (drain proof + controller cut)
+    drain_ms: float
+    precopy_ms: float  # migrate started -> guest paused (the live part)
+    switchover_ms: float  # after the cut: QEMU sends the rest and the device state, then the guest runs
+    total_ms: float
+    bytes: int  # the stored image (header + migration stream)
+    sha256: str
+    qemu_pause_ms: Optional[float] = None  # QEMU's STOP -> RESUME event timestamps
+    qemu_downtime_ms: Optional[float] = None  # QEMU's own "downtime" of the migration
+    libvirt_pause_ms: Optional[float] = None  # libvirt's SUSPENDED -> RESUMED lifecycle events
+    stored: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+class Libvirt:
+    """A connection to libvirtd with QMP access to its domains."""
+
+    def __init__(self, uri: str = "qemu:///system"):
+        import libvirt
+        _ensure_event_loop()
+        self.libvirt = libvirt
+        try:
+            self.conn = libvirt.open(uri)
+        except libvirt.libvirtError as error:
+            raise VmError("cannot connect to libvirt at %s: %s" % (uri, error)) from None
+        self.uri = uri
+
+    def domain(self, name: str):
+        try:
+            return self.conn.lookupByName(name)
+        except self.libvirt.libvirtError:
+            raise VmError("no libvirt domain %s" % name) from None
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.conn.lookupByName(name)
+            return True
+        except self.libvirt.libvirtError:
+            return False
+
+    def qmp(self, dom, command: str, arguments: Optional[dict] = None, files=None):
+        import libvirt_qemu
+        message = json.dumps({"execute": command, "arguments": arguments or {}})
+        try:
+            if files:
+                answer, _ = libvirt_qemu.qemuMonitorCommandWithFiles(dom, message, files, 0)
+            else:
+                answer = libvirt_qemu.qemuMonitorCommand(dom, message, 0)
+        except self.libvirt.libvirtError as error:
+            raise VmError("QMP %s on %s: %s" % (command, dom.name(), error)) from None
+        reply = json.loads(answer)
+        if "error" in reply:
+            raise VmError("QMP %s on %s: %s" % (command, dom.name(), reply["error"].get("desc", reply["error"])))
+        return reply.get("return")
+
+    # --- snapshot ------------------------------------------------------------
+
+    def migrate_out(self, name: str, sink: Callable, on_paused: Callable[[], float],
+                    timeout: float = 120.0, max_bandwidth: int = 4 << 30,
+                    downtime_limit_ms: int = 20) -> MigrationReport:
+        """Live-migrate ``name`` into ``sink(reader) -> stored`` and run ``on_paused`` at the cut.
+
+        ``sink`` runs in a thread and must read the stream to its end (it is
+        a libvirt save file); ``on_paused`` returns the ms it spent proving the
+        tap drained. On any failure the migration is cancelled and the guest
+        left running.
+        """
+        import hashlib
+        import libvirt_qemu
+        dom = self.domain(name)
+        if not dom.isActive():
+            raise VmError("domain %s is not running" % name)
+        xml = dom.XMLDesc(self.libvirt.VIR_DOMAIN_XML_MIGRATABLE | self.libvirt.VIR_DOMAIN_XML_SECURE)
+        disks = writable_disks(xml)
+        if disks:
+            raise VmError("domain %s has writable disks (%s): only diskless guests are snapshotted"
+                          % (name, ", ".join(disks)))
+        events: "queue.Queue" = queue.Queue()
+        stamps = {}
+
+        def on_qmp(_conn, _dom, event, seconds, micros, details, _opaque):
+            stamp = seconds + micros / 1e6
+            if event == "STOP":
+                stamps.setdefault("STOP", stamp)
+            elif event == "RESUME":
+                stamps["RESUME"] = stamp
+            elif event == "MIGRATION":
+                events.put(("migration", (json.loads(details) if details else {}).get("status")))
+            elif event == "SHUTDOWN":
+                events.put(("gone", "the guest shut down"))
+
+        def on_lifecycle(_conn, _dom, event, _detail, _opaque):
+            libvirt = self.libvirt
+            if event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
+                stamps.setdefault("suspended", time.monotonic())
+            elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED:
+                stamps["resumed"] = time.monotonic()
+            elif event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
+                events.put(("gone", "domain %s stopped" % name))
+
+        qmp_callback = libvirt_qemu.qemuMonitorEventRegister(self.conn, dom, None, on_qmp, None, 0)
+        life_callback = self.conn.domainEventRegisterAny(dom, self.libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                                         on_lifecycle, None)
+        reader_fd, writer_fd = os.pipe()
+        digest, counted, outcome = hashlib.sha256(), [0], {}
+        header = save_header(xml)
+
+        buffered: "queue.Queue" = queue.Queue()
+        buffered.put(header)
+
+        def pump():
+            """Drain QEMU's pipe into memory at once: a sink stalled by disk or network must never
+            stall QEMU's final writes, which it makes with the guest paused."""
+            try:
+                for chunk in iter(lambda: os.read(reader_fd, CHUNK), b""):
+                    buffered.put(chunk)
+            finally:
+                buffered.put(b"")
+                os.close(reader_fd)
+
+        class Reader:
+            """The image as the sink reads it: our header, then QEMU's stream; checksummed on the way."""
+
+            def __init__(self):
+                self.rest, self.ended = b"", False
+
+            def read(self, size=CHUNK):
+                if not self.rest and not self.ended:
+                    self.rest = buffered.get()
+                    self.ended = not self.rest
+                data, self.rest = self.rest[:size], self.rest[size:]
+                digest.update(data)
+                counted[0] += len(data)
+                return data
+
+        def consume():
+            try:
+                outcome["stored"] = sink(Reader())
+            except Exception as error:  # reported to the migrating thread below
+                outcome["error"] = error
+                events.put(("sink", str(error)))
+
+        began = time.monotonic()
+        paused = resumed = None
+        hook_ms = drain_ms = 0.0
+        sink_thread = None
+        try:
+            try:
+                self.qmp(dom, "getfd", {"fdname": FD_NAME}, files=[writer_fd])
+            finally:
+                os.close(writer_fd)
+            self.qmp(dom, "migrate-set-capabilities",
+                     {"capabilities": [{"capability": "pause-before-switchover", "state": True}]})
+            self.qmp(dom, "migrate-set-parameters", {"max-bandwidth": max_bandwidth,
+                                                     "downtime-limit": downtime_limit_ms})
+            threading.Thread(target=pump, name="vm-pipe-%s" % name, daemon=True).start()
+            sink_thread = threading.Thread(target=consume, name="vm-image-%s" % name, daemon=True)
+            sink_thread.start()
+            self.qmp(dom, "migrate", {"uri": "fd:" + FD_NAME})
+            self._wait_status(dom, events, "pre-switchover", began + timeout)
+            paused = time.monotonic()
+            drain_ms = on_paused() or 0.0
+            hook_ms = (time.monotonic() - paused) * 1000
+            self.qmp(dom, "migrate-continue", {"state": "pre-switchover"})
+            switchover = time.monotonic()
+            self._wait_status(dom, events, "completed", began + timeout)
+            self.qmp(dom, "cont")
+            resumed = time.monotonic()
+            info = self.qmp(dom, "query-migrate") or {}
+            sink_thread.join(max(1.0, began + timeout - time.monotonic()))
+            if sink_thread.is_alive():
+                raise VmError("the image of %s did not finish storing in time" % name)
+            if "error" in outcome:
+                raise VmError("storing the image of %s failed: %s" % (name, outcome["error"]))
+        except BaseException:
+            if sink_thread is None:
+                os.close(reader_fd)
+            self._recover(dom, name)
+            if sink_thread is not None:
+                sink_thread.join(5.0)
+            raise
+        finally:
+            for undo in (lambda: libvirt_qemu.qemuMonitorEventDeregister(self.conn, qmp_callback),
+                         lambda: self.conn.domainEventDeregisterAny(life_callback)):
+                try:
+                    undo()
+                except self.libvirt.libvirtError:
+                    pass
+        time.sleep(0.01)  # let the RESUME events arrive
+        qemu_pause = (stamps["RESUME"] - stamps["STOP"]) * 1000 if {"RESUME", "STOP"} <= set(stamps) else None
+        libvirt_pause = ((stamps["resumed"] - stamps["suspended"]) * 1000
+                         if {"resumed", "suspended"} <= set(stamps) else None)
+        return MigrationReport(
+            pause_ms=(resumed - paused) * 1000, hook_ms=hook_ms, drain_ms=drain_ms,
+            precopy_ms=(paused - began) * 1000, switchover_ms=(resumed - switchover) * 1000, total_ms=(time.monotonic() - began) * 1000,
+            bytes=counted[0], sha256=digest.hexdigest(), qemu_pause_ms=qemu_pause,
+            qemu_downtime_ms=info.get("downtime"), libvirt_pause_ms=libvirt_pause,
+            stored=outcome.get("stored") or {})
+
+    def _wait_status(self, dom, events, wanted: str, deadline: float) -> None:
+        """Wait for MIGRATION status ``wanted``; events first, query-migrate as a safety net."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise VmError("migration of %s did not reach %s in time" % (dom.name(), wanted))
+            try:
+                kind, value = events.get(timeout=min(0.25, remaining))
+            except queue.Empty:
+                kind, value = "migration", (self.qmp(dom, "query-migrate") or {}).get("status")
+            if kind == "migration" and value == wanted:
+                return
+            if kind == "migration" and value in ("failed", "cancelled"):
+                detail = (self.qmp(dom, "query-migrate") or {}).get("error-desc", value)
+                raise VmError("migration of %s %s: %s" % (dom.name(), value, detail))
+            if kind in ("gone", "sink"):
+                raise VmError("migration of %s stopped: %s" % (dom.name(), value))
+
+    def _recover(self, dom, name: str) -> None:
+        """After a failed snapshot: cancel the migration and make sure the guest runs."""
+        for command in ("migrate_cancel", "cont"):
+            try:
+                self.qmp(dom, command)
+            except VmError:
+                pass  # gone, or already running
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                status = (self.qmp(dom, "query-status") or {}).get("status")
+            except VmError:
+                return  # the domain is gone: nothing to keep running
+            if status == "running":
+                return
+            try:
+                self.qmp(dom, "cont")
+            except VmError:
+                pass
+            time.sleep(0.05)
+
+    # --- restore -------------------------------------------------------------
+
+    def destroy(self, name: str) -> bool:
+        if not self.exists(name):
+            return False
+        try:
+            self.domain(name).destroy()  # a transient domain is gone; a persistent one keeps its definition
+        except self.libvirt.libvirtError as error:
+            if error.get_error_code() != self.libvirt.VIR_ERR_OPERATION_INVALID:  # i.e. not "not running"
+                raise VmError("stopping %s: %s" % (name, error)) from None
+        return True
+
+    def restore(self, save_path: str, name: str, tap: Optional[str] = None, mac: Optional[str] = None) -> float:
+        """Replace the running domain ``name`` by the one in ``save_path``, left paused; returns ms.
+
+        With ``tap`` the NIC with ``mac`` comes back on that tap (a VM restored on another host)."""
+        began = time.monotonic()
+        domain_xml = None
+        if tap:
+            with open(save_path, "rb") as handle:
+                saved = read_save_header(handle.read(1 << 20))
+            domain_xml = retarget_nic(saved, mac, tap)
+            if domain_xml == saved:
+                domain_xml = None
+        self.destroy(name)
+        try:
+            self.conn.restoreFlags(save_path, domain_xml, self.libvirt.VIR_DOMAIN_SAVE_PAUSED)
+        except self.libvirt.libvirtError as error:
+            raise VmError("restoring %s from %s: %s" % (name, save_path, error)) from None
+        return (time.monotonic() - began) * 1000
+
+    def resume(self, name: str) -> None:
+        dom = self.domain(name)
+        try:
+            dom.resume()
+        except self.libvirt.libvirtError as error:
+            raise VmError("resuming %s: %s" % (name, error)) from None
