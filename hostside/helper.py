@@ -21,6 +21,7 @@ Config (JSON or YAML; unknown keys refused, ``violin-helper --check``)::
     server_token: <token of the snapshot servers>       # or VIOLIN_SERVER_TOKEN
     work_dir: /var/lib/violin-helper
     libvirt_uri: qemu:///system                         # for libvirt members
+    vm_max_bandwidth: 4294967296                        # bytes/s for a VM's image stream
     members:
       h1: {backend: criu, pid: 1234, netns: /proc/77/ns/net, mntns: /proc/77/ns/mnt,
            workdir: /srv/h1, iface: h1-eth0, mac: "00:00:00:00:00:01"}
@@ -90,6 +91,7 @@ class HelperConfig:
     work_dir: str
     members: Dict[str, HelperMember]
     libvirt_uri: str = "qemu:///system"
+    vm_max_bandwidth: int = 4 << 30  # bytes/s a VM's migration stream may take
 
 
 MEMBER_KEYS = {"backend": str, "pid": int, "netns": str, "mntns": str, "workdir": str, "iface": str, "mac": str,
@@ -101,7 +103,8 @@ BACKEND_KEYS = {"criu": ({"pid", "netns", "iface", "mac"}, {"mntns", "workdir", 
 def parse_config(raw, environ=os.environ) -> HelperConfig:
     if not isinstance(raw, dict):
         raise HelperConfigError("config: expected a mapping")
-    known = {"listen", "token", "controller_token", "servers", "server_token", "work_dir", "members", "libvirt_uri"}
+    known = {"listen", "token", "controller_token", "servers", "server_token", "work_dir", "members", "libvirt_uri",
+             "vm_max_bandwidth"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise HelperConfigError("config: unknown key(s) %s; known: %s" % (", ".join(unknown), ", ".join(sorted(known))))
@@ -142,8 +145,12 @@ def parse_config(raw, environ=os.environ) -> HelperConfig:
     uri = raw.get("libvirt_uri", "qemu:///system")
     if not isinstance(uri, str) or not uri:
         raise HelperConfigError("libvirt_uri: expected a libvirt URI such as qemu:///system")
+    bandwidth = raw.get("vm_max_bandwidth", 4 << 30)
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, int) or bandwidth < 1 << 20:
+        raise HelperConfigError("vm_max_bandwidth: expected bytes per second, at least 1048576")
     return HelperConfig(host, int(port), secrets["token"], secrets["controller_token"], servers,
-                        secrets["server_token"], str(raw.get("work_dir", "/var/lib/violin-helper")), members, uri)
+                        secrets["server_token"], str(raw.get("work_dir", "/var/lib/violin-helper")), members, uri,
+                        bandwidth)
 
 
 def open_marker_socket(netns: str, iface: str) -> socket.socket:
@@ -419,7 +426,7 @@ class Helper:
             storage = ImageServer(server, self.config.server_token)
             report = self.libvirt.migrate_out(
                 member.domain, lambda reader: storage.upload_stream(body["snapshot"], member.name, VM_IMAGE, reader),
-                on_paused)
+                on_paused, max_bandwidth=self.config.vm_max_bandwidth)
             details = report.as_dict()
             stored = details.pop("stored")
             details.pop("sha256")

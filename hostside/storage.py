@@ -82,12 +82,19 @@ class ImageServer:
             connection.putheader("Authorization", "Bearer " + self.token)
             connection.putheader("Transfer-Encoding", "chunked")
             connection.endheaders()
-            for chunk in chunks():
-                connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            connection.send(b"0\r\n\r\n")
-            response = connection.getresponse()
+            try:
+                for chunk in chunks():
+                    connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                connection.send(b"0\r\n\r\n")
+            except OSError as error:  # the server may have answered (refused) and hung up: say why
+                try:
+                    response = connection.getresponse()
+                except (OSError, http.client.HTTPException):
+                    raise error from None
+            else:
+                response = connection.getresponse()
             answer = json.loads(response.read() or b"{}")
-        except OSError as error:
+        except (OSError, http.client.HTTPException, ValueError) as error:
             raise StorageError("snapshot server %s: streaming %s failed: %s" % (self.url, name, error)) from None
         finally:
             connection.close()

@@ -166,12 +166,14 @@ class Libvirt:
     def __init__(self, uri: str = "qemu:///system"):
         import libvirt
         _ensure_event_loop()
+        libvirt.registerErrorHandler(lambda _context, _error: None, None)  # errors reach us as exceptions
         self.libvirt = libvirt
         try:
             self.conn = libvirt.open(uri)
         except libvirt.libvirtError as error:
             raise VmError("cannot connect to libvirt at %s: %s" % (uri, error)) from None
         self.uri = uri
+        self.events_lock = threading.Lock()
 
     def domain(self, name: str):
         try:
@@ -246,9 +248,10 @@ class Libvirt:
             elif event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
                 events.put(("gone", "domain %s stopped" % name))
 
-        qmp_callback = libvirt_qemu.qemuMonitorEventRegister(self.conn, dom, None, on_qmp, None, 0)
-        life_callback = self.conn.domainEventRegisterAny(dom, self.libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                                         on_lifecycle, None)
+        with self.events_lock:  # libvirt-python's callback tables are per connection, not thread-safe
+            qmp_callback = libvirt_qemu.qemuMonitorEventRegister(self.conn, dom, None, on_qmp, None, 0)
+            life_callback = self.conn.domainEventRegisterAny(dom, self.libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                                             on_lifecycle, None)
         reader_fd, writer_fd = os.pipe()
         digest, counted, outcome = hashlib.sha256(), [0], {}
         header = save_header(xml)
@@ -328,12 +331,13 @@ class Libvirt:
                 sink_thread.join(5.0)
             raise
         finally:
-            for undo in (lambda: libvirt_qemu.qemuMonitorEventDeregister(self.conn, qmp_callback),
-                         lambda: self.conn.domainEventDeregisterAny(life_callback)):
-                try:
-                    undo()
-                except self.libvirt.libvirtError:
-                    pass
+            with self.events_lock:
+                for undo in (lambda: libvirt_qemu.qemuMonitorEventDeregister(self.conn, qmp_callback),
+                             lambda: self.conn.domainEventDeregisterAny(life_callback)):
+                    try:
+                        undo()
+                    except self.libvirt.libvirtError:
+                        pass
         time.sleep(0.01)  # let the RESUME events arrive
         qemu_pause = (stamps["RESUME"] - stamps["STOP"]) * 1000 if {"RESUME", "STOP"} <= set(stamps) else None
         libvirt_pause = ((stamps["resumed"] - stamps["suspended"]) * 1000

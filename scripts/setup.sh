@@ -89,4 +89,13 @@ else
     ovs-vsctl --timeout=5 show >/dev/null 2>&1 || { cat /tmp/violin-ovs.log >&2; die "Open vSwitch did not start"; }
 fi
 
+# 5. libvirt's daemons (no systemd: started by hand, each only if its pid file names no live process)
+#    and the VM guest image (scripts/build_guest.sh: nothing to do, ~0.1 s, when it is up to date).
+alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive /run/virtlogd.pid || { say "starting virtlogd"; virtlogd -d; }
+alive /run/libvirtd.pid || { say "starting libvirtd"; libvirtd -d; }
+for _ in $(seq 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirtd does not answer at qemu:///system"
+bash "$REPO/scripts/build_guest.sh"
+
 say "ready in $((SECONDS - start)) s (venv: $VENV)"

@@ -54,6 +54,7 @@ class Slice:
     hosts: list
     workdir: str
     rate: float = 500.0
+    extra_peers: Dict[int, str] = field(default_factory=dict)  # id -> IP of members that are no host (VMs)
     processes: Dict[str, subprocess.Popen] = field(default_factory=dict)
     markers: Dict[str, subprocess.Popen] = field(default_factory=dict)
     cuts: Dict[str, CutRecord] = field(default_factory=dict)
@@ -70,11 +71,16 @@ class Slice:
                 process.poll()
 
     def peers_of(self, host) -> List[int]:
-        return [self.ids[h.name] for h in self.hosts if h is not host]
+        return [self.ids[h.name] for h in self.hosts if h is not host] + sorted(self.extra_peers)
+
+    def peer_addresses(self, host) -> str:
+        """``--peers`` of ``host``'s seqstream, in ``peers_of`` order."""
+        pairs = [(self.ids[h.name], h.IP()) for h in self.hosts if h is not host] + sorted(self.extra_peers.items())
+        return ",".join("%d=%s" % pair for pair in pairs)
 
     def start(self):
         for host in self.hosts:
-            peers = ",".join("%d=%s" % (self.ids[h.name], h.IP()) for h in self.hosts if h is not host)
+            peers = self.peer_addresses(host)
             open(self._path(host, "stdin"), "a").close()
             with open(self._path(host, "id"), "w") as handle:  # for the oracle: who it is, its peers in order
                 json.dump([self.ids[host.name], self.peers_of(host)], handle)

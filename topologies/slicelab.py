@@ -51,15 +51,19 @@ def controller_config():
 
 
 @contextmanager
-def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None, hosts=None):
+def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None, hosts=None, guests=(),
+                 guest_ids=None, helper_settings=None):
     """Members in every host of ``net`` (or in ``hosts``), their helper and a snapshot server; yields the Slice.
 
-    ``servers`` overrides the snapshot servers the helper is told about (e.g. one that is down)."""
+    ``servers`` overrides the snapshot servers the helper is told about (e.g. one that is down).
+    ``guests`` are running VMs (topologies.vms.Guest) that join the slice as libvirt members of the
+    same helper; ``guest_ids`` (name -> seqstream id) makes them peers of the host members' streams."""
     hosts = list(net.hosts if hosts is None else hosts)
     os.makedirs(workdir, exist_ok=True)
     server_port, helper_port = lab.free_port(), lab.free_port()
     server_url, helper_url = "http://127.0.0.1:%d" % server_port, "http://127.0.0.1:%d" % helper_port
-    members = Slice(hosts, os.path.join(workdir, "slice"), rate=rate)
+    members = Slice(hosts, os.path.join(workdir, "slice"), rate=rate,
+                    extra_peers={guest_ids[g.name]: g.address for g in guests} if guest_ids else {})
     daemons = []
     try:
         daemons.append(start_daemon(
@@ -73,6 +77,9 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
             "members": {h.name: {"pid": members.pids[h.name], "netns": "/proc/%d/ns/net" % h.pid,
                                  "mntns": "/proc/%d/ns/mnt" % h.pid, "workdir": members.member_dir(h),
                                  "iface": str(h.defaultIntf()), "mac": h.MAC()} for h in hosts}}
+        config.update(helper_settings or {})
+        config["members"].update({g.name: {"backend": "libvirt", "domain": g.name, "iface": g.tap, "mac": g.mac}
+                                  for g in guests})
         with open(os.path.join(workdir, "helper.json"), "w") as handle:
             json.dump(config, handle)
         daemons.append(start_daemon([sys.executable, "-m", "hostside.helper", "--config",
@@ -87,6 +94,11 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
                     "name": h.name, "macs": [h.MAC()], "helper_url": helper_url, "backend": "criu"})
                 if status != 201:
                     raise lab.LabError("registering %s: %s %s" % (h.name, status, body))
+            for g in guests:  # a paused VM cannot send a marker: the tap drain proof stands in for it
+                status, body = controller.request("POST", "/violin/members", {
+                    "name": g.name, "macs": [g.mac], "helper_url": helper_url, "backend": "libvirt", "marker": False})
+                if status != 201:
+                    raise lab.LabError("registering %s: %s %s" % (g.name, status, body))
         yield members
     finally:
         members.stop()

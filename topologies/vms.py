@@ -180,3 +180,31 @@ def libvirt_available(uri: str = URI) -> Optional[str]:
     except VmLabError as error:
         return str(error)
     return None
+
+
+def guest_command(host, guest: Guest, command: str, timeout: float = 10.0) -> str:
+    """Send a control command to the guest's oracle endpoint from inside Mininet ``host``
+    (the guest is reachable on the slice's LAN only)."""
+    import shlex
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.path.insert(0, %r); from hostside import guestctl; "
+            "sys.stdout.write(guestctl.guest_command(%r, %r, timeout=%r))" % (repo, guest.address, command, timeout))
+    output = host.cmd("%s -c %s" % (shlex.quote(sys.executable), shlex.quote(code)))
+    if command.strip() == "DUMP" and not output.rstrip().endswith("end"):
+        raise VmLabError("no oracle state from %s: %s" % (guest.name, output[-500:]))
+    return output
+
+
+def oracle_member(host, guest: Guest) -> dict:
+    """The guest's oracle record in hostside.oracle.check's shape (stop it sending first)."""
+    from hostside import guestctl
+    return guestctl.oracle_member(guestctl.load_guest_state(guest_command(host, guest, "DUMP")))
+
+
+def seqstream_guest(name: str, ident: int, ip: str, mac: str, switch: str, peers: Dict[int, str],
+                    rate: float = 150.0) -> Guest:
+    """A guest running the oracle's endpoint (guest/vseq.c) towards ``peers`` (id -> IP)."""
+    peer_list = "+".join("%d=%s" % item for item in sorted(peers.items()))  # no commas on the kernel line
+    return Guest(name, ip, mac, switch, ["vseq", "--id", str(ident), "--bind", ip.split("/")[0],
+                                         "--peers", peer_list, "--rate", "%g" % rate])
