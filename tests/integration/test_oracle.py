@@ -47,7 +47,12 @@ def test_restored_snapshots_lose_and_duplicate_nothing(slice_controller, tmp_pat
             time.sleep(0.3)
         result = oracle_of(members)
     assert restored == CYCLES
-    assert result["totals"]["streams"] == len(net.hosts) * (len(net.hosts) - 1)
+    pairs = len(net.hosts) * (len(net.hosts) - 1)
+    assert result["totals"]["streams"] == 2 * pairs and result["totals"]["tcp"]["streams"] == pairs, result["totals"]
+    print("oracle %s after %d restores: %s" % (shape, restored, result["totals"]))
+    # Every TCP connection stayed up across the restores (a broken one is never re-opened: it would fall behind).
+    tcp = {k: (v["judged_upto"], v["behind_udp"]) for k, v in result["streams"].items() if k.endswith("/tcp")}
+    assert all(upto > members.rate and behind < members.rate for upto, behind in tcp.values()), tcp
     assert result["consistent"], (result["totals"], {k: v for k, v in result["streams"].items()
                                                      if v["gaps"] or v["duplicates"]})
 
@@ -87,5 +92,6 @@ def test_uncoordinated_snapshots_break_the_oracle(lab_ready, tmp_path):
             result = oracle_of(members)
     finally:
         controller.stop()
+    print("oracle, uncoordinated: %s" % result["totals"])
     assert not result["consistent"], result["totals"]
     assert result["totals"]["gaps"] > 0 or result["totals"]["duplicates"] > 0
