@@ -17,6 +17,7 @@ files only in the working directory. Python 3 standard library only.
     mandelbrot.py master --bind 10.0.0.1 --port 47100 --width 320 --height 240 \\
                   --iterations 500 --workers 3 --out image.png --progress progress.json
     mandelbrot.py worker --master 10.0.0.1:47100 --id 1 --delay-ms 200
+    mandelbrot.py fetch --master 10.0.0.1:47101 --out image.png   # from guest/vmandel.c's image port
 """
 
 import argparse
@@ -42,6 +43,12 @@ RESULT = 2  # worker -> master: !I row, then `width` pixel bytes; asks for more 
 ROW = 3  # master -> worker: !IIII row, width, height, iterations
 DONE = 4  # master -> worker: empty; the image is complete, exit
 MAX_PAYLOAD = 1 << 24
+
+# The image port of a VM master (guest/vmandel.c, which has no file system to write the PNG to): a client
+# that connects gets IMAGE_MAGIC, then width, height, iterations, rows done; then, once every row is in,
+# the width * height pixel bytes (row 0 first); then the master closes the connection.
+IMAGE_MAGIC = b"VMBI"
+IMAGE_HEADER = struct.Struct("!IIII")
 
 CONNECT_WINDOW_S = 30.0  # a worker retries connecting to the master this long
 CONNECT_TIMEOUT_S = 30.0  # one connection attempt (only a silent, unreachable master takes this long)
@@ -217,6 +224,17 @@ def _recv_message(sock):
     if magic != MAGIC or length > MAX_PAYLOAD:
         raise ConnectionError("garbage from the master")
     return kind, _recv_exact(sock, length)
+
+
+def fetch_image(host, port, timeout=30.0):
+    """(width, height, iterations, rows_done, pixels) from a master's image port; pixels is None until complete."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        head = _recv_exact(sock, len(IMAGE_MAGIC) + IMAGE_HEADER.size)
+        if head[:len(IMAGE_MAGIC)] != IMAGE_MAGIC:
+            raise ValueError("not a Mandelbrot image port at %s:%d" % (host, port))
+        width, height, iterations, rows_done = IMAGE_HEADER.unpack_from(head, len(IMAGE_MAGIC))
+        pixels = _recv_exact(sock, width * height) if rows_done == height else None
+    return width, height, iterations, rows_done, pixels
 
 
 # --- the master --------------------------------------------------------------
@@ -449,6 +467,16 @@ def run_worker(args):
             time.sleep(RETRY_INTERVAL_S)
 
 
+def run_fetch(args):
+    host, _, port = args.master.rpartition(":")
+    width, height, iterations, rows_done, pixels = fetch_image(host, int(port), args.timeout)
+    if pixels is None:
+        sys.stderr.write("mandelbrot fetch: %d of %d rows done at %s\n" % (rows_done, height, args.master))
+        return 1
+    write_png(args.out, width, height, [pixels[y * width:(y + 1) * width] for y in range(height)])
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     roles = parser.add_subparsers(dest="role")
@@ -466,11 +494,17 @@ def main(argv=None):
     worker.add_argument("--master", required=True, help="IP:PORT")
     worker.add_argument("--id", type=int, required=True)
     worker.add_argument("--delay-ms", type=int, default=0, help="sleep this long per row (to make a demo last)")
+    fetch = roles.add_parser("fetch", help="write the PNG of a VM master's complete image (guest/vmandel.c)")
+    fetch.add_argument("--master", required=True, help="IP:IMAGEPORT (the master's port + 1 by default)")
+    fetch.add_argument("--out", default="mandelbrot.png")
+    fetch.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S, help="seconds (default 30)")
     args = parser.parse_args(argv)
     if args.role == "master":
         if args.width <= 0 or args.height <= 0 or args.iterations <= 0:
             parser.error("width, height and iterations must be positive")
         return run_master(args)
+    if args.role == "fetch":
+        return run_fetch(args)
     return run_worker(args)
 
 
