@@ -59,6 +59,7 @@ from hostside.storage import ImageServer, StorageError
 from violin_core.packets import build_marker
 
 CLONE_NEWNET = 0x40000000
+DUMP_ATTEMPTS = 3  # CRIU dumps of one member per snapshot, while no cut was taken
 VM_IMAGE = "vm.save"  # a libvirt save file: header, migratable XML, QEMU's migration stream
 
 
@@ -381,13 +382,27 @@ class Helper:
                 self._post(base + "/prepare", {})
                 wait_datapath()
 
+                cut_called = []
+
                 def on_frozen():
+                    cut_called.append(True)
                     marker.send(build_marker(member.mac, body["snapshot"], member.name))
                     self._post(body["cut_url"], {})
                     wait_datapath()
 
-                report = criu.dump(criu.ProcessMember(member.name, member.netns, member.pid, member.workdir,
-                                                      member.mntns), images, on_frozen)
+                process = criu.ProcessMember(member.name, member.netns, member.pid, member.workdir, member.mntns)
+                for attempt in range(1, DUMP_ATTEMPTS + 1):
+                    try:
+                        report = criu.dump(process, images, on_frozen)
+                        break
+                    except criu.CriuError:
+                        # A dump that failed before its cut left the member running and its frames held:
+                        # try again (e.g. TCP data still in the kernel's backlog on a loaded host changed a
+                        # socket's queue while CRIU read it), but never after the cut was taken.
+                        if cut_called or attempt == DUMP_ATTEMPTS:
+                            raise
+                        shutil.rmtree(images, ignore_errors=True)
+                        time.sleep(0.05)
             finally:
                 marker.close()
             server = self.server_for(member.name)

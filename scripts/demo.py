@@ -9,6 +9,10 @@ cut coordinated in the network). Mid-run, h3 and h4 "fail" (their processes
 are killed); the whole slice is restored from the latest complete snapshot and
 finishes. The image must be bit-identical to an uninterrupted run's. Prints a
 timeline and writes the image as a PNG. Tears down only what it created.
+
+With ``--vms`` the members are the seed's: four QEMU VMs under libvirt (vm1,
+vm2 on s1; vm3, vm4 on s2) running guest/vmandel.c, snapshotted by a fake
+live migration to the snapshot servers; vm3 and vm4 are destroyed mid-run.
 """
 
 import argparse
@@ -56,12 +60,130 @@ def read_progress(path):
         return {}
 
 
+class ProcessRun:
+    """The Mandelbrot in processes of the member hosts, snapshotted by CRIU."""
+
+    kind = "processes"
+
+    def __init__(self, args, net, get, workdir, processes):
+        self.args, self.workdir, self.processes = args, workdir, processes
+        self.members = [get(n) for n in ("h1", "h2", "h3", "h4")]
+        self.progress_path = os.path.join(workdir, "h1", "progress.json")
+
+    def start(self):
+        args, master = self.args, self.members[0]
+        self.processes["h1"] = start_in_host(master, os.path.join(self.workdir, "h1"), [
+            sys.executable, mandelbrot.__file__, "master", "--bind", master.IP(), "--port", "47100",
+            "--width", str(args.width), "--height", str(args.height), "--iterations", str(args.iterations),
+            "--workers", "3", "--out", "image.png", "--progress", "progress.json"], "master.log")
+        for i, host in enumerate(self.members[1:], 2):
+            self.processes["h%d" % i] = start_in_host(host, os.path.join(self.workdir, "h%d" % i), [
+                sys.executable, mandelbrot.__file__, "worker", "--master", "%s:47100" % master.IP(),
+                "--id", str(i), "--delay-ms", str(args.delay_ms)], "worker.log")
+        return "master in h1, workers in h2-h4 (processes, CRIU)"
+
+    def helper_members(self):
+        return {h.name: {"pid": self.processes["h%d" % i].pid, "netns": "/proc/%d/ns/net" % h.pid,
+                         "mntns": "/proc/%d/ns/mnt" % h.pid, "workdir": os.path.join(self.workdir, "h%d" % i),
+                         "iface": str(h.defaultIntf()), "mac": h.MAC()} for i, h in enumerate(self.members, 1)}
+
+    def registrations(self):
+        return [{"name": h.name, "macs": [h.MAC()], "backend": "criu"} for h in self.members]
+
+    def rows_done(self):
+        progress = read_progress(self.progress_path)
+        return progress.get("rows_done", 0), bool(progress.get("done"))
+
+    def fail(self):
+        for name in ("h3", "h4"):
+            os.kill(self.processes[name].pid, signal.SIGKILL)
+        return "h3 and h4 killed"
+
+    def image(self):
+        path = os.path.join(self.workdir, "h1", "image.png")
+        for _ in range(50):
+            if os.path.exists(path):
+                break
+            time.sleep(0.1)
+        with open(path, "rb") as handle:
+            return handle.read()
+
+
+class VmRun:
+    """The Mandelbrot in four VMs (guest/vmandel.c) on the demo LAN, snapshotted by fake live migration."""
+
+    kind = "VMs"
+
+    def __init__(self, args, net, get, workdir, processes):
+        from topologies import vms
+        self.vms, self.args, self.monitor = vms, args, get("h1")  # h1 only looks: it is no member here
+        switches = (get("s1").name, get("s1").name, get("s2").name, get("s2").name)
+        self.master_ip = "10.0.0.101"
+        prefix = get("s1").name[:-2]
+        self.guests = []
+        for i in range(1, 5):
+            if i == 1:
+                run = ["vmandel", "master", "--bind", self.master_ip, "--port", "47100", "--width", str(args.width),
+                       "--height", str(args.height), "--iterations", str(args.iterations), "--workers", "3"]
+            else:
+                run = ["vmandel", "worker", "--master", "%s:47100" % self.master_ip, "--id", str(i),
+                       "--delay-ms", str(args.delay_ms)]
+            self.guests.append(vms.Guest("%svm%d" % (prefix, i), "10.0.0.%d/8" % (100 + i),
+                                         "52:54:00:76:01:%02x" % i, switches[i - 1], run))
+        self._booted = None
+
+    def start(self):
+        self._booted = self.vms.guests(self.guests)
+        self._booted.__enter__()
+        return "master in vm1, workers in vm2-vm4 (QEMU/TCG VMs under libvirt, on s1 and s2)"
+
+    def stop(self):
+        if self._booted is not None:
+            self._booted.__exit__(None, None, None)
+
+    def helper_members(self):
+        return {g.name: {"backend": "libvirt", "domain": g.name, "iface": g.tap, "mac": g.mac} for g in self.guests}
+
+    def registrations(self):
+        return [{"name": g.name, "macs": [g.mac], "backend": "libvirt", "marker": False} for g in self.guests]
+
+    def _fetch(self):
+        code = ("import sys; sys.path.insert(0, %r); from hostside import mandelbrot; "
+                "w, h, i, done, pixels = mandelbrot.fetch_image(%r, 47101, 5.0); "
+                "sys.stdout.write('%%d %%d ' %% (done, h) + (pixels.hex() if pixels else ''))"
+                % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), self.master_ip))
+        return self.monitor.cmd("%s -c %s" % (shlex.quote(sys.executable), shlex.quote(code))).split()
+
+    def rows_done(self):
+        answer = self._fetch()
+        if len(answer) < 2 or not all(a.isdigit() for a in answer[:2]):
+            return 0, False  # the master is not up yet, or paused
+        return int(answer[0]), int(answer[0]) == int(answer[1])
+
+    def fail(self):
+        import libvirt
+        conn = libvirt.open(self.vms.URI)
+        try:
+            for guest in self.guests[2:]:
+                conn.lookupByName(guest.name).destroy()
+        finally:
+            conn.close()
+        return "vm3 and vm4 destroyed"
+
+    def image(self):
+        answer = self._fetch()
+        if len(answer) != 3:
+            raise lab.LabError("the master has no complete image: %s" % " ".join(answer)[:200])
+        width, height, pixels = self.args.width, self.args.height, bytes.fromhex(answer[2])
+        return mandelbrot.encode_png(width, height, [pixels[y * width:(y + 1) * width] for y in range(height)])
+
+
 def run(args, timeline):
     workdir = tempfile.mkdtemp(prefix="violin-demo-")
     controller = lab.ControllerProcess(
         command=[os.path.join(os.path.dirname(sys.executable), "violin-controller")],
         config=dict(slicelab.controller_config(), state={"directory": os.path.join(workdir, "catalogue")}))
-    processes, daemons, reaping = {}, [], threading.Event()
+    processes, daemons, reaping, workload = {}, [], threading.Event(), None
 
     def reap():
         while not reaping.wait(0.05):
@@ -74,9 +196,8 @@ def run(args, timeline):
         topo = ViolinDemoTopo(prefix=lab.run_prefix())
         with lab.network(topo, controller) as net:
             get = lambda name: net.get(topo.prefix + name)  # noqa: E731
-            members = [get(n) for n in ("h1", "h2", "h3", "h4")]
             loss = net.pingAll(timeout=2)
-            timeline.say("demo LAN up: members h1-h4, snapshot servers ss1 ss2, two switches; pingall loss %.0f%%"
+            timeline.say("demo LAN up: hosts h1-h4, snapshot servers ss1 ss2, two switches; pingall loss %.0f%%"
                          % loss)
             servers = []
             for index, name in enumerate(("ss1", "ss2"), 1):
@@ -89,49 +210,38 @@ def run(args, timeline):
                 _wait_health(url)
             timeline.say("snapshot servers on ss1 and ss2, reached out of band: %s" % ", ".join(servers))
 
-            width, height, iterations = args.width, args.height, args.iterations
-            master = members[0]
-            processes["h1"] = start_in_host(master, os.path.join(workdir, "h1"), [
-                sys.executable, mandelbrot.__file__, "master", "--bind", master.IP(), "--port", "47100",
-                "--width", str(width), "--height", str(height), "--iterations", str(iterations), "--workers", "3",
-                "--out", "image.png", "--progress", "progress.json"], "master.log")
-            for i, host in enumerate(members[1:], 2):
-                processes[host.name[len(topo.prefix):]] = start_in_host(host, os.path.join(workdir, "h%d" % i), [
-                    sys.executable, mandelbrot.__file__, "worker", "--master", "%s:47100" % master.IP(),
-                    "--id", str(i), "--delay-ms", str(args.delay_ms)], "worker.log")
+            workload = (VmRun if args.vms else ProcessRun)(args, net, get, workdir, processes)
+            where = workload.start()
             threading.Thread(target=reap, daemon=True).start()
-            progress_path = os.path.join(workdir, "h1", "progress.json")
             helper_port = lab.free_port()
             helper_url = "http://127.0.0.1:%d" % helper_port
             config = {"listen": "127.0.0.1:%d" % helper_port, "token": slicelab.HELPER_TOKEN,
                       "controller_token": controller.token, "servers": servers,
                       "server_token": slicelab.SERVER_TOKEN, "work_dir": os.path.join(workdir, "helper"),
-                      "members": {h.name: {"pid": processes[h.name[len(topo.prefix):]].pid,
-                                           "netns": "/proc/%d/ns/net" % h.pid, "mntns": "/proc/%d/ns/mnt" % h.pid,
-                                           "workdir": os.path.join(workdir, h.name[len(topo.prefix):]),
-                                           "iface": str(h.defaultIntf()), "mac": h.MAC()} for h in members}}
+                      "members": workload.helper_members()}
             with open(os.path.join(workdir, "helper.json"), "w") as handle:
                 json.dump(config, handle)
             daemons.append(slicelab.start_daemon([sys.executable, "-m", "hostside.helper", "--config",
                                                   os.path.join(workdir, "helper.json")], helper_url,
                                                  os.path.join(workdir, "helper.log")))
-            for h in members:
-                _ok(controller.request("POST", "/violin/members", {
-                    "name": h.name, "macs": [h.MAC()], "helper_url": helper_url, "backend": "criu"}), 201)
+            for spec in workload.registrations():
+                _ok(controller.request("POST", "/violin/members", dict(spec, helper_url=helper_url)), 201)
+            width, height, iterations = args.width, args.height, args.iterations
+            while workload.rows_done()[0] == 0:  # located and computing before the first snapshot
+                time.sleep(0.2)
             _ok(controller.request("PUT", "/violin/schedule", {"interval_s": args.every, "keep": 3}), 200)
-            timeline.say("Mandelbrot %dx%d running: master in h1, workers in h2-h4; a snapshot every %.0f s"
-                         % (width, height, args.every))
+            timeline.say("Mandelbrot %dx%d running: %s; a snapshot every %.0f s" % (width, height, where, args.every))
 
+            short = lambda name: name[len(topo.prefix):]  # noqa: E731
             seen, failed_at = set(), None
             while True:
-                time.sleep(0.1)
-                progress = read_progress(progress_path)
-                done = progress.get("rows_done", 0)
+                time.sleep(0.25)
+                done, finished = workload.rows_done()
                 _, listing = controller.get("/violin/snapshots")
                 for snap in listing["snapshots"]:
                     if snap["state"] != "running" and snap["id"] not in seen:
                         seen.add(snap["id"])
-                        pauses = ", ".join("%s %.0f ms" % (m["name"][len(topo.prefix):], m.get("pause_ms") or 0)
+                        pauses = ", ".join("%s %.0f ms" % (short(m["name"]), m.get("pause_ms") or 0)
                                            for m in snap["members"])
                         timeline.say("snapshot %s %s%s (pauses: %s; channel state %d frames)" % (
                             snap["id"], snap["state"], ": " + snap["reason"] if snap.get("reason") else "",
@@ -140,49 +250,41 @@ def run(args, timeline):
                 if complete and done >= height * args.fail_at:
                     failed_at = done
                     break
-                if progress.get("done"):
+                if finished:
                     raise lab.LabError("the run finished before the failure; use a larger --delay-ms")
-            for name in ("h3", "h4"):
-                os.kill(processes[name].pid, signal.SIGKILL)
-            timeline.say("FAILURE: h3 and h4 killed at row %d of %d" % (failed_at, height))
+            timeline.say("FAILURE: %s at row %d of %d" % (workload.fail(), failed_at, height))
             controller.request("DELETE", "/violin/schedule")
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120
             while time.monotonic() < deadline:  # a snapshot may be under way: let it end
                 _, listing = controller.get("/violin/snapshots")
                 if all(s["state"] != "running" for s in listing["snapshots"]):
                     break
                 time.sleep(0.1)
             latest = [s for s in listing["snapshots"] if s["state"] == "complete"][-1]
-            at_rows = "?"
             status, job = controller.request("POST", "/violin/snapshots/%s/restore" % latest["id"], {})
             _ok((status, job), 202)
-            job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"], timeout=120)
+            job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"], timeout=180)
             if job["state"] != "complete":
                 raise lab.LabError("restore failed: %s" % job["reason"])
-            at_rows = read_progress(progress_path).get("rows_done", "?")
             timeline.say("RESTORED all four members from %s (back at row %s): %s; %d frames re-injected" % (
-                latest["id"], at_rows, ", ".join("%s %.0f ms" % (phase, job["timings_ms"][phase]) for phase in
-                                                 ("staging", "restoring", "reinjecting", "resuming")),
-                job["reinjected_frames"]))
+                latest["id"], workload.rows_done()[0], ", ".join(
+                    "%s %.0f ms" % (phase, job["timings_ms"][phase])
+                    for phase in ("staging", "restoring", "reinjecting", "resuming")), job["reinjected_frames"]))
             deadline = time.monotonic() + args.timeout
-            while not read_progress(progress_path).get("done") and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if not read_progress(progress_path).get("done"):
+            while not workload.rows_done()[1] and time.monotonic() < deadline:
+                time.sleep(0.25)
+            if not workload.rows_done()[1]:
                 raise lab.LabError("the restored run did not finish in %.0f s" % args.timeout)
-            image = os.path.join(workdir, "h1", "image.png")
-            for _ in range(50):
-                if os.path.exists(image):
-                    break
-                time.sleep(0.1)
-            with open(image, "rb") as handle:
-                produced = handle.read()
-            shutil.copyfile(image, args.out)
+            produced = workload.image()
+            _write(args.out, produced)
             identical = produced == mandelbrot.expected_image(width, height, iterations)
             timeline.say("finished: %s written; %s an uninterrupted run's image" % (
                 args.out, "bit-identical to" if identical else "DIFFERENT FROM"))
             return identical
     finally:
         reaping.set()
+        if workload is not None and hasattr(workload, "stop"):
+            workload.stop()
         for process in processes.values():
             if process.poll() is None:
                 process.kill()
@@ -190,6 +292,15 @@ def run(args, timeline):
             slicelab.stop_daemon(daemon)
         controller.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _write(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def _wait_health(url, timeout=15.0):
@@ -219,6 +330,8 @@ def main(argv=None):
     parser.add_argument("--fail-at", type=float, default=0.5, help="fraction of rows done at the failure")
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--out", default="mandelbrot.png", help="where to write the image (default ./mandelbrot.png)")
+    parser.add_argument("--vms", action="store_true",
+                        help="the seed's shape: four QEMU VMs (libvirt) instead of processes in the hosts")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("demo: run as root (Mininet, Open vSwitch and CRIU need it)", file=sys.stderr)

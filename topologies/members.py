@@ -55,6 +55,7 @@ class Slice:
     workdir: str
     rate: float = 500.0
     extra_peers: Dict[int, str] = field(default_factory=dict)  # id -> IP of members that are no host (VMs)
+    tcp: bool = True  # a TCP stream to every peer besides the UDP one
     processes: Dict[str, subprocess.Popen] = field(default_factory=dict)
     markers: Dict[str, subprocess.Popen] = field(default_factory=dict)
     cuts: Dict[str, CutRecord] = field(default_factory=dict)
@@ -89,7 +90,7 @@ class Slice:
             command = " ".join(shlex.quote(a) for a in [
                 sys.executable, SEQSTREAM, "--id", str(self.ids[host.name]), "--bind", host.IP(),
                 "--peers", peers, "--rate", str(self.rate), "--progress", self._path(host, "progress"),
-                "--log", self._path(host, "log")])
+                "--log", self._path(host, "log")] + ([] if self.tcp else ["--no-tcp"]))
             self.processes[host.name] = host.popen(
                 ["sh", "-c", "cd %s && exec %s <%s >%s 2>&1" % (
                     shlex.quote(self.member_dir(host)), command, shlex.quote(self._path(host, "stdin")),

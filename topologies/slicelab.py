@@ -52,7 +52,7 @@ def controller_config():
 
 @contextmanager
 def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None, hosts=None, guests=(),
-                 guest_ids=None, helper_settings=None):
+                 guest_ids=None, helper_settings=None, tcp=True):
     """Members in every host of ``net`` (or in ``hosts``), their helper and a snapshot server; yields the Slice.
 
     ``servers`` overrides the snapshot servers the helper is told about (e.g. one that is down).
@@ -62,7 +62,7 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
     os.makedirs(workdir, exist_ok=True)
     server_port, helper_port = lab.free_port(), lab.free_port()
     server_url, helper_url = "http://127.0.0.1:%d" % server_port, "http://127.0.0.1:%d" % helper_port
-    members = Slice(hosts, os.path.join(workdir, "slice"), rate=rate,
+    members = Slice(hosts, os.path.join(workdir, "slice"), rate=rate, tcp=tcp,
                     extra_peers={guest_ids[g.name]: g.address for g in guests} if guest_ids else {})
     daemons = []
     try:

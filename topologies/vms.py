@@ -152,6 +152,7 @@ def guests(specs: List[Guest], uri: str = URI, ready_timeout: float = 90.0):
 
 def _destroy(conn, name: str) -> None:
     import libvirt
+    libvirt.registerErrorHandler(lambda _context, _error: None, None)  # "not found" is fine here
     try:
         dom = conn.lookupByName(name)
     except libvirt.libvirtError:
@@ -190,10 +191,30 @@ def guest_command(host, guest: Guest, command: str, timeout: float = 10.0) -> st
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import sys; sys.path.insert(0, %r); from hostside import guestctl; "
             "sys.stdout.write(guestctl.guest_command(%r, %r, timeout=%r))" % (repo, guest.address, command, timeout))
-    output = host.cmd("%s -c %s" % (shlex.quote(sys.executable), shlex.quote(code)))
-    if command.strip() == "DUMP" and not output.rstrip().endswith("end"):
-        raise VmLabError("no oracle state from %s: %s" % (guest.name, output[-500:]))
-    return output
+    deadline = time.monotonic() + timeout
+    while True:
+        output = host.cmd("%s -c %s" % (shlex.quote(sys.executable), shlex.quote(code)))
+        if command.strip() != "DUMP" or output.rstrip().endswith("end"):
+            return output
+        if time.monotonic() > deadline:
+            raise VmLabError("no oracle state from %s (domain %s): %s\nconsole: %s" % (
+                guest.name, domain_state(guest.name), output[-300:], console_text(guest)[-600:]))
+        time.sleep(0.5)
+
+
+def domain_state(name: str, uri: str = URI) -> str:
+    """'running', 'paused', ... or 'gone'."""
+    import libvirt
+    names = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+             libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_CRASHED: "crashed"}
+    conn = libvirt.open(uri)
+    try:
+        state = conn.lookupByName(name).state()[0]
+        return names.get(state, "state %d" % state)
+    except libvirt.libvirtError:
+        return "gone"
+    finally:
+        conn.close()
 
 
 def oracle_member(host, guest: Guest) -> dict:

@@ -42,6 +42,7 @@ class Port:
     name: str = ""
     up: bool = True
     probed_at: Optional[float] = None  # first probe sent on it while up
+    was_edge: bool = False  # an edge port before it went down (a VM's tap while QEMU restarts)
 
 
 @dataclass
@@ -284,6 +285,8 @@ class Fabric:
             return []
         port = switch.ports.get(port_no)
         was_up = port is not None and port.up
+        if was_up and (deleted or not up) and self.is_edge(dpid, port_no, now):
+            port.was_edge = True
         if deleted:
             switch.ports.pop(port_no, None)
         elif port is None:
@@ -294,7 +297,9 @@ class Fabric:
         if was_up and (deleted or not up):
             self._forget_port(dpid, port_no)
         elif not was_up and up and not deleted:
-            port.probed_at = None
+            # A port that was an edge port serves again at once (a restored VM must not lose its first
+            # frames to the settle time); the probe still finds it if it now leads to a switch.
+            port.probed_at = now - self.settings.settle_time if port.was_edge else None
             messages += self._probe(now, dpid, [port_no])
         return self.reconcile(now) + messages
 
@@ -373,6 +378,7 @@ class Fabric:
             if ref in self.links:
                 self._drop_link(ref)
             self._forget_hosts_on(ref)
+            self.switches[ref[0]].ports[ref[1]].was_edge = False
         self.links[a], self.links[b] = b, a
         self._topology_changed()
         return self.reconcile(now)

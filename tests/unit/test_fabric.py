@@ -43,6 +43,18 @@ def test_ports_are_not_edges_before_settle_time():
     assert h.fabric.settled(h.now)
 
 
+def test_an_edge_port_that_flaps_serves_again_at_once():
+    """A restored VM's tap goes down and up: its first frames must not die in the settle time."""
+    h = started(*line_topology(2), settle_time=0.5)
+    h.send(1, 1, eth_frame(BCAST, A))
+    h.run(h.controller.port_changed(1, 1, "tap", False, False))
+    assert A not in h.fabric.hosts and not h.fabric.is_edge(1, 1, h.now)
+    h.run(h.controller.port_changed(1, 1, "tap", True, False))
+    assert h.fabric.is_edge(1, 1, h.now)
+    out = h.send(1, 1, eth_frame(BCAST, A))
+    assert A in h.fabric.hosts and out.delivered
+
+
 @pytest.mark.parametrize("topology", [line_topology(3), ring_topology(3), ring_topology(5)])
 def test_broadcast_reaches_every_other_host_exactly_once(topology):
     h = started(*topology)

@@ -1,0 +1,185 @@
+"""VM members (QEMU under libvirt, TCG) beside CRIU process members on one Open vSwitch LAN.
+
+The helper snapshots a VM by a fake live migration to the snapshot server, the cut
+taken while QEMU holds the guest paused before the switchover. The consistency
+oracle runs between VMs (guest/vseq.c) and processes (hostside/seqstream.py).
+"""
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from hostside import oracle
+from hostside.storage import ImageServer
+from topologies import lab, slicelab, vms
+from topologies.lan import LanTopo
+
+CYCLES = int(os.environ.get("VIOLIN_VM_ORACLE_CYCLES", 5))
+RATE = 100.0
+
+
+@pytest.fixture(scope="module")
+def vm_ready(lab_ready):
+    reason = vms.libvirt_available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail("CI must test VMs: %s" % reason)
+        pytest.skip(reason)
+
+
+def slice_with_vms(net, prefix, count, first_ident):
+    """``count`` guests on the LAN's switch, peers of every host member and of each other."""
+    hosts = net.hosts
+    idents = {h.name: i for i, h in enumerate(hosts, 1)}
+    names = ["%svm%d" % (prefix, i) for i in range(1, count + 1)]
+    addresses = {first_ident + i: "10.0.0.%d" % (100 + i) for i in range(count)}
+    guests = []
+    for i, name in enumerate(names):
+        ident = first_ident + i
+        peers = {idents[h.name]: h.IP() for h in hosts}
+        peers.update({k: v for k, v in addresses.items() if k != ident})
+        guests.append(vms.seqstream_guest(name, ident, addresses[ident] + "/8", "52:54:00:76:00:%02x" % (i + 1),
+                                          str(net.switches[0].name), peers, RATE))
+    return guests, {g.name: first_ident + i for i, g in enumerate(guests)}
+
+
+def oracle_of(net, members, guests, guest_ids):
+    """Stop everything sending, then judge every stream: host members from their files, guests over the LAN."""
+    for g in guests:
+        vms.guest_command(net.hosts[0], g, "STOP")
+    for h in net.hosts:
+        os.kill(members.pids[h.name], signal.SIGTERM)
+    time.sleep(0.5)
+    records = {}
+    for h in net.hosts:
+        records.update(oracle.load_records([members.member_dir(h)]))
+    for g in guests:
+        records[guest_ids[g.name]] = vms.oracle_member(net.hosts[0], g)
+    return oracle.check(records, margin=int(RATE // 2))
+
+
+def test_a_vm_snapshot_under_traffic_keeps_the_vm_and_its_connections_running(slice_controller, vm_ready, tmp_path):
+    controller = slice_controller
+    prefix = lab.run_prefix()
+    with lab.network(LanTopo(2, prefix=prefix), controller) as net:
+        guests, guest_ids = slice_with_vms(net, prefix, 1, first_ident=3)
+        with vms.guests(guests):
+            with slicelab.helped_slice(controller, net, str(tmp_path), rate=RATE, guests=guests,
+                                       guest_ids=guest_ids) as members:
+                time.sleep(2.0)  # TCP streams connect, every member is located
+                for round_ in range(2):
+                    status, snap = controller.request("POST", "/violin/snapshots", {"label": "vm-%d" % round_})
+                    assert status == 202, snap
+                    view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"])
+                    assert view["state"] == "complete", (view.get("reason"), view["members"], open(members.helper_log).read()[-3000:])
+                    entry = next(m for m in view["members"] if m["name"] == guests[0].name)
+                    image = entry["image"]
+                    assert image["backend"] == "libvirt" and image["files"][0]["name"] == "vm.save", image
+                    assert 0 < entry["pause_ms"] < 1000 and image["qemu_pause_ms"] is not None, entry
+                    stored = ImageServer(members.server_url, slicelab.SERVER_TOKEN).index(snap["id"], guests[0].name)
+                    assert stored["files"][0]["sha256"] == image["files"][0]["sha256"]
+                    time.sleep(1.0)
+                # The VM ran on through both snapshots: its network answers, and every stream, its TCP
+                # connections included, is intact (no restore: nothing may be lost or repeated).
+                assert "0% packet loss" in net.hosts[0].cmd("ping -c 3 -i 0.2 %s" % guests[0].address)
+                result = oracle_of(net, members, guests, guest_ids)
+    assert result["totals"]["tcp"]["streams"] == 6 and result["totals"]["udp"]["streams"] == 6, result["totals"]
+    assert result["consistent"], (result["totals"], {k: v for k, v in result["streams"].items()
+                                                     if v["gaps"] or v["duplicates"]})
+
+
+def test_vms_and_processes_restored_together_lose_and_duplicate_nothing(slice_controller, vm_ready, tmp_path):
+    controller = slice_controller
+    prefix = lab.run_prefix()
+    rng = random.Random(os.environ.get("VIOLIN_ORACLE_SEED", 11))
+    with lab.network(LanTopo(2, prefix=prefix), controller) as net:
+        guests, guest_ids = slice_with_vms(net, prefix, 2, first_ident=3)
+        with vms.guests(guests):
+            # Process members stream UDP only here: after a restore, CRIU (4.2.1, kernel 6.18) could not dump
+            # a process's TCP socket fed by a guest's TCP (soccr: the queue is longer than SIOCINQ says);
+            # VM-to-VM TCP, process-to-process TCP (test_oracle) and VM/process UDP are all judged.
+            with slicelab.helped_slice(controller, net, str(tmp_path), rate=RATE, guests=guests,
+                                       guest_ids=guest_ids, tcp=False) as members:
+                time.sleep(2.0)
+                timings = []
+                for cycle in range(CYCLES):
+                    time.sleep(rng.uniform(0.1, 0.8))  # random cut timing
+                    status, snap = controller.request("POST", "/violin/snapshots", {"label": "vm-oracle-%d" % cycle})
+                    assert status == 202, snap
+                    view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=120)
+                    assert view["state"] == "complete", (view.get("reason"), view["members"], open(members.helper_log).read()[-3000:])
+                    time.sleep(rng.uniform(0.1, 0.8))  # runs on past the snapshot, then "fails"
+                    status, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
+                    assert status == 202, job
+                    job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"], timeout=120)
+                    assert job["state"] == "complete", (job, open(members.helper_log).read()[-2000:])
+                    timings.append(job["timings_ms"])
+                time.sleep(1.5)
+                result = oracle_of(net, members, guests, guest_ids)
+    assert result["totals"]["udp"]["streams"] == 4 * 3, result["totals"]
+    vm_tcp = ["%d->%d/tcp" % (a, b) for a, b in ((3, 4), (4, 3))]
+    assert all(result["streams"][name]["judged_upto"] > 100 for name in vm_tcp), result["streams"]
+    assert result["consistent"], (result["totals"], {k: v for k, v in result["streams"].items()
+                                                     if v["gaps"] or v["duplicates"]})
+
+
+def no_cut_rules(net):
+    return all(s.cmd("ovs-ofctl -O OpenFlow13 dump-flows %s" % s.name).count("cookie=0x76696f6c0000000%d" % r) == 0
+               for s in net.switches for r in (4, 5, 6))
+
+
+def test_a_snapshot_server_refusing_the_vm_stream_aborts_and_the_vm_runs_on(slice_controller, vm_ready, tmp_path):
+    controller = slice_controller
+    prefix = lab.run_prefix()
+    with lab.network(LanTopo(1, prefix=prefix), controller) as net:
+        guests, guest_ids = slice_with_vms(net, prefix, 1, first_ident=2)
+        with vms.guests(guests):
+            # The helper presents the wrong token: the server refuses the stream (401) as it begins.
+            with slicelab.helped_slice(controller, net, str(tmp_path), rate=RATE, guests=guests, guest_ids=guest_ids,
+                                       helper_settings={"server_token": "not-the-servers-token"}):
+                time.sleep(1.5)
+                _, snap = controller.request("POST", "/violin/snapshots", {})
+                view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=60)
+                assert view["state"] == "aborted" and "refused vm.save: 401" in view["reason"], view
+                assert vms.domain_state(guests[0].name) == "running"
+                assert no_cut_rules(net)
+                assert "0% packet loss" in net.hosts[0].cmd("ping -c 3 -i 0.2 %s" % guests[0].address)
+                _, health = controller.get("/violin/health")
+                assert not health.get("snapshot") or health["snapshot"].get("held_frames", 0) == 0, health
+
+
+def test_a_vm_that_disappears_mid_migration_aborts_the_snapshot(slice_controller, vm_ready, tmp_path):
+    import libvirt
+    controller = slice_controller
+    prefix = lab.run_prefix()
+    with lab.network(LanTopo(2, prefix=prefix), controller) as net:
+        guests, guest_ids = slice_with_vms(net, prefix, 1, first_ident=3)
+        with vms.guests(guests):
+            # A slow stream (1 MiB/s) keeps the migration going long enough to pull the VM from under it.
+            with slicelab.helped_slice(controller, net, str(tmp_path), rate=RATE, guests=guests, guest_ids=guest_ids,
+                                       helper_settings={"vm_max_bandwidth": 1 << 20}) as members:
+                time.sleep(1.5)
+                _, snap = controller.request("POST", "/violin/snapshots", {})
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    view = controller.get("/violin/snapshots/%s" % snap["id"])[1]
+                    vm_entry = next(m for m in view["members"] if m["name"] == guests[0].name)
+                    if vm_entry["state"] != "pending":
+                        break
+                    time.sleep(0.01)
+                time.sleep(0.5)
+                conn = libvirt.open(vms.URI)
+                try:
+                    conn.lookupByName(guests[0].name).destroy()
+                finally:
+                    conn.close()
+                view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=60)
+                assert view["state"] == "aborted" and guests[0].name in view["reason"], view
+                assert no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
+                for h in net.hosts:
+                    first = members.progress(h)
+                    time.sleep(0.3)
+                    assert members.progress(h) != first  # the process members run on
