@@ -446,7 +446,9 @@ class Helper:
             stored = details.pop("stored")
             details.pop("sha256")
             self._post(body["done_url"], {
-                "pause_ms": round(report.pause_ms, 3), "bytes": report.bytes, "server": server,
+                # The guest's pause as QEMU stamps it (STOP -> RESUME); ours also counts libvirt's reply to cont.
+                "pause_ms": round(report.qemu_pause_ms if report.qemu_pause_ms is not None else report.pause_ms, 3),
+                "bytes": report.bytes, "server": server,
                 "image": dict(details, backend="libvirt", domain=member.domain,
                               files=[{"name": VM_IMAGE, "bytes": stored["bytes"], "sha256": stored["sha256"]}])})
             self.jobs[key].update(state="done")
