@@ -245,6 +245,20 @@ def take_identity(member: "HelperMember") -> None:
     in_netns(member.netns, "ip", "link", "set", member.iface, "up")
 
 
+def forget_unresolved_neighbours(member: "HelperMember") -> None:
+    """Drop neighbour entries still unresolved in the member's namespace before it resumes.
+
+    The ARP requests made while the member was restored (CRIU's TCP probes; on a
+    new host its neighbour table starts empty) died in the quarantine, and the
+    kernel asks again only a second later, queueing the member's sends in the
+    meantime: kernel state no snapshot holds. Forgotten entries are resolved at
+    once by the first packet after the resume.
+    """
+    for state in ("incomplete", "failed"):
+        subprocess.run(["nsenter", "--net=%s" % member.netns, "ip", "neigh", "flush", "dev", member.iface,
+                        "nud", state], capture_output=True, timeout=10)
+
+
 def switch_port_of(member: "HelperMember") -> str:
     """The switch's name for the port the member's interface (a veth in its namespace) plugs into."""
     links = json.loads(in_netns(member.netns, "ip", "-j", "link", "show", "dev", member.iface) or "[]")
@@ -331,6 +345,7 @@ class Helper:
         if member.backend == "libvirt":
             self.libvirt.resume(member.domain)
             return {"resumed": member.name}
+        forget_unresolved_neighbours(member)
         try:
             os.killpg(member.pid, signal.SIGCONT)
         except ProcessLookupError:

@@ -10,7 +10,10 @@
 #   taken from the machine's apt configuration. sid is never added to the system sources.
 # - Only the `criu` make target is built (no docs, no plugins, no libcriu).
 #
-# Idempotent: exits at once if /usr/local/sbin/criu already reports version 4.2.1.
+# - Our patches in scripts/criu-patches/ are applied (see each file's comment for why).
+#
+# Idempotent: exits at once if /usr/local/sbin/criu already reports version 4.2.1 and was
+# built with the current patches (their sha256 is kept next to the binary).
 # Environment overrides: CRIU_BUILD_ROOT (default /var/cache/violin-snapshot/criu-build).
 set -euo pipefail
 
@@ -22,6 +25,9 @@ readonly CRIU_BIN=/usr/local/sbin/criu
 readonly BUILD_ROOT="${CRIU_BUILD_ROOT:-/var/cache/violin-snapshot/criu-build}"
 readonly LOG="$BUILD_ROOT/build.log"
 readonly KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+readonly PATCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches"
+readonly PATCH_STAMP=/usr/local/sbin/.criu-violin-patches
+patches_sum() { cat "$PATCH_DIR"/*.patch 2>/dev/null | sha256sum | awk '{ print $1 }'; }
 readonly BUILD_DEPS=(
     libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler
     libnl-3-dev libnet1-dev libcap-dev libaio-dev libbsd-dev libgnutls28-dev
@@ -96,8 +102,8 @@ sha256_of() { sha256sum "$1" | awk '{ print $1 }'; }
 # ---------------------------------------------------------------------------------------
 
 have="$(installed_version)"
-if [[ $have == "$CRIU_VERSION" ]]; then
-    say "CRIU $CRIU_VERSION already present at $CRIU_BIN; nothing to do."
+if [[ $have == "$CRIU_VERSION" && -f $PATCH_STAMP && $(cat "$PATCH_STAMP") == "$(patches_sum)" ]]; then
+    say "CRIU $CRIU_VERSION (with our patches) already present at $CRIU_BIN; nothing to do."
     exit 0
 fi
 ((EUID == 0)) || die "must run as root"
@@ -184,6 +190,11 @@ srcdir="$BUILD_ROOT/criu-$CRIU_VERSION"
 rm -rf "$srcdir"
 run tar -C "$BUILD_ROOT" -xf "$tarball"
 [[ -f $srcdir/Makefile ]] || die "unexpected tarball layout: $srcdir/Makefile missing"
+for p in "$PATCH_DIR"/*.patch; do
+    [[ -f $p ]] || continue
+    say "applying $(basename "$p")"
+    run patch -d "$srcdir" -p1 --forward --quiet -i "$p"
+done
 say "building (make -j2 criu), about a minute"
 start=$SECONDS
 run make -C "$srcdir" -j2 criu
@@ -194,4 +205,5 @@ run install -D -m 0755 "$srcdir/criu/criu" "$CRIU_BIN"
 have="$(installed_version)"
 [[ $have == "$CRIU_VERSION" ]] ||
     die "installed $CRIU_BIN reports version '${have:-?}', expected $CRIU_VERSION"
+patches_sum >"$PATCH_STAMP"
 say "installed CRIU $have at $CRIU_BIN"

@@ -36,7 +36,7 @@ def test_a_member_is_restored_on_a_spare_host_and_the_slice_stays_consistent(sli
                 status, snap = controller.request("POST", "/violin/snapshots", {"label": "before-move"})
                 assert status == 202, snap
                 view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"])
-                assert view["state"] == "complete", view
+                assert view["state"] == "complete", (view.get("reason"), view["members"])
                 time.sleep(0.3)
                 status, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"],
                                                  {"placement": {h3.name: spare_url}})
@@ -56,7 +56,7 @@ def test_a_member_is_restored_on_a_spare_host_and_the_slice_stays_consistent(sli
                 time.sleep(0.5)
                 status, snap2 = controller.request("POST", "/violin/snapshots", {"label": "after-move"})
                 view2 = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap2["id"])
-                assert view2["state"] == "complete", view2
+                assert view2["state"] == "complete", (view2.get("reason"), view2["members"])
                 status, job2 = controller.request("POST", "/violin/snapshots/%s/restore" % snap2["id"], {})
                 job2 = slicelab.wait_for(controller, "/violin/restores/%s" % job2["id"])
                 assert job2["state"] == "complete", job2
