@@ -173,7 +173,43 @@ class Libvirt:
         except libvirt.libvirtError as error:
             raise VmError("cannot connect to libvirt at %s: %s" % (uri, error)) from None
         self.uri = uri
+        # One event registration per connection for every domain, dispatched by name: concurrent
+        # per-domain registrations on one connection lose events in libvirt-python.
         self.events_lock = threading.Lock()
+        self.listeners = {}  # domain name -> (events queue, event stamps) of a running migrate_out
+        import libvirt_qemu
+        libvirt_qemu.qemuMonitorEventRegister(self.conn, None, None, self._on_qmp, None, 0)
+        self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+
+    def _listener(self, dom):
+        with self.events_lock:
+            return self.listeners.get(dom.name(), (None, None))
+
+    def _on_qmp(self, _conn, dom, event, seconds, micros, details, _opaque):
+        events, stamps = self._listener(dom)
+        if events is None:
+            return
+        stamp = seconds + micros / 1e6
+        if event == "STOP":
+            stamps.setdefault("STOP", stamp)
+        elif event == "RESUME":
+            stamps["RESUME"] = stamp
+        elif event == "MIGRATION":
+            events.put(("migration", (json.loads(details) if details else {}).get("status")))
+        elif event == "SHUTDOWN":
+            events.put(("gone", "the guest shut down"))
+
+    def _on_lifecycle(self, _conn, dom, event, _detail, _opaque):
+        events, stamps = self._listener(dom)
+        if events is None:
+            return
+        libvirt = self.libvirt
+        if event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
+            stamps.setdefault("suspended", time.monotonic())
+        elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED:
+            stamps["resumed"] = time.monotonic()
+        elif event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
+            events.put(("gone", "domain %s stopped" % dom.name()))
 
     def domain(self, name: str):
         try:
@@ -216,7 +252,6 @@ class Libvirt:
         left running.
         """
         import hashlib
-        import libvirt_qemu
         dom = self.domain(name)
         if not dom.isActive():
             raise VmError("domain %s is not running" % name)
@@ -227,31 +262,8 @@ class Libvirt:
                           % (name, ", ".join(disks)))
         events: "queue.Queue" = queue.Queue()
         stamps = {}
-
-        def on_qmp(_conn, _dom, event, seconds, micros, details, _opaque):
-            stamp = seconds + micros / 1e6
-            if event == "STOP":
-                stamps.setdefault("STOP", stamp)
-            elif event == "RESUME":
-                stamps["RESUME"] = stamp
-            elif event == "MIGRATION":
-                events.put(("migration", (json.loads(details) if details else {}).get("status")))
-            elif event == "SHUTDOWN":
-                events.put(("gone", "the guest shut down"))
-
-        def on_lifecycle(_conn, _dom, event, _detail, _opaque):
-            libvirt = self.libvirt
-            if event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
-                stamps.setdefault("suspended", time.monotonic())
-            elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED:
-                stamps["resumed"] = time.monotonic()
-            elif event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
-                events.put(("gone", "domain %s stopped" % name))
-
-        with self.events_lock:  # libvirt-python's callback tables are per connection, not thread-safe
-            qmp_callback = libvirt_qemu.qemuMonitorEventRegister(self.conn, dom, None, on_qmp, None, 0)
-            life_callback = self.conn.domainEventRegisterAny(dom, self.libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                                             on_lifecycle, None)
+        with self.events_lock:
+            self.listeners[name] = (events, stamps)
         reader_fd, writer_fd = os.pipe()
         digest, counted, outcome = hashlib.sha256(), [0], {}
         header = save_header(xml)
@@ -332,12 +344,7 @@ class Libvirt:
             raise
         finally:
             with self.events_lock:
-                for undo in (lambda: libvirt_qemu.qemuMonitorEventDeregister(self.conn, qmp_callback),
-                             lambda: self.conn.domainEventDeregisterAny(life_callback)):
-                    try:
-                        undo()
-                    except self.libvirt.libvirtError:
-                        pass
+                self.listeners.pop(name, None)
         time.sleep(0.01)  # let the RESUME events arrive
         qemu_pause = (stamps["RESUME"] - stamps["STOP"]) * 1000 if {"RESUME", "STOP"} <= set(stamps) else None
         libvirt_pause = ((stamps["resumed"] - stamps["suspended"]) * 1000
