@@ -23,3 +23,21 @@ def test_demo_failure_and_restore_give_a_bit_identical_image(lab_ready, tmp_path
     assert code == 0, printed
     assert "FAILURE: h3 and h4 killed" in printed and "RESTORED all four members" in printed
     assert "bit-identical" in printed and out.exists()
+
+
+def test_demo_with_vms_gives_a_bit_identical_image(lab_ready, tmp_path, capsys):
+    """The seed's shape: four QEMU VMs, fake live migrations, two destroyed, all restored."""
+    from topologies import vms
+    reason = vms.libvirt_available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the VM demo: %s" % reason)
+        pytest.skip(reason)
+    import demo
+    out = tmp_path / "mandelbrot.png"
+    code = demo.main(["--vms", "--width", "120", "--height", "90", "--iterations", "200", "--delay-ms", "200",
+                      "--every", "3", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "FAILURE: vm3 and vm4 destroyed" in printed and "RESTORED all four members" in printed
+    assert "bit-identical" in printed and out.exists()
