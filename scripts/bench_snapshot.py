@@ -18,8 +18,8 @@ import tempfile
 import time
 from contextlib import ExitStack
 
-from benchkit import (BenchError, check_host, handle_signals, machine_info, run_guarded, save,  # sets sys.path
-                      summary, timestamp)
+from benchkit import (check_host, handle_signals, machine_info, run_guarded, save,  # sets sys.path
+                      summary, timed_restore, timed_snapshot, timestamp)
 from hostside import criu
 from topologies import lab, slicelab
 from topologies.lan import LanTopo
@@ -57,32 +57,19 @@ def measure(n, snapshots, restores, log):
             record["bare_pause_ms"] = bare_dumps(members, net.hosts, max(1, snapshots // 2), workdir)
             last = None
             for i in range(snapshots):
-                began = time.monotonic()
-                status, snap = controller.request("POST", "/violin/snapshots", {"label": "bench-%d" % i})
-                if status != 202:
-                    raise BenchError("snapshot refused: %s %s" % (status, snap))
-                view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=120)
-                wall_ms = (time.monotonic() - began) * 1000
-                if view["state"] != "complete":
-                    raise BenchError("snapshot %s %s: %s" % (snap["id"], view["state"], view.get("reason")))
+                view, wall_ms = timed_snapshot(controller, "bench-%d" % i)
                 record["snapshots"].append({
-                    "id": snap["id"], "wall_ms": round(wall_ms, 1),
+                    "id": view["id"], "wall_ms": round(wall_ms, 1),
                     "pause_ms": [m.get("pause_ms") for m in view["members"]],
                     "hook_ms": [m["image"].get("hook_ms") for m in view["members"]],
                     "image_bytes": sum(m.get("bytes", 0) for m in view["members"]),
                     "channel_frames": (view.get("channel") or {}).get("frames", 0)})
-                last = snap["id"]
+                last = view["id"]
                 log("  %d members: snapshot %d/%d complete in %.0f ms" % (n, i + 1, snapshots, wall_ms))
                 time.sleep(0.3)
             for i in range(restores):
-                began = time.monotonic()
-                status, job = controller.request("POST", "/violin/snapshots/%s/restore" % last, {})
-                if status != 202:
-                    raise BenchError("restore refused: %s %s" % (status, job))
-                job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"], timeout=120)
-                if job["state"] != "complete":
-                    raise BenchError("restore %s failed: %s" % (job["id"], job["reason"]))
-                record["restores"].append({"wall_ms": round((time.monotonic() - began) * 1000, 1),
+                job, restore_ms = timed_restore(controller, last)
+                record["restores"].append({"wall_ms": round(restore_ms, 1),
                                            "phases_ms": job["timings_ms"], "reinjected": job["reinjected_frames"]})
                 log("  %d members: restore %d/%d complete in %.0f ms" % (n, i + 1, restores,
                                                                        record["restores"][-1]["wall_ms"]))

@@ -20,8 +20,8 @@ import tempfile
 import time
 from contextlib import ExitStack
 
-from benchkit import (ROOT, BenchError, check_host, handle_signals, machine_info, run_guarded, save,  # sets sys.path
-                      summary, timestamp)
+from benchkit import (ROOT, check_host, handle_signals, machine_info, run_guarded, save,  # sets sys.path
+                      summary, timed_restore, timed_snapshot, timestamp)
 from hostside import vm
 from hostside.storage import ImageServer
 from topologies import lab, slicelab, vms
@@ -65,22 +65,15 @@ def measure(n, rounds, restores, log):
             storage = ImageServer(members.server_url, slicelab.SERVER_TOKEN)
             last = None
             for i in range(rounds):
-                began = time.monotonic()
-                status, snap = controller.request("POST", "/violin/snapshots", {"label": "bench-%d" % i})
-                if status != 202:
-                    raise BenchError("snapshot refused: %s %s" % (status, snap))
-                view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=180)
-                wall_ms = (time.monotonic() - began) * 1000
-                if view["state"] != "complete":
-                    raise BenchError("snapshot %s %s: %s" % (snap["id"], view["state"], view.get("reason")))
+                view, wall_ms = timed_snapshot(controller, "bench-%d" % i)
                 record["snapshots"].append({
-                    "id": snap["id"], "wall_ms": round(wall_ms, 1),
+                    "id": view["id"], "wall_ms": round(wall_ms, 1),
                     "pause_ms": [m.get("pause_ms") for m in view["members"]],
                     "qemu_pause_ms": [m["image"].get("qemu_pause_ms") for m in view["members"]],
                     "libvirt_pause_ms": [m["image"].get("libvirt_pause_ms") for m in view["members"]],
                     "hook_ms": [m["image"].get("hook_ms") for m in view["members"]],
                     "image_bytes": sum(m.get("bytes", 0) for m in view["members"])})
-                last = snap["id"]
+                last = view["id"]
                 time.sleep(0.3)
                 for guest in guests:  # the same migration, one VM at a time as above, without the cut
                     report = libvirt.migrate_out(
@@ -92,14 +85,8 @@ def measure(n, rounds, restores, log):
                 log("  %d VMs: round %d/%d, snapshot %.0f ms" % (n, i + 1, rounds, wall_ms))
                 time.sleep(0.3)
             for i in range(restores):
-                began = time.monotonic()
-                status, job = controller.request("POST", "/violin/snapshots/%s/restore" % last, {})
-                if status != 202:
-                    raise BenchError("restore refused: %s %s" % (status, job))
-                job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"], timeout=180)
-                if job["state"] != "complete":
-                    raise BenchError("restore %s failed: %s" % (job["id"], job["reason"]))
-                record["restores"].append({"wall_ms": round((time.monotonic() - began) * 1000, 1),
+                job, restore_ms = timed_restore(controller, last)
+                record["restores"].append({"wall_ms": round(restore_ms, 1),
                                            "phases_ms": job["timings_ms"]})
                 log("  %d VMs: restore %d/%d in %.0f ms" % (n, i + 1, restores, record["restores"][-1]["wall_ms"]))
                 time.sleep(1.0)

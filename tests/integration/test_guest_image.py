@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 from hostside import guestctl, seqstream
-from topologies import lab
+from topologies import lab, vms
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.path.join(REPO, "scripts", "build_guest.sh")
@@ -159,25 +159,11 @@ def test_guest_boots_pings_and_exchanges_with_seqstream(vm_ready):
     mac = "52:54:00:%s:%s:%s" % (tag[0:2], tag[2:4], tag[4:6])
     workdir = tempfile.mkdtemp(prefix="violin-gtest-")
     os.chmod(workdir, 0o755)
-    console = os.path.join(workdir, "console.log")
-    run = "vseq,--id,2,--bind,%s,--peers,1=%s,--rate,%g" % (guest_ip, host_ip, RATE)
-    xml = """<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>128</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{dir}/vmlinuz</kernel><initrd>{dir}/initramfs.cpio.gz</initrd>
-    <cmdline>console=ttyS0 violin.ip={ip}/24 violin.run={run}</cmdline></os>
-  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <interface type='ethernet'>
-      <mac address='{mac}'/><target dev='{tap}' managed='no'/><model type='virtio'/>
-    </interface>
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>""".format(name=domain_name, dir=GUEST_DIR, ip=guest_ip, run=run, mac=mac, tap=tap, console=console)
+    run = ["vseq", "--id", "2", "--bind", guest_ip, "--peers", "1=%s" % host_ip, "--rate", "%g" % RATE]
+    guest = vms.Guest(domain_name, guest_ip + "/24", mac, bridge, run, tap=tap)
+    os.makedirs(vms.RUN_DIR, mode=0o755, exist_ok=True)
+    console = guest.console_log
+    xml = vms.domain_xml(guest, GUEST_DIR)
 
     conn = libvirt.open(URI)
     member = stand_in = None
@@ -304,3 +290,5 @@ def test_guest_boots_pings_and_exchanges_with_seqstream(vm_ready):
         subprocess.run(["ip", "link", "del", veth], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)
+        if os.path.exists(console):
+            os.unlink(console)
