@@ -176,6 +176,7 @@ class Libvirt:
         # One event registration per connection for every domain, dispatched by name: concurrent
         # per-domain registrations on one connection lose events in libvirt-python.
         self.events_lock = threading.Lock()
+        self.files_lock = threading.Lock()
         self.listeners = {}  # domain name -> (events queue, event stamps) of a running migrate_out
         import libvirt_qemu
         libvirt_qemu.qemuMonitorEventRegister(self.conn, None, None, self._on_qmp, None, 0)
@@ -229,7 +230,10 @@ class Libvirt:
         message = json.dumps({"execute": command, "arguments": arguments or {}})
         try:
             if files:
-                answer, _ = libvirt_qemu.qemuMonitorCommandWithFiles(dom, message, files, 0)
+                # Descriptors passed on one connection by concurrent calls can reach the wrong domain
+                # (two VMs' migration streams crossed, restored guests corrupt): one at a time.
+                with self.files_lock:
+                    answer, _ = libvirt_qemu.qemuMonitorCommandWithFiles(dom, message, files, 0)
             else:
                 answer = libvirt_qemu.qemuMonitorCommand(dom, message, 0)
         except self.libvirt.libvirtError as error:

@@ -74,7 +74,7 @@ def domain_xml(guest: Guest, guest_dir: str = GUEST_DIR) -> str:
     <interface type='ethernet'>
       <mac address='{mac}'/><target dev='{tap}' managed='no'/><model type='virtio'/>
     </interface>
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
 </domain>""".format(name=escape(guest.name), memory=guest.memory_mib, kernel=escape(paths["kernel"]),
