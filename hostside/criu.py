@@ -24,6 +24,7 @@ from typing import Callable, Optional
 CRIU = os.environ.get("VIOLIN_CRIU", "/usr/local/sbin/criu")
 WORKDIR_ARCHIVE = "workdir.tar"
 HOOK_TIMEOUT_S = 10  # a helper that died must not leave the member frozen: CRIU then fails and resumes it
+NETWORK_LOCK = "nftables"  # blocks a member's TCP connections during dump/restore; iptables execs per connection
 HOOK = """#!/bin/sh
 # violin-snapshot: on post-dump (tasks still frozen), hand over to the helper and wait for it.
 [ "$CRTOOLS_SCRIPT_ACTION" = "post-dump" ] || exit 0
@@ -148,7 +149,7 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
     try:
         result = subprocess.run(
             _nsenter(member) + [CRIU, "dump", "-t", str(member.pid), "-D", images, "-o", "dump.log", "-v2",
-                                "--leave-running", "--tcp-established", "--file-locks",
+                                "--leave-running", "--tcp-established", "--file-locks", "--network-lock", NETWORK_LOCK,
                                 "--action-script", script],
             capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -191,7 +192,7 @@ def restore(member: ProcessMember, images: str, timeout: float = 60.0, leave_sto
     log = "restore.log"
     result = subprocess.run(
         _nsenter(member) + [CRIU, "restore", "-D", images, "-o", log, "-v2", "-d",
-                            "--tcp-established", "--file-locks"] + (["--leave-stopped"] if leave_stopped else []),
+                            "--tcp-established", "--file-locks", "--network-lock", NETWORK_LOCK] + (["--leave-stopped"] if leave_stopped else []),
         capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise CriuError("criu restore of %s failed:\n%s" % (member.name, _log_tail(os.path.join(images, log))))

@@ -99,7 +99,7 @@ def main(argv=None):
         parser.error("--sizes takes numbers, e.g. 2,8")
     document = {"timestamp": timestamp(), "machine": machine_info(cpu_model=True),
                 "parameters": {"snapshots": args.snapshots, "restores": args.restores, "sizes": sizes,
-                               "members": "seqstream (UDP, 100/s per peer) in LanTopo(N)",
+                               "members": "seqstream (UDP and a TCP stream, 100/s per peer) in LanTopo(N)",
                                "pause": "CRIU stats-dump frozen_time"}, "slices": []}
 
     def body():
