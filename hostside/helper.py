@@ -259,13 +259,15 @@ def forget_unresolved_neighbours(member: "HelperMember") -> None:
                         "nud", state], capture_output=True, timeout=10)
 
 
-def switch_port_of(member: "HelperMember") -> str:
-    """The switch's name for the port the member's interface (a veth in its namespace) plugs into."""
-    links = json.loads(in_netns(member.netns, "ip", "-j", "link", "show", "dev", member.iface) or "[]")
-    peer = links[0].get("link_index") if links else None
-    if not peer:
-        raise RuntimeError("%s in %s is not a veth: cannot tell its switch port" % (member.iface, member.netns))
-    return socket.if_indextoname(peer)
+def switch_port_of(member: "HelperMember") -> Optional[str]:
+    """The switch's name for the port the member's interface (a veth in its namespace) plugs into;
+    None when that cannot be told (then the controller finds the member when it next speaks)."""
+    try:
+        links = json.loads(in_netns(member.netns, "ip", "-j", "link", "show", "dev", member.iface) or "[]")
+        peer = links[0].get("link_index") if links else None
+        return socket.if_indextoname(peer) if peer else None
+    except (RuntimeError, ValueError, OSError):
+        return None
 
 
 class Helper:
