@@ -60,6 +60,31 @@ def read_save_header(head: bytes) -> str:
     return xml.rstrip(b"\0").decode()
 
 
+# QEMU < 9.0 under TCG loses guest writes in live migration: the fast path of the dirty-bitmap sync
+# does not re-arm the vCPUs' TLB, so a page written after it was sent is not sent again and the image
+# holds a stale page (restored guests crash). Fixed upstream in 9.0 (commit 03bfc2188f); the build of
+# scripts/install_qemu.sh carries the fix and says so in its package version.
+TCG_MIGRATION_FIXED_IN = (9, 0)
+TCG_MIGRATION_FIX_MARK = "violin TCG dirty-bitmap fix"
+
+
+def precopy_loses_writes(kvm_enabled: bool, version: dict) -> Optional[str]:
+    """Why a live pre-copy of a guest would store stale pages, or None if the QEMU tracks writes.
+
+    ``kvm_enabled`` and ``version`` are QMP ``query-kvm``'s ``enabled`` and ``query-version``'s answer."""
+    if kvm_enabled:
+        return None  # KVM tracks dirty pages in the kernel
+    qemu = version.get("qemu") or {}
+    if (qemu.get("major", 0), qemu.get("minor", 0)) >= TCG_MIGRATION_FIXED_IN:
+        return None
+    if TCG_MIGRATION_FIX_MARK in (version.get("package") or ""):
+        return None
+    return ("QEMU %s.%s.%s%s under TCG loses guest writes in live migration (stale pages in the image; "
+            "fixed in QEMU 9.0): run the guest under the QEMU of scripts/install_qemu.sh, a QEMU >= 9.0, or KVM"
+            % (qemu.get("major", "?"), qemu.get("minor", "?"), qemu.get("micro", "?"),
+               " (%s)" % version["package"].strip() if (version.get("package") or "").strip() else ""))
+
+
 def writable_disks(domain_xml: str):
     """Target names of the domain's writable disks (our snapshots carry RAM only)."""
     root = ElementTree.fromstring(domain_xml)
@@ -230,8 +255,8 @@ class Libvirt:
         message = json.dumps({"execute": command, "arguments": arguments or {}})
         try:
             if files:
-                # Descriptors passed on one connection by concurrent calls can reach the wrong domain
-                # (two VMs' migration streams crossed, restored guests corrupt): one at a time.
+                # One descriptor-passing command at a time on this connection (cheap, and nothing
+                # relies on libvirt keeping concurrent ones apart).
                 with self.files_lock:
                     answer, _ = libvirt_qemu.qemuMonitorCommandWithFiles(dom, message, files, 0)
             else:
@@ -264,6 +289,10 @@ class Libvirt:
         if disks:
             raise VmError("domain %s has writable disks (%s): only diskless guests are snapshotted"
                           % (name, ", ".join(disks)))
+        unsound = precopy_loses_writes(bool((self.qmp(dom, "query-kvm") or {}).get("enabled")),
+                                       self.qmp(dom, "query-version") or {})
+        if unsound:
+            raise VmError("cannot snapshot %s: %s" % (name, unsound))
         events: "queue.Queue" = queue.Queue()
         stamps = {}
         with self.events_lock:

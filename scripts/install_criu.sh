@@ -24,7 +24,6 @@ readonly SRC_SUITE=sid
 readonly CRIU_BIN=/usr/local/sbin/criu
 readonly BUILD_ROOT="${CRIU_BUILD_ROOT:-/var/cache/violin-snapshot/criu-build}"
 readonly LOG="$BUILD_ROOT/build.log"
-readonly KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 readonly PATCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches"
 readonly PATCH_STAMP=/usr/local/sbin/.criu-violin-patches
 patches_sum() { cat "$PATCH_DIR"/*.patch 2>/dev/null | sha256sum | awk '{ print $1 }'; }
@@ -34,70 +33,15 @@ readonly BUILD_DEPS=(
     libnftables-dev uuid-dev python3-protobuf pkg-config build-essential xz-utils dpkg-dev
 )
 
-say() { echo "[install_criu] $*"; }
-die() { echo "[install_criu] ERROR: $*" >&2; exit 1; }
-
-# Run a command with its output appended to $LOG; on failure show the log tail and stop.
-run() {
-    local rc=0
-    echo "+ $*" >>"$LOG"
-    "$@" >>"$LOG" 2>&1 || rc=$?
-    if ((rc != 0)); then
-        echo "[install_criu] ERROR: command failed (exit $rc): $*" >&2
-        echo "[install_criu] ---- last 40 lines of $LOG ----" >&2
-        tail -n 40 "$LOG" >&2
-        exit "$rc"
-    fi
-}
+TOOL=install_criu
+# shellcheck source=lib/debsrc.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/debsrc.sh"
 
 # `criu --version` prints "Version: 4.2.1" (plus "GitID: ..." for git builds).
 installed_version() {
     [[ -x $CRIU_BIN ]] || return 0
     "$CRIU_BIN" --version 2>/dev/null | awk '$1 == "Version:" { print $2; exit }' || true
 }
-
-# Debian mirror URI of the machine's main suite (e.g. bookworm, not bookworm-security),
-# read from deb822 *.sources files first, then from one-line *.list files.
-debian_mirror() {
-    local codename="$1" f uri=""
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [[ -r $f ]] || continue
-        uri=$(awk -v want="$codename" '
-            BEGIN { RS = ""; FS = "\n" }
-            {
-                types = ""; uris = ""; suites = ""; enabled = "yes"
-                for (i = 1; i <= NF; i++) {
-                    line = $i
-                    if (line ~ /^[ \t]*#/) continue
-                    p = index(line, ":"); if (p == 0) continue
-                    key = tolower(substr(line, 1, p - 1))
-                    val = substr(line, p + 1)
-                    if (key == "types") types = val
-                    else if (key == "uris") uris = val
-                    else if (key == "suites") suites = val
-                    else if (key == "enabled") enabled = tolower(val)
-                }
-                if (enabled ~ /no/) next
-                if ((" " types " ") !~ /[ \t]deb[ \t]/) next
-                n = split(suites, s, /[ \t]+/)
-                for (j = 1; j <= n; j++) if (s[j] == want) {
-                    split(uris, u, /[ \t]+/)
-                    for (k = 1; k in u; k++) if (u[k] != "") { print u[k]; exit }
-                }
-            }' "$f")
-        [[ -n $uri ]] && { echo "$uri"; return 0; }
-    done
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [[ -r $f ]] || continue
-        # deb [options] URI SUITE COMPONENTS...
-        uri=$(sed -E 's/\[[^]]*\]//' "$f" | awk -v want="$codename" \
-            '$1 == "deb" && $3 == want { print $2; exit }')
-        [[ -n $uri ]] && { echo "$uri"; return 0; }
-    done
-    return 1
-}
-
-sha256_of() { sha256sum "$1" | awk '{ print $1 }'; }
 
 # ---------------------------------------------------------------------------------------
 
@@ -116,17 +60,7 @@ say "build root $BUILD_ROOT, log $LOG"
 export DEBIAN_FRONTEND=noninteractive
 
 # 1. Build dependencies (machine's own sources only).
-missing=()
-for p in "${BUILD_DEPS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    say "installing build dependencies: ${missing[*]}"
-    run apt-get update
-    run apt-get install -y --no-install-recommends "${missing[@]}"
-else
-    say "build dependencies already installed"
-fi
+install_missing "${BUILD_DEPS[@]}"
 
 # 2. Source tarball from sid via a private apt configuration.
 tarball="$BUILD_ROOT/$ORIG_TAR"
@@ -134,32 +68,10 @@ if [[ -f $tarball && $(sha256_of "$tarball") == "$ORIG_SHA256" ]]; then
     say "using cached $ORIG_TAR"
 else
     rm -f "$tarball"
-    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-    codename=${codename:-bookworm}
-    mirror=$(debian_mirror "$codename") ||
-        die "no 'deb' entry for suite '$codename' found in /etc/apt/sources.list{,.d/*}"
-    say "fetching criu source from suite '$SRC_SUITE' at $mirror (private apt config)"
+    say "fetching criu source from suite '$SRC_SUITE' (private apt config)"
+    private_apt "$BUILD_ROOT/apt" "$SRC_SUITE=$(machine_codename)"
 
-    aptdir="$BUILD_ROOT/apt"
-    rm -rf "$aptdir"
-    mkdir -p "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$aptdir/download"
-    chmod -R 0755 "$aptdir"
-    # let apt's unprivileged download user (_apt) write where it downloads to
-    if id _apt >/dev/null 2>&1; then
-        chown _apt "$aptdir/lists/partial" "$aptdir/cache/archives/partial" "$aptdir/download"
-    fi
-    echo "deb-src [signed-by=$KEYRING] $mirror $SRC_SUITE main" >"$aptdir/sources.list"
-    apt_opts=(
-        -o "Dir::Etc::SourceList=$aptdir/sources.list"
-        -o "Dir::Etc::SourceParts=/dev/null"
-        -o "Dir::State::Lists=$aptdir/lists"
-        -o "Dir::Cache=$aptdir/cache"
-        -o "Dir::Cache::pkgcache="
-        -o "Dir::Cache::srcpkgcache="
-    )
-    run apt-get "${apt_opts[@]}" update
-
-    sid_version=$(apt-cache "${apt_opts[@]}" showsrc criu 2>>"$LOG" |
+    sid_version=$(apt-cache "${PRIVATE_APT[@]}" showsrc criu 2>>"$LOG" |
         awk '$1 == "Version:" { print $2 }' | sort -V | tail -n 1)
     [[ -n $sid_version ]] || die "no 'criu' source package found in $SRC_SUITE (see $LOG)"
     upstream=${sid_version#*:}
@@ -170,12 +82,12 @@ else
     fi
     say "$SRC_SUITE has criu $sid_version"
 
-    (cd "$aptdir/download" && run apt-get "${apt_opts[@]}" source --download-only --tar-only criu)
-    [[ -f $aptdir/download/$ORIG_TAR ]] ||
+    (cd "$DOWNLOAD_DIR" && run apt-get "${PRIVATE_APT[@]}" source --download-only --tar-only criu)
+    [[ -f $DOWNLOAD_DIR/$ORIG_TAR ]] ||
         die "apt-get source did not produce $ORIG_TAR (see $LOG)"
-    mv "$aptdir/download/$ORIG_TAR" "$tarball"
+    mv "$DOWNLOAD_DIR/$ORIG_TAR" "$tarball"
     chown root: "$tarball"
-    rm -rf "$aptdir"
+    rm -rf "$BUILD_ROOT/apt"
 
     actual=$(sha256_of "$tarball")
     if [[ $actual != "$ORIG_SHA256" ]]; then

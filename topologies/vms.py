@@ -20,6 +20,9 @@ GUEST_DIR = os.environ.get("VIOLIN_GUEST_DIR", "/var/lib/libvirt/images/violin-g
 RUN_DIR = os.environ.get("VIOLIN_VM_RUN_DIR", "/var/lib/libvirt/images/violin-run")
 READY_LINE = "violin-guest: ready"
 URI = "qemu:///system"
+# The QEMU the guests run under: scripts/install_qemu.sh's build (Debian's QEMU 7.2 with the fix that
+# makes live migration under TCG keep every guest write; see hostside/vm.py), or VIOLIN_QEMU.
+EMULATOR = os.environ.get("VIOLIN_QEMU", "/usr/local/lib/violin-qemu/bin/qemu-system-x86_64")
 
 
 class VmLabError(RuntimeError):
@@ -37,6 +40,7 @@ class Guest:
     run: List[str] = field(default_factory=list)  # the guest's program and its arguments
     memory_mib: int = 128
     tap: str = ""
+    emulator: str = ""  # default EMULATOR
 
     def __post_init__(self):
         self.tap = self.tap or ("t" + self.name)[-15:]
@@ -70,7 +74,7 @@ def domain_xml(guest: Guest, guest_dir: str = GUEST_DIR) -> str:
     <kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
   <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <emulator>{emulator}</emulator>
     <interface type='ethernet'>
       <mac address='{mac}'/><target dev='{tap}' managed='no'/><model type='virtio'/>
     </interface>
@@ -79,7 +83,7 @@ def domain_xml(guest: Guest, guest_dir: str = GUEST_DIR) -> str:
   </devices>
 </domain>""".format(name=escape(guest.name), memory=guest.memory_mib, kernel=escape(paths["kernel"]),
                     initrd=escape(paths["initrd"]), cmdline=escape(cmdline), mac=guest.mac, tap=guest.tap,
-                    console=escape(guest.console_log))
+                    console=escape(guest.console_log), emulator=escape(guest.emulator or EMULATOR))
 
 
 def _run(*argv):
@@ -180,6 +184,8 @@ def libvirt_available(uri: str = URI) -> Optional[str]:
         image_paths()
     except VmLabError as error:
         return str(error)
+    if not os.access(EMULATOR, os.X_OK):
+        return "no QEMU at %s (scripts/install_qemu.sh builds it; VIOLIN_QEMU names another)" % EMULATOR
     return None
 
 

@@ -421,6 +421,14 @@ class ViolinController:
                 self.fabric.place_host(mac, where)
         member.helper_url = info["helper"]
 
+    def _restore_order(self, names: List[str]) -> List[str]:
+        """VMs first, processes last: a restored process's kernel retransmits its TCP segments into
+        the quarantine until the resume and backs off; restored last, it waits the least (a VM
+        comes back paused, its clock stopped). Seen with 2 VMs and 2 processes over 5 restores: a
+        TCP stream between the processes stalled 23 s with the processes restored first, none did
+        (TCP resumed with UDP) with the VMs first."""
+        return sorted(names, key=lambda name: (self.coordinator.members[name].backend != "libvirt", name))
+
     def _run_restore(self, job_id: str) -> None:
         job, names = self.restores[job_id], sorted(self.restores[job_id].members)
         settings, quarantined, resumed = self.config.snapshot, False, False
@@ -437,7 +445,7 @@ class ViolinController:
             quarantined = True
             if not self.io.send_and_barrier(quarantine, set(self.fabric.switches), settings.barrier_timeout):
                 raise RuntimeError("the switches did not confirm the quarantine")
-            timed("restoring", lambda: [self._restore_member(job, n) for n in names])
+            timed("restoring", lambda: [self._restore_member(job, n) for n in self._restore_order(names)])
             rules, injections = self.coordinator.restored(self.clock(), job.epoch, names, frames)
             quarantined = False
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from hostside import criu
-from topologies import lab, slicelab
+from topologies import lab, slicelab, vms
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +43,16 @@ def lab_ready():
             pytest.fail("CI must run the integration tests: " + reason)
         pytest.skip(reason)
     lab.ensure_ovs()
+
+
+@pytest.fixture(scope="module")
+def vm_ready(lab_ready):
+    """libvirtd, the guest image and the QEMU of scripts/install_qemu.sh are there."""
+    reason = vms.libvirt_available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail("CI must test VMs: %s" % reason)
+        pytest.skip(reason)
 
 
 @pytest.fixture

@@ -25,16 +25,8 @@ def test_demo_failure_and_restore_give_a_bit_identical_image(lab_ready, tmp_path
     assert "bit-identical" in printed and out.exists()
 
 
-@pytest.mark.xfail(reason="issue 5, open: restored VMs sometimes crash after resuming (see test_vm_members)",
-                   strict=False)
-def test_demo_with_vms_gives_a_bit_identical_image(lab_ready, tmp_path, capsys):
+def test_demo_with_vms_gives_a_bit_identical_image(vm_ready, tmp_path, capsys):
     """The seed's shape: four QEMU VMs, fake live migrations, two destroyed, all restored."""
-    from topologies import vms
-    reason = vms.libvirt_available()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the VM demo: %s" % reason)
-        pytest.skip(reason)
     import demo
     out = tmp_path / "mandelbrot.png"
     code = demo.main(["--vms", "--width", "120", "--height", "90", "--iterations", "200", "--delay-ms", "200",

@@ -382,6 +382,24 @@ def test_restore_checks_before_touching_anything_then_quarantines_reinjects_and_
     assert h.coordinator.quarantined == set()
 
 
+def test_restore_brings_vms_back_before_processes(tmp_path):
+    """A restored process retransmits into the quarantine until the resume: it is restored last."""
+    h = make_harness(tmp_path, members=())
+    for name, mac, backend in (("a-proc", A, "criu"), ("b-vm", B, "libvirt"), ("c-proc", C, "criu")):
+        h.coordinator.add_member(parse_member({"name": name, "macs": [mac], "marker": False, "backend": backend,
+                                               "helper_url": "http://helper-%s" % name}))
+    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    for name in ("a-proc", "b-vm", "c-proc"):
+        h.controller.cut(sid, name)
+        h.controller.done(sid, name, {"server": "http://srv", "image": {"files": [{"name": "f", "sha256": "x"}]}})
+    h.run_spawned()
+    h.io.posts.clear()
+    h.controller.start_restore(sid, {})
+    h.run_spawned()
+    restored = [url.split("//helper-")[1].split("/")[0] for url, _ in h.io.posts if url.endswith("/restore")]
+    assert restored == ["b-vm", "a-proc", "c-proc"]
+
+
 def test_restore_of_an_aborted_snapshot_is_refused(h):
     sid = h.controller.start_snapshot({}, "http://ctl")["id"]
     h.controller.abort(sid, {})

@@ -1,4 +1,7 @@
-"""The libvirt backend's pure parts: save-file header, disk check, the tap drain proof's reading."""
+"""The libvirt backend's pure parts: save-file header, disk check, the tap drain proof's reading,
+the check that a QEMU keeps every guest write in a live migration."""
+
+import os
 
 import pytest
 
@@ -48,3 +51,27 @@ def test_a_restored_nic_is_moved_to_the_new_hosts_tap():
     assert vm.retarget_nic(xml, "52:54:00:00:00:11", "tapA") == xml
     with pytest.raises(vm.VmError, match="which NIC"):
         vm.retarget_nic(xml, "52:54:00:00:00:99", "tapB")
+
+
+QEMU_72_DEBIAN = {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}
+
+
+def test_a_tcg_guest_of_an_unfixed_qemu_is_refused_with_the_reason():
+    reason = vm.precopy_loses_writes(False, QEMU_72_DEBIAN)
+    assert reason and "7.2.22" in reason and "loses guest writes" in reason and "install_qemu.sh" in reason
+
+
+@pytest.mark.parametrize("kvm, version", [
+    (True, QEMU_72_DEBIAN),  # KVM's dirty log is not affected
+    (False, {"qemu": {"major": 9, "minor": 0, "micro": 0}, "package": ""}),  # fixed upstream
+    (False, {"qemu": {"major": 10, "minor": 1, "micro": 2}, "package": "Debian 1:10.1"}),
+    (False, {"qemu": {"major": 7, "minor": 2, "micro": 22},
+             "package": " (Debian 1:7.2+dfsg-7+deb12u18 + violin TCG dirty-bitmap fix)"}),  # install_qemu.sh
+])
+def test_qemus_that_track_every_write_are_accepted(kvm, version):
+    assert vm.precopy_loses_writes(kvm, version) is None
+
+
+def test_the_fix_mark_is_the_one_install_qemu_builds_with():
+    script = open(os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "install_qemu.sh")).read()
+    assert 'FIX_MARK="%s"' % vm.TCG_MIGRATION_FIX_MARK in script
