@@ -30,6 +30,12 @@ from topologies.lan import LanTopo
 DEFAULT_OUT = os.path.join(ROOT, "docs", "bench", "bench_vm.json")
 
 
+def qemu_version() -> str:
+    """The guests' QEMU, as it names itself (scripts/install_qemu.sh's build unless VIOLIN_QEMU)."""
+    result = subprocess.run([vms.EMULATOR, "--version"], capture_output=True, text=True)
+    return "%s: %s" % (vms.EMULATOR, result.stdout.splitlines()[0] if result.stdout else result.stderr.strip())
+
+
 def build_times():
     scratch = tempfile.mkdtemp(prefix="bench-guest-", dir="/var/lib/libvirt/images")
     try:
@@ -123,6 +129,7 @@ def main(argv=None):
     document = {"timestamp": timestamp(), "machine": machine_info(cpu_model=True),
                 "parameters": {"rounds": args.rounds, "restores": args.restores, "sizes": sizes,
                                "guest": "scripts/build_guest.sh image, TCG, 128 MiB, vseq UDP+TCP 100/s per peer",
+                               "qemu": qemu_version(),
                                "pause": "QEMU's STOP -> RESUME event stamps (the guest's pause); bare migrations "
                                         "run one VM at a time, snapshots migrate all VMs at once"},
                 "slices": []}

@@ -3,9 +3,9 @@
 At the cut (QEMU holds the guest paused before the switchover) the test saves the
 guest's physical memory with QMP ``pmemsave``; then it restores the stored image,
 paused, and saves the restored guest's memory the same way. Any page that differs
-is a guest write the migration lost. Debian's QEMU 7.2 under TCG lost some in about
-one image in five with this workload (stale pages; restored guests crashed), which
-is why the guests run under scripts/install_qemu.sh's build.
+is a guest write the migration lost. Debian's QEMU 7.2 under TCG lost some in 2 of
+10 images with this workload (stale pages; restored guests crashed), which is why
+the guests run under scripts/install_qemu.sh's build.
 """
 
 import os
