@@ -318,8 +318,10 @@ class Helper:
         if not os.path.isdir(images):
             raise FileNotFoundError("%s/%s is not staged" % (body["snapshot"], member.name))
         if member.backend == "libvirt":
+            disks = {name[len("disk-"):-len(".qcow2")]: os.path.join(images, name) for name in os.listdir(images)
+                     if name.startswith("disk-") and name.endswith(".qcow2")}
             restore_ms = self.libvirt.restore(os.path.join(images, VM_IMAGE), member.domain, tap=member.iface,
-                                              mac=member.mac)
+                                              mac=member.mac, disks=disks)
             return {"restored": member.name, "domain": member.domain, "iface": member.iface,
                     "restore_ms": round(restore_ms, 1)}
         stop_tree(member.pid)
@@ -442,6 +444,24 @@ class Helper:
         except RuntimeError:
             pass
 
+    def _store_disks(self, storage: ImageServer, snapshot: str, member: HelperMember, disks: list) -> list:
+        """Each disk's image as it was at the cut (frozen: the guest writes to an overlay since),
+        copied standalone and stored beside the RAM image; the guest runs on meanwhile."""
+        files = []
+        scratch = os.path.join(self.config.work_dir, "disks", snapshot)
+        os.makedirs(scratch, exist_ok=True)
+        try:
+            for disk in disks:
+                name = vm.DISK_IMAGE % disk["target"]
+                copy = os.path.join(scratch, "%s-%s" % (member.name, name))
+                vm.flatten_disk(disk["frozen"], copy)
+                with open(copy, "rb") as reader:
+                    stored = storage.upload_stream(snapshot, member.name, name, reader)
+                files.append({"name": name, "bytes": stored["bytes"], "sha256": stored["sha256"]})
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return files
+
     def _snapshot_vm(self, body: dict, member: HelperMember, key: str) -> None:
         """Fake live migration of a VM to a snapshot server, the cut taken while QEMU holds it paused."""
         server = self.server_for(member.name)
@@ -462,12 +482,13 @@ class Helper:
             details = report.as_dict()
             stored = details.pop("stored")
             details.pop("sha256")
+            files = [{"name": VM_IMAGE, "bytes": stored["bytes"], "sha256": stored["sha256"]}]
+            files += self._store_disks(storage, body["snapshot"], member, report.disks)
             self._post(body["done_url"], {
                 # The guest's pause as QEMU stamps it (STOP -> RESUME); ours also counts libvirt's reply to cont.
                 "pause_ms": round(report.qemu_pause_ms if report.qemu_pause_ms is not None else report.pause_ms, 3),
-                "bytes": report.bytes, "server": server,
-                "image": dict(details, backend="libvirt", domain=member.domain,
-                              files=[{"name": VM_IMAGE, "bytes": stored["bytes"], "sha256": stored["sha256"]}])})
+                "bytes": report.bytes + sum(f["bytes"] for f in files[1:]), "server": server,
+                "image": dict(details, backend="libvirt", domain=member.domain, files=files)})
             self.jobs[key].update(state="done")
         except (vm.VmError, StorageError, RuntimeError, OSError) as error:
             self._report_failure(body, key, error)

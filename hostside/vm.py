@@ -8,27 +8,34 @@ Snapshot (QEMU 7.2 under libvirt, driven over QMP through libvirt-qemu):
      header and the domain's migratable XML, so the stored image is a file
      ``virsh restore`` takes as it is;
   2. on MIGRATION status ``pre-switchover`` QEMU has stopped the guest: the
-     cut instant. Then ``on_paused`` runs (the helper proves the VM's tap is
-     drained into the switch, calls the controller's cut, waits for the
-     answer), then ``migrate-continue``; once the stream is complete, ``cont``;
+     cut instant. Each writable disk is switched (``blockdev-snapshot-sync``)
+     to a new qcow2 overlay made beforehand, so its image keeps the disk as
+     it is at the cut. Then ``on_paused`` runs (the helper proves the VM's tap
+     is drained into the switch, calls the controller's cut, waits for the
+     answer), then ``migrate-continue``; once the stream is complete, ``cont``.
+     The helper then copies each frozen image (with its backing chain) into a
+     standalone qcow2 and stores it beside the RAM image (``disk-<target>.qcow2``);
   3. any failure (the VM vanishes, the stream is refused, the hook fails)
      cancels the migration and leaves the guest running.
 
 Restore: ``virDomainRestoreFlags`` of the staged save file, paused, after the
-running domain of the same name (if any) is destroyed; ``resume`` later.
-The guest's RAM is its whole state (diskless guests); domains with writable
-disks are refused rather than snapshotted without their disks.
+running domain of the same name (if any) is destroyed, its disks on the
+staged disk images (moved next to the disks they replace); ``resume`` later.
+Only local file disks can be captured: a domain with another writable disk
+(block device, network) is refused rather than snapshotted without it.
+Each snapshot leaves one more overlay in the running guest's backing chain.
 """
 
 import json
 import os
 import queue
+import shutil
 import struct
 import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 SAVE_MAGIC = b"LibvirtQemudSave"
 SAVE_VERSION = 2
@@ -39,6 +46,26 @@ CHUNK = 1 << 20
 
 class VmError(RuntimeError):
     """A VM operation failed; the message says which and why."""
+
+
+def _image_filename(inserted: dict) -> str:
+    """The file of a block node as QMP's query-block shows it (a plain path, or libvirt's json: form)."""
+    name = inserted.get("file", "")
+    if name.startswith("json:"):
+        spec = json.loads(name[5:])
+        while isinstance(spec.get("file"), dict):
+            spec = spec["file"]
+        name = spec.get("filename", "")
+    if not name.startswith("/"):
+        raise VmError("cannot tell the image file of block node %s (%r)" % (inserted.get("node-name"), name))
+    return name
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def save_header(domain_xml: str, was_running: bool = False) -> bytes:
@@ -85,12 +112,71 @@ def precopy_loses_writes(kvm_enabled: bool, version: dict) -> Optional[str]:
                " (%s)" % version["package"].strip() if (version.get("package") or "").strip() else ""))
 
 
+DISK_IMAGE = "disk-%s.qcow2"  # a writable disk's content at the cut, standalone, stored beside the RAM image
+
+
 def writable_disks(domain_xml: str):
-    """Target names of the domain's writable disks (our snapshots carry RAM only)."""
+    """Target names of the domain's writable disks."""
+    return [target for target, _kind in _writable_disks(domain_xml)]
+
+
+def _writable_disks(domain_xml: str):
     root = ElementTree.fromstring(domain_xml)
-    return [(d.find("target").get("dev") if d.find("target") is not None else "?")
+    return [((d.find("target").get("dev") if d.find("target") is not None else "?"), d.get("type", "file"))
             for d in root.findall("./devices/disk")
             if d.get("device", "disk") == "disk" and d.find("readonly") is None]
+
+
+def uncapturable_disks(domain_xml: str):
+    """Writable disks whose state a snapshot cannot take (not a local file): "<target> (type <type>)"."""
+    return ["%s (type %s)" % (target, kind) for target, kind in _writable_disks(domain_xml) if kind != "file"]
+
+
+def retarget_disks(domain_xml: str, files: Dict[str, str]) -> str:
+    """The domain XML with each disk of ``files`` (target -> standalone qcow2 file) on that file."""
+    root = ElementTree.fromstring(domain_xml)
+    found = set()
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        if target is None or target.get("dev") not in files:
+            continue
+        found.add(target.get("dev"))
+        source = disk.find("source")
+        if source is None:
+            source = ElementTree.SubElement(disk, "source")
+        source.attrib.clear()
+        source.set("file", files[target.get("dev")])
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ElementTree.SubElement(disk, "driver", name="qemu")
+        driver.set("type", "qcow2")
+        for chain in disk.findall("backingStore"):
+            disk.remove(chain)
+        ElementTree.SubElement(disk, "backingStore")  # standalone: no backing file to look for
+    missing = sorted(set(files) - found)
+    if missing:
+        raise VmError("the saved domain has no disk %s" % ", ".join(missing))
+    return ElementTree.tostring(root, encoding="unicode")
+
+
+def disk_sources(domain_xml: str) -> Dict[str, str]:
+    """Target -> source file of the domain's writable file disks."""
+    root = ElementTree.fromstring(domain_xml)
+    sources = {}
+    for disk in root.findall("./devices/disk"):
+        target, source = disk.find("target"), disk.find("source")
+        if (disk.get("device", "disk") == "disk" and disk.find("readonly") is None and target is not None
+                and source is not None and source.get("file")):
+            sources[target.get("dev")] = source.get("file")
+    return sources
+
+
+def flatten_disk(top: str, out: str) -> None:
+    """Write the content of the image ``top`` (with its backing chain) as a standalone qcow2 ``out``."""
+    import subprocess
+    result = subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", top, out], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise VmError("copying the disk state %s: %s" % (top, result.stderr.strip()))
 
 
 def retarget_nic(domain_xml: str, mac: Optional[str], tap: str) -> str:
@@ -179,6 +265,8 @@ class MigrationReport:
     qemu_pause_ms: Optional[float] = None  # QEMU's STOP -> RESUME event timestamps
     qemu_downtime_ms: Optional[float] = None  # QEMU's own "downtime" of the migration
     libvirt_pause_ms: Optional[float] = None  # libvirt's SUSPENDED -> RESUMED lifecycle events
+    disk_ms: float = 0.0  # switching the writable disks to new overlays, in the pause
+    disks: List[dict] = field(default_factory=list)  # per writable disk: target, frozen (its image at the cut)
     stored: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -285,14 +373,15 @@ class Libvirt:
         if not dom.isActive():
             raise VmError("domain %s is not running" % name)
         xml = dom.XMLDesc(self.libvirt.VIR_DOMAIN_XML_MIGRATABLE | self.libvirt.VIR_DOMAIN_XML_SECURE)
-        disks = writable_disks(xml)
-        if disks:
-            raise VmError("domain %s has writable disks (%s): only diskless guests are snapshotted"
-                          % (name, ", ".join(disks)))
+        uncapturable = uncapturable_disks(xml)
+        if uncapturable:
+            raise VmError("domain %s has disks a snapshot cannot take (%s): only local file disks are captured"
+                          % (name, ", ".join(uncapturable)))
         unsound = precopy_loses_writes(bool((self.qmp(dom, "query-kvm") or {}).get("enabled")),
                                        self.qmp(dom, "query-version") or {})
         if unsound:
             raise VmError("cannot snapshot %s: %s" % (name, unsound))
+        disks = self._disk_plan(dom, name)
         events: "queue.Queue" = queue.Queue()
         stamps = {}
         with self.events_lock:
@@ -338,7 +427,7 @@ class Libvirt:
 
         began = time.monotonic()
         paused = resumed = None
-        hook_ms = drain_ms = 0.0
+        hook_ms = drain_ms = disk_ms = 0.0
         sink_thread = None
         try:
             try:
@@ -355,8 +444,15 @@ class Libvirt:
             self.qmp(dom, "migrate", {"uri": "fd:" + FD_NAME})
             self._wait_status(dom, events, "pre-switchover", began + timeout)
             paused = time.monotonic()
+            for disk in disks:  # the disks' state at the cut: their images take no more writes
+                self.qmp(dom, "blockdev-snapshot-sync", {
+                    "node-name": disk["node"], "snapshot-file": disk["overlay"],
+                    "snapshot-node-name": disk["new_node"], "mode": "existing", "format": "qcow2"})
+                disk["switched"] = True
+            disk_ms = (time.monotonic() - paused) * 1000
+            hook_began = time.monotonic()
             drain_ms = on_paused() or 0.0
-            hook_ms = (time.monotonic() - paused) * 1000
+            hook_ms = (time.monotonic() - hook_began) * 1000
             self.qmp(dom, "migrate-continue", {"state": "pre-switchover"})
             switchover = time.monotonic()
             self._wait_status(dom, events, "completed", began + timeout)
@@ -372,6 +468,9 @@ class Libvirt:
             if sink_thread is None:
                 os.close(reader_fd)
             self._recover(dom, name)
+            for disk in disks:
+                if not disk.get("switched"):
+                    _unlink_quietly(disk["overlay"])
             if sink_thread is not None:
                 sink_thread.join(5.0)
             raise
@@ -386,8 +485,40 @@ class Libvirt:
             pause_ms=(resumed - paused) * 1000, hook_ms=hook_ms, drain_ms=drain_ms,
             precopy_ms=(paused - began) * 1000, switchover_ms=(resumed - switchover) * 1000, total_ms=(time.monotonic() - began) * 1000,
             bytes=counted[0], sha256=digest.hexdigest(), qemu_pause_ms=qemu_pause,
-            qemu_downtime_ms=info.get("downtime"), libvirt_pause_ms=libvirt_pause,
+            qemu_downtime_ms=info.get("downtime"), libvirt_pause_ms=libvirt_pause, disk_ms=disk_ms,
+            disks=[{"target": d["target"], "frozen": d["top"], "overlay": d["overlay"]} for d in disks],
             stored=outcome.get("stored") or {})
+
+    def _disk_plan(self, dom, name: str) -> List[dict]:
+        """Each writable disk of the running domain: its block node and top image, and a new qcow2
+        overlay on it (made now, owned like the image) that the guest writes to from the cut on,
+        so that the image keeps the disk as it was at the cut."""
+        import subprocess
+        aliases = {}  # libvirt's device alias -> disk target
+        for disk in ElementTree.fromstring(dom.XMLDesc(0)).findall("./devices/disk"):
+            alias, target = disk.find("alias"), disk.find("target")
+            if disk.get("device", "disk") == "disk" and alias is not None and target is not None:
+                aliases[alias.get("name")] = target.get("dev")
+        stamp = "%x" % int(time.time() * 1000)
+        plan = []
+        for block in self.qmp(dom, "query-block") or []:
+            inserted = block.get("inserted")
+            target = next((t for a, t in aliases.items() if "/%s/" % a in block.get("qdev", "") + "/"), None)
+            if not inserted or inserted.get("ro") or target is None:
+                continue
+            top = _image_filename(inserted)
+            overlay = os.path.join(os.path.dirname(top), "%s-%s.%s.qcow2" % (name, target, stamp))
+            result = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", inserted.get("drv", "raw"),
+                                     "-b", top, overlay], capture_output=True, text=True)
+            if result.returncode != 0:
+                for done in plan:
+                    _unlink_quietly(done["overlay"])
+                raise VmError("cannot make an overlay for disk %s of %s: %s" % (target, name, result.stderr.strip()))
+            owner = os.stat(top)
+            os.chown(overlay, owner.st_uid, owner.st_gid)
+            plan.append({"target": target, "node": inserted["node-name"], "top": top, "overlay": overlay,
+                         "new_node": "violin-%s-%s" % (target, stamp)})
+        return plan
 
     def _wait_status(self, dom, events, wanted: str, deadline: float) -> None:
         """Wait for MIGRATION status ``wanted``; events first, query-migrate as a safety net."""
@@ -440,18 +571,26 @@ class Libvirt:
                 raise VmError("stopping %s: %s" % (name, error)) from None
         return True
 
-    def restore(self, save_path: str, name: str, tap: Optional[str] = None, mac: Optional[str] = None) -> float:
+    def restore(self, save_path: str, name: str, tap: Optional[str] = None, mac: Optional[str] = None,
+                disks: Optional[Dict[str, str]] = None) -> float:
         """Replace the running domain ``name`` by the one in ``save_path``, left paused; returns ms.
 
-        With ``tap`` the NIC with ``mac`` comes back on that tap (a VM restored on another host)."""
+        With ``tap`` the NIC with ``mac`` comes back on that tap (a VM restored on another host).
+        ``disks`` (target -> staged standalone image) are moved next to the disks they replace, and
+        the domain comes back on them."""
         began = time.monotonic()
-        domain_xml = None
-        if tap:
-            with open(save_path, "rb") as handle:
-                saved = read_save_header(handle.read(1 << 20))
-            domain_xml = retarget_nic(saved, mac, tap)
-            if domain_xml == saved:
-                domain_xml = None
+        with open(save_path, "rb") as handle:
+            saved = read_save_header(handle.read(1 << 20))
+        domain_xml = retarget_nic(saved, mac, tap) if tap else saved
+        if disks:
+            sources, stamp, placed = disk_sources(saved), "%x" % int(time.time() * 1000), {}
+            for target, staged in sorted(disks.items()):
+                where = os.path.dirname(sources.get(target) or staged)
+                placed[target] = os.path.join(where, "%s-%s.restored-%s.qcow2" % (name, target, stamp))
+                shutil.move(staged, placed[target])
+            domain_xml = retarget_disks(domain_xml, placed)
+        if domain_xml == saved:
+            domain_xml = None
         self.destroy(name)
         try:
             self.conn.restoreFlags(save_path, domain_xml, self.libvirt.VIR_DOMAIN_SAVE_PAUSED)

@@ -14,7 +14,7 @@
 # <domain type='qemu'> (TCG), 128 MiB, a virtio NIC, console=ttyS0.
 #
 # Environment: VIOLIN_GUEST_DIR (output), VIOLIN_GUEST_KERNEL (a version in /lib/modules; default the
-# newest one with a /boot/vmlinuz-<version>), VIOLIN_GUEST_EXTRA_MODULES (default "8021q"), CC.
+# newest one with a /boot/vmlinuz-<version>), VIOLIN_GUEST_EXTRA_MODULES (default "8021q virtio_blk"), CC.
 #
 # Permissions, as checked with libvirt 9.0 on Debian 12 (QEMU runs as user libvirt-qemu):
 #  - the output directory is 0755 and its files 0644, and /var/lib/libvirt/images is 0711: QEMU can read
@@ -28,7 +28,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${VIOLIN_GUEST_DIR:-/var/lib/libvirt/images/violin-guest}"
-EXTRA_MODULES="${VIOLIN_GUEST_EXTRA_MODULES-8021q}"
+EXTRA_MODULES="${VIOLIN_GUEST_EXTRA_MODULES-8021q virtio_blk}"
 NIC_MODULES="virtio_pci virtio_net"  # the PCI transport (pc and q35 machines) and the NIC driver
 CC="${CC:-gcc}"
 CFLAGS=(-static -O2 -ffp-contract=off -Wall -s)

@@ -41,6 +41,8 @@ class Guest:
     memory_mib: int = 128
     tap: str = ""
     emulator: str = ""  # default EMULATOR
+    disks: List[str] = field(default_factory=list)  # qcow2 files, attached as vda, vdb, ... (virtio)
+    modules: List[str] = field(default_factory=list)  # extra kernel modules for the guest (violin.modules=)
 
     def __post_init__(self):
         self.tap = self.tap or ("t" + self.name)[-15:]
@@ -66,6 +68,11 @@ def domain_xml(guest: Guest, guest_dir: str = GUEST_DIR) -> str:
     """A transient TCG domain booting the guest image directly, its NIC on an existing tap."""
     paths = image_paths(guest_dir)
     cmdline = "console=ttyS0 quiet violin.ip=%s violin.run=%s" % (guest.ip, ",".join(guest.run))
+    if guest.modules:
+        cmdline += " violin.modules=" + ",".join(guest.modules)
+    disks = "".join("<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/>"
+                    "<target dev='vd%s' bus='virtio'/></disk>" % (escape(path), "abcdefghij"[i])
+                    for i, path in enumerate(guest.disks))
     return """<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{memory}</memory>
@@ -74,7 +81,7 @@ def domain_xml(guest: Guest, guest_dir: str = GUEST_DIR) -> str:
     <kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
   <devices>
-    <emulator>{emulator}</emulator>
+    <emulator>{emulator}</emulator>{disks}
     <interface type='ethernet'>
       <mac address='{mac}'/><target dev='{tap}' managed='no'/><model type='virtio'/>
     </interface>
@@ -83,7 +90,7 @@ def domain_xml(guest: Guest, guest_dir: str = GUEST_DIR) -> str:
   </devices>
 </domain>""".format(name=escape(guest.name), memory=guest.memory_mib, kernel=escape(paths["kernel"]),
                     initrd=escape(paths["initrd"]), cmdline=escape(cmdline), mac=guest.mac, tap=guest.tap,
-                    console=escape(guest.console_log), emulator=escape(guest.emulator or EMULATOR))
+                    console=escape(guest.console_log), emulator=escape(guest.emulator or EMULATOR), disks=disks)
 
 
 def _run(*argv):

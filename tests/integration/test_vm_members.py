@@ -8,6 +8,7 @@ oracle runs between VMs (guest/vseq.c) and processes (hostside/seqstream.py).
 import os
 import random
 import signal
+import struct
 import subprocess
 import time
 
@@ -194,3 +195,69 @@ def test_a_vm_of_a_qemu_that_loses_guest_writes_is_refused_and_runs_on(slice_con
                 assert vms.domain_state(guests[0].name) == "running"
                 assert no_cut_rules(net)
                 assert "0% packet loss" in net.hosts[0].cmd("ping -c 3 -i 0.2 %s" % guests[0].address)
+
+
+def read_chain(image: str, scratch: str) -> dict:
+    """{k: (k, token, prev)} of the blocks guest/vdisk.c wrote into a disk image (read with its backing chain)."""
+    raw = os.path.join(scratch, os.path.basename(image) + ".raw")
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", image, raw], check=True, capture_output=True)
+    with open(raw, "rb") as handle:
+        data = handle.read()
+    os.unlink(raw)
+    blocks = {}
+    for k in range(1, len(data) // 512):
+        block = data[k * 512:(k + 1) * 512]
+        if block[:4] == b"VDSK":
+            blocks[k] = struct.unpack_from("<QQQ", block, 8)
+    return blocks
+
+
+def test_a_vm_disk_is_taken_at_the_cut_and_comes_back_with_the_memory(slice_controller, vm_ready, tmp_path):
+    """guest/vdisk.c chains numbered blocks on its disk, each naming the previous one's token as the
+    process holds it in memory: a disk taken later than the memory would change under the restored
+    process, one taken earlier would leave a hole in the chain."""
+    import libvirt
+    controller = slice_controller
+    prefix = lab.run_prefix()
+    name = prefix + "dvm"
+    disk = os.path.join(vms.RUN_DIR, name + "-data.qcow2")
+    os.makedirs(vms.RUN_DIR, exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "8M"], check=True)
+    try:
+        with lab.network(LanTopo(1, prefix=prefix), controller) as net:
+            guest = vms.Guest(name, "10.0.0.120/8", "52:54:00:76:01:01", str(net.switches[0].name),
+                              ["vdisk", "/dev/vda", "10"], disks=[disk], modules=["virtio_blk"])
+            with vms.guests([guest]):
+                with slicelab.helped_slice(controller, net, str(tmp_path), rate=RATE, guests=[guest]):
+                    time.sleep(1.5)
+                    assert "vdisk: writing blocks" in vms.console_text(guest), vms.console_text(guest)[-1500:]
+                    _, snap = controller.request("POST", "/violin/snapshots", {})
+                    view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=90)
+                    assert view["state"] == "complete", view
+                    entry = next(m for m in view["members"] if m["name"] == name)
+                    files = [f["name"] for f in entry["image"]["files"]]
+                    assert files == ["vm.save", "disk-vda.qcow2"], files
+                    time.sleep(1.0)  # the original writes on past the cut, into its new overlay
+                    _, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
+                    job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"], timeout=90)
+                    assert job["state"] == "complete", job
+                    time.sleep(1.5)  # the restored process writes on
+                    conn = libvirt.open(vms.URI)
+                    try:
+                        dom = conn.lookupByName(name)
+                        active = vm.disk_sources(dom.XMLDesc(0))["vda"]
+                        dom.destroy()
+                    finally:
+                        conn.close()
+                    stored_image = os.path.join(str(tmp_path), "images", snap["id"], name, "disk-vda.qcow2")
+                    stored, final = read_chain(stored_image, str(tmp_path)), read_chain(active, str(tmp_path))
+        assert stored and max(final) > max(stored) + 20, (len(stored), len(final))
+        changed = sorted(k for k, block in stored.items() if final.get(k) != block)
+        assert not changed, "blocks of the disk at the cut rewritten after the restore (disk later than memory): %s" % changed[:10]
+        assert sorted(final) == list(range(1, max(final) + 1)), "hole in the chain (disk earlier than memory)"
+        broken = [k for k in range(2, max(final) + 1) if final[k][0] != k or final[k][2] != final[k - 1][1]]
+        assert not broken, broken[:10]
+    finally:
+        for leftover in os.listdir(vms.RUN_DIR):
+            if leftover.startswith(name):
+                os.unlink(os.path.join(vms.RUN_DIR, leftover))

@@ -31,6 +31,39 @@ def test_writable_disks_are_found_and_readonly_ones_ignored():
     assert vm.writable_disks(XML % "") == []
 
 
+def test_only_writable_file_disks_can_be_captured():
+    disks = ("<disk type='file' device='disk'><source file='/img/a.qcow2'/><target dev='vda'/></disk>"
+             "<disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vdb'/></disk>"
+             "<disk type='network' device='disk'><target dev='vdc'/><readonly/></disk>")
+    assert vm.uncapturable_disks(XML % disks) == ["vdb (type block)"]
+    assert vm.disk_sources(XML % disks) == {"vda": "/img/a.qcow2"}
+
+
+def test_a_restored_disk_comes_back_on_its_standalone_image():
+    disks = ("<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/img/a.raw'/>"
+             "<backingStore type='file'><source file='/img/base'/></backingStore><target dev='vda'/></disk>"
+             "<disk type='file' device='disk'><source file='/img/b.qcow2'/><target dev='vdb'/></disk>")
+    xml = vm.retarget_disks(XML % disks, {"vda": "/img/v1-vda.restored-1.qcow2"})
+    assert vm.disk_sources(xml) == {"vda": "/img/v1-vda.restored-1.qcow2", "vdb": "/img/b.qcow2"}
+    assert "type=\"qcow2\"" in xml and "/img/base" not in xml and "<backingStore />" in xml
+    with pytest.raises(vm.VmError, match="no disk vdz"):
+        vm.retarget_disks(XML % disks, {"vdz": "/x"})
+
+
+@pytest.mark.parametrize("inserted, filename", [
+    ({"file": "/img/a.qcow2"}, "/img/a.qcow2"),
+    ({"file": 'json:{"backing": null, "driver": "qcow2", "file": {"driver": "file", "filename": "/img/r.qcow2"}}'},
+     "/img/r.qcow2"),
+])
+def test_the_image_file_of_a_block_node_is_read_from_either_form(inserted, filename):
+    assert vm._image_filename(inserted) == filename
+
+
+def test_a_block_node_without_a_local_file_is_refused():
+    with pytest.raises(vm.VmError, match="cannot tell the image file"):
+        vm._image_filename({"node-name": "n1", "file": "nbd://server/export"})
+
+
 def test_packet_socket_backlog_sums_the_sockets_on_one_interface(tmp_path):
     table = tmp_path / "packet"
     table.write_text(
