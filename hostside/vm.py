@@ -576,8 +576,9 @@ class Libvirt:
         """Replace the running domain ``name`` by the one in ``save_path``, left paused; returns ms.
 
         With ``tap`` the NIC with ``mac`` comes back on that tap (a VM restored on another host).
-        ``disks`` (target -> staged standalone image) are moved next to the disks they replace, and
-        the domain comes back on them."""
+        ``disks`` (target -> staged standalone image) are moved next to the disks they replace (or
+        stay where they were staged if this host has no such directory), and the domain comes back
+        on them."""
         began = time.monotonic()
         with open(save_path, "rb") as handle:
             saved = read_save_header(handle.read(1 << 20))
@@ -586,6 +587,8 @@ class Libvirt:
             sources, stamp, placed = disk_sources(saved), "%x" % int(time.time() * 1000), {}
             for target, staged in sorted(disks.items()):
                 where = os.path.dirname(sources.get(target) or staged)
+                if not os.path.isdir(where):  # restored on a host without that directory
+                    where = os.path.dirname(staged)
                 placed[target] = os.path.join(where, "%s-%s.restored-%s.qcow2" % (name, target, stamp))
                 shutil.move(staged, placed[target])
             domain_xml = retarget_disks(domain_xml, placed)
