@@ -30,7 +30,7 @@ readonly LOG="$BUILD_ROOT/build.log"
 readonly PATCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/qemu-patches"
 readonly BUILD_DEPS=(
     meson ninja-build libglib2.0-dev libpixman-1-dev zlib1g-dev libseccomp-dev libfdt-dev
-    pkg-config python3 build-essential dpkg-dev xz-utils
+    pkg-config python3 build-essential dpkg-dev xz-utils flex bison
 )
 
 TOOL=install_qemu
