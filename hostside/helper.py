@@ -318,10 +318,8 @@ class Helper:
         if not os.path.isdir(images):
             raise FileNotFoundError("%s/%s is not staged" % (body["snapshot"], member.name))
         if member.backend == "libvirt":
-            disks = {name[len("disk-"):-len(".qcow2")]: os.path.join(images, name) for name in os.listdir(images)
-                     if name.startswith("disk-") and name.endswith(".qcow2")}
             restore_ms = self.libvirt.restore(os.path.join(images, VM_IMAGE), member.domain, tap=member.iface,
-                                              mac=member.mac, disks=disks)
+                                              mac=member.mac, disks=vm.staged_disks(images))
             return {"restored": member.name, "domain": member.domain, "iface": member.iface,
                     "restore_ms": round(restore_ms, 1)}
         stop_tree(member.pid)

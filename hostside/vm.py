@@ -31,6 +31,7 @@ import os
 import queue
 import shutil
 import struct
+import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ElementTree
@@ -115,21 +116,23 @@ def precopy_loses_writes(kvm_enabled: bool, version: dict) -> Optional[str]:
 DISK_IMAGE = "disk-%s.qcow2"  # a writable disk's content at the cut, standalone, stored beside the RAM image
 
 
-def writable_disks(domain_xml: str):
-    """Target names of the domain's writable disks."""
-    return [target for target, _kind in _writable_disks(domain_xml)]
-
-
-def _writable_disks(domain_xml: str):
+def _writable_disk_elements(domain_xml: str):
+    """(target name, <disk> element) of each writable disk of the domain XML."""
     root = ElementTree.fromstring(domain_xml)
-    return [((d.find("target").get("dev") if d.find("target") is not None else "?"), d.get("type", "file"))
+    return [((d.find("target").get("dev") if d.find("target") is not None else "?"), d)
             for d in root.findall("./devices/disk")
             if d.get("device", "disk") == "disk" and d.find("readonly") is None]
 
 
+def writable_disks(domain_xml: str):
+    """Target names of the domain's writable disks."""
+    return [target for target, _disk in _writable_disk_elements(domain_xml)]
+
+
 def uncapturable_disks(domain_xml: str):
     """Writable disks whose state a snapshot cannot take (not a local file): "<target> (type <type>)"."""
-    return ["%s (type %s)" % (target, kind) for target, kind in _writable_disks(domain_xml) if kind != "file"]
+    return ["%s (type %s)" % (target, disk.get("type", "file")) for target, disk in _writable_disk_elements(domain_xml)
+            if disk.get("type", "file") != "file"]
 
 
 def retarget_disks(domain_xml: str, files: Dict[str, str]) -> str:
@@ -161,19 +164,19 @@ def retarget_disks(domain_xml: str, files: Dict[str, str]) -> str:
 
 def disk_sources(domain_xml: str) -> Dict[str, str]:
     """Target -> source file of the domain's writable file disks."""
-    root = ElementTree.fromstring(domain_xml)
-    sources = {}
-    for disk in root.findall("./devices/disk"):
-        target, source = disk.find("target"), disk.find("source")
-        if (disk.get("device", "disk") == "disk" and disk.find("readonly") is None and target is not None
-                and source is not None and source.get("file")):
-            sources[target.get("dev")] = source.get("file")
-    return sources
+    return {target: disk.find("source").get("file") for target, disk in _writable_disk_elements(domain_xml)
+            if disk.find("source") is not None and disk.find("source").get("file")}
+
+
+def staged_disks(directory: str) -> Dict[str, str]:
+    """Target -> path of the disk images (``DISK_IMAGE``) among a staged member image's files."""
+    prefix, suffix = DISK_IMAGE.split("%s")
+    return {name[len(prefix):-len(suffix)]: os.path.join(directory, name) for name in os.listdir(directory)
+            if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix)}
 
 
 def flatten_disk(top: str, out: str) -> None:
     """Write the content of the image ``top`` (with its backing chain) as a standalone qcow2 ``out``."""
-    import subprocess
     result = subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", top, out], capture_output=True, text=True)
     if result.returncode != 0:
         raise VmError("copying the disk state %s: %s" % (top, result.stderr.strip()))
@@ -493,7 +496,6 @@ class Libvirt:
         """Each writable disk of the running domain: its block node and top image, and a new qcow2
         overlay on it (made now, owned like the image) that the guest writes to from the cut on,
         so that the image keeps the disk as it was at the cut."""
-        import subprocess
         aliases = {}  # libvirt's device alias -> disk target
         for disk in ElementTree.fromstring(dom.XMLDesc(0)).findall("./devices/disk"):
             alias, target = disk.find("alias"), disk.find("target")

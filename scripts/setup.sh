@@ -17,25 +17,16 @@ APT_PACKAGES=(
     linux-image-amd64 python3-venv build-essential
 )
 
-say() { echo "[setup] $*"; }
-die() { echo "[setup] ERROR: $*" >&2; exit 1; }
+TOOL=setup
+LOG=/tmp/violin-apt.log
+# shellcheck source=lib/debsrc.sh
+source "$REPO/scripts/lib/debsrc.sh"  # say, die, install_missing
 
 ((EUID == 0)) || die "run as root (it installs Debian packages and starts Open vSwitch)"
 
-# 1. Debian packages: install only what is missing.
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    say "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/violin-apt.log 2>&1 ||
-        { tail -n 40 /tmp/violin-apt.log >&2; die "apt-get install failed"; }
-else
-    say "Debian packages present"
-fi
+# 1. Debian packages: install only what is missing (apt's output in $LOG).
+: >"$LOG"
+install_missing "${APT_PACKAGES[@]}"
 
 # 2. CRIU 4.2.1 (Debian 12's 3.17 and 4.1.1 cannot dump processes with inet sockets here), and
 #    Debian's QEMU 7.2 rebuilt with the fix that makes live migration under TCG keep every guest

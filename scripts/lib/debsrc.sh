@@ -1,4 +1,4 @@
-# Shared by scripts/install_criu.sh and scripts/install_qemu.sh (source it; set TOOL and LOG first):
+# Shared by scripts/setup.sh, install_criu.sh and install_qemu.sh (source it; set TOOL and LOG first):
 # logging helpers and Debian source packages fetched through a PRIVATE apt configuration
 # (own sources list, lists and cache dirs), so no suite is ever added to the machine's sources.
 
@@ -27,12 +27,12 @@ install_missing() {
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
     if ((${#missing[@]})); then
-        say "installing build dependencies: ${missing[*]}"
+        say "installing Debian packages: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
         run apt-get update
         run apt-get install -y --no-install-recommends "${missing[@]}"
     else
-        say "build dependencies already installed"
+        say "Debian packages present"
     fi
 }
 

@@ -37,15 +37,7 @@ def _missing():
     for tool in ("ovs-vsctl", "ip", "nsenter", "ping", "ethtool", "qemu-system-x86_64", "gcc", "cpio"):
         if shutil.which(tool) is None:
             return "%s is not installed (run scripts/setup.sh)" % tool
-    try:
-        import libvirt
-    except ImportError:
-        return "libvirt-python is not installed (run scripts/setup.sh)"
-    try:
-        libvirt.open(URI).close()
-    except libvirt.libvirtError as error:
-        return "libvirtd is not reachable at %s (run scripts/setup.sh): %s" % (URI, error)
-    return None
+    return vms.libvirt_available(URI)
 
 
 @pytest.fixture(scope="module")

@@ -108,3 +108,10 @@ def test_qemus_that_track_every_write_are_accepted(kvm, version):
 def test_the_fix_mark_is_the_one_install_qemu_builds_with():
     script = open(os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "install_qemu.sh")).read()
     assert 'FIX_MARK="%s"' % vm.TCG_MIGRATION_FIX_MARK in script
+
+
+def test_staged_disk_images_are_found_by_their_target(tmp_path):
+    for name in ("vm.save", "disk-vda.qcow2", "disk-vdb.qcow2", "disk-.qcow2", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert vm.staged_disks(str(tmp_path)) == {"vda": str(tmp_path / "disk-vda.qcow2"),
+                                              "vdb": str(tmp_path / "disk-vdb.qcow2")}
