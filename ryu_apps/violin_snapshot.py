@@ -14,6 +14,7 @@ statistics, sleeps) give up while they wait. Under Ryu's eventlet that is a
 green semaphore; under os-ken's native threads a real one.
 """
 
+import dataclasses
 import functools
 import json
 import logging
@@ -55,7 +56,8 @@ except ModuleNotFoundError:
 
 from violin_core import of
 from violin_core.config import ConfigError, load as load_config
-from violin_core.controller import ControllerIO, ViolinController, build_rest_app
+from violin_core.controller import ControllerIO, ViolinController
+from violin_core.routes import build_rest_app
 
 LOG = logging.getLogger("violin_snapshot")
 BaseApp = getattr(app_manager, "RyuApp", None) or app_manager.OSKenApp
@@ -116,6 +118,11 @@ class ViolinSnapshot(BaseApp):
         self.datapaths = {}
         self.lock = hub.BoundedSemaphore(1)
         self.io = HubIO(self)
+        if not config.advertise_url:  # helpers call back where the REST API listens
+            host = _conf("wsapi_host", DEFAULT_WSAPI_HOST)
+            host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+            config = dataclasses.replace(config, advertise_url="http://%s:%d" % (
+                "[%s]" % host if ":" in host else host, _conf("wsapi_port", DEFAULT_WSAPI_PORT)))
         self.core = ViolinController(config, time.monotonic, time.time, self.io)
         self._port_desc = {}
         self._stopping = threading.Event()
@@ -320,7 +327,11 @@ class HubIO(ControllerIO):
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
-            return error.code, error.read().decode("utf-8", "replace")[:500]
+            text = error.read().decode("utf-8", "replace")
+            try:
+                return error.code, json.loads(text)
+            except ValueError:
+                return error.code, text[:500]
         except (urllib.error.URLError, OSError, ValueError) as error:
             return None, str(error)
 

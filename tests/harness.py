@@ -13,7 +13,7 @@ from violin_core.config import Config
 from violin_core.controller import ControllerIO, ViolinController
 from violin_core.fabric import FabricSettings
 from violin_core.packets import mac_to_bytes
-from violin_core.snapshot import SnapshotSettings
+from violin_core.coordinator import SnapshotSettings
 
 from fakeoftable import FakeNetwork, Outcome
 
@@ -35,6 +35,7 @@ class FakeIO(ControllerIO):
         self.posts = []
         self.barrier_ok = True
         self.post_status = 200
+        self.answers = {}  # URL -> the helper's answer (default {})
 
     def send(self, messages):
         self.harness.run(messages)
@@ -66,7 +67,7 @@ class FakeIO(ControllerIO):
 
     def post_json(self, url, body, timeout, token=None, method="POST"):
         self.posts.append((url, body) if method == "POST" else (method + " " + url, body))
-        return self.post_status, {}
+        return self.post_status, self.answers.get(url, {})
 
 
 class Harness:
@@ -76,7 +77,7 @@ class Harness:
                  state_dir="/nonexistent", members=()):
         self.now = 0.0
         self.io = FakeIO(self)
-        config = Config(settings, "token", state_dir, snapshot, tuple(members))
+        config = Config(settings, "token", state_dir, snapshot, tuple(members), advertise_url="http://ctl:8080/")
         self.controller = ViolinController(config, lambda: self.now, lambda: WALL_OFFSET + self.now, self.io)
         self.fabric = self.controller.fabric
         self.fabric.nonce = b"testnonc"

@@ -22,3 +22,11 @@ def reason_of(answer: Any) -> str:
         return answer["reason"]
     text = answer if isinstance(answer, str) else repr(answer)
     return text[:500]
+
+
+class Refused(Exception):
+    """A request the core refuses: ``status`` is the HTTP status to answer with, ``reason`` why."""
+
+    def __init__(self, status: int, reason: str, **extra):
+        super().__init__(reason)
+        self.status, self.reason, self.extra = status, reason, extra

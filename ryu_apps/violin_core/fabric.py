@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import networkx as nx
 
 from . import of
+from .policy import FabricPolicy, Vids
 from .packets import MARKER_DST, PROBE_DST, PROBE_ETH_TYPE, build_probe, is_multicast, parse_eth, parse_probe
 
 INGRESS_TABLE, FORWARD_TABLE, EGRESS_TABLE, FLOOD_TABLE = 0, 1, 2, 3
@@ -65,7 +66,8 @@ class FabricSettings:
 class Fabric:
     """Topology, hosts and the derived flow plan of every switch."""
 
-    def __init__(self, settings: FabricSettings = FabricSettings(), nonce: Optional[bytes] = None):
+    def __init__(self, settings: FabricSettings = FabricSettings(), nonce: Optional[bytes] = None,
+                 policy: Optional[FabricPolicy] = None):
         self.settings = settings
         self.nonce = nonce if nonce is not None else os.urandom(8)
         self.switches: Dict[int, Switch] = {}
@@ -76,7 +78,11 @@ class Fabric:
         self.last_probe_round: Optional[float] = None
         self.counters = {"packet_in": 0, "learned": 0, "moved": 0, "ignored": 0, "hosts_over_limit": 0}
         self._graph_cache = None
-        self.policy = None  # the snapshot coordinator: colours and cut rules
+        self.policy = policy or FabricPolicy(Vids(settings.tag_vid))  # colours and cut rules
+
+    def use_policy(self, policy: FabricPolicy) -> None:
+        """Derive flows with ``policy`` from now on (the snapshot coordinator)."""
+        self.policy = policy
 
     # --- port classification --------------------------------------------------
 
@@ -147,25 +153,19 @@ class Fabric:
 
     def host_vid(self, mac: str) -> int:
         """The outer tag VID a host's frames carry (its snapshot colour, if a member)."""
-        if self.policy is not None:
-            return self.policy.ingress_vid(mac)
-        return self.settings.tag_vid
+        return self.policy.ingress_vid(mac)
 
     def egress_entries(self, dpid: int, mac: str, port_no: int) -> List[of.FlowEntry]:
         """Deliver to a local host: any colour, plus the cut rules of a running snapshot."""
         entries = [of.FlowEntry(EGRESS_TABLE, 500, of.match(eth_dst=mac, vlan_vid=TAG_PRESENT),
                                 (of.PopVlan(), of.Output(port_no)))]
-        if self.policy is not None:
-            entries += self.policy.cut_entries(dpid, mac, port_no)
-        return entries
+        return entries + self.policy.cut_entries(dpid, mac, port_no)
 
-    def port_named(self, name: str) -> Optional[PortRef]:
-        """The (dpid, port) of the switch port called ``name`` (a host's link, a VM's tap), if any."""
-        for dpid, switch in sorted(self.switches.items()):
-            for number, port in sorted(switch.ports.items()):
-                if port.name == name:
-                    return dpid, number
-        return None
+    def has_port(self, ref: PortRef) -> bool:
+        """Whether switch ``ref[0]`` of this fabric has port ``ref[1]`` (names repeat across hosts;
+        a (dpid, port_no) pair does not)."""
+        switch = self.switches.get(ref[0])
+        return switch is not None and ref[1] in switch.ports
 
     def place_host(self, mac: str, ref: PortRef) -> None:
         """Locate ``mac`` behind ``ref`` now (a member restored on another host), not when it next speaks."""
@@ -195,7 +195,7 @@ class Fabric:
             of.FlowEntry(FORWARD_TABLE, 0, of.match(), goto=FLOOD_TABLE),
             of.FlowEntry(EGRESS_TABLE, 0, of.match()),
             of.FlowEntry(FLOOD_TABLE, 1, of.match(vlan_vid=TAG_PRESENT), self.flood_actions(dpid, now, tree)),
-            *(self.policy.flood_entries(self, dpid, now, tree) if self.policy is not None else ()),
+            *self.policy.flood_entries(self, dpid, now, tree),
             of.FlowEntry(FLOOD_TABLE, 0, of.match()),
         ]
         for port_no, port in sorted(switch.ports.items()):
@@ -213,8 +213,7 @@ class Fabric:
                 entries.append(of.FlowEntry(INGRESS_TABLE, 100, of.match(in_port=port_no)))
         for mac, (host_dpid, host_port) in sorted(self.hosts.items()):
             if host_dpid == dpid:
-                if self.policy is not None:
-                    entries.extend(self.policy.ingress_entries(dpid, mac, host_port))
+                entries.extend(self.policy.ingress_entries(dpid, mac, host_port))
                 entries.append(of.FlowEntry(
                     INGRESS_TABLE, 500, of.match(in_port=host_port, eth_src=mac),
                     (of.PushVlan(), of.SetField("vlan_vid", self.host_vid(mac) | of.OFPVID_PRESENT)),

@@ -1,9 +1,9 @@
 """The REST edge under ``/violin``: routing, auth, JSON and errors in one place.
 
-A plain WSGI application (webob, no ryu). Handlers receive the request, the
-parsed JSON body and the URL variables and return a JSON-ready value (or a
-``(status, value)`` pair); every failure becomes a JSON body
-``{"error": ..., "reason": ...}`` with a 4xx status, never a traceback.
+A plain WSGI application (webob, no ryu). Handlers receive the parsed JSON body
+and the URL variables and return a JSON-ready value (or a ``(status, value)``
+pair); a ``Refused`` becomes the one JSON error shape (``violin_core.errors``)
+with its status, anything unexpected a logged 500: never a traceback.
 """
 
 import hmac
@@ -14,14 +14,10 @@ from typing import Callable, List, Optional
 
 from webob import Request, Response
 
+from .errors import Refused, error_body
+
 LOG = logging.getLogger("violin.rest")
 PREFIX = "/violin"
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, reason: str, **extra):
-        super().__init__(reason)
-        self.status, self.reason, self.extra = status, reason, extra
 
 
 class Route:
@@ -51,12 +47,11 @@ class RestApp:
     def respond(self, request: Request) -> Response:
         try:
             status, body = self._dispatch(request)
-        except HttpError as exc:
-            status, body = exc.status, dict({"error": _STATUS_NAMES.get(exc.status, "error"),
-                                             "reason": exc.reason}, **exc.extra)
-        except Exception:  # pragma: no cover - last line of defence, logged in full
+        except Refused as exc:
+            status, body = exc.status, error_body(exc.status, exc.reason, **exc.extra)
+        except Exception:  # last line of defence, logged in full
             LOG.exception("REST handler failed: %s %s", request.method, request.path)
-            status, body = 500, {"error": "internal", "reason": "internal error; see the controller log"}
+            status, body = 500, error_body(500, "internal error; see the controller log")
         response = Response(status=status, content_type="application/json", charset="utf-8")
         response.text = json.dumps(body, indent=1, sort_keys=True) + "\n"
         return response
@@ -66,27 +61,27 @@ class RestApp:
         matched = [(r, r.regex.match(path)) for r in self.routes]
         matched = [(r, m) for r, m in matched if m]
         if not matched:
-            raise HttpError(404, "no such resource: %s" % path)
+            raise Refused(404, "no such resource: %s" % path)
         for route, match in matched:
             if route.method == request.method:
                 break
         else:
             allowed = ", ".join(sorted({r.method for r, _ in matched}))
-            raise HttpError(405, "%s not allowed on %s (allowed: %s)" % (request.method, path, allowed))
+            raise Refused(405, "%s not allowed on %s (allowed: %s)" % (request.method, path, allowed))
         if route.mutating:
             self._authorize(request)
         body = _json_body(request) if request.method in ("POST", "PUT", "PATCH") else None
-        result = route.handler(request, body, **match.groupdict())
+        result = route.handler(body, **match.groupdict())
         return result if isinstance(result, tuple) else (200, result)
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
-            raise HttpError(403, "mutating calls are disabled: no API token configured "
+            raise Refused(403, "mutating calls are disabled: no API token configured "
                                  "(set VIOLIN_API_TOKEN or api.token)")
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            raise HttpError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+            raise Refused(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
 
 
 def _json_body(request: Request):
@@ -95,11 +90,8 @@ def _json_body(request: Request):
     try:
         body = json.loads(request.body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HttpError(400, "request body is not valid JSON: %s" % exc) from None
+        raise Refused(400, "request body is not valid JSON: %s" % exc) from None
     if not isinstance(body, dict):
-        raise HttpError(400, "request body must be a JSON object")
+        raise Refused(400, "request body must be a JSON object")
     return body
 
-
-_STATUS_NAMES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 500: "internal"}

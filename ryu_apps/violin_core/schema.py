@@ -9,6 +9,7 @@ raises ``SchemaError`` whose ``path`` names the offending key (``members.h1.mac`
 Unknown keys and wrong types are always refused; ``bool`` never passes for a number.
 """
 
+import json
 import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -267,6 +268,15 @@ def reference(schema: Node, path: str = "") -> str:
     """A Markdown table of every key of ``schema``: the generated configuration reference."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, kind, default, text in schema.describe(path):
-        shown = "" if default is None and "null" not in kind else "`%s`" % (default,)
+        shown = default if default == "(required)" else "`%s`" % json.dumps(default)
         lines.append("| `%s` | %s | %s | %s |" % (key, kind, shown, text))
     return "\n".join(lines) + "\n"
+
+
+def request_body(node: Node, body: Any) -> Any:
+    """``node.validate(body)`` for a request body: a mismatch is a 400 refusal naming the key."""
+    from .errors import Refused
+    try:
+        return node.validate(body)
+    except SchemaError as error:
+        raise Refused(400, str(error)) from None

@@ -568,7 +568,7 @@ def real(tmp_path, monkeypatch):
     """The real ``build_rest_app`` over ``Harness``; a GET of the running snapshot moves it on a step
     (cut h1, cut h2, both done and drained), in the server thread, so nothing races the core."""
     from harness import Harness, eth_frame
-    from violin_core.controller import build_rest_app
+    from violin_core.routes import build_rest_app
 
     monkeypatch.setattr(cli, "POLL_INTERVAL", 0.001)
     h = Harness({1: [1, 3], 2: [1, 2]}, [((1, 3), (2, 2))], state_dir=str(tmp_path / "state"))
@@ -674,7 +674,7 @@ def test_real_api_abort_and_schedule(real, capsys):
     assert real_run(real, "schedule", "set", "--every", "60", "--keep", "2", "--members", "h1") == 0
     assert "every 1m00s, keeping the newest 2 scheduled ones, members: h1" in capsys.readouterr().out
     assert real_run(real, "schedule", "set", "--every", "0.5") == 1
-    assert "interval_s must be a number of seconds between 1 and 604800" in capsys.readouterr().err
+    assert "interval_s: 0.5 is out of range: expected a value from 1 to 604800" in capsys.readouterr().err
     assert real_run(real, "schedule", "set", "--every", "60", "--members", "ghost") == 1
     assert capsys.readouterr().err.startswith("violin: ")
     assert real_run(real, "--json", "schedule") == 0

@@ -5,7 +5,8 @@ import os
 import yaml
 
 from violin_core.config import Config
-from violin_core.controller import ViolinController, build_rest_app
+from violin_core.controller import ViolinController
+from violin_core.routes import build_rest_app
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "openapi.yaml")
 

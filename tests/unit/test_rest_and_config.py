@@ -7,7 +7,8 @@ from webob import Request
 
 from violin_core import config as cfg
 from violin_core.config import ConfigError
-from violin_core.controller import ViolinController, build_rest_app
+from violin_core.controller import ViolinController
+from violin_core.routes import build_rest_app
 from violin_core.fabric import FabricSettings
 
 
@@ -68,7 +69,7 @@ def test_mutating_routes_need_the_bearer_token():
     controller, app = make_app()
 
     @app.route("POST", "/things")
-    def create(_req, body):
+    def create(body):
         return 201, {"got": body}
 
     assert call(app, "/violin/things", "POST", {"a": 1})[0] == 401
@@ -91,10 +92,15 @@ def test_config_defaults_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("raw,needle", [
-    ({"fabrik": {}}, "unknown section"),
+    ({"fabrik": {}}, "unknown key(s) fabrik"),
     ({"fabric": {"settle": 1}}, "unknown key(s) settle"),
-    ({"fabric": {"settle_time": "1"}}, "fabric.settle_time: expected int or float"),
-    ({"fabric": {"settle_time": True}}, "expected int or float"),
+    ({"fabric": {"settle_time": "1"}}, "fabric.settle_time: expected a number"),
+    ({"fabric": {"settle_time": True}}, "fabric.settle_time: expected a number"),
+    ({"members": {"h1": {}}}, "members: expected a list"),
+    ({"members": [{"name": "h1", "macs": ["m"]}]}, "members[0].macs"),
+    ({"members": [{"name": "h1", "macs": ["00:00:00:00:00:01"]}, {"name": "h1", "macs": ["00:00:00:00:00:02"]}]},
+     "members[1]: duplicate 'h1'"),
+    ({"api": {"advertise_url": "ctl:8080"}}, "api.advertise_url"),
     ({"fabric": {"tag_vid": 5000}}, "out of range"),
     ({"fabric": {"probe_interval": -1}}, "out of range"),
     ([1], "expected a mapping"),

@@ -11,11 +11,12 @@ from webob import Request
 
 from violin_core import channel, of
 from violin_core.catalogue import Catalogue
-from violin_core.controller import build_rest_app
+from violin_core.routes import build_rest_app
 from violin_core.fabric import FabricSettings
 from violin_core.packets import build_marker
-from violin_core.rest import HttpError
-from violin_core.snapshot import SnapshotError, SnapshotSettings, parse_member
+from violin_core.errors import Refused
+from violin_core.coordinator import SnapshotSettings
+from violin_core.members import parse_member
 
 from harness import Harness, eth_frame
 
@@ -56,7 +57,7 @@ def received(h, mac, deliveries=None):
 
 
 def test_three_colour_cases(h):
-    snap = h.controller.start_snapshot({}, "http://ctl")
+    snap = h.controller.start_snapshot({})
     sid = snap["id"]
     # Same colour (both pre): the switch delivers, nothing recorded or held.
     assert received(h, B, send(h, A, B, 1)) == [b"seq000001"]
@@ -76,7 +77,7 @@ def test_three_colour_cases(h):
 
 
 def test_frames_arrive_unchanged_through_hold_and_record(h):
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.controller.cut(sid, "A")
     original = frame(B, A, 7)
     h.send(*WHERE[A], original)
@@ -89,7 +90,7 @@ def test_frames_arrive_unchanged_through_hold_and_record(h):
 
 
 def test_broadcast_in_mixed_epochs_is_replicated_under_the_cut_rules(h):
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.controller.cut(sid, "A")
     # A (post) broadcasts: B and C are pre, so both copies are held; D (no member) gets it now.
     out = send(h, A, BCAST, 1)
@@ -107,7 +108,7 @@ def test_broadcast_in_mixed_epochs_is_replicated_under_the_cut_rules(h):
 
 
 def test_non_members_and_members_outside_the_subset_are_never_held(h):
-    sid = h.controller.start_snapshot({"members": ["A", "B"]}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({"members": ["A", "B"]})["id"]
     h.controller.cut(sid, "A")
     assert received(h, C, send(h, A, C, 1)) == [b"seq000001"]  # C takes no part
     assert received(h, D, send(h, A, D, 2)) == [b"seq000002"]  # D is no member
@@ -117,7 +118,7 @@ def test_non_members_and_members_outside_the_subset_are_never_held(h):
 
 def test_hold_bound_drops_and_counts(tmp_path):
     h = make_harness(tmp_path, hold_bytes_per_receiver=150)
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.controller.cut(sid, "A")
     for seq in range(5):
         send(h, A, B, seq)
@@ -129,7 +130,7 @@ def test_hold_bound_drops_and_counts(tmp_path):
 
 
 def test_abort_releases_everything_and_keeps_no_channel_state(h):
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.controller.cut(sid, "A")
     send(h, A, B, 1)
     send(h, A, C, 2)
@@ -157,7 +158,7 @@ def run_to_completion(h, sid):
 
 
 def test_completion_by_counters_writes_manifest_and_pcapng(h, tmp_path):
-    sid = h.controller.start_snapshot({"label": "first"}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({"label": "first"})["id"]
     h.controller.cut(sid, "A")
     send(h, B, A, 1)
     send(h, C, A, 2)
@@ -175,13 +176,13 @@ def test_completion_by_counters_writes_manifest_and_pcapng(h, tmp_path):
 
 def test_completion_by_timeout_when_counters_are_unavailable(h):
     h.io.flow_stats = lambda dpids, role, timeout: None
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     view = run_to_completion(h, sid)
     assert view["state"] == "complete" and view["drain"]["method"] == "timeout"
 
 
 def test_drain_waits_for_record_counters_to_stand_still(h):
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.controller.cut(sid, "A")
     send(h, B, A, 1)
     moving = iter(range(100))
@@ -191,7 +192,7 @@ def test_drain_waits_for_record_counters_to_stand_still(h):
 
 
 def test_a_record_copy_after_completion_marks_the_snapshot_incomplete(h):
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.controller.cut(sid, "A")
     late = eth_frame(A, B, 0x0800, b"late" * 12, vlan=h.coordinator.colour(0))
     run_to_completion(h, sid)
@@ -202,28 +203,28 @@ def test_a_record_copy_after_completion_marks_the_snapshot_incomplete(h):
 
 
 def test_one_snapshot_at_a_time_and_state_errors(h):
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
-    with pytest.raises(SnapshotError) as error:
-        h.controller.start_snapshot({}, "http://ctl")
+    sid = h.controller.start_snapshot({})["id"]
+    with pytest.raises(Refused) as error:
+        h.controller.start_snapshot({})
     assert error.value.status == 409
-    with pytest.raises(SnapshotError) as error:
+    with pytest.raises(Refused) as error:
         h.controller.done(sid, "A", {})
     assert error.value.status == 409  # done before cut
     h.controller.cut(sid, "A")
-    with pytest.raises(HttpError) as error:
+    with pytest.raises(Refused) as error:
         h.controller.cut(sid, "A")
     assert error.value.status == 409
-    with pytest.raises(SnapshotError) as error:
+    with pytest.raises(Refused) as error:
         h.controller.cut("snap-nope", "A")
     assert error.value.status == 404
 
 
 def test_timeout_and_disappearing_member_abort(tmp_path):
     h = make_harness(tmp_path, timeout=5.0)
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.advance(6.0)
     assert "timed out" in h.controller.snapshot_view(sid)["reason"]
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.run(h.controller.port_changed(2, 1, "s2-eth1", up=False, deleted=False))
     h.advance(0.1)
     assert h.controller.snapshot_view(sid)["reason"] == "member B disappeared from the network"
@@ -231,12 +232,12 @@ def test_timeout_and_disappearing_member_abort(tmp_path):
 
 def test_cut_waits_for_the_marker_from_the_members_own_link(tmp_path):
     h = make_harness(tmp_path, marker=True)
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.send(*WHERE[A], build_marker(A, sid, "A"))
     assert h.controller.cut(sid, "A")["epoch"] == 1
     # A marker from the wrong port does not count; no marker in time aborts with the reason.
     h.send(*WHERE[C], build_marker(B, sid, "B"))
-    with pytest.raises(HttpError) as error:
+    with pytest.raises(Refused) as error:
         h.controller.cut(sid, "B")
     assert error.value.status == 409 and "no cut marker from B" in error.value.reason
 
@@ -244,18 +245,20 @@ def test_cut_waits_for_the_marker_from_the_members_own_link(tmp_path):
 def test_helpers_are_called_and_a_refusing_helper_aborts(tmp_path):
     h = make_harness(tmp_path, members=())
     h.coordinator.add_member(parse_member({"name": "A", "macs": [A], "helper_url": "http://helper-a:7000"}))
-    sid = h.controller.start_snapshot({}, "http://ctl:8080/")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.io.post_status = 503
     h.run_spawned()
     url, body = h.io.posts[0]
-    assert url == "http://helper-a:7000/snapshot" and body["cut_url"].startswith("http://ctl:8080/violin/snapshots/")
+    callbacks = "http://ctl:8080/violin/snapshots/%s/members/A/" % sid  # from api.advertise_url
+    assert url == "http://helper-a:7000/snapshot" and {body[k + "_url"] for k in ("prepare", "cut", "done", "failed")} \
+        == {callbacks + k for k in ("prepare", "cut", "done", "failed")}
     assert "did not take the snapshot request: 503" in h.controller.snapshot_view(sid)["reason"]
 
 
 def test_catalogue_survives_restart_and_interrupted_snapshots_are_not_restorable(h, tmp_path):
-    first = h.controller.start_snapshot({}, "http://ctl")["id"]
+    first = h.controller.start_snapshot({})["id"]
     run_to_completion(h, first)
-    second = h.controller.start_snapshot({}, "http://ctl")["id"]
+    second = h.controller.start_snapshot({})["id"]
     restarted = Catalogue(str(tmp_path / "state")).open()
     assert restarted.get(first)["state"] == "complete" and restarted.get(first)["restorable"]
     assert restarted.get(second)["state"] == "aborted" and not restarted.get(second)["restorable"]
@@ -268,7 +271,7 @@ def test_member_validation():
                         ({"name": "x", "macs": [A], "color": 1}, "unknown"),
                         ({"name": "x", "macs": [A], "helper_url": "ftp://x"}, "helper_url"),
                         ({"name": "x", "macs": [A], "marker": "yes"}, "marker")]:
-        with pytest.raises(SnapshotError) as error:
+        with pytest.raises(Refused) as error:
             parse_member(bad)
         assert error.value.status == 400 and needle in error.value.reason
 
@@ -312,7 +315,7 @@ def test_members_from_config_are_registered(tmp_path):
 
 
 def test_prepared_member_gets_nothing_until_its_flip_then_pre_frames_become_channel_state(h):
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.controller.cut(sid, "C")  # C is post: its frames carry the new colour
     h.controller.prepare(sid, "A")
     assert send(h, B, A, 1) == []  # pre frame, held while A is (about to be) paused
@@ -321,13 +324,13 @@ def test_prepared_member_gets_nothing_until_its_flip_then_pre_frames_become_chan
     h.controller.cut(sid, "A")
     assert received(h, A) == [b"seq000001", b"seq000002"]  # released in arrival order
     assert [(r.receiver, r.frame[14:23]) for r in h.coordinator.recorded] == [("A", b"seq000001")]
-    with pytest.raises(SnapshotError) as error:
+    with pytest.raises(Refused) as error:
         h.controller.prepare(sid, "A")
     assert error.value.status == 409
 
 
 def test_held_frame_reaching_the_controller_after_the_flip_is_recorded_and_delivered(h):
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.controller.prepare(sid, "A")
     h.controller.cut(sid, "A")
     # A copy sent up by a hold rule the datapath still applied after the flip.
@@ -340,7 +343,7 @@ def test_held_frame_reaching_the_controller_after_the_flip_is_recorded_and_deliv
 
 def test_rule_changes_add_before_they_delete(h):
     """Between two flow-mods no packet may meet a table more permissive than before and after."""
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     for messages in (h.coordinator.prepare(h.now, sid, "A"), h.coordinator.flip(h.now, sid, "A")[0]):
         kinds = [m.command for m in messages if isinstance(m, of.FlowMod)]
         assert "delete_strict" in kinds and "add" in kinds
@@ -353,7 +356,7 @@ def test_restore_checks_before_touching_anything_then_quarantines_reinjects_and_
     for name, mac in (("A", A), ("B", B)):
         h.coordinator.add_member(parse_member({"name": name, "macs": [mac], "marker": False,
                                                "helper_url": "http://helper-%s" % name}))
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.controller.cut(sid, "A")
     send(h, B, A, 7)  # pre -> post: channel state for A
     h.controller.cut(sid, "B")
@@ -361,20 +364,20 @@ def test_restore_checks_before_touching_anything_then_quarantines_reinjects_and_
         h.controller.done(sid, name, {"server": "http://srv", "image": {"files": [{"name": "f", "sha256": "x"}]}})
     h.run_spawned()
     assert h.controller.snapshot_view(sid)["state"] == "complete"
-    with pytest.raises(HttpError) as error:
-        h.controller.start_restore("snap-nope", {})
+    with pytest.raises(Refused) as error:
+        h.controller.restorer.start("snap-nope", {})
     assert error.value.status == 404
-    with pytest.raises(HttpError) as error:
-        h.controller.start_restore(sid, {"placement": {"Z": "http://x"}})
+    with pytest.raises(Refused) as error:
+        h.controller.restorer.start(sid, {"placement": {"Z": "http://x"}})
     assert error.value.status == 400
     h.io.posts.clear()
-    job = h.controller.start_restore(sid, {})
-    with pytest.raises(HttpError) as error:
-        h.controller.start_restore(sid, {})
+    job = h.controller.restorer.start(sid, {})
+    with pytest.raises(Refused) as error:
+        h.controller.restorer.start(sid, {})
     assert error.value.status == 409  # one restore at a time
     h.deliveries.clear()
     h.run_spawned()
-    view = h.controller.restores[job["id"]].view()
+    view = h.controller.restorer.jobs[job["id"]].view()
     assert view["state"] == "complete" and view["reinjected_frames"] == 1
     assert [url.rsplit("/", 1)[1] for url, _ in h.io.posts] == ["stage", "stage", "restore", "restore",
                                                                "resume", "resume"]
@@ -382,29 +385,31 @@ def test_restore_checks_before_touching_anything_then_quarantines_reinjects_and_
     assert h.coordinator.quarantined == set()
 
 
-def test_restore_brings_vms_back_before_processes(tmp_path):
-    """A restored process retransmits into the quarantine until the resume: it is restored last."""
+def test_restore_brings_members_that_restore_paused_back_first(tmp_path):
+    """A restored process retransmits into the quarantine until the resume: it is restored last. What
+    comes back paused (a VM, its clock stopped) is what its helper's stage answer says, not a backend name."""
     h = make_harness(tmp_path, members=())
-    for name, mac, backend in (("a-proc", A, "criu"), ("b-vm", B, "libvirt"), ("c-proc", C, "criu")):
-        h.coordinator.add_member(parse_member({"name": name, "macs": [mac], "marker": False, "backend": backend,
+    for name, mac in (("a-proc", A), ("b-vm", B), ("c-proc", C)):
+        h.coordinator.add_member(parse_member({"name": name, "macs": [mac], "marker": False,
                                                "helper_url": "http://helper-%s" % name}))
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    h.io.answers["http://helper-b-vm/stage"] = {"staged": "b-vm", "restores_paused": True}
+    sid = h.controller.start_snapshot({})["id"]
     for name in ("a-proc", "b-vm", "c-proc"):
         h.controller.cut(sid, name)
         h.controller.done(sid, name, {"server": "http://srv", "image": {"files": [{"name": "f", "sha256": "x"}]}})
     h.run_spawned()
     h.io.posts.clear()
-    h.controller.start_restore(sid, {})
+    h.controller.restorer.start(sid, {})
     h.run_spawned()
     restored = [url.split("//helper-")[1].split("/")[0] for url, _ in h.io.posts if url.endswith("/restore")]
     assert restored == ["b-vm", "a-proc", "c-proc"]
 
 
 def test_restore_of_an_aborted_snapshot_is_refused(h):
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.controller.abort(sid, {})
-    with pytest.raises(HttpError) as error:
-        h.controller.start_restore(sid, {})
+    with pytest.raises(Refused) as error:
+        h.controller.restorer.start(sid, {})
     assert error.value.status == 409 and "not offered for restore" in error.value.reason
 
 
@@ -419,15 +424,15 @@ def test_quarantine_cuts_members_off_both_ways(h):
 def test_failed_staging_leaves_the_running_slice_alone(tmp_path):
     h = make_harness(tmp_path, members=())
     h.coordinator.add_member(parse_member({"name": "A", "macs": [A], "marker": False, "helper_url": "http://h"}))
-    sid = h.controller.start_snapshot({}, "http://ctl")["id"]
+    sid = h.controller.start_snapshot({})["id"]
     h.controller.cut(sid, "A")
     h.controller.done(sid, "A", {"server": "http://srv", "image": {"files": [{"name": "f", "sha256": "x"}]}})
     h.run_spawned()
     h.io.post_status = 502  # the helper finds the image corrupt
-    job = h.controller.start_restore(sid, {})
+    job = h.controller.restorer.start(sid, {})
     h.io.posts.clear()
     h.run_spawned()
-    view = h.controller.restores[job["id"]].view()
+    view = h.controller.restorer.jobs[job["id"]].view()
     assert view["state"] == "failed" and "stage of A" in view["reason"]
     assert [url.rsplit("/", 1)[1] for url, _ in h.io.posts] == ["stage"]  # nothing stopped or restored
     assert h.coordinator.quarantined == set()
@@ -435,11 +440,11 @@ def test_failed_staging_leaves_the_running_slice_alone(tmp_path):
 
 def test_schedule_takes_snapshots_and_keeps_the_newest(tmp_path):
     h = make_harness(tmp_path)
-    with pytest.raises(HttpError):
-        h.controller.set_schedule({"interval_s": 0.1}, "http://ctl")
-    with pytest.raises(HttpError):
-        h.controller.set_schedule({"interval_s": 5, "keep": 0}, "http://ctl")
-    view = h.controller.set_schedule({"interval_s": 10, "keep": 2}, "http://ctl")
+    with pytest.raises(Refused):
+        h.controller.scheduler.set({"interval_s": 0.1}, h.coordinator.members.get)
+    with pytest.raises(Refused):
+        h.controller.scheduler.set({"interval_s": 5, "keep": 0}, h.coordinator.members.get)
+    view = h.controller.scheduler.set({"interval_s": 10, "keep": 2}, h.coordinator.members.get)
     assert view["enabled"] and view["next_in_s"] == 10
     ids = []
     for _ in range(4):
@@ -450,10 +455,70 @@ def test_schedule_takes_snapshots_and_keeps_the_newest(tmp_path):
         run_to_completion(h, sid)
     listed = [m["id"] for m in h.controller.catalogue.list()]
     assert listed == ids[-2:]  # the two newest kept, the older ones pruned
-    assert h.controller.schedule.view(h.now)["taken"] == 4
+    assert h.controller.scheduler.view()["taken"] == 4
     # A turn while a snapshot runs is skipped, with the reason.
-    h.controller.start_snapshot({"label": "manual"}, "http://ctl")
+    h.controller.start_snapshot({"label": "manual"})
     h.advance(10.0)
     h.run_spawned()
-    assert "running" in h.controller.schedule.view(h.now)["skipped"][-1]
-    assert not h.controller.clear_schedule()["enabled"]
+    assert "running" in h.controller.scheduler.view()["skipped"][-1]
+    assert not h.controller.scheduler.clear()["enabled"]
+
+
+def test_a_cut_waits_for_a_marker_when_the_helper_says_it_sent_one(tmp_path):
+    """The helper's cut call declares whether it sent a marker; registration only gives the default."""
+    h = make_harness(tmp_path, marker=True)
+    sid = h.controller.start_snapshot({})["id"]
+    assert h.controller.cut(sid, "A", {"marker": False})["epoch"] == 1  # e.g. a paused VM: no marker to wait for
+    with pytest.raises(Refused) as error:
+        h.controller.cut(sid, "B", {"marker": True})  # said it sent one, none came
+    assert error.value.status == 409 and "no cut marker from B" in error.value.reason
+    with pytest.raises(Refused) as error:
+        make_harness(tmp_path / "2").controller.cut("snap-x", "A", {"marker": "yes"})
+    assert error.value.status == 400 and "marker" in error.value.reason
+
+
+def complete_snapshot_with_helpers(tmp_path, names=("A",)):
+    h = make_harness(tmp_path, members=())
+    for name in names:
+        h.coordinator.add_member(parse_member({"name": name, "macs": [{"A": A, "B": B}[name]], "marker": False,
+                                               "helper_url": "http://helper-%s" % name}))
+    sid = h.controller.start_snapshot({})["id"]
+    for name in names:
+        h.controller.cut(sid, name)
+        h.controller.done(sid, name, {"server": "http://srv", "image": {"files": [{"name": "f", "sha256": "x"}]}})
+    h.run_spawned()
+    return h, sid
+
+
+def test_a_restored_member_is_located_by_the_dpid_and_port_its_helper_names(tmp_path):
+    h, sid = complete_snapshot_with_helpers(tmp_path)
+    h.io.answers["http://helper-A/restore"] = {"restored": "A", "attachment": {"dpid": "%016x" % 2, "port": 5}}
+    job = h.controller.restorer.start(sid, {})
+    h.run_spawned()
+    assert h.controller.restorer.get(job["id"]).state == "complete"
+    assert h.fabric.hosts[A] == (2, 5)  # before it spoke: channel state and peers' frames go there
+
+
+@pytest.mark.parametrize("attachment,needle", [
+    ({"dpid": "%016x" % 9, "port": 1}, "which the slice does not have"),
+    ({"dpid": "%016x" % 2, "port": 77}, "which the slice does not have"),
+    ({"dpid": "zz", "port": 1}, "attachment.dpid"),
+    ({"dpid": "%016x" % 2}, "attachment.port: required"),
+])
+def test_a_restore_behind_a_port_the_slice_lacks_fails_and_resumes_what_was_restored(tmp_path, attachment, needle):
+    h, sid = complete_snapshot_with_helpers(tmp_path)
+    h.io.answers["http://helper-A/restore"] = {"restored": "A", "attachment": attachment}
+    job = h.controller.restorer.start(sid, {})
+    h.io.posts.clear()
+    h.run_spawned()
+    view = h.controller.restorer.get(job["id"]).view()
+    assert view["state"] == "failed" and needle in view["reason"]
+    assert h.coordinator.quarantined == set() and h.fabric.hosts[A] == WHERE[A]
+
+
+def test_restore_body_is_validated(tmp_path):
+    h, sid = complete_snapshot_with_helpers(tmp_path)
+    for body, needle in (({"placement": {"A": "ftp://x"}}, "placement"), ({"where": 1}, "unknown key(s) where")):
+        with pytest.raises(Refused) as error:
+            h.controller.restorer.start(sid, body)
+        assert error.value.status == 400 and needle in error.value.reason

@@ -19,32 +19,52 @@ receivers need a cut rule, and are replicated per destination under the same
 rules (``ROLE_FLOOD_CUT``). Frames of non-members, and of members outside the
 snapshot's subset, carry the neutral colour and are always delivered.
 
-The coordinator is a policy the ``Fabric`` consults when it derives flows; its
+The coordinator is the ``FabricPolicy`` the ``Fabric`` consults when it derives flows; its
 handlers take times and events and return OpenFlow messages. Blocking work
 (barriers, flow statistics, helpers) is the caller's (``controller.py``).
 """
 
 import os
-import re
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import of
+from .errors import Refused
 from .fabric import EGRESS_TABLE, FLOOD_TABLE, INGRESS_TABLE, TAG_PRESENT, Fabric
-from .packets import is_multicast, parse_eth, parse_marker, strip_outer_tag
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
-MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-RUNNING, COMPLETE, ABORTED = "running", "complete", "aborted"
+from .members import Member, MemberRegistry
+from .packets import parse_eth, parse_marker, strip_outer_tag
+from .policy import FabricPolicy, Vids
 
 
-class SnapshotError(Exception):
-    """A request the coordinator refuses; ``status`` is the HTTP status to answer with."""
+class State(str, Enum):
+    """A state or phase name: compares, formats and serialises as its plain string."""
 
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
+    def __str__(self) -> str:
+        return self.value
+
+
+class SnapshotState(State):
+    RUNNING = "running"
+    COMPLETE = "complete"
+    ABORTED = "aborted"
+
+
+class SnapshotPhase(State):
+    CUTTING = "cutting"
+    DRAINING = "draining"
+    COMPLETE = "complete"
+    ABORTED = "aborted"
+
+
+class CutState(State):
+    """A participant's progress: pending -> (prepared ->) cut -> done; flipped when aborted before its cut."""
+    PENDING = "pending"
+    PREPARED = "prepared"
+    CUT = "cut"
+    DONE = "done"
+    FLIPPED = "flipped"
 
 
 @dataclass(frozen=True)
@@ -60,61 +80,9 @@ class SnapshotSettings:
 
 
 @dataclass
-class Member:
-    name: str
-    macs: Tuple[str, ...]
-    helper_url: Optional[str] = None
-    backend: str = "manual"
-    handle: str = ""
-    marker: bool = True  # the cut waits for a marker frame from the member's own link
-    epoch: int = 0
-
-    def describe(self, fabric: Fabric) -> dict:
-        where = [fabric.hosts.get(mac) for mac in self.macs]
-        return {"name": self.name, "macs": list(self.macs), "helper_url": self.helper_url,
-                "backend": self.backend, "handle": self.handle, "marker": self.marker,
-                "epoch": self.epoch,
-                "located": all(w is not None for w in where),
-                "attachment": [None if w is None else {"dpid": "%016x" % w[0], "port": w[1]} for w in where]}
-
-
-def parse_member(spec) -> Member:
-    """Validate a member description (REST body or config entry)."""
-    if not isinstance(spec, dict):
-        raise SnapshotError(400, "a member is a JSON object")
-    known = {"name", "macs", "helper_url", "backend", "handle", "marker"}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise SnapshotError(400, "unknown member field(s) %s; known: %s" % (", ".join(unknown), ", ".join(sorted(known))))
-    name = spec.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise SnapshotError(400, "member name must be 1-40 letters, digits, '_', '.', '-', got %r" % (name,))
-    macs = spec.get("macs")
-    if isinstance(macs, str):
-        macs = [macs]
-    if not isinstance(macs, list) or not macs:
-        raise SnapshotError(400, "member %s: macs must be a non-empty list of MAC addresses" % name)
-    cleaned = []
-    for mac in macs:
-        if not isinstance(mac, str) or not MAC_RE.match(mac.lower()) or is_multicast(mac.lower()):
-            raise SnapshotError(400, "member %s: %r is not a unicast MAC address" % (name, mac))
-        cleaned.append(mac.lower())
-    helper_url = spec.get("helper_url")
-    if helper_url is not None and (not isinstance(helper_url, str) or not helper_url.startswith(("http://", "https://"))):
-        raise SnapshotError(400, "member %s: helper_url must be an http(s) URL" % name)
-    for key in ("backend", "handle"):
-        if key in spec and not isinstance(spec[key], str):
-            raise SnapshotError(400, "member %s: %s must be a string" % (name, key))
-    if "marker" in spec and not isinstance(spec["marker"], bool):
-        raise SnapshotError(400, "member %s: marker must be true or false" % name)
-    return Member(name, tuple(dict.fromkeys(cleaned)), helper_url, spec.get("backend", "manual"),
-                  spec.get("handle", ""), spec.get("marker", True))
-
-
-@dataclass
 class MemberCut:
     name: str
-    state: str = "pending"  # pending -> (prepared ->) cut -> done; "flipped" when aborted before its cut
+    state: CutState = CutState.PENDING
     marker_seen: bool = False
     cut_time: Optional[float] = None  # wall clock when its rules were in force
     flip_ms: Optional[float] = None  # cut request -> barrier replies
@@ -130,8 +98,8 @@ class Snapshot:
     created: float  # wall clock
     timeout: float
     deadline: float  # monotonic
-    state: str = RUNNING
-    phase: str = "cutting"  # cutting -> draining -> complete/aborted
+    state: SnapshotState = SnapshotState.RUNNING
+    phase: SnapshotPhase = SnapshotPhase.CUTTING
     reason: Optional[str] = None
     completed: Optional[float] = None
     cuts: Dict[str, MemberCut] = field(default_factory=dict)
@@ -144,7 +112,7 @@ class Snapshot:
         return {
             "id": self.id, "epoch": self.epoch, "label": self.label, "state": self.state,
             "phase": self.phase, "reason": self.reason, "created": self.created, "completed": self.completed,
-            "restorable": self.state == COMPLETE,
+            "restorable": self.state == SnapshotState.COMPLETE,
             "members": [dict(name=c.name, state=c.state, cut_time=c.cut_time, flip_ms=c.flip_ms,
                              marker=c.marker_seen, **c.report) for c in self.cuts.values()],
             "counts": dict(self.counts), "drain": dict(self.drain),
@@ -158,13 +126,14 @@ class Recorded:
     frame: bytes  # the guest frame as delivered (outer tag removed)
 
 
-class Coordinator:
-    """Members, epochs and the one running snapshot; the fabric's colouring policy."""
+class Coordinator(FabricPolicy):
+    """Members' epochs and the one running snapshot; the fabric's colouring policy."""
 
-    def __init__(self, fabric: Fabric, settings: SnapshotSettings = SnapshotSettings()):
+    def __init__(self, fabric: Fabric, vids: Vids, settings: SnapshotSettings = SnapshotSettings()):
+        super().__init__(vids)
         self.fabric = fabric
         self.settings = settings
-        self.members: Dict[str, Member] = {}
+        self.members = MemberRegistry()
         self.current: Optional[Snapshot] = None  # running, or the last one until the next starts
         self.last_epoch = 0
         self.holds: Dict[str, Deque[Tuple[int, int, bytes, int]]] = {}  # receiver -> (dpid, port, frame, colour)
@@ -172,43 +141,25 @@ class Coordinator:
         self.recorded: List[Recorded] = []
         self.overflowed = False  # channel state over max_channel_bytes: the snapshot must abort
         self.quarantined: Set[str] = set()  # members being replaced by a restore
-        fabric.policy = self
 
     # --- membership ---------------------------------------------------------------
 
     def add_member(self, member: Member) -> Member:
-        if member.name in self.members:
-            raise SnapshotError(409, "member %s exists; delete it first" % member.name)
-        for other in self.members.values():
-            shared = set(other.macs) & set(member.macs)
-            if shared:
-                raise SnapshotError(409, "MAC %s already belongs to member %s" % (sorted(shared)[0], other.name))
+        """Register ``member``; it joins at the latest epoch (in no snapshot until the next)."""
         member.epoch = self.last_epoch
-        self.members[member.name] = member
-        return member
+        return self.members.add(member)
 
     def remove_member(self, name: str) -> Member:
-        member = self.get_member(name)
+        self.members.get(name)
         if self.running() and name in self.current.participants:
-            raise SnapshotError(409, "member %s takes part in running snapshot %s" % (name, self.current.id))
-        return self.members.pop(member.name)
-
-    def get_member(self, name: str) -> Member:
-        if name not in self.members:
-            raise SnapshotError(404, "no member named %s" % name)
-        return self.members[name]
-
-    def member_by_mac(self, mac: str) -> Optional[Member]:
-        for member in self.members.values():
-            if mac in member.macs:
-                return member
-        return None
+            raise Refused(409, "member %s takes part in running snapshot %s" % (name, self.current.id))
+        return self.members.pop(name)
 
     def running(self) -> bool:
-        return self.current is not None and self.current.state == RUNNING
+        return self.current is not None and self.current.state == SnapshotState.RUNNING
 
     def participant(self, mac: str) -> Optional[Member]:
-        member = self.member_by_mac(mac)
+        member = self.members.by_mac(mac)
         if member is not None and self.running() and member.name in self.current.participants:
             return member
         return None
@@ -216,19 +167,19 @@ class Coordinator:
     # --- colours and cut rules (the fabric asks) -----------------------------------
 
     def colour(self, epoch: int) -> int:
-        return self.fabric.settings.tag_vid + 1 + epoch % 2
+        return self.vids.colour(epoch)
 
     def ingress_vid(self, mac: str) -> int:
-        member = self.member_by_mac(mac)
+        member = self.members.by_mac(mac)
         if member is None or (self.running() and member.name not in self.current.participants):
-            return self.fabric.settings.tag_vid
+            return self.vids.neutral
         return self.colour(member.epoch)
 
     def is_post(self, member: Member) -> bool:
         return member.epoch >= self.current.epoch
 
     def quarantined_member(self, mac: str) -> Optional[Member]:
-        member = self.member_by_mac(mac)
+        member = self.members.by_mac(mac)
         return member if member is not None and member.name in self.quarantined else None
 
     def ingress_entries(self, dpid: int, mac: str, port_no: int) -> List[of.FlowEntry]:
@@ -248,7 +199,7 @@ class Coordinator:
             # The controller records and then delivers them: what it did not record never arrives.
             return [of.FlowEntry(EGRESS_TABLE, 510, of.match(eth_dst=mac, vlan_vid=self.colour(k - 1) | of.OFPVID_PRESENT),
                                  (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_RECORD)]
-        if self.current.cuts[member.name].state == "prepared":  # about to pause: nothing may reach it
+        if self.current.cuts[member.name].state == CutState.PREPARED:  # about to pause: nothing may reach it
             return [of.FlowEntry(EGRESS_TABLE, 520, of.match(eth_dst=mac, vlan_vid=TAG_PRESENT),
                                  (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_HOLD)]
         return [of.FlowEntry(EGRESS_TABLE, 510, of.match(eth_dst=mac, vlan_vid=self.colour(k) | of.OFPVID_PRESENT),
@@ -265,7 +216,7 @@ class Coordinator:
     def _cut_action(self, member: Member, colour: int) -> Optional[str]:
         """'hold', 'record' or None for a frame of ``colour`` reaching a participant."""
         k = self.current.epoch
-        if not self.is_post(member) and (colour == self.colour(k) or self.current.cuts[member.name].state == "prepared"):
+        if not self.is_post(member) and (colour == self.colour(k) or self.current.cuts[member.name].state == CutState.PREPARED):
             return "hold"
         if colour == self.colour(k - 1) and self.is_post(member):
             return "record"
@@ -301,9 +252,9 @@ class Coordinator:
     def quarantine(self, now: float, names: Iterable[str]) -> List[of.Message]:
         """Cut the members off the network (both ways) while a restore replaces them."""
         if self.running():
-            raise SnapshotError(409, "snapshot %s is running; restore after it ends" % self.current.id)
+            raise Refused(409, "snapshot %s is running; restore after it ends" % self.current.id)
         for name in names:
-            self.get_member(name)
+            self.members.get(name)
         self.quarantined = set(names)
         return self.fabric.reconcile(now)
 
@@ -323,7 +274,7 @@ class Coordinator:
             member = self.members.get(item.receiver)
             where = self.fabric.hosts.get(member.macs[0]) if member else None
             if where is None:
-                raise SnapshotError(409, "cannot re-inject channel state: receiver %s is not on the network"
+                raise Refused(409, "cannot re-inject channel state: receiver %s is not on the network"
                                     % item.receiver)
             injections.append(_packet_out(where, item.frame))
         return self.fabric.reconcile(now), injections
@@ -336,23 +287,19 @@ class Coordinator:
               timeout: Optional[float] = None) -> Tuple[Snapshot, List[of.Message]]:
         """Begin snapshot k: participants normalised to epoch k-1, hold rules everywhere."""
         if self.quarantined:
-            raise SnapshotError(409, "a restore is replacing %s" % ", ".join(sorted(self.quarantined)))
+            raise Refused(409, "a restore is replacing %s" % ", ".join(sorted(self.quarantined)))
         if self.running():
-            raise SnapshotError(409, "snapshot %s is still running (one at a time)" % self.current.id)
+            raise Refused(409, "snapshot %s is still running (one at a time)" % self.current.id)
         names = list(self.members) if names is None else list(dict.fromkeys(names))
         if not names:
-            raise SnapshotError(409 if not self.members else 400, "no members to snapshot")
+            raise Refused(409 if not self.members else 400, "no members to snapshot")
         for name in names:
-            member = self.get_member(name)
+            member = self.members.get(name)
             missing = [mac for mac in member.macs if mac not in self.fabric.hosts]
             if missing:
-                raise SnapshotError(409, "member %s is not located on the network yet (MAC %s not seen); "
+                raise Refused(409, "member %s is not located on the network yet (MAC %s not seen); "
                                          "let it send a frame first" % (name, missing[0]))
-        if not isinstance(label, str) or len(label) > 200:
-            raise SnapshotError(400, "label must be a string of at most 200 characters")
         timeout = self.settings.timeout if timeout is None else timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
-            raise SnapshotError(400, "timeout_s must be a number of seconds in (0, 86400]")
         epoch = self.last_epoch + 1
         self.last_epoch = epoch
         for name in names:
@@ -367,14 +314,14 @@ class Coordinator:
     def require(self, snapshot_id: str, name: Optional[str] = None) -> Tuple[Snapshot, Optional[MemberCut]]:
         """The running snapshot (and a participant's cut), or the right HTTP error."""
         if self.current is None or self.current.id != snapshot_id:
-            raise SnapshotError(404, "no running snapshot %s" % snapshot_id)
-        if self.current.state != RUNNING:
-            raise SnapshotError(409, "snapshot %s is %s%s" % (snapshot_id, self.current.state,
+            raise Refused(404, "no running snapshot %s" % snapshot_id)
+        if self.current.state != SnapshotState.RUNNING:
+            raise Refused(409, "snapshot %s is %s%s" % (snapshot_id, self.current.state,
                                                              ": " + self.current.reason if self.current.reason else ""))
         if name is None:
             return self.current, None
         if name not in self.current.cuts:
-            raise SnapshotError(404, "%s takes no part in snapshot %s" % (name, snapshot_id))
+            raise Refused(404, "%s takes no part in snapshot %s" % (name, snapshot_id))
         return self.current, self.current.cuts[name]
 
     def prepare(self, now: float, snapshot_id: str, name: str) -> List[of.Message]:
@@ -385,9 +332,9 @@ class Coordinator:
         the pre-snapshot ones among them become channel state at the flip.
         """
         _, cut = self.require(snapshot_id, name)
-        if cut.state != "pending":
-            raise SnapshotError(409, "%s is %s in snapshot %s, not pending" % (name, cut.state, snapshot_id))
-        cut.state = "prepared"
+        if cut.state != CutState.PENDING:
+            raise Refused(409, "%s is %s in snapshot %s, not pending" % (name, cut.state, snapshot_id))
+        cut.state = CutState.PREPARED
         return self.fabric.reconcile(now, self.switches_of(self.members[name]))
 
     def marker_in(self, dpid: int, in_port: int, frame: bytes) -> None:
@@ -402,10 +349,6 @@ class Coordinator:
                 and self.fabric.hosts.get(src) == (dpid, in_port)):
             cut.marker_seen = True
 
-    def marker_seen(self, snapshot_id: str, name: str) -> bool:
-        cut = self.current.cuts.get(name) if self.current is not None and self.current.id == snapshot_id else None
-        return cut is not None and cut.marker_seen
-
     def flip(self, now: float, snapshot_id: str, name: str, wall: float = 0.0) -> Tuple[List[of.Message], List[of.Message]]:
         """Move a paused member to the new epoch.
 
@@ -416,11 +359,11 @@ class Coordinator:
         the member after newer ones the switch delivers directly.
         """
         snapshot, cut = self.require(snapshot_id, name)
-        if cut.state not in ("pending", "prepared"):
-            raise SnapshotError(409, "%s was already cut in snapshot %s" % (name, snapshot_id))
+        if cut.state not in (CutState.PENDING, CutState.PREPARED):
+            raise Refused(409, "%s was already cut in snapshot %s" % (name, snapshot_id))
         member = self.members[name]
         member.epoch = snapshot.epoch
-        cut.state = "cut"
+        cut.state = CutState.CUT
         snapshot.last_flip = now
         releases = self._release_queue(name, record_colour=self.colour(snapshot.epoch - 1), wall=wall)
         return self.fabric.reconcile(now, self.switches_of(member)), releases
@@ -432,33 +375,35 @@ class Coordinator:
     def done(self, snapshot_id: str, name: str, report: dict) -> bool:
         """The helper has stored the member's image; True when every participant is done."""
         snapshot, cut = self.require(snapshot_id, name)
-        if cut.state == "pending":
-            raise SnapshotError(409, "%s reported done before its cut" % name)
-        if cut.state == "done":
-            raise SnapshotError(409, "%s already reported done" % name)
-        cut.report = _validate_report(report)
-        cut.state = "done"
-        done = all(c.state == "done" for c in snapshot.cuts.values())
+        if cut.state == CutState.PENDING:
+            raise Refused(409, "%s reported done before its cut" % name)
+        if cut.state == CutState.DONE:
+            raise Refused(409, "%s already reported done" % name)
+        cut.report = dict(report)
+        cut.state = CutState.DONE
+        done = all(c.state == CutState.DONE for c in snapshot.cuts.values())
         if done:
-            snapshot.phase = "draining"
+            snapshot.phase = SnapshotPhase.DRAINING
         return done
 
     def complete(self, now: float, wall: float, drain: dict) -> List[of.Message]:
         snapshot = self.current
-        snapshot.state, snapshot.phase, snapshot.completed, snapshot.drain = COMPLETE, COMPLETE, wall, drain
+        snapshot.state, snapshot.phase = SnapshotState.COMPLETE, SnapshotPhase.COMPLETE
+        snapshot.completed, snapshot.drain = wall, drain
         return self.fabric.reconcile(now)
 
     def abort(self, now: float, wall: float, reason: str) -> List[of.Message]:
         """Flip the rest without snapshotting them, release every held frame, drop the channel state."""
         snapshot = self.current
-        if snapshot is None or snapshot.state != RUNNING:
+        if snapshot is None or snapshot.state != SnapshotState.RUNNING:
             return []
-        snapshot.state, snapshot.phase, snapshot.reason, snapshot.completed = ABORTED, ABORTED, reason, wall
+        snapshot.state, snapshot.phase = SnapshotState.ABORTED, SnapshotPhase.ABORTED
+        snapshot.reason, snapshot.completed = reason, wall
         for name, cut in snapshot.cuts.items():
             member = self.members.get(name)
             if member is not None and member.epoch < snapshot.epoch:
                 member.epoch = snapshot.epoch
-                cut.state = "flipped"
+                cut.state = CutState.FLIPPED
         messages: List[of.Message] = []
         for name in list(self.holds):
             messages += self._release_queue(name)
@@ -473,7 +418,7 @@ class Coordinator:
         if self.overflowed:
             return self.abort(now, wall, "channel state exceeded max_channel_bytes (%d)" % self.settings.max_channel_bytes)
         if now >= snapshot.deadline:
-            waiting = sorted(n for n, c in snapshot.cuts.items() if c.state != "done")
+            waiting = sorted(n for n, c in snapshot.cuts.items() if c.state != CutState.DONE)
             return self.abort(now, wall, "timed out after %.0f s waiting for %s" % (snapshot.timeout, ", ".join(waiting)))
         for name in snapshot.participants:
             member = self.members.get(name)
@@ -575,24 +520,6 @@ class Coordinator:
                     found |= self.switches_of(self.members[name])
         return found
 
-    def channel_bytes(self) -> int:
-        return self.current.counts["recorded_bytes"] if self.current else 0
-
 
 def _packet_out(where: Tuple[int, int], frame: bytes) -> of.PacketOut:
     return of.PacketOut(where[0], of.OFPP_CONTROLLER, (of.Output(where[1]),), frame)
-
-
-def _validate_report(report) -> dict:
-    """What a helper may say about a member's image (kept in the manifest)."""
-    if not isinstance(report, dict):
-        raise SnapshotError(400, "done body must be a JSON object")
-    allowed = {"image": dict, "pause_ms": (int, float), "bytes": int, "server": str, "note": str}
-    unknown = sorted(set(report) - set(allowed))
-    if unknown:
-        raise SnapshotError(400, "unknown field(s) in done report: %s; allowed: %s" % (
-            ", ".join(unknown), ", ".join(sorted(allowed))))
-    for key, types in allowed.items():
-        if key in report and (isinstance(report[key], bool) or not isinstance(report[key], types)):
-            raise SnapshotError(400, "done report field %s has the wrong type" % key)
-    return dict(report)
