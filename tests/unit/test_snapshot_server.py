@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from hostside import server as srv
-from hostside.storage import ChecksumError, ImageServer, StorageError
+from hostside.store import server as srv
+from hostside.store.client import ChecksumError, ImageServer, StorageError
 
 
 @pytest.fixture
