@@ -3,97 +3,32 @@
 The process-level form of the seed's "live migration to a snapshot server":
 helpers stream a member's image files here over HTTP as they are produced.
 
-    PUT    /images/<snapshot>/<member>/<file>   body = the file (Content-Length);
+    PUT    /images/<snapshot>/<member>/<file>   body = the file (Content-Length or chunked);
                                                 optional X-Sha256 is checked -> 201
     GET    /images/<snapshot>/<member>/<file>   the file, with X-Sha256
-    GET    /images/<snapshot>/<member>          {"files": [{name, bytes, sha256}]}
+    GET    /images/<snapshot>/<member>          {"snapshot", "member", "files": [{name, bytes, sha256}]}
     DELETE /images/<snapshot>                   prune a snapshot's images
     GET    /health
 
-Every call but /health needs ``Authorization: Bearer <token>``. Files land in a
-temporary file, are fsynced and renamed; a member's ``index.json`` (the list of
-complete files and their checksums) is rewritten the same way after each one.
+Every call but /health needs ``Authorization: Bearer <token>``. Errors answer
+``{"error": <name>, "reason": <text>}`` (``violin_core.errors``). This is only the
+HTTP side: what keeps the files is a ``Store`` (``--store file:DIR``, or ``--dir DIR``;
+see ``hostside.store.base`` for the rules every store keeps, atomic puts first).
 """
 
 import argparse
-import hashlib
-import json
+import contextlib
 import os
-import re
-import shutil
 import sys
-import threading
-from http.server import ThreadingHTTPServer
-from typing import Optional
+import traceback
 
-from hostside.httpd import JsonHandler, listen, serve as httpd_serve
-from violin_core.catalogue import fsync_dir, write_atomic
+from hostside.httpd import JsonHandler, listen, serve
+from violin_core.errors import error_body
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-CHUNK = 1 << 20
-INDEX = "index.json"
+from . import open_store, store_class
+from .base import CHUNK, NAME_RE, ChecksumMismatch, InvalidName, NotFound, Store
 
-
-class ImageStore:
-    """The files on disk: <root>/<snapshot>/<member>/<file> plus each member's index.json."""
-
-    def __init__(self, root: str):
-        self.root = root
-        self.lock = threading.Lock()
-        os.makedirs(root, exist_ok=True)
-
-    def member_dir(self, snapshot: str, member: str) -> str:
-        return os.path.join(self.root, snapshot, member)
-
-    def index(self, snapshot: str, member: str) -> Optional[dict]:
-        try:
-            with open(os.path.join(self.member_dir(snapshot, member), INDEX)) as handle:
-                return json.load(handle)
-        except (OSError, ValueError):
-            return None
-
-    def store(self, snapshot: str, member: str, name: str, stream, length: Optional[int],
-              expected: Optional[str]) -> dict:
-        """Store one file from ``stream``: ``length`` bytes, or HTTP chunks when ``length`` is None
-        (a VM's migration stream, whose size nobody knows in advance)."""
-        directory = self.member_dir(snapshot, member)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, ".%s.part-%d" % (name, threading.get_ident()))
-        digest, received = hashlib.sha256(), 0
-        chunks = read_chunked(stream) if length is None else read_exactly(stream, length)
-        try:
-            with open(tmp, "wb") as handle:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    handle.write(chunk)
-                    received += len(chunk)
-                handle.flush()
-                os.fsync(handle.fileno())
-            sha256 = digest.hexdigest()
-            if expected and expected.lower() != sha256:
-                raise ChecksumMismatch("checksum mismatch for %s: sent %s, received %s" % (name, expected, sha256))
-            os.replace(tmp, os.path.join(directory, name))
-            fsync_dir(directory)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        with self.lock:
-            index = self.index(snapshot, member) or {"snapshot": snapshot, "member": member, "files": []}
-            index["files"] = [f for f in index["files"] if f["name"] != name] + [
-                {"name": name, "bytes": received, "sha256": sha256}]
-            write_atomic(os.path.join(directory, INDEX), json.dumps(index, indent=1).encode())
-        return {"name": name, "bytes": received, "sha256": sha256}
-
-    def delete(self, snapshot: str) -> bool:
-        path = os.path.join(self.root, snapshot)
-        if not os.path.isdir(path):
-            return False
-        shutil.rmtree(path)
-        return True
-
-
-class ChecksumMismatch(ValueError):
-    pass
+ROUTES = "expected /images/<snapshot>[/<member>[/<file>]] with names of letters, digits, _ . -"
 
 
 def read_exactly(stream, length: int):
@@ -123,10 +58,41 @@ def read_chunked(stream):
             raise ValueError("chunk not terminated by CRLF")
 
 
-def make_handler(store: ImageStore, token: str):
+def make_handler(store: Store, token: str):
     class Handler(JsonHandler):
+        answered = False  # whether this request's status line went out (then no error answer can follow)
+
+        def send_response(self, *args, **kwargs):
+            self.answered = True
+            super().send_response(*args, **kwargs)
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own refusals (bad request line, unknown method) in the one JSON shape too."""
+            self.close_connection = True
+            self._error(code, message or self.responses.get(code, ("",))[0])
+
         def _error(self, status: int, reason: str) -> None:
-            self.send_json(status, {"error": status, "reason": reason})
+            if getattr(self, "command", None) == "PUT":
+                self.close_connection = True  # its body may be unread: the connection cannot carry another request
+            self.send_json(status, error_body(status, reason))
+
+        def _answer(self, route) -> None:
+            """Run ``route(parts)`` on the validated path; a store's refusal or any failure becomes
+            a JSON error answer (the traceback goes to our stderr, never to the client)."""
+            self.answered = False
+            try:
+                parts = self._parts()
+                if parts is not None:
+                    route(parts)
+            except NotFound as error:
+                self._error(404, str(error))
+            except (ChecksumMismatch, InvalidName, ValueError) as error:
+                self._error(422 if isinstance(error, ChecksumMismatch) else 400, str(error))
+            except Exception as error:  # noqa: BLE001 - the answer must stay JSON
+                traceback.print_exc()
+                self.close_connection = True
+                if not self.answered:
+                    self._error(500, "internal error: %s: %s" % (type(error).__name__, error))
 
         def _parts(self):
             """Validated path parts after /images, or None after answering an error."""
@@ -137,59 +103,59 @@ def make_handler(store: ImageStore, token: str):
                 return None
             parts = self.path.strip("/").split("/")
             if parts[0] != "images" or not 2 <= len(parts) <= 4 or not all(NAME_RE.match(p) for p in parts[1:]):
-                self._error(404 if parts[0] != "images" else 400,
-                            "expected /images/<snapshot>[/<member>[/<file>]] with names of letters, digits, _ . -")
+                self._error(404 if parts[0] != "images" else 400, ROUTES)
                 return None
             return parts[1:]
 
         def do_GET(self):
-            parts = self._parts()
-            if parts is None:
-                return
+            self._answer(self._get)
+
+        def do_PUT(self):
+            self._answer(self._put)
+
+        def do_DELETE(self):
+            self._answer(self._delete)
+
+        def do_POST(self):
+            self._answer(lambda parts: self._error(405, "the snapshot server takes GET, PUT and DELETE"))
+
+        def _get(self, parts):
             if parts == ["health"]:
                 return self.send_json(200, {"status": "ok", "root": store.root})
             if len(parts) == 2:
-                index = store.index(*parts)
-                return self.send_json(200, index) if index else self._error(404, "no images for %s/%s" % tuple(parts))
+                files = store.index(*parts)
+                if files is None:
+                    return self._error(404, "no images for %s/%s" % tuple(parts))
+                return self.send_json(200, {"snapshot": parts[0], "member": parts[1],
+                                            "files": [f.as_dict() for f in files]})
             if len(parts) != 3:
                 return self._error(400, "GET /images/<snapshot>/<member>[/<file>]")
-            entry = next((f for f in (store.index(*parts[:2]) or {}).get("files", []) if f["name"] == parts[2]), None)
-            if entry is None:
-                return self._error(404, "no file %s" % "/".join(parts))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(entry["bytes"]))
-            self.send_header("X-Sha256", entry["sha256"])
-            self.end_headers()
-            with open(os.path.join(store.member_dir(*parts[:2]), parts[2]), "rb") as handle:
-                shutil.copyfileobj(handle, self.wfile, CHUNK)
+            chunks, info = store.open(*parts)
+            with contextlib.closing(chunks):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(info.bytes))
+                self.send_header("X-Sha256", info.sha256)
+                self.end_headers()
+                for chunk in chunks:
+                    self.wfile.write(chunk)
 
-        def do_PUT(self):
-            parts = self._parts()
-            if parts is None:
-                return
-            if len(parts) != 3 or parts[2] == INDEX:
+        def _put(self, parts):
+            if parts == ["health"] or len(parts) != 3:
                 return self._error(400, "PUT /images/<snapshot>/<member>/<file>")
             chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
             if self.headers.get("Content-Length") is None and not chunked:
                 return self._error(411, "Content-Length or chunked transfer encoding is required")
+            length = None if chunked else int(self.headers["Content-Length"])
+            body = read_chunked(self.rfile) if length is None else read_exactly(self.rfile, length)
             try:
-                length = None if chunked else int(self.headers["Content-Length"])
-                result = store.store(*parts, self.rfile, length, self.headers.get("X-Sha256"))
-            except ChecksumMismatch as error:
-                return self._error(422, str(error))
-            except ValueError as error:
-                self.close_connection = True
-                return self._error(400, str(error))
+                info = store.put(*parts, body, self.headers.get("X-Sha256"))
             except OSError as error:
-                return self._error(507, "cannot store %s: %s" % ("/".join(parts), error.strerror))
-            self.send_json(201, dict(result, location="/images/" + "/".join(parts)))
+                return self._error(507, "cannot store %s: %s" % ("/".join(parts), error.strerror or error))
+            self.send_json(201, dict(info.as_dict(), location="/images/" + "/".join(parts)))
 
-        def do_DELETE(self):
-            parts = self._parts()
-            if parts is None:
-                return
-            if len(parts) != 1:
+        def _delete(self, parts):
+            if parts == ["health"] or len(parts) != 1:
                 return self._error(400, "DELETE /images/<snapshot>")
             if not store.delete(parts[0]):
                 return self._error(404, "no images for snapshot %s" % parts[0])
@@ -198,17 +164,12 @@ def make_handler(store: ImageStore, token: str):
     return Handler
 
 
-def serve(host: str, port: int, root: str, token: str):
-    """A started-but-not-serving server (call ``serve_forever``); port 0 picks one."""
-    server = ThreadingHTTPServer((host, port), make_handler(ImageStore(root), token))
-    server.daemon_threads = True
-    return server
-
-
 def build_args(argv):
     parser = argparse.ArgumentParser(prog="violin-snapshot-server", description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT (default 127.0.0.1:7070)")
-    parser.add_argument("--dir", required=True, help="where images are stored")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dir", help="where images are stored (the same as --store file:DIR)")
+    where.add_argument("--store", help="the store, as SCHEME:ARGUMENT (file:DIR)")
     parser.add_argument("--token", default=os.environ.get("VIOLIN_SERVER_TOKEN"),
                         help="bearer token clients must send (default: $VIOLIN_SERVER_TOKEN)")
     args = parser.parse_args(argv)
@@ -217,17 +178,27 @@ def build_args(argv):
         parser.error("--listen must be HOST:PORT, got %r" % args.listen)
     if not args.token:
         parser.error("a token is required (--token or VIOLIN_SERVER_TOKEN)")
+    args.store = args.store or "file:" + args.dir
+    try:
+        store_class(args.store)
+    except ValueError as error:
+        parser.error(str(error))
     args.host, args.port = host, int(port)
     return args
 
 
 def main(argv=None) -> int:
     args = build_args(sys.argv[1:] if argv is None else argv)
-    server = listen(args.host, args.port, make_handler(ImageStore(args.dir), args.token), "violin-snapshot-server")
+    try:
+        store = open_store(args.store)
+    except OSError as error:
+        print("violin-snapshot-server: cannot open store %s: %s" % (args.store, error), file=sys.stderr)
+        return 1
+    server = listen(args.host, args.port, make_handler(store, args.token), "violin-snapshot-server")
     if server is None:
         return 1
-    print("violin-snapshot-server: serving %s on %s:%d" % (args.dir, *server.server_address[:2]), flush=True)
-    return httpd_serve(server)
+    print("violin-snapshot-server: serving %s on %s:%d" % (args.store, *server.server_address[:2]), flush=True)
+    return serve(server)
 
 
 if __name__ == "__main__":
