@@ -55,7 +55,7 @@ from typing import Dict, List, Optional
 from hostside import criu, vm
 from hostside.httpd import JsonHandler, listen, serve
 from hostside.ovs import wait_datapath
-from hostside.storage import ImageServer, StorageError
+from hostside.store.client import ImageServer, StorageError
 from violin_core.packets import build_marker
 
 CLONE_NEWNET = 0x40000000

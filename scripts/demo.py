@@ -203,7 +203,7 @@ def run(args, timeline):
             for index, name in enumerate(("ss1", "ss2"), 1):
                 address, _ = lab.attach_out_of_band(net, get(name), index, topo.prefix)
                 processes[name] = start_in_host(get(name), os.path.join(workdir, name), [
-                    sys.executable, "-m", "hostside.server", "--listen", "0.0.0.0:%d" % SERVER_PORT,
+                    sys.executable, "-m", "hostside.store.server", "--listen", "0.0.0.0:%d" % SERVER_PORT,
                     "--dir", os.path.join(workdir, name, "images"), "--token", slicelab.SERVER_TOKEN], "server.log")
                 servers.append("http://%s:%d" % (address, SERVER_PORT))
             for url in servers:

@@ -67,7 +67,7 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
     daemons = []
     try:
         daemons.append(start_daemon(
-            [sys.executable, "-m", "hostside.server", "--listen", "127.0.0.1:%d" % server_port,
+            [sys.executable, "-m", "hostside.store.server", "--listen", "127.0.0.1:%d" % server_port,
              "--dir", os.path.join(workdir, "images"), "--token", SERVER_TOKEN],
             server_url, os.path.join(workdir, "server.log")))
         members.start()

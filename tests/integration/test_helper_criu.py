@@ -4,7 +4,7 @@ whole slice is restored from the snapshot, twice."""
 
 import time
 
-from hostside.storage import ImageServer
+from hostside.store.client import ImageServer
 from topologies import lab, slicelab
 from topologies.lan import LanTopo
 

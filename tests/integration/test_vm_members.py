@@ -15,7 +15,7 @@ import time
 import pytest
 
 from hostside import oracle, vm
-from hostside.storage import ImageServer
+from hostside.store.client import ImageServer
 from topologies import lab, slicelab, vms
 from topologies.lan import LanTopo
 

@@ -1,17 +1,21 @@
 """The snapshot server and its client, in-process on loopback."""
 
+import http.client
+import json
 import os
 import threading
 
 import pytest
 
-from hostside import server as srv
-from hostside.storage import ChecksumError, ImageServer, StorageError
+from hostside.httpd import listen
+from hostside.store import server as srv
+from hostside.store.client import ChecksumError, ImageServer, StorageError
+from hostside.store.files import FileStore
 
 
 @pytest.fixture
 def image_server(tmp_path):
-    server = srv.serve("127.0.0.1", 0, str(tmp_path / "store"), "tok")
+    server = listen("127.0.0.1", 0, srv.make_handler(FileStore(str(tmp_path / "store")), "tok"), "test")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield "http://127.0.0.1:%d" % server.server_address[1], tmp_path / "store"
@@ -50,7 +54,6 @@ def test_corrupted_image_is_caught_on_download(image_server, tmp_path):
 
 def test_checksum_mismatch_on_upload_is_refused_and_nothing_kept(image_server, tmp_path):
     url, store = image_server
-    import http.client
     connection = http.client.HTTPConnection(url.split("//")[1])
     connection.request("PUT", "/images/s/m/f.img", body=b"data",
                        headers={"Authorization": "Bearer tok", "X-Sha256": "0" * 64})
@@ -111,3 +114,66 @@ def test_a_stream_with_a_wrong_token_is_refused(image_server):
     url, _ = image_server
     with pytest.raises(StorageError, match="refused vm.save: 401"):
         ImageServer(url, "wrong").upload_stream("s", "m", "vm.save", Trickle(b"x" * 100))
+
+
+def call(url, method, path, token="tok", body=None, headers=None):
+    connection = http.client.HTTPConnection(url.split("//")[1], timeout=10)
+    connection.request(method, path, body=body, headers=dict({"Authorization": "Bearer " + token}, **(headers or {})))
+    response = connection.getresponse()
+    try:
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("method, path, token, headers, status, error", [
+    ("GET", "/images/s/m", "wrong", {}, 401, "unauthorized"),
+    ("GET", "/nowhere", "tok", {}, 404, "not_found"),
+    ("GET", "/images/s/../m", "tok", {}, 400, "bad_request"),
+    ("GET", "/images/s/m/f.img", "tok", {}, 404, "not_found"),
+    ("GET", "/images/s/m", "tok", {}, 404, "not_found"),
+    ("PUT", "/images/s/m/index.json", "tok", {"Content-Length": "1"}, 400, "bad_request"),
+    ("PUT", "/images/s/m", "tok", {"Content-Length": "1"}, 400, "bad_request"),
+    ("PUT", "/images/s/m/f.img", "tok", {"Content-Length": "4", "X-Sha256": "0" * 64}, 422, "unprocessable"),
+    ("DELETE", "/images/s", "tok", {}, 404, "not_found"),
+    ("POST", "/images/s", "tok", {}, 405, "method_not_allowed"),
+    ("PATCH", "/images/s", "tok", {}, 501, "error"),
+])
+def test_every_error_answers_the_one_json_shape(image_server, method, path, token, headers, status, error):
+    url, _ = image_server
+    body = b"data" if method == "PUT" else None
+    answer = call(url, method, path, token, body, headers)
+    assert answer[0] == status
+    assert set(answer[1]) == {"error", "reason"} and answer[1]["error"] == error and answer[1]["reason"]
+
+
+def test_an_unexpected_failure_is_a_json_500_without_a_traceback(tmp_path, capsys):
+    class Broken(FileStore):
+        def index(self, snapshot, member):
+            raise RuntimeError("the disk caught fire")
+
+    server = listen("127.0.0.1", 0, srv.make_handler(Broken(str(tmp_path)), "tok"), "test")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, answer = call("http://127.0.0.1:%d" % server.server_address[1], "GET", "/images/s/m")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 500 and answer == {"error": "internal", "reason": "internal error: RuntimeError: the disk caught fire"}
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_the_reason_of_a_refusal_reaches_the_client(image_server, tmp_path):
+    url, _ = image_server
+    source = make_dir(tmp_path / "img", {"index.json": b"{}"})
+    with pytest.raises(StorageError, match="refused index.json: 400 .*store's own index"):
+        ImageServer(url, "tok").upload_dir("s", "m", str(source))
+
+
+def test_store_flag_and_dir_flag_name_the_same_store(capsys):
+    assert srv.build_args(["--dir", "/tmp/x", "--token", "t"]).store == "file:/tmp/x"
+    assert srv.build_args(["--store", "file:/tmp/y", "--token", "t"]).store == "file:/tmp/y"
+    with pytest.raises(SystemExit):
+        srv.build_args(["--store", "chunks:/tmp/y", "--token", "t"])
+    assert "scheme one of file" in capsys.readouterr().err

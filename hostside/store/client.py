@@ -7,7 +7,9 @@ import os
 import urllib.parse
 from typing import Dict, List
 
-CHUNK = 1 << 20
+from violin_core.errors import reason_of
+
+from .base import CHUNK
 
 
 class StorageError(RuntimeError):
@@ -48,21 +50,28 @@ class ImageServer:
             connection.close()
             raise StorageError("snapshot server %s unreachable: %s" % (self.url, error)) from None
 
+    def _call(self, method, path, body=None, headers=None):
+        """``(status, answer)``: the answer parsed as JSON, or its text when it is not JSON."""
+        response, connection = self._request(method, path, body, headers)
+        try:
+            return response.status, read_answer(response)
+        except (OSError, http.client.HTTPException) as error:
+            raise StorageError("snapshot server %s: %s %s failed: %s" % (self.url, method, path, error)) from None
+        finally:
+            connection.close()
+
+    def _refused(self, name, status, answer) -> StorageError:
+        return StorageError("snapshot server %s refused %s: %s %s" % (self.url, name, status, reason_of(answer)))
+
     def upload(self, snapshot: str, member: str, path: str, name: str = None) -> Dict:
         """Stream one file; the server checks the checksum we computed first."""
         name = name or os.path.basename(path)
         size, checksum = os.path.getsize(path), sha256_file(path)
         with open(path, "rb") as handle:
-            response, connection = self._request(
-                "PUT", "/images/%s/%s/%s" % (snapshot, member, name), body=handle,
-                headers={"Content-Length": str(size), "X-Sha256": checksum})
-            try:
-                answer = json.loads(response.read() or b"{}")
-            finally:
-                connection.close()
-        if response.status != 201:
-            raise StorageError("snapshot server %s refused %s: %s %s" % (
-                self.url, name, response.status, answer.get("reason", answer)))
+            status, answer = self._call("PUT", "/images/%s/%s/%s" % (snapshot, member, name), body=handle,
+                                        headers={"Content-Length": str(size), "X-Sha256": checksum})
+        if status != 201:
+            raise self._refused(name, status, answer)
         return answer
 
     def upload_stream(self, snapshot: str, member: str, name: str, reader) -> Dict:
@@ -93,17 +102,17 @@ class ImageServer:
                     raise error from None
             else:
                 response = connection.getresponse()
-            answer = json.loads(response.read() or b"{}")
-        except (OSError, http.client.HTTPException, ValueError) as error:
+            answer = read_answer(response)
+        except (OSError, http.client.HTTPException) as error:
             raise StorageError("snapshot server %s: streaming %s failed: %s" % (self.url, name, error)) from None
         finally:
             connection.close()
         if response.status != 201:
-            raise StorageError("snapshot server %s refused %s: %s %s" % (
-                self.url, name, response.status, answer.get("reason", answer)))
-        if answer.get("sha256") != digest.hexdigest():
+            raise self._refused(name, response.status, answer)
+        stored = answer.get("sha256") if isinstance(answer, dict) else None
+        if stored != digest.hexdigest():
             raise StorageError("snapshot server %s stored %s with sha256 %s, we sent %s" % (
-                self.url, name, answer.get("sha256"), digest.hexdigest()))
+                self.url, name, stored, digest.hexdigest()))
         return answer
 
     def upload_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
@@ -111,14 +120,10 @@ class ImageServer:
                 for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))]
 
     def index(self, snapshot: str, member: str) -> Dict:
-        response, connection = self._request("GET", "/images/%s/%s" % (snapshot, member))
-        try:
-            answer = json.loads(response.read() or b"{}")
-        finally:
-            connection.close()
-        if response.status != 200:
-            raise StorageError("snapshot server %s has no images for %s/%s: %s" % (
-                self.url, snapshot, member, answer.get("reason", response.status)))
+        status, answer = self._call("GET", "/images/%s/%s" % (snapshot, member))
+        if status != 200:
+            raise StorageError("snapshot server %s has no images for %s/%s: %s %s" % (
+                self.url, snapshot, member, status, reason_of(answer)))
         return answer
 
     def download_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
@@ -129,8 +134,8 @@ class ImageServer:
             response, connection = self._request("GET", "/images/%s/%s/%s" % (snapshot, member, entry["name"]))
             try:
                 if response.status != 200:
-                    raise StorageError("snapshot server %s: %s/%s/%s: %s" % (
-                        self.url, snapshot, member, entry["name"], response.status))
+                    raise StorageError("snapshot server %s: %s/%s/%s: %s %s" % (
+                        self.url, snapshot, member, entry["name"], response.status, reason_of(read_answer(response))))
                 digest, target = hashlib.sha256(), os.path.join(directory, entry["name"])
                 with open(target, "wb") as handle:
                     for chunk in iter(lambda: response.read(CHUNK), b""):
@@ -142,3 +147,12 @@ class ImageServer:
                 raise ChecksumError("image file %s of %s/%s is corrupt: sha256 %s, expected %s" % (
                     entry["name"], snapshot, member, digest.hexdigest(), entry["sha256"]))
         return files
+
+
+def read_answer(response):
+    """A JSON answer as a dict, or its text when it is not JSON (a proxy's error page, say)."""
+    data = response.read()
+    try:
+        return json.loads(data) if data else {}
+    except ValueError:
+        return data.decode("utf-8", "replace")

@@ -1,0 +1,205 @@
+"""``violin-snapshot-server``: stores members' snapshot images, with checksums, written atomically.
+
+The process-level form of the seed's "live migration to a snapshot server":
+helpers stream a member's image files here over HTTP as they are produced.
+
+    PUT    /images/<snapshot>/<member>/<file>   body = the file (Content-Length or chunked);
+                                                optional X-Sha256 is checked -> 201
+    GET    /images/<snapshot>/<member>/<file>   the file, with X-Sha256
+    GET    /images/<snapshot>/<member>          {"snapshot", "member", "files": [{name, bytes, sha256}]}
+    DELETE /images/<snapshot>                   prune a snapshot's images
+    GET    /health
+
+Every call but /health needs ``Authorization: Bearer <token>``. Errors answer
+``{"error": <name>, "reason": <text>}`` (``violin_core.errors``). This is only the
+HTTP side: what keeps the files is a ``Store`` (``--store file:DIR``, or ``--dir DIR``;
+see ``hostside.store.base`` for the rules every store keeps, atomic puts first).
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+import traceback
+
+from hostside.httpd import JsonHandler, listen, serve
+from violin_core.errors import error_body
+
+from . import open_store, store_class
+from .base import CHUNK, NAME_RE, ChecksumMismatch, InvalidName, NotFound, Store
+
+ROUTES = "expected /images/<snapshot>[/<member>[/<file>]] with names of letters, digits, _ . -"
+
+
+def read_exactly(stream, length: int):
+    remaining = length
+    while remaining > 0:
+        chunk = stream.read(min(CHUNK, remaining))
+        if not chunk:
+            raise ValueError("the body ended after %d of %d bytes" % (length - remaining, length))
+        remaining -= len(chunk)
+        yield chunk
+
+
+def read_chunked(stream):
+    """The payload of an HTTP/1.1 chunked body (trailers ignored)."""
+    while True:
+        line = stream.readline(1024)
+        try:
+            size = int(line.split(b";")[0].strip(), 16)
+        except ValueError:
+            raise ValueError("bad chunk header %r" % line[:40]) from None
+        if size == 0:
+            while stream.readline(1024) not in (b"\r\n", b"\n", b""):
+                pass
+            return
+        yield from read_exactly(stream, size)
+        if stream.readline(8) not in (b"\r\n", b"\n"):
+            raise ValueError("chunk not terminated by CRLF")
+
+
+def make_handler(store: Store, token: str):
+    class Handler(JsonHandler):
+        answered = False  # whether this request's status line went out (then no error answer can follow)
+
+        def send_response(self, *args, **kwargs):
+            self.answered = True
+            super().send_response(*args, **kwargs)
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own refusals (bad request line, unknown method) in the one JSON shape too."""
+            self.close_connection = True
+            self._error(code, message or self.responses.get(code, ("",))[0])
+
+        def _error(self, status: int, reason: str) -> None:
+            if getattr(self, "command", None) == "PUT":
+                self.close_connection = True  # its body may be unread: the connection cannot carry another request
+            self.send_json(status, error_body(status, reason))
+
+        def _answer(self, route) -> None:
+            """Run ``route(parts)`` on the validated path; a store's refusal or any failure becomes
+            a JSON error answer (the traceback goes to our stderr, never to the client)."""
+            self.answered = False
+            try:
+                parts = self._parts()
+                if parts is not None:
+                    route(parts)
+            except NotFound as error:
+                self._error(404, str(error))
+            except (ChecksumMismatch, InvalidName, ValueError) as error:
+                self._error(422 if isinstance(error, ChecksumMismatch) else 400, str(error))
+            except Exception as error:  # noqa: BLE001 - the answer must stay JSON
+                traceback.print_exc()
+                self.close_connection = True
+                if not self.answered:
+                    self._error(500, "internal error: %s: %s" % (type(error).__name__, error))
+
+        def _parts(self):
+            """Validated path parts after /images, or None after answering an error."""
+            if self.path == "/health":
+                return ["health"]
+            if not self.bearer_is(token):
+                self._error(401, "missing or wrong bearer token")
+                return None
+            parts = self.path.strip("/").split("/")
+            if parts[0] != "images" or not 2 <= len(parts) <= 4 or not all(NAME_RE.match(p) for p in parts[1:]):
+                self._error(404 if parts[0] != "images" else 400, ROUTES)
+                return None
+            return parts[1:]
+
+        def do_GET(self):
+            self._answer(self._get)
+
+        def do_PUT(self):
+            self._answer(self._put)
+
+        def do_DELETE(self):
+            self._answer(self._delete)
+
+        def do_POST(self):
+            self._answer(lambda parts: self._error(405, "the snapshot server takes GET, PUT and DELETE"))
+
+        def _get(self, parts):
+            if parts == ["health"]:
+                return self.send_json(200, {"status": "ok", "root": store.root})
+            if len(parts) == 2:
+                files = store.index(*parts)
+                if files is None:
+                    return self._error(404, "no images for %s/%s" % tuple(parts))
+                return self.send_json(200, {"snapshot": parts[0], "member": parts[1],
+                                            "files": [f.as_dict() for f in files]})
+            if len(parts) != 3:
+                return self._error(400, "GET /images/<snapshot>/<member>[/<file>]")
+            chunks, info = store.open(*parts)
+            with contextlib.closing(chunks):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(info.bytes))
+                self.send_header("X-Sha256", info.sha256)
+                self.end_headers()
+                for chunk in chunks:
+                    self.wfile.write(chunk)
+
+        def _put(self, parts):
+            if parts == ["health"] or len(parts) != 3:
+                return self._error(400, "PUT /images/<snapshot>/<member>/<file>")
+            chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
+            if self.headers.get("Content-Length") is None and not chunked:
+                return self._error(411, "Content-Length or chunked transfer encoding is required")
+            length = None if chunked else int(self.headers["Content-Length"])
+            body = read_chunked(self.rfile) if length is None else read_exactly(self.rfile, length)
+            try:
+                info = store.put(*parts, body, self.headers.get("X-Sha256"))
+            except OSError as error:
+                return self._error(507, "cannot store %s: %s" % ("/".join(parts), error.strerror or error))
+            self.send_json(201, dict(info.as_dict(), location="/images/" + "/".join(parts)))
+
+        def _delete(self, parts):
+            if parts == ["health"] or len(parts) != 1:
+                return self._error(400, "DELETE /images/<snapshot>")
+            if not store.delete(parts[0]):
+                return self._error(404, "no images for snapshot %s" % parts[0])
+            self.send_json(200, {"deleted": parts[0]})
+
+    return Handler
+
+
+def build_args(argv):
+    parser = argparse.ArgumentParser(prog="violin-snapshot-server", description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT (default 127.0.0.1:7070)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dir", help="where images are stored (the same as --store file:DIR)")
+    where.add_argument("--store", help="the store, as SCHEME:ARGUMENT (file:DIR)")
+    parser.add_argument("--token", default=os.environ.get("VIOLIN_SERVER_TOKEN"),
+                        help="bearer token clients must send (default: $VIOLIN_SERVER_TOKEN)")
+    args = parser.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        parser.error("--listen must be HOST:PORT, got %r" % args.listen)
+    if not args.token:
+        parser.error("a token is required (--token or VIOLIN_SERVER_TOKEN)")
+    args.store = args.store or "file:" + args.dir
+    try:
+        store_class(args.store)
+    except ValueError as error:
+        parser.error(str(error))
+    args.host, args.port = host, int(port)
+    return args
+
+
+def main(argv=None) -> int:
+    args = build_args(sys.argv[1:] if argv is None else argv)
+    try:
+        store = open_store(args.store)
+    except OSError as error:
+        print("violin-snapshot-server: cannot open store %s: %s" % (args.store, error), file=sys.stderr)
+        return 1
+    server = listen(args.host, args.port, make_handler(store, args.token), "violin-snapshot-server")
+    if server is None:
+        return 1
+    print("violin-snapshot-server: serving %s on %s:%d" % (args.store, *server.server_address[:2]), flush=True)
+    return serve(server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
