@@ -8,7 +8,7 @@ from typing import Any
 
 STATUS_NAMES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 409: "conflict", 411: "length_required", 413: "too_large",
-                422: "unprocessable", 500: "internal", 502: "failed", 503: "unavailable", 504: "timeout",
+                422: "unprocessable", 500: "internal", 501: "not_implemented", 502: "failed", 503: "unavailable", 504: "timeout",
                 507: "insufficient_storage"}
 
 
