@@ -17,7 +17,7 @@ from . import __version__, of, schema
 from .catalogue import Catalogue
 from .channel import ChannelFrame
 from .config import Config
-from .coordinator import Coordinator, CutState, SnapshotState
+from .coordinator import Coordinator, CutState, SnapshotPhase, SnapshotState
 from .errors import Refused, reason_of
 from .fabric import Fabric
 from .members import parse_member
@@ -94,7 +94,7 @@ class ViolinController:
         self.connected: set = set()
         self.errors: dict = {}
         self.restorer = Restorer(self.coordinator, self.catalogue, io, config.snapshot, config.helper_token,
-                                 clock, wall_clock)
+                                 clock, wall_clock, background=self.background)
         self.scheduler = Scheduler(self.catalogue, clock, wall_clock, take=self.start_snapshot,
                                    delete=self.delete_snapshot, busy=self._busy_for_schedule)
 
@@ -132,7 +132,7 @@ class ViolinController:
         if was_running and not self.coordinator.running():
             self._persist()
         if self.scheduler.due(now):
-            self.io.spawn(self.scheduler.turn)
+            self.background(self.scheduler.turn, on_failure=self.scheduler.skip)
         return messages
 
     # --- a snapshot's life -------------------------------------------------------
@@ -149,7 +149,8 @@ class ViolinController:
         for name in snapshot.participants:
             member = self.coordinator.members[name]
             if member.helper_url:
-                self.io.spawn(self._notify_helper, snapshot.id, member.name, member.helper_url)
+                self.background(self._notify_helper, snapshot.id, member.name, member.helper_url,
+                                on_failure=self._abort_snapshot(snapshot.id))
         return self.snapshot_view(snapshot.id)
 
     def prepare(self, snapshot_id: str, name: str) -> dict:
@@ -198,7 +199,7 @@ class ViolinController:
     def done(self, snapshot_id: str, name: str, report: dict) -> dict:
         report = {k: v for k, v in schema.request_body(DONE_REPORT, report).items() if k in report}
         if self.coordinator.done(snapshot_id, name, report):
-            self.io.spawn(self.drain_and_complete, snapshot_id)
+            self.background(self.drain_and_complete, snapshot_id, on_failure=self._abort_snapshot(snapshot_id))
         self._persist()
         return self.snapshot_view(snapshot_id)
 
@@ -248,7 +249,13 @@ class ViolinController:
                  "controller_recorded": snapshot.counts["recorded"]}
         self.io.send(coordinator.complete(self.clock(), self.wall_clock(), drain))
         frames = [ChannelFrame(r.receiver, r.time, r.frame) for r in coordinator.recorded]
-        self.catalogue.save(snapshot.manifest(), frames)
+        try:
+            self.catalogue.save(snapshot.manifest(), frames)
+        except Exception as error:  # never offered for restore: aborted, as the catalogue says after a restart
+            snapshot.state, snapshot.phase = SnapshotState.ABORTED, SnapshotPhase.ABORTED
+            snapshot.reason = "the snapshot could not be sealed: %s: %s" % (type(error).__name__, error)
+            LOG.warning("snapshot %s aborted: %s", snapshot.id, snapshot.reason)
+            return
         LOG.info("snapshot %s complete: %d members, %d frames of channel state (drain by %s)",
                  snapshot.id, len(snapshot.participants), len(frames), method)
         if snapshot.label == SCHEDULE_LABEL:
@@ -261,6 +268,29 @@ class ViolinController:
             self.io.post_json("%s/images/%s" % (server.rstrip("/"), manifest["id"]), None, 10.0,
                               self.config.server_token, method="DELETE")
         self.catalogue.delete(manifest["id"])
+
+    def background(self, work: Callable, *args, on_failure: Callable[[str], None]) -> None:
+        """Run ``work`` in the background; whatever it raises ends its job through ``on_failure`` with
+        the reason (a snapshot aborted, every hold released; a restore failed), so nothing waits for
+        it and later work is never blocked."""
+        def contained():
+            try:
+                work(*args)
+            except Exception as error:  # noqa: BLE001 - any failure must end the job, not leave it running
+                LOG.exception("background %s failed", getattr(work, "__name__", work))
+                try:
+                    on_failure("internal error in %s: %s: %s" % (
+                        getattr(work, "__name__", "background work").strip("_"), type(error).__name__, error))
+                except Exception:  # noqa: BLE001 - the cleanup's own failure is logged, never raised
+                    LOG.exception("cleaning up after %s failed", getattr(work, "__name__", work))
+        self.io.spawn(contained)
+
+    def _abort_snapshot(self, snapshot_id: str) -> Callable[[str], None]:
+        """Abort ``snapshot_id`` with a reason, if it is still the one running."""
+        def abort(reason: str) -> None:
+            if self.coordinator.running() and self.coordinator.current.id == snapshot_id:
+                self._abort(reason)
+        return abort
 
     def _busy_for_schedule(self) -> Optional[str]:
         return "a restore is running" if self.restorer.running() is not None else None
@@ -277,7 +307,7 @@ class ViolinController:
         snapshot = self.coordinator.current
         if snapshot is not None and snapshot.state == SnapshotState.COMPLETE:
             manifest = dict(self.catalogue.get(snapshot.id) or snapshot.manifest())
-            manifest.update(state=SnapshotState.ABORTED, phase=SnapshotState.ABORTED, restorable=False,
+            manifest.update(state=SnapshotState.ABORTED, phase=SnapshotPhase.ABORTED, restorable=False,
                             reason="a pre-snapshot frame reached a post-snapshot receiver after completion "
                                    "(drain too short); its channel state is incomplete")
             snapshot.state, snapshot.reason = SnapshotState.ABORTED, manifest["reason"]

@@ -69,10 +69,10 @@ class Restorer:
     """Runs restore jobs against the coordinator, the fabric, the catalogue and the helpers."""
 
     def __init__(self, coordinator, catalogue, io, settings, helper_token: Optional[str],
-                 clock: Callable[[], float], wall_clock: Callable[[], float]):
+                 clock: Callable[[], float], wall_clock: Callable[[], float], background: Callable):
         self.coordinator, self.fabric, self.catalogue = coordinator, coordinator.fabric, catalogue
         self.io, self.settings, self.helper_token = io, settings, helper_token
-        self.clock, self.wall_clock = clock, wall_clock
+        self.clock, self.wall_clock, self.background = clock, wall_clock, background
         self.jobs: Dict[str, RestoreJob] = {}
 
     def running(self) -> Optional[RestoreJob]:
@@ -113,7 +113,7 @@ class Restorer:
         job = RestoreJob("restore-%s-%s" % (snapshot_id, os.urandom(2).hex()), snapshot_id, manifest["epoch"],
                          members, self.wall_clock())
         self.jobs[job.id] = job
-        self.io.spawn(self.run, job.id)
+        self.background(self.run, job.id, on_failure=lambda reason: self._fail(job, reason))
         return job.view()
 
     def _call(self, url: str, action: str, body: dict, timeout: float):
@@ -170,7 +170,7 @@ class Restorer:
 
     def run(self, job_id: str) -> None:
         job, names = self.jobs[job_id], sorted(self.jobs[job_id].members)
-        settings, quarantined, resumed = self.settings, False, False
+        settings = self.settings
 
         def timed(phase, work):
             job.phase, began = phase, self.clock()
@@ -181,13 +181,11 @@ class Restorer:
         try:
             frames = timed(RestorePhase.STAGING, lambda: self._stage(job, names))
             quarantine = self.coordinator.quarantine(self.clock(), names)
-            quarantined = True
             switches = set(self.fabric.switches)
             if not self.io.send_and_barrier(quarantine, switches, settings.barrier_timeout):
                 raise RuntimeError("the switches did not confirm the quarantine")
             timed(RestorePhase.RESTORING, lambda: [self._restore_member(job, n) for n in self.restore_order(job)])
             rules, injections = self.coordinator.restored(self.clock(), job.epoch, names, frames)
-            quarantined = False
 
             def reinject():
                 if not self.io.send_and_barrier(rules, set(self.fabric.switches), settings.barrier_timeout):
@@ -196,21 +194,24 @@ class Restorer:
                 job.reinjected = len(injections)
             timed(RestorePhase.REINJECTING, reinject)
             timed(RestorePhase.RESUMING, lambda: [self._helper_call(job, n, "resume") for n in names])
-            resumed = True
             job.state, job.phase = RestoreState.COMPLETE, RestorePhase.COMPLETE
+            job.finished = self.wall_clock()
         except (RuntimeError, Refused, OSError) as error:
-            job.state, job.reason = RestoreState.FAILED, str(getattr(error, "reason", error))
-            if quarantined:
-                self.io.send(self.coordinator.lift_quarantine(self.clock()))
-            if not resumed:  # what was restored already runs on rather than stay frozen
-                for name in names:
-                    if job.members[name]["state"] == "restored":
-                        try:
-                            self._helper_call(job, name, "resume")
-                        except RuntimeError:
-                            pass
-            LOG.warning("restore %s failed: %s", job.id, job.reason)
-        job.finished = self.wall_clock()
+            self._fail(job, str(getattr(error, "reason", error)))
+
+    def _fail(self, job: RestoreJob, reason: str) -> None:
+        """End ``job`` as failed: the quarantine lifted, what was restored already let run (rather than
+        stay frozen), and later restores and snapshots free to start."""
+        job.state, job.reason, job.finished = RestoreState.FAILED, reason, self.wall_clock()
+        LOG.warning("restore %s failed: %s", job.id, reason)
+        if self.coordinator.quarantined:
+            self.io.send(self.coordinator.lift_quarantine(self.clock()))
+        for name in sorted(job.members):
+            if job.members[name]["state"] == "restored":
+                try:
+                    self._helper_call(job, name, "resume")
+                except Exception as error:  # noqa: BLE001 - one member's failure must not keep the others frozen
+                    LOG.warning("restore %s: %s not resumed: %s", job.id, name, error)
 
     def _stage(self, job: RestoreJob, names: List[str]) -> List[ChannelFrame]:
         """Verify the channel state and have every helper fetch and verify its member's image."""

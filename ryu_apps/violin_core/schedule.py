@@ -84,7 +84,7 @@ class Scheduler:
     def turn(self) -> None:
         busy = self.busy()
         if busy:
-            self._skip(busy)
+            self.skip(busy)
             return
         body = {"label": SCHEDULE_LABEL}
         if self.schedule.members is not None:
@@ -93,9 +93,9 @@ class Scheduler:
             self.take(body)
             self.schedule.taken += 1
         except Refused as error:
-            self._skip(error.reason)
+            self.skip(error.reason)
 
-    def _skip(self, reason: str) -> None:
+    def skip(self, reason: str) -> None:
         self.schedule.skipped = (self.schedule.skipped + ["%.0f: %s" % (self.wall_clock(), reason)])[-20:]
         LOG.info("scheduled snapshot skipped: %s", reason)
 
