@@ -1,7 +1,7 @@
 """What the benchmark scripts share: errors, signal handling, machine facts, bring-up, JSON output.
 
 Importing it puts the repository root and ``ryu_apps`` on ``sys.path``, so the
-scripts can import ``topologies`` after it.
+scripts can import ``lab``, ``workloads`` and ``topologies`` after it.
 """
 
 import datetime
@@ -19,7 +19,7 @@ for _path in (ROOT, os.path.join(ROOT, "ryu_apps")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from topologies.lab import LabError, network  # noqa: E402
+from lab.lab import LabError, network  # noqa: E402
 
 
 class BenchError(RuntimeError):
@@ -174,7 +174,7 @@ def summary(values):
 def timed_snapshot(controller, label, timeout=180.0):
     """Take a snapshot through the controller; (its complete view, wall ms). BenchError otherwise."""
     import time
-    from topologies import slicelab
+    from lab import slicelab
     began = time.monotonic()
     status, snap = controller.request("POST", "/violin/snapshots", {"label": label})
     if status != 202:
@@ -188,7 +188,7 @@ def timed_snapshot(controller, label, timeout=180.0):
 def timed_restore(controller, snapshot_id, timeout=180.0):
     """Restore the whole slice from ``snapshot_id``; (the finished job, wall ms). BenchError otherwise."""
     import time
-    from topologies import slicelab
+    from lab import slicelab
     began = time.monotonic()
     status, job = controller.request("POST", "/violin/snapshots/%s/restore" % snapshot_id, {})
     if status != 202:

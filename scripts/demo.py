@@ -28,8 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hostside import mandelbrot  # noqa: E402
-from topologies import lab, slicelab  # noqa: E402
+from workloads import mandelbrot  # noqa: E402
+from lab import lab, slicelab  # noqa: E402
 from topologies.violin_demo import ViolinDemoTopo  # noqa: E402
 
 SERVER_PORT = 7070
@@ -115,7 +115,7 @@ class VmRun:
     kind = "VMs"
 
     def __init__(self, args, net, get, workdir, processes):
-        from topologies import vms
+        from lab import vms
         self.vms, self.args, self.monitor = vms, args, get("h1")  # h1 only looks: it is no member here
         switches = (get("s1").name, get("s1").name, get("s2").name, get("s2").name)
         self.master_ip = "10.0.0.101"
@@ -148,7 +148,7 @@ class VmRun:
         return [{"name": g.name, "macs": [g.mac], "backend": "libvirt", "marker": False} for g in self.guests]
 
     def _fetch(self):
-        code = ("import sys; sys.path.insert(0, %r); from hostside import mandelbrot; "
+        code = ("import sys; sys.path.insert(0, %r); from workloads import mandelbrot; "
                 "w, h, i, done, pixels = mandelbrot.fetch_image(%r, 47101, 5.0); "
                 "sys.stdout.write('%%d %%d ' %% (done, h) + (pixels.hex() if pixels else ''))"
                 % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), self.master_ip))

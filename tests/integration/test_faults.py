@@ -4,7 +4,7 @@ import os
 import time
 
 from hostside import criu
-from topologies import lab, slicelab
+from lab import lab, slicelab
 from topologies.lan import LanTopo
 
 

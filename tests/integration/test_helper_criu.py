@@ -5,7 +5,7 @@ whole slice is restored from the snapshot, twice."""
 import time
 
 from hostside.storage import ImageServer
-from topologies import lab, slicelab
+from lab import lab, slicelab
 from topologies.lan import LanTopo
 
 

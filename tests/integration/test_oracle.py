@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from hostside import criu, oracle
-from topologies import lab, slicelab
+from hostside import criu
+from workloads import oracle
+from lab import lab, slicelab
 from topologies.lan import LanTopo
 from topologies.ring import RingTopo
 
@@ -64,8 +65,8 @@ def test_uncoordinated_snapshots_break_the_oracle(lab_ready, tmp_path):
     controller = lab.ControllerProcess().start()  # plain forwarding; no snapshot coordination used
     try:
         with lab.network(LanTopo(3, prefix=lab.run_prefix()), controller) as net:
-            from topologies.members import Slice
-            members = Slice(net.hosts, str(tmp_path / "slice"), rate=300)
+            from lab.members import ProcessMembers
+            members = ProcessMembers(net.hosts, str(tmp_path / "slice"), rate=300)
             members.start()
             try:
                 time.sleep(0.6)

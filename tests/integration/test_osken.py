@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from topologies import lab
-from topologies.members import Slice, check_cut, pcap_datagrams
+from lab import lab
+from lab.members import ProcessMembers, check_cut, pcap_datagrams
 from topologies.tree import LineTopo
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,7 +31,7 @@ def test_forwarding_and_a_consistent_snapshot_on_os_ken(osken_controller, tmp_pa
         assert net.pingAll(timeout=2) == 0.0
         status, health = controller.get("/violin/health")
         assert status == 200 and health["switches"] == 3
-        members = Slice(net.hosts, str(tmp_path), rate=200)
+        members = ProcessMembers(net.hosts, str(tmp_path), rate=200)
         members.start()
         try:
             time.sleep(0.8)

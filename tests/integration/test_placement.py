@@ -7,8 +7,8 @@ import signal
 import sys
 import time
 
-from hostside import oracle
-from topologies import lab, slicelab
+from workloads import oracle
+from lab import lab, slicelab
 from topologies.lan import LanTopo
 
 

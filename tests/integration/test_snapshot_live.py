@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from topologies import lab
+from lab import lab
 from topologies.lan import LanTopo
-from topologies.members import Slice, check_cut, pcap_datagrams, received_fraction
+from lab.members import ProcessMembers, check_cut, pcap_datagrams, received_fraction
 from topologies.ring import RingTopo
 from topologies.tree import LineTopo
 
@@ -44,7 +44,7 @@ def flows_with_role(net, role):
 def test_cut_is_consistent_under_load(controller, tmp_path, shape):
     topo = LanTopo(4, prefix=lab.run_prefix()) if shape == "single-switch" else RingTopo(4, prefix=lab.run_prefix())
     with lab.network(topo, controller) as net:
-        members = Slice(net.hosts, str(tmp_path), rate=int(os.environ.get("VIOLIN_TEST_RATE", 400)))
+        members = ProcessMembers(net.hosts, str(tmp_path), rate=int(os.environ.get("VIOLIN_TEST_RATE", 400)))
         members.start()
         try:
             time.sleep(1.0)  # every member learned, streams running
@@ -79,7 +79,7 @@ def test_uncoordinated_snapshots_violate_the_cut(controller, tmp_path):
     """The baseline that proves the checker can fail: each member paused and "snapshotted"
     on its own (no colours, no holding, no recording) gives an inconsistent cut."""
     with lab.network(LanTopo(3, prefix=lab.run_prefix()), controller) as net:
-        members = Slice(net.hosts, str(tmp_path), rate=400)
+        members = ProcessMembers(net.hosts, str(tmp_path), rate=400)
         members.start()
         try:
             time.sleep(0.8)

@@ -2,7 +2,7 @@
 
 The helper snapshots a VM by a fake live migration to the snapshot server, the cut
 taken while QEMU holds the guest paused before the switchover. The consistency
-oracle runs between VMs (guest/vseq.c) and processes (hostside/seqstream.py).
+oracle runs between VMs (guest/vseq.c) and processes (workloads/seqstream.py).
 """
 
 import os
@@ -14,9 +14,10 @@ import time
 
 import pytest
 
-from hostside import oracle, vm
+from hostside import vm
+from workloads import oracle
 from hostside.storage import ImageServer
-from topologies import lab, slicelab, vms
+from lab import lab, slicelab, vms
 from topologies.lan import LanTopo
 
 CYCLES = int(os.environ.get("VIOLIN_VM_ORACLE_CYCLES", 5))

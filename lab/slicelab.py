@@ -12,8 +12,8 @@ import sys
 import time
 from contextlib import contextmanager
 
-from topologies import lab
-from topologies.members import Slice
+from lab import lab
+from lab.members import ProcessMembers
 
 SERVER_TOKEN, HELPER_TOKEN = "server-secret", "helper-secret"
 
@@ -53,17 +53,17 @@ def controller_config():
 @contextmanager
 def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None, hosts=None, guests=(),
                  guest_ids=None, helper_settings=None, tcp=True):
-    """Members in every host of ``net`` (or in ``hosts``), their helper and a snapshot server; yields the Slice.
+    """Members in every host of ``net`` (or in ``hosts``), their helper and a snapshot server; yields the members.
 
     ``servers`` overrides the snapshot servers the helper is told about (e.g. one that is down).
-    ``guests`` are running VMs (topologies.vms.Guest) that join the slice as libvirt members of the
+    ``guests`` are running VMs (lab.vms.Guest) that join the slice as libvirt members of the
     same helper; ``guest_ids`` (name -> seqstream id) makes them peers of the host members' streams."""
     hosts = list(net.hosts if hosts is None else hosts)
     os.makedirs(workdir, exist_ok=True)
     server_port, helper_port = lab.free_port(), lab.free_port()
     server_url, helper_url = "http://127.0.0.1:%d" % server_port, "http://127.0.0.1:%d" % helper_port
-    members = Slice(hosts, os.path.join(workdir, "slice"), rate=rate, tcp=tcp,
-                    extra_peers={guest_ids[g.name]: g.address for g in guests} if guest_ids else {})
+    members = ProcessMembers(hosts, os.path.join(workdir, "slice"), rate=rate, tcp=tcp,
+                             extra_peers={guest_ids[g.name]: g.address for g in guests} if guest_ids else {})
     daemons = []
     try:
         daemons.append(start_daemon(
