@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 from lab import lab
 from lab.members import ProcessMembers
+from violin_client.api import ApiClient, Unreachable
 
 SERVER_TOKEN, HELPER_TOKEN = "server-secret", "helper-secret"
 
@@ -21,14 +22,14 @@ SERVER_TOKEN, HELPER_TOKEN = "server-secret", "helper-secret"
 def start_daemon(argv, url, log_path, timeout=15.0):
     with open(log_path, "w") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
+    deadline, health = time.monotonic() + timeout, ApiClient(url, timeout=5.0)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise lab.LabError("%s exited:\n%s" % (argv[2], open(log_path).read()))
         try:
-            if lab.http_json(url + "/health")[0] == 200:
+            if health.request("GET", "/health")[0] == 200:
                 return process
-        except OSError:
+        except Unreachable:
             pass  # not listening yet
         time.sleep(0.1)
     stop_daemon(process)
@@ -105,13 +106,3 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
         for daemon in daemons:
             stop_daemon(daemon)
 
-
-def wait_for(controller, path, timeout=60.0, done=("complete", "aborted", "failed")):
-    """Poll a snapshot or restore until it leaves 'running'."""
-    deadline, view = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        status, view = controller.get(path)
-        if status == 200 and view["state"] in done:
-            return view
-        time.sleep(0.05)
-    raise lab.LabError("%s still running after %.0f s: %r" % (path, timeout, view))

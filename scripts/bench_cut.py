@@ -61,6 +61,7 @@ from topologies.lan import LanTopo
 import lab.members as members_module
 from lab.members import ProcessMembers, pcap_datagrams, wait_stopped
 from topologies.tree import LineTopo
+from violin_client.api import ApiError, wait_until_done
 
 DEFAULT_OUT = os.path.join(ROOT, "docs", "bench", "bench_cut.json")
 FULL = {"one_at_a_time": 30, "all_at_once": 20, "with_markers": 20, "helper": 6,
@@ -248,13 +249,10 @@ class Api:
         return answer["id"]
 
     def wait_final(self, sid, timeout=15.0):
-        deadline, view = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
-            status, view = self.controller.get("/violin/snapshots/%s" % sid)
-            if status == 200 and view["state"] in ("complete", "aborted"):
-                return view
-            time.sleep(0.02)
-        raise BenchError("snapshot %s not finished after %.0f s: %r" % (sid, timeout, view))
+        try:
+            return wait_until_done(self.controller.api, "/violin/snapshots/%s" % sid, timeout, poll=0.02)
+        except ApiError as error:  # still running at the deadline, or refused
+            raise BenchError("snapshot %s: %s" % (sid, error)) from None
 
     def abort_if_running(self, sid):
         status, view = self.controller.get("/violin/snapshots/%s" % sid)

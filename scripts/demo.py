@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from workloads import mandelbrot  # noqa: E402
 from lab import lab, slicelab  # noqa: E402
+from violin_client.api import ApiClient, Unreachable, wait_until_done  # noqa: E402
 from topologies.violin_demo import ViolinDemoTopo  # noqa: E402
 
 SERVER_PORT = 7070
@@ -263,7 +264,7 @@ def run(args, timeline):
             latest = [s for s in listing["snapshots"] if s["state"] == "complete"][-1]
             status, job = controller.request("POST", "/violin/snapshots/%s/restore" % latest["id"], {})
             _ok((status, job), 202)
-            job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"], timeout=180)
+            job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"], timeout=180)
             if job["state"] != "complete":
                 raise lab.LabError("restore failed: %s" % job["reason"])
             timeline.say("RESTORED all four members from %s (back at row %s): %s; %d frames re-injected" % (
@@ -304,12 +305,12 @@ def _write(path, data):
 
 
 def _wait_health(url, timeout=15.0):
-    deadline = time.monotonic() + timeout
+    deadline, server = time.monotonic() + timeout, ApiClient(url, timeout=5.0)
     while time.monotonic() < deadline:
         try:
-            if lab.http_json(url + "/health")[0] == 200:
+            if server.request("GET", "/health")[0] == 200:
                 return
-        except OSError:
+        except Unreachable:
             pass
         time.sleep(0.1)
     raise lab.LabError("snapshot server %s did not answer" % url)

@@ -15,6 +15,7 @@ from topologies.lan import LanTopo
 from lab.members import ProcessMembers, check_cut, pcap_datagrams, received_fraction
 from topologies.ring import RingTopo
 from topologies.tree import LineTopo
+from violin_client.api import wait_until_done
 
 RAWFRAME = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "rawframe.py")
 
@@ -26,13 +27,7 @@ def register(controller, specs):
 
 
 def wait_state(controller, snapshot_id, states=("complete", "aborted"), timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status, view = controller.get("/violin/snapshots/%s" % snapshot_id)
-        if status == 200 and view["state"] in states:
-            return view
-        time.sleep(0.05)
-    raise AssertionError("snapshot %s not in %s after %.0f s: %r" % (snapshot_id, states, timeout, view))
+    return wait_until_done(controller.api, "/violin/snapshots/%s" % snapshot_id, timeout, done_states=states)
 
 
 def flows_with_role(net, role):
