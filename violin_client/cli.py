@@ -475,16 +475,29 @@ class Progress:
             self.shown = False
 
 
-def follow(client: Client, path: str, first: dict, done_states, describe, progress: Progress, note: str) -> dict:
-    """Poll ``path`` until its state is one of ``done_states``, showing ``describe(view)``; Ctrl-C raises
-    Interrupted(note)."""
+def follow(client: Client, args, kind: str, op_id: str, path: str, first: dict, done_states, describe,
+           render, note: str, began: float) -> int:
+    """Follow the ``kind`` (snapshot or restore) ``op_id`` at ``path`` until its state is one of ``done_states``,
+    showing ``describe(view)`` on stderr; print the final view (``render`` or --json); CliError unless it is
+    complete. Ctrl-C raises Interrupted(note)."""
+    progress = Progress(sys.stderr, quiet=args.json)
     try:
-        return wait_until_done(client, path, timeout=None, done_states=done_states, first=first, poll=POLL_INTERVAL,
-                               on_update=lambda view, elapsed: progress.update(describe(view), elapsed))
+        final = wait_until_done(client, path, timeout=None, done_states=done_states, first=first,
+                                poll=POLL_INTERVAL,
+                                on_update=lambda view, elapsed: progress.update(describe(view), elapsed))
     except KeyboardInterrupt:
         raise Interrupted(note) from None
     finally:
         progress.close()
+    if args.json:
+        _emit_json(final)
+    else:
+        print(render(final))
+    if final.get("state") != "complete":
+        raise CliError("%s %s %s: %s" % (kind, op_id, final.get("state"), final.get("reason") or "no reason given"))
+    if not args.json:
+        print("%s %s complete in %s" % (kind, op_id, _duration(time.monotonic() - began)))
+    return 0
 
 
 # --- commands ----------------------------------------------------------------------
@@ -535,19 +548,8 @@ def cmd_snapshot(client: Client, args) -> int:
         return 0
     note = ("snapshot %s goes on on the controller (see: violin show %s; stop it: violin abort %s)"
             % (snapshot_id, snapshot_id, snapshot_id))
-    final = follow(client, "/violin/snapshots/" + _quote(snapshot_id), manifest,
-                   SNAPSHOT_DONE, snapshot_progress,
-                   Progress(sys.stderr, quiet=args.json), note)
-    if args.json:
-        _emit_json(final)
-    else:
-        print(format_snapshot(final))
-    if final.get("state") != "complete":
-        raise CliError("snapshot %s %s: %s" % (snapshot_id, final.get("state"),
-                                               final.get("reason") or "no reason given"))
-    if not args.json:
-        print("snapshot %s complete in %s" % (snapshot_id, _duration(time.monotonic() - began)))
-    return 0
+    return follow(client, args, "snapshot", snapshot_id, "/violin/snapshots/" + _quote(snapshot_id), manifest,
+                  SNAPSHOT_DONE, snapshot_progress, format_snapshot, note, began)
 
 
 def cmd_list(client: Client, args) -> int:
@@ -577,19 +579,8 @@ def cmd_restore(client: Client, args) -> int:
             print("started restore %s of snapshot %s" % (restore_id, args.id))
         return 0
     note = "restore %s goes on on the controller (see: violin restores %s)" % (restore_id, restore_id)
-    final = follow(client, "/violin/restores/" + _quote(restore_id), job,
-                   RESTORE_DONE, restore_progress,
-                   Progress(sys.stderr, quiet=args.json), note)
-    if args.json:
-        _emit_json(final)
-    else:
-        print(format_restore(final))
-    if final.get("state") != "complete":
-        raise CliError("restore %s %s: %s" % (restore_id, final.get("state"),
-                                              final.get("reason") or "no reason given"))
-    if not args.json:
-        print("restore %s complete in %s" % (restore_id, _duration(time.monotonic() - began)))
-    return 0
+    return follow(client, args, "restore", restore_id, "/violin/restores/" + _quote(restore_id), job,
+                  RESTORE_DONE, restore_progress, format_restore, note, began)
 
 
 def cmd_restores(client: Client, args) -> int:
