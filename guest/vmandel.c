@@ -1,5 +1,5 @@
 /*
- * vmandel: the distributed Mandelbrot demo of hostside/mandelbrot.py in C, for the busybox VM guests.
+ * vmandel: the distributed Mandelbrot demo of workloads/mandelbrot.py in C, for the busybox VM guests.
  *
  * It speaks the same wire protocol, so C and Python masters and workers mix freely, and it computes the
  * same pixels bit for bit: plain IEEE double arithmetic in the order of mandelbrot.render_row, and the

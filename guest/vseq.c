@@ -1,4 +1,4 @@
-/* vseq: a consistency-oracle member for VM guests, in C (the wire protocol of hostside/seqstream.py).
+/* vseq: a consistency-oracle member for VM guests, in C (the wire protocol of workloads/seqstream.py).
  *
  *   vseq --id 2 --bind 10.0.0.5 --peers 1=10.0.0.1,3=10.0.0.3 [--rate 500] [--size 120] [--no-tcp]
  *
@@ -15,7 +15,7 @@
  * kernel's arrival time and every record read from the connections it accepted on 47001.
  *
  * The log stays in memory (the guest has no disk). The host reads it over TCP port 47002 (see
- * hostside/guestctl.py): a client sends one line and reads the reply until the connection closes:
+ * workloads/guestctl.py): a client sends one line and reads the reply until the connection closes:
  *   "STOP\n" -> stop sending and connecting (keep receiving; queued TCP data is still flushed), "OK\n"
  *   "DUMP\n" -> "id <id>\n" "peers <p1> <p2> ...\n" (--peers order),
  *               "progress <peer> <udp_about> <udp_last> <tcp_about> <tcp_last>\n" per peer,

@@ -13,7 +13,7 @@ each). Four series per topology, one snapshot at a time, each snapshot run to
   markers_no_datapath_wait  ``marker: true``; each member in turn: pause, marker
                             frame on its own link, cut, resume, done.
   helper                    ``marker: true``; each member in turn through
-                            ``topologies.members.Slice.cut`` as it is in the tree
+                            ``lab.members.ProcessMembers.cut`` as it is in the tree
                             (the test suite's host helper: prepare, datapath wait,
                             pause, marker, cut, datapath wait, resume, done). Its
                             pause is the one a member sees.
@@ -56,18 +56,19 @@ from contextlib import ExitStack
 
 from benchkit import (ROOT, BenchError, bring_up, check_host, handle_signals, ignore_signals,  # sets sys.path
                       machine_info, run, run_guarded, save, summary, timestamp)
-from topologies.lab import ControllerProcess, run_prefix
+from lab.lab import ControllerProcess, run_prefix
 from topologies.lan import LanTopo
-import topologies.members as members_module
-from topologies.members import Slice, pcap_datagrams, wait_stopped
+import lab.members as members_module
+from lab.members import ProcessMembers, pcap_datagrams, wait_stopped
 from topologies.tree import LineTopo
+from violin_client.api import ApiError, wait_until_done
 
 DEFAULT_OUT = os.path.join(ROOT, "docs", "bench", "bench_cut.json")
 FULL = {"one_at_a_time": 30, "all_at_once": 20, "with_markers": 20, "helper": 6,
         "rates": [250, 500, 1000, 2000, 3000, 4000, 6000, 8000], "hold_s": 2.0}
 QUICK = {"one_at_a_time": 4, "all_at_once": 3, "with_markers": 3, "helper": 2, "rates": [250, 1000], "hold_s": 1.0}
 SENDER_SHORTFALL = 0.9  # a sender below 90% of the asked rate ends the sweep: the rest would measure seqstream
-SLACK = 0.002  # as topologies.members.check_cut: frames still in the kernel when the flip ended
+SLACK = 0.002  # as lab.members.check_cut: frames still in the kernel when the flip ended
 BOUNDARY_MS = 50  # record misses this close to the flip are a flip race (stale datapath flows), not capacity
 OVS_COUNTERS = re.compile(r"drop|overflow|discard|upcall_error|lost", re.I)
 
@@ -79,7 +80,7 @@ def code_version():
     """Which code was measured: HEAD, the changed files, and a digest of the sources as they were."""
     import hashlib
     digest = hashlib.sha256()
-    for folder in ("ryu_apps", "topologies", "hostside"):
+    for folder in ("ryu_apps", "topologies", "hostside", "workloads", "lab"):
         for dirpath, _dirs, files in sorted(os.walk(os.path.join(ROOT, folder))):
             for name in sorted(files):
                 if name.endswith(".py"):
@@ -248,13 +249,10 @@ class Api:
         return answer["id"]
 
     def wait_final(self, sid, timeout=15.0):
-        deadline, view = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
-            status, view = self.controller.get("/violin/snapshots/%s" % sid)
-            if status == 200 and view["state"] in ("complete", "aborted"):
-                return view
-            time.sleep(0.02)
-        raise BenchError("snapshot %s not finished after %.0f s: %r" % (sid, timeout, view))
+        try:
+            return wait_until_done(self.controller.api, "/violin/snapshots/%s" % sid, timeout, poll=0.02)
+        except ApiError as error:  # still running at the deadline, or refused
+            raise BenchError("snapshot %s: %s" % (sid, error)) from None
 
     def abort_if_running(self, sid):
         status, view = self.controller.get("/violin/snapshots/%s" % sid)
@@ -405,7 +403,7 @@ class TimedController:
 
 
 def series_helper(api, members, hosts, count, log):
-    """``count`` snapshots; every member in turn through ``Slice.cut``, the test suite's host helper.
+    """``count`` snapshots; every member in turn through ``ProcessMembers.cut``, the test suite's host helper.
 
     Whatever that helper does (today: prepare, wait for the datapath, pause, marker, cut,
     wait for the datapath, resume, done) is timed from outside: each REST call, each
@@ -509,7 +507,7 @@ def run_overhead(name, topo, counts, bg_rate, log):
         stack.callback(lambda: record.__setitem__("controller_log", _log_lines(controller)))
         stack.callback(ignore_signals)       # runs first: no second Ctrl-C mid-cleanup
         hosts = list(net.hosts)
-        members = Slice(hosts, workdir, rate=bg_rate)
+        members = ProcessMembers(hosts, workdir, rate=bg_rate)
         stack.callback(members.stop)
         members.start()
         time.sleep(1.0)
@@ -526,7 +524,7 @@ def run_overhead(name, topo, counts, bg_rate, log):
         log("%s: markers_no_datapath_wait x %d ..." % (name, counts["with_markers"]))
         samples, snaps = series_one_at_a_time(api, members, hosts, counts["with_markers"], True, log)
         series["markers_no_datapath_wait"] = _series_result(samples, snaps)
-        log("%s: helper (Slice.cut) x %d ..." % (name, counts["helper"]))
+        log("%s: helper (ProcessMembers.cut) x %d ..." % (name, counts["helper"]))
         samples, snaps = series_helper(api, members, hosts, counts["helper"], log)
         series["helper"] = _series_result(samples, snaps)
         record["series"] = series
@@ -578,10 +576,10 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
     h1 is registered with ``marker: false`` and cut by a bare POST .../cut while it keeps
     sending, so from its flip on its frames to h2 are held at the controller at the
     steady rate R, and h2's frames to h1 go through the record path. h2 is then cut
-    the way the helper does it (``Slice.cut``), which releases the held frames.
+    the way the helper does it (``ProcessMembers.cut``), which releases the held frames.
     """
     h1, h2 = net.hosts[0], net.hosts[1]
-    members = Slice([h1, h2], workdir, rate=rate)
+    members = ProcessMembers([h1, h2], workdir, rate=rate)
     id1, id2 = members.ids[h1.name], members.ids[h2.name]
     step = {"rate_pps_per_direction": rate, "hold_s": hold_s}
     ovs_before, softnet_before, links_before = ovs_counters(), softnet_dropped(), link_drops(net)
@@ -619,7 +617,7 @@ def capacity_step(api, controller, net, rate, hold_s, workdir, keep_dir=None):
         after = {h.name: members.progress(h) for h in (h1, h2)}
         t_after = time.monotonic()
         time.sleep(0.4)  # the last datagrams reach their receivers before the logs close
-    except (AssertionError, BenchError, RuntimeError) as exc:  # Slice.cut refused, or no completion
+    except (AssertionError, BenchError, RuntimeError) as exc:  # ProcessMembers.cut refused, or no completion
         step["error"] = str(exc)
         view = api.abort_if_running(sid) if sid else None
     finally:
@@ -942,7 +940,7 @@ def main(argv=None):
                 "all_at_once": "marker false; all 8 SIGSTOPped, 8 concurrent POST cut (threads), SIGCONT, done",
                 "markers_no_datapath_wait": "marker true; each member in turn: SIGSTOP, marker frame, POST cut, "
                                             "SIGCONT, done (no prepare, no datapath wait)",
-                "helper": "marker true; each member in turn through topologies.members.Slice.cut as it is in "
+                "helper": "marker true; each member in turn through lab.members.ProcessMembers.cut as it is in "
                           "the tree (prepare, wait_datapath, SIGSTOP, marker, cut, wait_datapath, SIGCONT, done)",
             },
             "members": 8, "background_rate_per_peer": args.bg_rate,
@@ -957,7 +955,7 @@ def main(argv=None):
             "flip_ms": "controller: cut request -> barrier replies (response field flip_ms)",
             "rtt_ms": "client: wall time of POST .../cut (new TCP connection per request)",
             "pause_ms": "SIGSTOP -> SIGCONT of the member (markers series: includes the marker; helper: as "
-                        "Slice.cut reports it, includes its datapath wait before SIGCONT)",
+                        "ProcessMembers.cut reports it, includes its datapath wait before SIGCONT)",
             "percentiles": "linear interpolation",
         },
         "overhead": [],

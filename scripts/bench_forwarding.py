@@ -25,7 +25,7 @@ from contextlib import ExitStack
 
 from benchkit import (ROOT, BenchError, bring_up, check_host, handle_signals, ignore_signals,  # sets sys.path
                       machine_info, run, run_guarded, save, timestamp)
-from topologies.lab import ControllerProcess, run_prefix
+from lab.lab import ControllerProcess, run_prefix
 from topologies.tree import LineTopo
 
 CONTROLLERS = (  # (label, ryu app, serves REST)

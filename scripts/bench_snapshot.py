@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from benchkit import (check_host, handle_signals, machine_info, run_guarded, save,  # sets sys.path
                       summary, timed_restore, timed_snapshot, timestamp)
 from hostside import criu
-from topologies import lab, slicelab
+from lab import lab, slicelab
 from topologies.lan import LanTopo
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -24,7 +24,7 @@ from benchkit import (ROOT, check_host, handle_signals, machine_info, run_guarde
                       summary, timed_restore, timed_snapshot, timestamp)
 from hostside import vm
 from hostside.store.client import ImageServer
-from topologies import lab, slicelab, vms
+from lab import lab, slicelab, vms
 from topologies.lan import LanTopo
 
 DEFAULT_OUT = os.path.join(ROOT, "docs", "bench", "bench_vm.json")

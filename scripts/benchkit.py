@@ -1,7 +1,7 @@
 """What the benchmark scripts share: errors, signal handling, machine facts, bring-up, JSON output.
 
 Importing it puts the repository root and ``ryu_apps`` on ``sys.path``, so the
-scripts can import ``topologies`` after it.
+scripts can import ``lab``, ``workloads`` and ``topologies`` after it.
 """
 
 import datetime
@@ -19,7 +19,7 @@ for _path in (ROOT, os.path.join(ROOT, "ryu_apps")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from topologies.lab import LabError, network  # noqa: E402
+from lab.lab import LabError, network  # noqa: E402
 
 
 class BenchError(RuntimeError):
@@ -174,12 +174,12 @@ def summary(values):
 def timed_snapshot(controller, label, timeout=180.0):
     """Take a snapshot through the controller; (its complete view, wall ms). BenchError otherwise."""
     import time
-    from topologies import slicelab
+    from violin_client.api import wait_until_done
     began = time.monotonic()
     status, snap = controller.request("POST", "/violin/snapshots", {"label": label})
     if status != 202:
         raise BenchError("snapshot refused: %s %s" % (status, snap))
-    view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=timeout)
+    view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"], timeout=timeout)
     if view["state"] != "complete":
         raise BenchError("snapshot %s %s: %s" % (snap["id"], view["state"], view.get("reason")))
     return view, (time.monotonic() - began) * 1000
@@ -188,12 +188,12 @@ def timed_snapshot(controller, label, timeout=180.0):
 def timed_restore(controller, snapshot_id, timeout=180.0):
     """Restore the whole slice from ``snapshot_id``; (the finished job, wall ms). BenchError otherwise."""
     import time
-    from topologies import slicelab
+    from violin_client.api import wait_until_done
     began = time.monotonic()
     status, job = controller.request("POST", "/violin/snapshots/%s/restore" % snapshot_id, {})
     if status != 202:
         raise BenchError("restore refused: %s %s" % (status, job))
-    job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"], timeout=timeout)
+    job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"], timeout=timeout)
     if job["state"] != "complete":
         raise BenchError("restore %s failed: %s" % (job["id"], job["reason"]))
     return job, (time.monotonic() - began) * 1000

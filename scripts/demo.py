@@ -28,8 +28,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hostside import mandelbrot  # noqa: E402
-from topologies import lab, slicelab  # noqa: E402
+from workloads import mandelbrot  # noqa: E402
+from lab import lab, slicelab  # noqa: E402
+from violin_client.api import ApiClient, Unreachable, wait_until_done  # noqa: E402
 from topologies.violin_demo import ViolinDemoTopo  # noqa: E402
 
 SERVER_PORT = 7070
@@ -115,7 +116,7 @@ class VmRun:
     kind = "VMs"
 
     def __init__(self, args, net, get, workdir, processes):
-        from topologies import vms
+        from lab import vms
         self.vms, self.args, self.monitor = vms, args, get("h1")  # h1 only looks: it is no member here
         switches = (get("s1").name, get("s1").name, get("s2").name, get("s2").name)
         self.master_ip = "10.0.0.101"
@@ -148,7 +149,7 @@ class VmRun:
         return [{"name": g.name, "macs": [g.mac], "backend": "libvirt", "marker": False} for g in self.guests]
 
     def _fetch(self):
-        code = ("import sys; sys.path.insert(0, %r); from hostside import mandelbrot; "
+        code = ("import sys; sys.path.insert(0, %r); from workloads import mandelbrot; "
                 "w, h, i, done, pixels = mandelbrot.fetch_image(%r, 47101, 5.0); "
                 "sys.stdout.write('%%d %%d ' %% (done, h) + (pixels.hex() if pixels else ''))"
                 % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), self.master_ip))
@@ -263,7 +264,7 @@ def run(args, timeline):
             latest = [s for s in listing["snapshots"] if s["state"] == "complete"][-1]
             status, job = controller.request("POST", "/violin/snapshots/%s/restore" % latest["id"], {})
             _ok((status, job), 202)
-            job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"], timeout=180)
+            job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"], timeout=180)
             if job["state"] != "complete":
                 raise lab.LabError("restore failed: %s" % job["reason"])
             timeline.say("RESTORED all four members from %s (back at row %s): %s; %d frames re-injected" % (
@@ -304,12 +305,12 @@ def _write(path, data):
 
 
 def _wait_health(url, timeout=15.0):
-    deadline = time.monotonic() + timeout
+    deadline, server = time.monotonic() + timeout, ApiClient(url, timeout=5.0)
     while time.monotonic() < deadline:
         try:
-            if lab.http_json(url + "/health")[0] == 200:
+            if server.request("GET", "/health")[0] == 200:
                 return
-        except OSError:
+        except Unreachable:
             pass
         time.sleep(0.1)
     raise lab.LabError("snapshot server %s did not answer" % url)

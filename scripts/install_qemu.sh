@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the QEMU the VM members run under: Debian 12's own QEMU 7.2 (qemu-system-x86_64 only),
 # rebuilt from Debian's source package with our patches in scripts/qemu-patches/, to
-# /usr/local/lib/violin-qemu/bin/qemu-system-x86_64 (topologies/vms.py puts it in <emulator>).
+# /usr/local/lib/violin-qemu/bin/qemu-system-x86_64 (lab/vms.py puts it in <emulator>).
 #
 # Why: live migration under TCG in QEMU < 9.0 loses guest writes (the stored image holds stale
 # pages; restored guests crash). See scripts/qemu-patches/tcg-dirty-bitmap-tlb-reset.patch.

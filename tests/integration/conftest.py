@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from hostside import criu
-from topologies import lab, slicelab, vms
+from lab import lab, slicelab, vms
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,7 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def slice_controller(lab_ready):
-    """A controller set up to talk to a slice's helper and snapshot server (topologies.slicelab)."""
+    """A controller set up to talk to a slice's helper and snapshot server (lab.slicelab)."""
     if not os.path.exists(criu.CRIU):
         if os.environ.get("CI"):
             pytest.fail("CI must test CRIU: %s is missing (scripts/setup.sh builds it)" % criu.CRIU)

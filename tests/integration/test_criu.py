@@ -7,9 +7,9 @@ import time
 import pytest
 
 from hostside import criu
-from topologies import lab
+from lab import lab
 from topologies.lan import LanTopo
-from topologies.members import Slice
+from lab.members import ProcessMembers
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def wait_gone(pid, timeout=5.0):
 
 def test_live_dump_runs_the_hook_while_frozen_and_restore_continues(controller, criu_ready, tmp_path):
     with lab.network(LanTopo(2, prefix=lab.run_prefix()), controller) as net:
-        members = Slice(net.hosts, str(tmp_path / "slice"), rate=200)
+        members = ProcessMembers(net.hosts, str(tmp_path / "slice"), rate=200)
         members.start()
         try:
             time.sleep(0.8)

@@ -4,7 +4,8 @@ import os
 import time
 
 from hostside import criu
-from topologies import lab, slicelab
+from lab import lab, slicelab
+from violin_client.api import wait_until_done
 from topologies.lan import LanTopo
 
 
@@ -26,7 +27,7 @@ def test_unreachable_snapshot_server_aborts_with_the_reason(slice_controller, tm
                 as members:
             time.sleep(0.5)
             _, snap = controller.request("POST", "/violin/snapshots", {})
-            view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"])
+            view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"])
             assert view["state"] == "aborted" and "unreachable" in view["reason"], view
             assert all(advancing(members, h) for h in net.hosts)  # the members run on
             assert no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
@@ -45,7 +46,7 @@ def test_helper_killed_during_a_snapshot(slice_controller, tmp_path):
                     break
                 time.sleep(0.005)
             members.helper_process.kill()  # gone before it could report everything
-            view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=30)
+            view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"], timeout=30)
             assert view["state"] == "aborted" and "timed out" in view["reason"], view
             time.sleep(criu.HOOK_TIMEOUT_S + 1)  # a dump the dead helper left behind gives up
             assert all(members.alive(h) and advancing(members, h) for h in net.hosts)
@@ -58,7 +59,7 @@ def test_corrupted_image_fails_the_restore_before_anything_is_stopped(slice_cont
         with slicelab.helped_slice(controller, net, str(tmp_path)) as members:
             time.sleep(0.5)
             _, snap = controller.request("POST", "/violin/snapshots", {})
-            view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"])
+            view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"])
             assert view["state"] == "complete", view
             victim = view["members"][0]
             pages = max(victim["image"]["files"], key=lambda f: f["bytes"])["name"]
@@ -67,7 +68,7 @@ def test_corrupted_image_fails_the_restore_before_anything_is_stopped(slice_cont
                 handle.write(b"\xff\xfe\xfd")
             pids = dict(members.pids)
             _, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
-            job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"])
+            job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"])
             assert job["state"] == "failed" and "corrupt" in job["reason"] and job["phase"] == "staging", job
             assert all(members.alive(h) and advancing(members, h) for h in net.hosts)
             assert members.pids == pids and no_cut_rules(net) and net.pingAll(timeout=2) == 0.0

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from topologies import lab
+from lab import lab
 from topologies.lan import LanTopo
 from topologies.ring import RingTopo
 from topologies.tree import LineTopo, TreeTopo

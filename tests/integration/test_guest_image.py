@@ -1,6 +1,6 @@
 """The VM guest image (scripts/build_guest.sh): it builds idempotently, boots under libvirt (TCG) with its
 NIC on an Open vSwitch bridge, answers ping, and its C oracle member (guest/vseq.c) exchanges UDP and TCP
-with the Python one (hostside/seqstream.py) with no loss or duplicate; hostside.guestctl reads its state.
+with the Python one (workloads/seqstream.py) with no loss or duplicate; workloads.guestctl reads its state.
 
 Everything is named per run and removed by name or pid (domain, tap, bridge, namespace, processes).
 Needs root, libvirtd (scripts/setup.sh starts it), Open vSwitch, QEMU; skipped with the reason when they
@@ -20,8 +20,8 @@ import uuid
 
 import pytest
 
-from hostside import guestctl, seqstream
-from topologies import lab, vms
+from workloads import guestctl, seqstream
+from lab import lab, vms
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.path.join(REPO, "scripts", "build_guest.sh")
@@ -95,7 +95,7 @@ def _in_ns(ns, code, timeout=20):
 
 
 def _guest(ns, ip, command):
-    return _in_ns(ns, "import sys; from hostside import guestctl; "
+    return _in_ns(ns, "import sys; from workloads import guestctl; "
                       "sys.stdout.write(guestctl.guest_command(%r, %r))" % (ip, command))
 
 
@@ -202,7 +202,7 @@ def test_guest_boots_pings_and_exchanges_with_seqstream(vm_ready):
         # Member 1 (Python) in the namespace; member 2 (vseq) has been running in the guest since boot.
         progress, log = os.path.join(workdir, "m1.progress"), os.path.join(workdir, "m1.log")
         python_out = stack.enter_context(open(os.path.join(workdir, "m1.out"), "w"))
-        argv = [sys.executable, os.path.join(REPO, "hostside", "seqstream.py"), "--id", "1", "--bind", host_ip,
+        argv = [sys.executable, os.path.join(REPO, "workloads", "seqstream.py"), "--id", "1", "--bind", host_ip,
                 "--peers", "2=" + guest_ip, "--rate", str(RATE), "--progress", progress, "--log", log]
         if not tcp_in_python and b"--no-tcp" in source:
             argv.append("--no-tcp")  # TCP from the stand-in peer

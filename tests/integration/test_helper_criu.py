@@ -5,7 +5,8 @@ whole slice is restored from the snapshot, twice."""
 import time
 
 from hostside.store.client import ImageServer
-from topologies import lab, slicelab
+from lab import lab, slicelab
+from violin_client.api import wait_until_done
 from topologies.lan import LanTopo
 
 
@@ -16,7 +17,7 @@ def test_snapshot_through_the_helper_then_restore_the_slice_twice(slice_controll
             time.sleep(0.8)
             status, snap = controller.request("POST", "/violin/snapshots", {"label": "criu"})
             assert status == 202, snap
-            view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"])
+            view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"])
             assert view["state"] == "complete", (view, open(members.helper_log).read()[-2000:])
             client = ImageServer(members.server_url, slicelab.SERVER_TOKEN)
             for entry in view["members"]:
@@ -29,7 +30,7 @@ def test_snapshot_through_the_helper_then_restore_the_slice_twice(slice_controll
             before = {h.name: members.progress(h) for h in net.hosts}
             status, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
             assert status == 202, job
-            job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"])
+            job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"])
             assert job["state"] == "complete", (job, open(members.helper_log).read()[-2000:])
             assert job["reinjected_frames"] == (view.get("channel") or {}).get("frames", 0)
             time.sleep(0.5)
@@ -44,4 +45,4 @@ def test_snapshot_through_the_helper_then_restore_the_slice_twice(slice_controll
             # A second restore of the same snapshot (replicas of one experiment) works too.
             status, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
             assert status == 202, job
-            assert slicelab.wait_for(controller, "/violin/restores/%s" % job["id"])["state"] == "complete"
+            assert wait_until_done(controller.api, "/violin/restores/%s" % job["id"])["state"] == "complete"

@@ -7,8 +7,10 @@ import time
 
 import pytest
 
-from hostside import criu, oracle
-from topologies import lab, slicelab
+from hostside import criu
+from workloads import oracle
+from lab import lab, slicelab
+from violin_client.api import wait_until_done
 from topologies.lan import LanTopo
 from topologies.ring import RingTopo
 
@@ -33,12 +35,12 @@ def test_restored_snapshots_lose_and_duplicate_nothing(slice_controller, tmp_pat
                 time.sleep(rng.uniform(0.05, 0.4))  # random cut timing
                 status, snap = controller.request("POST", "/violin/snapshots", {"label": "oracle-%d" % cycle})
                 assert status == 202, snap
-                view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"])
+                view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"])
                 assert view["state"] == "complete", (view, open(members.helper_log).read()[-1500:])
                 time.sleep(rng.uniform(0.05, 0.4))  # the slice runs on past the snapshot, then "fails"
                 status, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
                 assert status == 202, job
-                job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"])
+                job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"])
                 assert job["state"] == "complete", (job, open(members.helper_log).read()[-1500:])
                 restored += 1
             time.sleep(0.8)
@@ -64,8 +66,8 @@ def test_uncoordinated_snapshots_break_the_oracle(lab_ready, tmp_path):
     controller = lab.ControllerProcess().start()  # plain forwarding; no snapshot coordination used
     try:
         with lab.network(LanTopo(3, prefix=lab.run_prefix()), controller) as net:
-            from topologies.members import Slice
-            members = Slice(net.hosts, str(tmp_path / "slice"), rate=300)
+            from lab.members import ProcessMembers
+            members = ProcessMembers(net.hosts, str(tmp_path / "slice"), rate=300)
             members.start()
             try:
                 time.sleep(0.6)

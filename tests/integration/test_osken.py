@@ -5,9 +5,10 @@ import time
 
 import pytest
 
-from topologies import lab
-from topologies.members import Slice, check_cut, pcap_datagrams
+from lab import lab
+from lab.members import ProcessMembers, check_cut, pcap_datagrams
 from topologies.tree import LineTopo
+from violin_client.api import wait_until_done
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OSKEN_PYTHON = os.path.join(REPO, ".venv-osken", "bin", "python")
@@ -31,7 +32,7 @@ def test_forwarding_and_a_consistent_snapshot_on_os_ken(osken_controller, tmp_pa
         assert net.pingAll(timeout=2) == 0.0
         status, health = controller.get("/violin/health")
         assert status == 200 and health["switches"] == 3
-        members = Slice(net.hosts, str(tmp_path), rate=200)
+        members = ProcessMembers(net.hosts, str(tmp_path), rate=200)
         members.start()
         try:
             time.sleep(0.8)
@@ -42,12 +43,7 @@ def test_forwarding_and_a_consistent_snapshot_on_os_ken(osken_controller, tmp_pa
             for host in net.hosts:
                 time.sleep(0.1)
                 members.cut(controller, snap["id"], host)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                view = controller.get("/violin/snapshots/%s" % snap["id"])[1]
-                if view["state"] != "running":
-                    break
-                time.sleep(0.05)
+            view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"], timeout=10)
             assert view["state"] == "complete", view
         finally:
             members.stop()

@@ -7,8 +7,9 @@ import signal
 import sys
 import time
 
-from hostside import oracle
-from topologies import lab, slicelab
+from workloads import oracle
+from lab import lab, slicelab
+from violin_client.api import wait_until_done
 from topologies.lan import LanTopo
 
 
@@ -35,13 +36,13 @@ def test_a_member_is_restored_on_a_spare_host_and_the_slice_stays_consistent(sli
                 time.sleep(0.6)
                 status, snap = controller.request("POST", "/violin/snapshots", {"label": "before-move"})
                 assert status == 202, snap
-                view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"])
+                view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"])
                 assert view["state"] == "complete", (view.get("reason"), view["members"])
                 time.sleep(0.3)
                 status, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"],
                                                  {"placement": {h3.name: spare_url}})
                 assert status == 202, job
-                job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"])
+                job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"])
                 assert job["state"] == "complete", (job["reason"], job["members"], (tmp_path / "spare-helper.log").read_text()[-2000:])
                 assert job["members"][h3.name]["previous"] == "stopped"
                 # h3's process now lives in the spare host's namespace, behind the spare's port.
@@ -55,10 +56,10 @@ def test_a_member_is_restored_on_a_spare_host_and_the_slice_stays_consistent(sli
                 # It keeps talking, and a later snapshot+restore goes through its new helper.
                 time.sleep(0.5)
                 status, snap2 = controller.request("POST", "/violin/snapshots", {"label": "after-move"})
-                view2 = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap2["id"])
+                view2 = wait_until_done(controller.api, "/violin/snapshots/%s" % snap2["id"])
                 assert view2["state"] == "complete", (view2.get("reason"), view2["members"])
                 status, job2 = controller.request("POST", "/violin/snapshots/%s/restore" % snap2["id"], {})
-                job2 = slicelab.wait_for(controller, "/violin/restores/%s" % job2["id"])
+                job2 = wait_until_done(controller.api, "/violin/restores/%s" % job2["id"])
                 assert job2["state"] == "complete", job2
                 assert job2["members"][h3.name]["helper"] == spare_url
                 time.sleep(0.8)

@@ -10,11 +10,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from topologies import lab
+from lab import lab
 from topologies.lan import LanTopo
-from topologies.members import Slice, check_cut, pcap_datagrams, received_fraction
+from lab.members import ProcessMembers, check_cut, pcap_datagrams, received_fraction
 from topologies.ring import RingTopo
 from topologies.tree import LineTopo
+from violin_client.api import wait_until_done
 
 RAWFRAME = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "rawframe.py")
 
@@ -26,13 +27,7 @@ def register(controller, specs):
 
 
 def wait_state(controller, snapshot_id, states=("complete", "aborted"), timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status, view = controller.get("/violin/snapshots/%s" % snapshot_id)
-        if status == 200 and view["state"] in states:
-            return view
-        time.sleep(0.05)
-    raise AssertionError("snapshot %s not in %s after %.0f s: %r" % (snapshot_id, states, timeout, view))
+    return wait_until_done(controller.api, "/violin/snapshots/%s" % snapshot_id, timeout, done_states=states)
 
 
 def flows_with_role(net, role):
@@ -44,7 +39,7 @@ def flows_with_role(net, role):
 def test_cut_is_consistent_under_load(controller, tmp_path, shape):
     topo = LanTopo(4, prefix=lab.run_prefix()) if shape == "single-switch" else RingTopo(4, prefix=lab.run_prefix())
     with lab.network(topo, controller) as net:
-        members = Slice(net.hosts, str(tmp_path), rate=int(os.environ.get("VIOLIN_TEST_RATE", 400)))
+        members = ProcessMembers(net.hosts, str(tmp_path), rate=int(os.environ.get("VIOLIN_TEST_RATE", 400)))
         members.start()
         try:
             time.sleep(1.0)  # every member learned, streams running
@@ -79,7 +74,7 @@ def test_uncoordinated_snapshots_violate_the_cut(controller, tmp_path):
     """The baseline that proves the checker can fail: each member paused and "snapshotted"
     on its own (no colours, no holding, no recording) gives an inconsistent cut."""
     with lab.network(LanTopo(3, prefix=lab.run_prefix()), controller) as net:
-        members = Slice(net.hosts, str(tmp_path), rate=400)
+        members = ProcessMembers(net.hosts, str(tmp_path), rate=400)
         members.start()
         try:
             time.sleep(0.8)

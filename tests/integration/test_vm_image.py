@@ -14,7 +14,7 @@ import subprocess
 import threading
 
 from hostside import vm
-from topologies import lab, vms
+from lab import lab, vms
 
 CYCLES = int(os.environ.get("VIOLIN_VM_IMAGE_CYCLES", 3))
 PAGE = 4096

@@ -2,7 +2,7 @@
 
 The helper snapshots a VM by a fake live migration to the snapshot server, the cut
 taken while QEMU holds the guest paused before the switchover. The consistency
-oracle runs between VMs (guest/vseq.c) and processes (hostside/seqstream.py).
+oracle runs between VMs (guest/vseq.c) and processes (workloads/seqstream.py).
 """
 
 import os
@@ -14,9 +14,11 @@ import time
 
 import pytest
 
-from hostside import oracle, vm
+from hostside import vm
 from hostside.store.client import ImageServer
-from topologies import lab, slicelab, vms
+from lab import lab, slicelab, vms
+from violin_client.api import wait_until_done
+from workloads import oracle
 from topologies.lan import LanTopo
 
 CYCLES = int(os.environ.get("VIOLIN_VM_ORACLE_CYCLES", 5))
@@ -66,7 +68,7 @@ def test_a_vm_snapshot_under_traffic_keeps_the_vm_and_its_connections_running(sl
                 for round_ in range(2):
                     status, snap = controller.request("POST", "/violin/snapshots", {"label": "vm-%d" % round_})
                     assert status == 202, snap
-                    view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"])
+                    view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"])
                     assert view["state"] == "complete", (view.get("reason"), view["members"], open(members.helper_log).read()[-3000:])
                     entry = next(m for m in view["members"] if m["name"] == guests[0].name)
                     image = entry["image"]
@@ -99,12 +101,12 @@ def test_vms_and_processes_restored_together_lose_and_duplicate_nothing(slice_co
                     time.sleep(rng.uniform(0.1, 0.8))  # random cut timing
                     status, snap = controller.request("POST", "/violin/snapshots", {"label": "vm-oracle-%d" % cycle})
                     assert status == 202, snap
-                    view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=120)
+                    view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"], timeout=120)
                     assert view["state"] == "complete", (view.get("reason"), view["members"], open(members.helper_log).read()[-3000:])
                     time.sleep(rng.uniform(0.1, 0.8))  # runs on past the snapshot, then "fails"
                     status, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
                     assert status == 202, job
-                    job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"], timeout=120)
+                    job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"], timeout=120)
                     assert job["state"] == "complete", (job, open(members.helper_log).read()[-2000:])
                     timings.append(job["timings_ms"])
                 time.sleep(6.0)  # TCP streams in retransmission backoff catch up
@@ -131,7 +133,7 @@ def test_a_snapshot_server_refusing_the_vm_stream_aborts_and_the_vm_runs_on(slic
                                        helper_settings={"server_token": "not-the-servers-token"}):
                 time.sleep(1.5)
                 _, snap = controller.request("POST", "/violin/snapshots", {})
-                view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=60)
+                view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"], timeout=60)
                 assert view["state"] == "aborted" and "refused vm.save: 401" in view["reason"], view
                 assert vms.domain_state(guests[0].name) == "running"
                 assert no_cut_rules(net)
@@ -165,7 +167,7 @@ def test_a_vm_that_disappears_mid_migration_aborts_the_snapshot(slice_controller
                     conn.lookupByName(guests[0].name).destroy()
                 finally:
                     conn.close()
-                view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=60)
+                view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"], timeout=60)
                 assert view["state"] == "aborted" and guests[0].name in view["reason"], view
                 assert no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
                 for h in net.hosts:
@@ -189,7 +191,7 @@ def test_a_vm_of_a_qemu_that_loses_guest_writes_is_refused_and_runs_on(slice_con
             with slicelab.helped_slice(controller, net, str(tmp_path), rate=RATE, guests=guests, guest_ids=guest_ids):
                 time.sleep(1.5)
                 _, snap = controller.request("POST", "/violin/snapshots", {})
-                view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=60)
+                view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"], timeout=60)
                 assert view["state"] == "aborted", view
                 assert "loses guest writes in live migration" in view["reason"] and guests[0].name in view["reason"], view
                 assert vms.domain_state(guests[0].name) == "running"
@@ -232,14 +234,14 @@ def test_a_vm_disk_is_taken_at_the_cut_and_comes_back_with_the_memory(slice_cont
                     time.sleep(1.5)
                     assert "vdisk: writing blocks" in vms.console_text(guest), vms.console_text(guest)[-1500:]
                     _, snap = controller.request("POST", "/violin/snapshots", {})
-                    view = slicelab.wait_for(controller, "/violin/snapshots/%s" % snap["id"], timeout=90)
+                    view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"], timeout=90)
                     assert view["state"] == "complete", view
                     entry = next(m for m in view["members"] if m["name"] == name)
                     files = [f["name"] for f in entry["image"]["files"]]
                     assert files == ["vm.save", "disk-vda.qcow2"], files
                     time.sleep(1.0)  # the original writes on past the cut, into its new overlay
                     _, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
-                    job = slicelab.wait_for(controller, "/violin/restores/%s" % job["id"], timeout=90)
+                    job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"], timeout=90)
                     assert job["state"] == "complete", job
                     time.sleep(1.5)  # the restored process writes on
                     conn = libvirt.open(vms.URI)

@@ -12,7 +12,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
 
-import violin_cli as cli
+from violin_client import cli
 
 TOKEN = "good-token"
 CREATED = 1790000000.25
@@ -286,10 +286,10 @@ def test_help_exits_0(capsys):
 
 
 def test_the_module_does_not_import_ryu_or_the_controller():
-    code = ("import sys, violin_cli; bad = [m for m in sys.modules if m.split('.')[0] in "
+    code = ("import sys, violin_client.cli; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('ryu', 'os_ken', 'violin_core', 'eventlet', 'webob')]; print(bad); sys.exit(1 if bad else 0)")
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.path.join(here, "..", "..", "ryu_apps"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(here, "..", ".."))
     done = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -1,5 +1,5 @@
-"""The guest's oracle member without a VM: hostside.guestctl's parser, and guest/vseq.c compiled for the
-host and run against hostside/seqstream.py on loopback in a private network namespace (a few seconds)."""
+"""The guest's oracle member without a VM: workloads.guestctl's parser, and guest/vseq.c compiled for the
+host and run against workloads/seqstream.py on loopback in a private network namespace (a few seconds)."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from hostside import guestctl
+from workloads import guestctl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,13 +43,13 @@ def test_load_guest_state_rejects_truncated_or_bad_dumps(text):
 # Runs inside the namespace: both members on loopback (vseq also has two peers that do not exist), then STOP/DUMP and a few bad commands; prints JSON.
 DRIVER = r"""
 import json, os, signal, socket, subprocess, sys, time
-from hostside import guestctl, seqstream
+from workloads import guestctl, seqstream
 vseq, work, repo = sys.argv[1:4]
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 guest = subprocess.Popen([vseq, "--id", "2", "--bind", "127.0.0.2", "--peers", "1=127.0.0.1+3=127.0.0.3", "--rate",
                           "200", "--size", "200", "4=127.0.0.4"], stdout=subprocess.DEVNULL)  # 3, 4: nobody there
 progress, log = os.path.join(work, "p"), os.path.join(work, "l")
-member = subprocess.Popen([sys.executable, os.path.join(repo, "hostside", "seqstream.py"), "--id", "1", "--bind",
+member = subprocess.Popen([sys.executable, os.path.join(repo, "workloads", "seqstream.py"), "--id", "1", "--bind",
                            "127.0.0.1", "--peers", "2=127.0.0.2", "--rate", "200", "--progress", progress,
                            "--log", log])
 try:
@@ -121,7 +121,7 @@ def test_vseq_speaks_seqstream_protocol(tmp_path):
     py_log = str(tmp_path / "py.log")
     with open(py_log, "w") as handle:
         handle.write(out["py_log"])
-    from hostside import seqstream
+    from workloads import seqstream
     mine_udp = [q for s, q, _t in seqstream.parse_log(py_log) if s == 2]
     mine_tcp = [q for s, q, _t in seqstream.parse_log(py_log, tcp=True) if s == 2]
     _check(mine_udp, min(mine_udp), udp_last, udp_last)

@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 
-from hostside import mandelbrot
+from workloads import mandelbrot
 
 SCRIPT = mandelbrot.__file__
 W, H, ITERATIONS = 64, 48, 200

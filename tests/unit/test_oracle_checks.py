@@ -1,7 +1,7 @@
 import struct
 
-from hostside import seqstream
-from hostside.oracle import check, stream_report
+from workloads import seqstream
+from workloads.oracle import check, stream_report
 
 
 def test_exactly_once_is_consistent_and_gaps_and_duplicates_are_counted():

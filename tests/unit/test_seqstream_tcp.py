@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from hostside import oracle, seqstream
+from workloads import oracle, seqstream
 
 RATE = 200
 
@@ -60,7 +60,7 @@ def test_udp_and_tcp_streams_on_loopback_are_exactly_once(tmp_path, loopback_por
     tcp = seqstream.parse_log(os.path.join(dir2, "member.log"), tcp=True)
     assert [seq for _sender, seq, _t in tcp] == list(range(1, len(tcp) + 1))  # in order, from 1
     assert {sender for sender, _seq, _t in tcp} == {1}
-    assert subprocess.run([sys.executable, "-m", "hostside.oracle", dir1, dir2],
+    assert subprocess.run([sys.executable, "-m", "workloads.oracle", dir1, dir2],
                           cwd=os.path.dirname(os.path.dirname(oracle.__file__))).returncode == 0
 
 

@@ -67,3 +67,18 @@ def test_topologies_register_for_mn_custom():
     for module in (topologies.lan, topologies.ring, topologies.tree, topologies.twosite, topologies.violin_demo):
         names |= set(module.topos)
     assert names == {"lan", "ring", "line", "tree", "twosite", "violin"}
+
+
+def test_topologies_hold_only_topos_and_import_no_test_code():
+    """``mn --custom topologies/<file>.py`` loads a file with only the repository root to find imports:
+    the test lab (lab/) and the workloads (workloads/) stay out of it."""
+    import ast
+    import glob
+    import os
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "topologies")
+    for path in glob.glob(os.path.join(folder, "*.py")):
+        with open(path) as handle:
+            tree = ast.parse(handle.read())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {name for name in imported if name.split(".")[0] in ("lab", "workloads", "hostside")}, path

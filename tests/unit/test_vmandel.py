@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from hostside import mandelbrot
+from workloads import mandelbrot
 
 SCRIPT = mandelbrot.__file__
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),

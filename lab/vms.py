@@ -202,7 +202,7 @@ def guest_command(host, guest: Guest, command: str, timeout: float = 10.0) -> st
     import shlex
     import sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import sys; sys.path.insert(0, %r); from hostside import guestctl; "
+    code = ("import sys; sys.path.insert(0, %r); from workloads import guestctl; "
             "sys.stdout.write(guestctl.guest_command(%r, %r, timeout=%r))" % (repo, guest.address, command, timeout))
     deadline = time.monotonic() + timeout
     while True:
@@ -231,8 +231,8 @@ def domain_state(name: str, uri: str = URI) -> str:
 
 
 def oracle_member(host, guest: Guest) -> dict:
-    """The guest's oracle record in hostside.oracle.check's shape (stop it sending first)."""
-    from hostside import guestctl
+    """The guest's oracle record in workloads.oracle.check's shape (stop it sending first)."""
+    from workloads import guestctl
     return guestctl.oracle_member(guestctl.load_guest_state(guest_command(host, guest, "DUMP")))
 
 

@@ -12,8 +12,9 @@ import sys
 import time
 from contextlib import contextmanager
 
-from topologies import lab
-from topologies.members import Slice
+from lab import lab
+from lab.members import ProcessMembers
+from violin_client.api import ApiClient, Unreachable
 
 SERVER_TOKEN, HELPER_TOKEN = "server-secret", "helper-secret"
 
@@ -21,14 +22,14 @@ SERVER_TOKEN, HELPER_TOKEN = "server-secret", "helper-secret"
 def start_daemon(argv, url, log_path, timeout=15.0):
     with open(log_path, "w") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
+    deadline, health = time.monotonic() + timeout, ApiClient(url, timeout=5.0)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise lab.LabError("%s exited:\n%s" % (argv[2], open(log_path).read()))
         try:
-            if lab.http_json(url + "/health")[0] == 200:
+            if health.request("GET", "/health")[0] == 200:
                 return process
-        except OSError:
+        except Unreachable:
             pass  # not listening yet
         time.sleep(0.1)
     stop_daemon(process)
@@ -53,17 +54,17 @@ def controller_config():
 @contextmanager
 def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None, hosts=None, guests=(),
                  guest_ids=None, helper_settings=None, tcp=True):
-    """Members in every host of ``net`` (or in ``hosts``), their helper and a snapshot server; yields the Slice.
+    """Members in every host of ``net`` (or in ``hosts``), their helper and a snapshot server; yields the members.
 
     ``servers`` overrides the snapshot servers the helper is told about (e.g. one that is down).
-    ``guests`` are running VMs (topologies.vms.Guest) that join the slice as libvirt members of the
+    ``guests`` are running VMs (lab.vms.Guest) that join the slice as libvirt members of the
     same helper; ``guest_ids`` (name -> seqstream id) makes them peers of the host members' streams."""
     hosts = list(net.hosts if hosts is None else hosts)
     os.makedirs(workdir, exist_ok=True)
     server_port, helper_port = lab.free_port(), lab.free_port()
     server_url, helper_url = "http://127.0.0.1:%d" % server_port, "http://127.0.0.1:%d" % helper_port
-    members = Slice(hosts, os.path.join(workdir, "slice"), rate=rate, tcp=tcp,
-                    extra_peers={guest_ids[g.name]: g.address for g in guests} if guest_ids else {})
+    members = ProcessMembers(hosts, os.path.join(workdir, "slice"), rate=rate, tcp=tcp,
+                             extra_peers={guest_ids[g.name]: g.address for g in guests} if guest_ids else {})
     daemons = []
     try:
         daemons.append(start_daemon(
@@ -105,13 +106,3 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
         for daemon in daemons:
             stop_daemon(daemon)
 
-
-def wait_for(controller, path, timeout=60.0, done=("complete", "aborted", "failed")):
-    """Poll a snapshot or restore until it leaves 'running'."""
-    deadline, view = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        status, view = controller.get(path)
-        if status == 200 and view["state"] in done:
-            return view
-        time.sleep(0.05)
-    raise lab.LabError("%s still running after %.0f s: %r" % (path, timeout, view))

@@ -6,7 +6,7 @@ sending, "DUMP" returns its state; see guest/vseq.c). Standard library only.
 
     text = guest_command("10.0.0.5", "DUMP")
     state = load_guest_state(text)       # {"id", "peers", "progress", "log"}
-    member = oracle_member(state)        # the shape hostside.oracle.check takes
+    member = oracle_member(state)        # the shape workloads.oracle.check takes
 """
 
 import socket
@@ -74,7 +74,7 @@ def load_guest_state(text: str) -> dict:
 
 
 def oracle_member(state: dict) -> Dict[str, object]:
-    """A guest's state as hostside.oracle.check wants one member: logs and last-sent seqs, per protocol."""
+    """A guest's state as workloads.oracle.check wants one member: logs and last-sent seqs, per protocol."""
     return {
         "log": [(s, q, t) for proto, s, q, t in state["log"] if proto == "u"],
         "tcp_log": [(s, q, t) for proto, s, q, t in state["log"] if proto == "t"],

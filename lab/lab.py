@@ -16,9 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
+
+from violin_client.api import ApiClient
 
 OVS_CTL = "/usr/share/openvswitch/scripts/ovs-ctl"
 
@@ -48,24 +48,6 @@ def ensure_ovs() -> None:
         raise LabError("Open vSwitch did not start:\n" + result.stdout + result.stderr)
 
 
-def http_json(url, method="GET", body=None, token=None, timeout=5.0):
-    """(status, parsed JSON) of one HTTP request; never raises on 4xx/5xx."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", "Bearer " + token)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        payload = error.read()
-        try:
-            return error.code, json.loads(payload)
-        except ValueError:
-            return error.code, {"raw": payload.decode("utf-8", "replace")}
-
-
 class ControllerProcess:
     """A controller (``ryu-manager APP`` or ``violin-controller``) on private ports."""
 
@@ -82,6 +64,8 @@ class ControllerProcess:
         self.extra_env = extra_env or {}
         self.command = command
         self.process = None
+        # The controller's REST API with this run's token (api.call raises, api.request does not).
+        self.api = ApiClient(self.url, token=self.token, timeout=5.0)
 
     @property
     def url(self) -> str:
@@ -122,10 +106,12 @@ class ControllerProcess:
         return True
 
     def get(self, path):
-        return http_json(self.url + path, token=self.token)
+        """(status, parsed JSON) of ``GET path``."""
+        return self.api.request("GET", path)
 
     def request(self, method, path, body=None, token=None):
-        return http_json(self.url + path, method, body, token=self.token if token is None else token)
+        """(status, parsed JSON); ``token`` instead of this run's ("" sends none)."""
+        return self.api.request(method, path, body, **({} if token is None else {"token": token}))
 
     def log_text(self) -> str:
         try:

@@ -1,6 +1,6 @@
 """``violin``: drive a violin_snapshot controller from the shell.
 
-A thin client of the REST API under ``/violin`` (docs/openapi.yaml), standard
+A thin client of the REST API under ``/violin`` (docs/openapi.yaml) through violin_client.api, standard
 library only: ``violin status``, ``violin snapshot`` (follows the snapshot
 until it ends), ``violin list``, ``violin show ID``, ``violin restore ID`` and
 so on. Tables by default, the controller's JSON with ``--json``. Live progress
@@ -13,18 +13,16 @@ Exit codes: 0 done, 1 the controller refused, failed or could not be reached
 """
 
 import argparse
-import http.client
 import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Dict, List, Optional, Tuple
+
+from violin_client.api import ApiClient, ApiError, Unreachable, wait_until_done
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_HTTP_TIMEOUT = 30.0
@@ -205,66 +203,23 @@ def build_args(argv, environ=None):
 # --- HTTP ------------------------------------------------------------------------
 
 
-class Client:
-    """JSON over HTTP to the controller; every failure becomes a CliError."""
+class Client(ApiClient):
+    """The API client (violin_client.api) with every failure turned into a CliError in the CLI's words."""
 
-    def __init__(self, url: str, token: Optional[str], timeout: float):
-        self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
-        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def call(self, method: str, path: str, body: Optional[dict] = None):
-        headers = {"Accept": "application/json"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode("utf-8")
-            headers["Content-Type"] = "application/json"
-        if self.token:
-            headers["Authorization"] = "Bearer " + self.token
-        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+    def call(self, method: str, path: str, body: Optional[dict] = None, **options):
         try:
-            with self.opener.open(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as error:
-            raise self._refusal(error) from None
-        except urllib.error.URLError as error:
-            raise CliError("cannot reach the controller at %s: %s" % (self.url, _why(error.reason))) from None
-        except (socket.timeout, TimeoutError):
-            raise CliError("cannot reach the controller at %s: no answer within %g s (see --timeout)"
-                           % (self.url, self.timeout)) from None
-        except (OSError, http.client.HTTPException) as error:
-            raise CliError("cannot reach the controller at %s: %s" % (self.url, _why(error))) from None
-        if not raw.strip():
-            return None
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise CliError("the controller at %s answered %s %s with something that is not JSON"
-                           % (self.url, method, path)) from None
-
-    def get(self, path: str):
-        return self.call("GET", path)
-
-    def _refusal(self, error: urllib.error.HTTPError) -> CliError:
-        try:
-            answer = json.loads(error.read().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, http.client.HTTPException):
-            answer = None
-        finally:
-            error.close()
-        reason = answer.get("reason") if isinstance(answer, dict) else None
-        reason = reason or "HTTP %d %s" % (error.code, error.reason)
-        if error.code in (401, 403):
-            hint = "" if self.token else "; give one with --token or VIOLIN_API_TOKEN"
-            return CliError("the controller refused the token (%s)%s" % (reason, hint))
-        return CliError(reason)
-
-
-def _why(reason) -> str:
-    if isinstance(reason, (socket.timeout, TimeoutError)):
-        return "no answer in time (see --timeout)"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror
-    return str(reason) or type(reason).__name__
+            return super().call(method, path, body, **options)
+        except Unreachable as error:
+            why = ("no answer within %g s" % self.timeout) if error.timed_out else error.why
+            raise CliError("cannot reach the controller at %s: %s%s"
+                           % (self.url, why, " (see --timeout)" if error.timed_out else "")) from None
+        except ApiError as error:
+            if 200 <= error.status < 300:  # an answer that is not JSON
+                raise CliError("the controller at %s" % error.reason) from None
+            if error.status in (401, 403):
+                hint = "" if self.token else "; give one with --token or VIOLIN_API_TOKEN"
+                raise CliError("the controller refused the token (%s)%s" % (error.reason, hint)) from None
+            raise CliError(error.reason) from None
 
 
 def _quote(part: str) -> str:
@@ -520,21 +475,29 @@ class Progress:
             self.shown = False
 
 
-def follow(client: Client, path: str, first: dict, finished, describe, progress: Progress, note: str) -> dict:
-    """Poll ``path`` until ``finished(answer)``; Ctrl-C raises Interrupted(note)."""
-    began, current = time.monotonic(), first
+def follow(client: Client, args, kind: str, op_id: str, path: str, first: dict, done_states, describe,
+           render, note: str, began: float) -> int:
+    """Follow the ``kind`` (snapshot or restore) ``op_id`` at ``path`` until its state is one of ``done_states``,
+    showing ``describe(view)`` on stderr; print the final view (``render`` or --json); CliError unless it is
+    complete. Ctrl-C raises Interrupted(note)."""
+    progress = Progress(sys.stderr, quiet=args.json)
     try:
-        while True:
-            progress.update(describe(current), time.monotonic() - began)
-            if finished(current):
-                return current
-            time.sleep(POLL_INTERVAL)
-            current = client.get(path)
+        final = wait_until_done(client, path, timeout=None, done_states=done_states, first=first,
+                                poll=POLL_INTERVAL,
+                                on_update=lambda view, elapsed: progress.update(describe(view), elapsed))
     except KeyboardInterrupt:
-        progress.close()
         raise Interrupted(note) from None
     finally:
         progress.close()
+    if args.json:
+        _emit_json(final)
+    else:
+        print(render(final))
+    if final.get("state") != "complete":
+        raise CliError("%s %s %s: %s" % (kind, op_id, final.get("state"), final.get("reason") or "no reason given"))
+    if not args.json:
+        print("%s %s complete in %s" % (kind, op_id, _duration(time.monotonic() - began)))
+    return 0
 
 
 # --- commands ----------------------------------------------------------------------
@@ -585,19 +548,8 @@ def cmd_snapshot(client: Client, args) -> int:
         return 0
     note = ("snapshot %s goes on on the controller (see: violin show %s; stop it: violin abort %s)"
             % (snapshot_id, snapshot_id, snapshot_id))
-    final = follow(client, "/violin/snapshots/" + _quote(snapshot_id), manifest,
-                   lambda m: m.get("state") in SNAPSHOT_DONE, snapshot_progress,
-                   Progress(sys.stderr, quiet=args.json), note)
-    if args.json:
-        _emit_json(final)
-    else:
-        print(format_snapshot(final))
-    if final.get("state") != "complete":
-        raise CliError("snapshot %s %s: %s" % (snapshot_id, final.get("state"),
-                                               final.get("reason") or "no reason given"))
-    if not args.json:
-        print("snapshot %s complete in %s" % (snapshot_id, _duration(time.monotonic() - began)))
-    return 0
+    return follow(client, args, "snapshot", snapshot_id, "/violin/snapshots/" + _quote(snapshot_id), manifest,
+                  SNAPSHOT_DONE, snapshot_progress, format_snapshot, note, began)
 
 
 def cmd_list(client: Client, args) -> int:
@@ -627,19 +579,8 @@ def cmd_restore(client: Client, args) -> int:
             print("started restore %s of snapshot %s" % (restore_id, args.id))
         return 0
     note = "restore %s goes on on the controller (see: violin restores %s)" % (restore_id, restore_id)
-    final = follow(client, "/violin/restores/" + _quote(restore_id), job,
-                   lambda r: r.get("state") in RESTORE_DONE, restore_progress,
-                   Progress(sys.stderr, quiet=args.json), note)
-    if args.json:
-        _emit_json(final)
-    else:
-        print(format_restore(final))
-    if final.get("state") != "complete":
-        raise CliError("restore %s %s: %s" % (restore_id, final.get("state"),
-                                              final.get("reason") or "no reason given"))
-    if not args.json:
-        print("restore %s complete in %s" % (restore_id, _duration(time.monotonic() - began)))
-    return 0
+    return follow(client, args, "restore", restore_id, "/violin/restores/" + _quote(restore_id), job,
+                  RESTORE_DONE, restore_progress, format_restore, note, began)
 
 
 def cmd_restores(client: Client, args) -> int:

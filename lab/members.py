@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from hostside import seqstream
+from workloads import seqstream
 from hostside.ovs import wait_datapath
 from violin_core import channel
 
@@ -48,7 +48,7 @@ class CutRecord:
 
 
 @dataclass
-class Slice:
+class ProcessMembers:
     """One seqstream member per host; ids are 1..n in host order."""
 
     hosts: list
@@ -222,7 +222,7 @@ def pcap_datagrams(path):
     return found
 
 
-def check_cut(members: Slice, recorded: Dict[str, list], slack: float = 0.002) -> List[str]:
+def check_cut(members: ProcessMembers, recorded: Dict[str, list], slack: float = 0.002) -> List[str]:
     """Every violation of the cut, in words (an empty list means a consistent cut).
 
     A member's state is what reached its socket before it was paused (later
@@ -271,7 +271,7 @@ def check_cut(members: Slice, recorded: Dict[str, list], slack: float = 0.002) -
     return problems
 
 
-def received_fraction(members: Slice, since: Dict[str, Dict[int, tuple]], until: Dict[str, Dict[int, tuple]]):
+def received_fraction(members: ProcessMembers, since: Dict[str, Dict[int, tuple]], until: Dict[str, Dict[int, tuple]]):
     """Per stream, the share of datagrams sent between two progress readings that arrived."""
     logs = members.logs()
     worst = 1.0
@@ -288,4 +288,4 @@ def received_fraction(members: Slice, since: Dict[str, Dict[int, tuple]], until:
     return worst
 
 
-__all__ = ["Slice", "check_cut", "pcap_datagrams", "received_fraction"]
+__all__ = ["ProcessMembers", "check_cut", "pcap_datagrams", "received_fraction"]

@@ -15,7 +15,7 @@ arrive, once). A broken TCP connection is never re-opened: its stream stops,
 which shows as a gap, or at least as a growing "behind_udp" (how many fewer
 records than datagrams the sender sent to that peer; constant while it is up).
 
-    python -m hostside.oracle DIR [DIR...]   # member directories written by seqstream
+    python -m workloads.oracle DIR [DIR...]   # member directories written by seqstream
 """
 
 import json
@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from hostside import seqstream
+from workloads import seqstream
 
 
 def stream_report(received: List[int], judged_upto: int, first: Optional[int] = None) -> dict:
