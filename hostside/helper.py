@@ -52,7 +52,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from hostside import criu, vm
+from hostside.backends import criu
+from hostside.backends import libvirt as vm
 from hostside.httpd import JsonHandler, listen, serve
 from hostside.ovs import wait_datapath
 from hostside.storage import ImageServer, StorageError

@@ -3,7 +3,7 @@
 import os
 import time
 
-from hostside import criu
+from hostside.backends import criu
 from topologies import lab, slicelab
 from topologies.lan import LanTopo
 

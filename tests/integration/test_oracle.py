@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from hostside import criu, oracle
+from hostside import oracle
+from hostside.backends import criu
 from topologies import lab, slicelab
 from topologies.lan import LanTopo
 from topologies.ring import RingTopo

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from hostside import oracle, vm
+from hostside import oracle
+from hostside.backends import libvirt as vm
 from hostside.storage import ImageServer
 from topologies import lab, slicelab, vms
 from topologies.lan import LanTopo
@@ -175,7 +176,7 @@ def test_a_vm_that_disappears_mid_migration_aborts_the_snapshot(slice_controller
 
 
 def test_a_vm_of_a_qemu_that_loses_guest_writes_is_refused_and_runs_on(slice_controller, vm_ready, tmp_path):
-    """Debian's own QEMU 7.2 under TCG stores stale pages (see hostside/vm.py): never snapshot it."""
+    """Debian's own QEMU 7.2 under TCG stores stale pages (see hostside/backends/libvirt.py): never snapshot it."""
     stock = "/usr/bin/qemu-system-x86_64"
     version = subprocess.run([stock, "--version"], capture_output=True, text=True).stdout
     if not version.startswith("QEMU emulator version 7.") or vm.TCG_MIGRATION_FIX_MARK in version:
