@@ -75,11 +75,10 @@ def status_of(error: BaseException) -> int:
 
 
 _STR = Field(str)
-_URL = Field(str)
-BODIES = {
+BODIES = {  # the request bodies the controller sends
     "snapshot": Schema({"snapshot": _STR, "member": _STR, "epoch": Field((int, type(None)), None),
-                        "prepare_url": Field((str, type(None)), None), "cut_url": _URL, "done_url": _URL,
-                        "failed_url": _URL}),
+                        "prepare_url": Field((str, type(None)), None), "cut_url": _STR, "done_url": _STR,
+                        "failed_url": _STR}),
     "stage": Schema({"snapshot": _STR, "member": _STR, "server": _STR,
                      "files": ListOf(Field(dict))}),
     "member": Schema({"snapshot": _STR, "member": _STR}),
