@@ -2,6 +2,7 @@
 
 import subprocess
 import time
+from typing import Callable, Optional
 
 
 def _appctl(command: str, timeout: float) -> bool:
@@ -30,3 +31,35 @@ def wait_datapath(timeout: float = 1.0, grace: float = 0.01) -> str:
         return "revalidator"
     time.sleep(grace)
     return "grace"
+
+
+def _vsctl(*argv: str) -> Optional[str]:
+    try:
+        result = subprocess.run(["ovs-vsctl", "--timeout=5", *argv], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def attachment(port: Optional[str], vsctl: Callable[..., Optional[str]] = _vsctl) -> Optional[dict]:
+    """Where the switch port named ``port`` is: ``{"dpid": 16 lowercase hex digits, "port": ofport}``,
+    or None when this host's Open vSwitch cannot tell (no such port, not attached yet).
+
+    Port names repeat across hosts; (datapath id, OpenFlow port number) does not.
+    ``vsctl(*argv)`` runs ``ovs-vsctl`` and returns its output, None on failure."""
+    if not port:
+        return None
+    bridge = vsctl("iface-to-br", port)
+    if not bridge:
+        return None
+    dpid = (vsctl("get", "Bridge", bridge, "datapath_id") or "").strip().strip('"').lower()
+    ofport = (vsctl("get", "Interface", port, "ofport") or "").strip()
+    if len(dpid) != 16 or any(c not in "0123456789abcdef" for c in dpid):
+        return None
+    try:
+        number = int(ofport)
+    except ValueError:
+        return None
+    if number <= 0:  # -1: the port failed, [] / 0: not attached yet
+        return None
+    return {"dpid": dpid, "port": number}

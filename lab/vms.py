@@ -21,7 +21,7 @@ RUN_DIR = os.environ.get("VIOLIN_VM_RUN_DIR", "/var/lib/libvirt/images/violin-ru
 READY_LINE = "violin-guest: ready"
 URI = "qemu:///system"
 # The QEMU the guests run under: scripts/install_qemu.sh's build (Debian's QEMU 7.2 with the fix that
-# makes live migration under TCG keep every guest write; see hostside/vm.py), or VIOLIN_QEMU.
+# makes live migration under TCG keep every guest write; see hostside/backends/libvirt.py), or VIOLIN_QEMU.
 EMULATOR = os.environ.get("VIOLIN_QEMU", "/usr/local/lib/violin-qemu/bin/qemu-system-x86_64")
 
 

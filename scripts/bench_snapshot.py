@@ -20,7 +20,7 @@ from contextlib import ExitStack
 
 from benchkit import (check_host, handle_signals, machine_info, run_guarded, save,  # sets sys.path
                       summary, timed_restore, timed_snapshot, timestamp)
-from hostside import criu
+from hostside.backends import criu
 from lab import lab, slicelab
 from topologies.lan import LanTopo
 

@@ -22,7 +22,7 @@ from contextlib import ExitStack
 
 from benchkit import (ROOT, check_host, handle_signals, machine_info, run_guarded, save,  # sets sys.path
                       summary, timed_restore, timed_snapshot, timestamp)
-from hostside import vm
+from hostside.backends import libvirt as vm
 from hostside.store.client import ImageServer
 from lab import lab, slicelab, vms
 from topologies.lan import LanTopo

@@ -5,7 +5,7 @@
 #
 # Why: live migration under TCG in QEMU < 9.0 loses guest writes (the stored image holds stale
 # pages; restored guests crash). See scripts/qemu-patches/tcg-dirty-bitmap-tlb-reset.patch.
-# hostside/vm.py refuses to snapshot a TCG guest of a QEMU without the fix.
+# hostside/backends/libvirt.py refuses to snapshot a TCG guest of a QEMU without the fix.
 #
 # - The source is the one of the installed qemu-system-x86 package (Debian's patches applied by
 #   dpkg-source), fetched through a PRIVATE apt configuration holding deb-src lines of the
@@ -24,7 +24,7 @@ set -euo pipefail
 readonly QEMU_DIR=/usr/local/lib/violin-qemu
 readonly QEMU_BIN=$QEMU_DIR/bin/qemu-system-x86_64
 readonly STAMP=$QEMU_DIR/.violin-build
-readonly FIX_MARK="violin TCG dirty-bitmap fix"  # in `query-version`'s package: hostside/vm.py checks it
+readonly FIX_MARK="violin TCG dirty-bitmap fix"  # in `query-version`'s package: hostside/backends/libvirt.py checks it
 readonly BUILD_ROOT="${QEMU_BUILD_ROOT:-/var/cache/violin-snapshot/qemu-build}"
 readonly LOG="$BUILD_ROOT/build.log"
 readonly PATCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/qemu-patches"

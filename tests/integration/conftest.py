@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from hostside import criu
+from hostside.backends import criu
 from lab import lab, slicelab, vms
 
 pytestmark = pytest.mark.integration

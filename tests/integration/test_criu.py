@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from hostside import criu
+from hostside.backends import criu
 from lab import lab
 from topologies.lan import LanTopo
 from lab.members import ProcessMembers

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from hostside import criu
+from hostside.backends import criu
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
 

@@ -3,7 +3,7 @@
 import os
 import time
 
-from hostside import criu
+from hostside.backends import criu
 from lab import lab, slicelab
 from violin_client.api import wait_until_done
 from topologies.lan import LanTopo

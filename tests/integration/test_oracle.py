@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from hostside import criu
-from workloads import oracle
+from hostside.backends import criu
 from lab import lab, slicelab
 from violin_client.api import wait_until_done
+from workloads import oracle
 from topologies.lan import LanTopo
 from topologies.ring import RingTopo
 

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import threading
 
-from hostside import vm
+from hostside.backends import libvirt as vm
 from lab import lab, vms
 
 CYCLES = int(os.environ.get("VIOLIN_VM_IMAGE_CYCLES", 3))

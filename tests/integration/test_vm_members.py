@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from hostside import vm
+from hostside.backends import libvirt as vm
 from hostside.store.client import ImageServer
 from lab import lab, slicelab, vms
 from violin_client.api import wait_until_done
@@ -177,7 +177,7 @@ def test_a_vm_that_disappears_mid_migration_aborts_the_snapshot(slice_controller
 
 
 def test_a_vm_of_a_qemu_that_loses_guest_writes_is_refused_and_runs_on(slice_controller, vm_ready, tmp_path):
-    """Debian's own QEMU 7.2 under TCG stores stale pages (see hostside/vm.py): never snapshot it."""
+    """Debian's own QEMU 7.2 under TCG stores stale pages (see hostside/backends/libvirt.py): never snapshot it."""
     stock = "/usr/bin/qemu-system-x86_64"
     version = subprocess.run([stock, "--version"], capture_output=True, text=True).stdout
     if not version.startswith("QEMU emulator version 7.") or vm.TCG_MIGRATION_FIX_MARK in version:

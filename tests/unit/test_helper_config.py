@@ -13,7 +13,7 @@ GOOD = {"listen": "127.0.0.1:7001", "token": "t", "controller_token": "c", "serv
 
 def test_good_config_parses():
     config = helper.parse_config(GOOD, environ={})
-    assert config.port == 7001 and config.members["h1"].backend == "criu"
+    assert config.port == 7001 and config.backends["h1"].name == "criu" and config.members["h1"].pid == 10
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -22,12 +22,27 @@ def test_good_config_parses():
     ({"token": ""}, "token: required"),
     ({"servers": ["ftp://x"]}, "servers"),
     ({"members": {"h1": {"pid": "10", "netns": "x", "iface": "i", "mac": "m"}}}, "members.h1.pid"),
-    ({"members": {"h1": {"pid": 10}}}, "missing iface, mac, netns"),
+    ({"members": {"h1": {"pid": 10}}}, "members.h1.netns: required"),
     ({"members": {"h1": dict(GOOD["members"]["h1"], backend="xen")}}, "expected one of criu, libvirt"),
-    ({"members": {"h1": dict(GOOD["members"]["h1"], backend="libvirt")}}, "missing domain"),
-    ({"members": {"v1": {"backend": "libvirt", "domain": "v1", "iface": "t", "mac": "m", "pid": 3}}},
-     "pid do not apply to backend libvirt"),
+    ({"members": {"h1": dict(GOOD["members"]["h1"], backend="libvirt")}}, "members.h1: unknown key"),
+    ({"members": {"h1": {"backend": "libvirt", "iface": "t", "mac": "52:54:00:00:00:01"}}},
+     "members.h1.domain: required"),
+    ({"members": {"v1": {"backend": "libvirt", "domain": "v1", "iface": "t", "mac": "52:54:00:00:00:01", "pid": 3}}},
+     r"members.v1: unknown key\(s\) pid"),
     ({"libvirt_uri": 3}, "libvirt_uri"),
+    ({"members": [{"pid": 10}]}, "members: expected a mapping of names"),
+    ({"members": {"h1": "h1-eth0"}}, "members.h1: expected a mapping"),
+    ({"members": {"h1": dict(GOOD["members"]["h1"], mac="m")}}, "members.h1.mac: 'm' is not valid"),
+    ({"members": {"h1": dict(GOOD["members"]["h1"], mac="01:00:00:00:00:01")}}, "members.h1.mac"),
+    ({"members": {"h1": dict(GOOD["members"]["h1"], pid=True)}}, "members.h1.pid: expected a whole number"),
+    ({"members": {"h1": dict(GOOD["members"]["h1"], pid=0)}}, "members.h1.pid"),
+    ({"members": {"h1": dict(GOOD["members"]["h1"], workdir=5)}}, "members.h1.workdir"),
+    ({"members": {"bad name!": GOOD["members"]["h1"]}}, "bad name"),
+    ({"servers": "http://10.0.0.5:7070"}, "servers: expected a list"),
+    ({"servers": []}, "servers: expected at least 1"),
+    ({"vm_max_bandwidth": 1000}, "vm_max_bandwidth"),
+    ({"vm_max_bandwidth": "fast"}, "vm_max_bandwidth: expected a whole number"),
+    ({"work_dir": ["/tmp"]}, "work_dir"),
 ])
 def test_bad_config_is_refused(change, needle):
     with pytest.raises(helper.HelperConfigError, match=needle):
@@ -46,6 +61,43 @@ def test_tokens_can_come_from_the_environment():
     config = helper.parse_config(raw, environ={"VIOLIN_HELPER_TOKEN": "a", "VIOLIN_API_TOKEN": "b",
                                                "VIOLIN_SERVER_TOKEN": "c"})
     assert (config.token, config.controller_token, config.server_token) == ("a", "b", "c")
+
+
+def test_the_top_level_must_be_a_mapping():
+    for raw in ([GOOD], "listen: x", None, 3):
+        with pytest.raises(helper.HelperConfigError, match="expected a mapping"):
+            helper.parse_config(raw, environ={})
+
+
+def test_every_registered_backend_is_a_member_variant():
+    from hostside import backends
+    assert {"criu", "libvirt"} <= set(backends.names())
+    with pytest.raises(helper.HelperConfigError) as caught:
+        helper.parse_config(dict(GOOD, members={"h1": dict(GOOD["members"]["h1"], backend="xen")}), environ={})
+    assert caught.value.path == "members.h1.backend"
+
+
+@pytest.mark.parametrize("name,text", [
+    ("bad.yaml", "members: [\n  h1: {pid: 1"),
+    ("bad.json", '{"listen": "127.0.0.1:1", '),
+    ("list.yaml", "- listen: 127.0.0.1:1\n"),
+    ("members-list.json", json.dumps(dict(GOOD, members=[GOOD["members"]["h1"]]))),
+    ("mac.yaml", "servers: [http://a:1]\ntoken: t\ncontroller_token: c\nserver_token: s\n"
+                 "members:\n  h1: {pid: 3, netns: /x, iface: i, mac: m}\n"),
+    ("types.json", json.dumps(dict(GOOD, listen=["127.0.0.1", 7001]))),
+])
+def test_malformed_files_exit_2_with_the_key_and_no_traceback(tmp_path, capsys, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    assert helper.main(["--config", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("violin-helper: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    if name == "mac.yaml":
+        assert "members.h1.mac" in err
+    if name.startswith("members-list"):
+        assert "members:" in err
+    if name.startswith("bad."):
+        assert "malformed" in err
 
 
 def test_check_command(tmp_path, capsys):

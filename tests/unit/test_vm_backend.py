@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from hostside import vm
+from hostside.backends import libvirt as vm
 
 XML = "<domain type='qemu'><name>v1</name><devices>%s</devices></domain>"
 

@@ -24,8 +24,14 @@ staged disk images (moved next to the disks they replace); ``resume`` later.
 Only local file disks can be captured: a domain with another writable disk
 (block device, network) is refused rather than snapshotted without it.
 Each snapshot leaves one more overlay in the running guest's backing chain.
+
+``LibvirtBackend`` (registered as ``libvirt``) is the helper's side of it: one
+libvirt connection opened when the first VM needs it, the tap-drain proof at
+the cut (a paused VM cannot send a marker) and the disks stored beside the
+RAM image (``vm.save``).
 """
 
+import contextlib
 import json
 import os
 import queue
@@ -37,6 +43,9 @@ import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
+
+from hostside.backends.base import Backend, ImageReport, Restored, register
+from violin_core.schema import Field, Schema, unicast_mac
 
 SAVE_MAGIC = b"LibvirtQemudSave"
 SAVE_VERSION = 2
@@ -609,3 +618,89 @@ class Libvirt:
             dom.resume()
         except self.libvirt.libvirtError as error:
             raise VmError("resuming %s: %s" % (name, error)) from None
+
+
+# --- the helper's libvirt backend ----------------------------------------------------------
+
+VM_IMAGE = "vm.save"  # a libvirt save file: header, migratable XML, QEMU's migration stream
+
+
+@dataclass
+class VmMember:
+    name: str
+    domain: str
+    iface: str  # the VM's tap: itself the switch port
+    mac: str
+
+
+@register
+class LibvirtBackend(Backend):
+    """QEMU VMs under libvirt, snapshotted by a fake live migration to the snapshot server."""
+    name = "libvirt"
+    sends_marker = False  # paused by QEMU: its tap is proven drained instead
+    restores_paused = True  # comes back paused, its clock stopped until resume
+    Spec = VmMember
+    SCHEMA = Schema({
+        "domain": Field(str, help="the libvirt domain"),
+        "iface": Field(str, help="the VM's tap (an Open vSwitch port)"),
+        "mac": Field(str, check=unicast_mac, help="the MAC of the VM's NIC on that tap"),
+    }, allow_none=False)
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self._lock = threading.Lock()
+        self._libvirt: Optional[Libvirt] = None
+
+    @property
+    def libvirt(self) -> Libvirt:
+        """One libvirt connection, opened when the first VM member needs it."""
+        with self._lock:
+            if self._libvirt is None:
+                self._libvirt = Libvirt(self.settings.libvirt_uri)
+            return self._libvirt
+
+    @contextlib.contextmanager
+    def quiet_proof(self, member: VmMember, snapshot: str):
+        yield lambda: wait_tap_drained(member.iface)
+
+    def snapshot(self, member: VmMember, sink, at_cut) -> ImageReport:
+        report = self.libvirt.migrate_out(member.domain, lambda reader: sink.put_stream(VM_IMAGE, reader), at_cut,
+                                          max_bandwidth=self.settings.vm_max_bandwidth)
+        details = report.as_dict()
+        stored = details.pop("stored")
+        details.pop("sha256")
+        files = [{"name": VM_IMAGE, "bytes": stored["bytes"], "sha256": stored["sha256"]}]
+        files += self._store_disks(sink, member, report.disks)
+        return ImageReport(
+            # The guest's pause as QEMU stamps it (STOP -> RESUME); ours also counts libvirt's reply to cont.
+            pause_ms=round(report.qemu_pause_ms if report.qemu_pause_ms is not None else report.pause_ms, 3),
+            bytes=report.bytes + sum(f["bytes"] for f in files[1:]), files=files,
+            details=dict(details, domain=member.domain))
+
+    def _store_disks(self, sink, member: VmMember, disks: list) -> list:
+        """Each disk's image as it was at the cut (frozen: the guest writes to an overlay since),
+        copied standalone and stored beside the RAM image; the guest runs on meanwhile."""
+        files = []
+        scratch = os.path.join(self.settings.work_dir, "disks", sink.snapshot)
+        os.makedirs(scratch, exist_ok=True)
+        try:
+            for disk in disks:
+                name = DISK_IMAGE % disk["target"]
+                copy = os.path.join(scratch, "%s-%s" % (member.name, name))
+                flatten_disk(disk["frozen"], copy)
+                with open(copy, "rb") as reader:
+                    files.append(sink.put_stream(name, reader))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return files
+
+    def restore(self, member: VmMember, directory: str) -> Restored:
+        restore_ms = self.libvirt.restore(os.path.join(directory, VM_IMAGE), member.domain, tap=member.iface,
+                                          mac=member.mac, disks=staged_disks(directory))
+        return Restored(restore_ms, member.iface, {"domain": member.domain})
+
+    def resume(self, member: VmMember) -> None:
+        self.libvirt.resume(member.domain)
+
+    def stop(self, member: VmMember) -> None:
+        self.libvirt.destroy(member.domain)

@@ -1,0 +1,154 @@
+"""The host-side Backend interface and the registry of backends.
+
+A backend knows how to stop, capture, put back and restart one kind of member
+(a CRIU process tree, a libvirt VM...). The helper's orchestration
+(hostside/orchestration.py) is the same for every backend: it calls these
+methods and never asks which backend it holds. A new backend subclasses
+``Backend``, sets the class attributes, implements the abstract methods and is
+registered with ``@register``; its member spec schema then becomes a variant of
+the helper config's ``members`` (chosen by each member's ``backend`` key).
+
+What a backend must provide:
+
+``name``              the value of ``backend:`` in a member spec
+``sends_marker``      True if the member's link carries a cut marker frame sent
+                      while the member is stopped (then the cut call says
+                      ``marker: true``); a paused VM cannot send one, it proves
+                      its tap drained instead
+``restores_paused``   True if a restored member comes back paused with its clock
+                      stopped (the controller restores those first)
+``SCHEMA``            a ``violin_core.schema.Schema`` of the member spec (without
+                      the ``backend`` key)
+``Spec``              the dataclass a validated spec becomes (``name`` first)
+``quiet_proof``       context manager opened before the controller's prepare,
+                      yielding the proof that nothing the member sent before the
+                      cut is still on its way (send the marker / wait for the tap
+                      to drain), run at the cut while the member is stopped
+``snapshot``          capture the member into an ``ImageSink``, calling
+                      ``at_cut()`` exactly once while it is stopped, and resume it
+``restore``           replace the running member by a staged image, left stopped
+``resume``, ``stop``  run a restored member on / stop it for good here
+``start`` (optional)  once, when the helper starts serving
+``stage`` (optional)  check a downloaded image before anything is touched
+"""
+
+import abc
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Type
+
+from violin_core.schema import Schema, Variant
+
+
+@dataclass
+class HostSettings:
+    """What a backend may need of the helper's config."""
+    work_dir: str = "/var/lib/violin-helper"
+    libvirt_uri: str = "qemu:///system"
+    vm_max_bandwidth: int = 4 << 30  # bytes/s a VM's migration stream may take
+
+
+@dataclass
+class ImageReport:
+    """A stored member image, as the done report tells the controller."""
+    pause_ms: float  # how long the member was stopped
+    bytes: int
+    files: List[dict]  # {name, bytes, sha256} of each stored file
+    details: Dict[str, Any] = field(default_factory=dict)  # backend-specific timings, shown under ``image``
+
+
+@dataclass
+class Restored:
+    restore_ms: float
+    port: Optional[str]  # the name of the switch port the member plugs into here (None: cannot be told)
+    details: Dict[str, Any] = field(default_factory=dict)  # shown in the restore answer
+
+
+class ImageSink(abc.ABC):
+    """Where a backend puts a member's image (one snapshot, one member)."""
+    snapshot: str
+    member: str
+
+    @abc.abstractmethod
+    def put_dir(self, directory: str) -> List[dict]:
+        """Store every file of ``directory``; their {name, bytes, sha256}."""
+
+    @abc.abstractmethod
+    def put_stream(self, name: str, reader) -> dict:
+        """Store what ``reader.read(n)`` gives until it is empty as file ``name``; its {name, bytes, sha256}."""
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    sends_marker: ClassVar[bool]
+    restores_paused: ClassVar[bool]
+    SCHEMA: ClassVar[Schema]
+    Spec: ClassVar[type]
+
+    def __init__(self, settings: HostSettings):
+        self.settings = settings
+
+    def member(self, name: str, spec: dict):
+        """The member spec object of a validated spec (the ``backend`` key dropped)."""
+        return self.Spec(name=name, **{k: v for k, v in spec.items() if k != "backend"})
+
+    def start(self) -> None:
+        """Once, before the helper serves."""
+
+    @contextlib.contextmanager
+    def quiet_proof(self, member, snapshot: str) -> Iterator[Callable[[], Any]]:
+        """Yields what proves, at the cut, that the member's link holds nothing it sent earlier."""
+        yield lambda: None
+
+    @abc.abstractmethod
+    def snapshot(self, member, sink: ImageSink, at_cut: Callable[[], Any]) -> ImageReport:
+        """Capture ``member`` into ``sink``; ``at_cut()`` runs once while it is stopped (if it raises,
+        the snapshot fails and the member runs on). The member runs again when this returns."""
+
+    def stage(self, member, directory: str) -> None:
+        """Check a downloaded image in ``directory`` (checksums are already verified)."""
+
+    @abc.abstractmethod
+    def restore(self, member, directory: str) -> Restored:
+        """Replace the running member by the image staged in ``directory``, left stopped."""
+
+    @abc.abstractmethod
+    def resume(self, member) -> None:
+        """Let a restored member run."""
+
+    @abc.abstractmethod
+    def stop(self, member) -> None:
+        """Stop the member here for good (it is restored on another host)."""
+
+
+_REGISTRY: Dict[str, Type[Backend]] = {}
+
+
+def register(cls: Type[Backend]) -> Type[Backend]:
+    """Class decorator: make ``cls`` the backend of members with ``backend: <cls.name>``."""
+    for attribute in ("name", "sends_marker", "restores_paused", "SCHEMA", "Spec"):
+        if not hasattr(cls, attribute):
+            raise TypeError("backend %s lacks %s" % (cls.__name__, attribute))
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> Type[Backend]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise LookupError("no backend %r (registered: %s)" % (name, ", ".join(names()))) from None
+
+
+def names() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def member_schema(default: str = "criu") -> Variant:
+    """A member spec: the schema of its ``backend`` (``default`` when not given)."""
+    return Variant("backend", {name: cls.SCHEMA for name, cls in _REGISTRY.items()}, default=default,
+                   help="which backend snapshots the member: " + ", ".join(names()))

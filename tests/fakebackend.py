@@ -1,0 +1,80 @@
+"""A backend that snapshots nothing, for unit tests of the helper's orchestration (no root).
+
+It records every call in ``calls`` and fails where told: ``fail[step] = exception`` for
+step ``quiet_open`` (opening the quiet proof), ``quiet`` (the proof at the cut), ``before_cut``
+(capture fails before calling at_cut), ``after_cut``, ``stage``, ``restore``, ``resume``, ``stop``.
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+from hostside.backends.base import Backend, ImageReport, Restored, register, unregister
+from violin_core.schema import Field, Schema, unicast_mac
+
+
+@dataclass
+class FakeMember:
+    name: str
+    iface: str
+    mac: str
+
+
+class FakeBackend(Backend):
+    name = "fake"
+    sends_marker = True
+    restores_paused = True
+    Spec = FakeMember
+    SCHEMA = Schema({"iface": Field(str, "fake-eth0"), "mac": Field(str, "00:00:00:00:00:0a", check=unicast_mac)},
+                    allow_none=False)
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.calls, self.fail = [], {}
+
+    def _step(self, step: str, *details):
+        self.calls.append((step,) + details)
+        if step in self.fail:
+            raise self.fail[step]
+
+    @contextlib.contextmanager
+    def quiet_proof(self, member, snapshot):
+        self._step("quiet_open", member.name, snapshot)
+        try:
+            yield lambda: self._step("quiet", member.name) or 0.5
+        finally:
+            self.calls.append(("quiet_close", member.name))
+
+    def snapshot(self, member, sink, at_cut):
+        self._step("before_cut", member.name)
+        proof = at_cut()
+        self._step("after_cut", member.name, proof)
+        directory = os.path.join(self.settings.work_dir, "fake", member.name)
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "memory"), "wb") as handle:
+            handle.write(b"state of " + member.name.encode())
+        files = sink.put_dir(directory)
+        return ImageReport(pause_ms=1.25, bytes=sum(f["bytes"] for f in files), files=files, details={"fake_ms": 2.0})
+
+    def stage(self, member, directory):
+        self._step("stage", member.name, sorted(os.listdir(directory)))
+
+    def restore(self, member, directory):
+        self._step("restore", member.name)
+        return Restored(3.21, member.iface, {"fake": True})
+
+    def resume(self, member):
+        self._step("resume", member.name)
+
+    def stop(self, member):
+        self._step("stop", member.name)
+
+
+@contextlib.contextmanager
+def registered():
+    """The fake backend in the registry for the duration (so a helper config can name it)."""
+    register(FakeBackend)
+    try:
+        yield FakeBackend
+    finally:
+        unregister(FakeBackend.name)

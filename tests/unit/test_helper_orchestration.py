@@ -1,0 +1,411 @@
+"""The helper's orchestration, driven whole through a fake backend (tests/fakebackend.py), no root:
+the order of the controller callbacks, their bodies, the stored image, and a failure at every step
+ending in ``failed`` with a reason, never in an exception out of the job thread."""
+
+import hashlib
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import fakebackend
+from hostside import helper, orchestration, ovs
+from hostside.backends import criu
+
+CALLBACKS = "http://controller:8080/violin/snapshots/s1/members/f1/"
+SNAPSHOT = {"snapshot": "s1", "member": "f1", "epoch": 1, "prepare_url": CALLBACKS + "prepare",
+            "cut_url": CALLBACKS + "cut", "done_url": CALLBACKS + "done", "failed_url": CALLBACKS + "failed"}
+ATTACHMENT = {"dpid": "00000000000000aa", "port": 3}
+
+
+class StoreRefused(RuntimeError):
+    """What the snapshot server client raises (StorageError is a RuntimeError)."""
+
+
+class FakeStore:
+    """Snapshot servers in memory: url -> {(snapshot, member): {file name: bytes}}."""
+
+    def __init__(self):
+        self.images, self.refuse, self.corrupt = {}, False, False
+
+    def client(self, url):
+        store = self
+
+        class Client:
+            def upload_dir(self, snapshot, member, directory):
+                return [self.upload_stream(snapshot, member, name, open(os.path.join(directory, name), "rb"))
+                        for name in sorted(os.listdir(directory))]
+
+            def upload_stream(self, snapshot, member, name, reader):
+                if store.refuse:
+                    raise StoreRefused("snapshot server %s refused %s: disk full" % (url, name))
+                data = b"".join(iter(lambda: reader.read(1 << 16), b""))
+                store.images.setdefault(url, {}).setdefault((snapshot, member), {})[name] = data
+                return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "path": "x"}
+
+            def download_dir(self, snapshot, member, directory):
+                os.makedirs(directory, exist_ok=True)
+                files = []
+                for name, data in store.images[url][(snapshot, member)].items():
+                    with open(os.path.join(directory, name), "wb") as handle:
+                        handle.write(data)
+                    digest = hashlib.sha256(data + (b"!" if store.corrupt else b"")).hexdigest()
+                    files.append({"name": name, "bytes": len(data), "sha256": digest})
+                return files
+
+        return Client()
+
+
+class Rig:
+    """A helper over the fake backend, a fake controller and fake snapshot servers; one timeline."""
+
+    def __init__(self, tmp_path, members=None, spawn=lambda job: job()):
+        raw = {"token": "t", "controller_token": "c", "server_token": "s", "servers": ["http://store:7070"],
+               "work_dir": str(tmp_path), "members": members or {"f1": {"backend": "fake"}}}
+        self.config = helper.parse_config(raw, environ={})
+        self.timeline, self.refuse, self.store = [], set(), FakeStore()
+        self.helper = helper.Helper(self.config, post=self.post, store=self.store.client,
+                                    purge=lambda: self.timeline.append(("purge",)),
+                                    attachment=lambda port: dict(ATTACHMENT, name=port) if port else None,
+                                    spawn=spawn)
+        self.backend = self.config.backends[next(iter(self.config.members))]
+        if isinstance(self.backend, fakebackend.FakeBackend):
+            self.backend.calls = self.timeline
+
+    def post(self, url, body):
+        step = url.rsplit("/", 1)[-1]
+        self.timeline.append((step, body))
+        if step in self.refuse:
+            raise orchestration.ControllerError("controller answered 409 to %s: refused" % step)
+        return {}
+
+    def steps(self):
+        return [entry[0] for entry in self.timeline]
+
+    def reported(self, step):
+        return [entry[1] for entry in self.timeline if entry[0] == step]
+
+
+@pytest.fixture
+def rig(tmp_path):
+    with fakebackend.registered():
+        yield Rig(tmp_path)
+
+
+def test_a_snapshot_calls_prepare_cut_done_in_order_and_stores_the_image(rig):
+    assert rig.helper.start_snapshot(SNAPSHOT) == {"accepted": "s1/f1"}
+    assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet", "cut", "purge", "after_cut",
+                           "quiet_close", "done"]
+    assert rig.reported("prepare") == [{}] and rig.reported("cut") == [{"marker": True}]
+    assert ("after_cut", "f1", 0.5) in rig.timeline  # at_cut hands back the quiet proof's result
+    stored = rig.store.images["http://store:7070"][("s1", "f1")]
+    assert stored == {"memory": b"state of f1"}
+    assert rig.reported("done") == [{
+        "pause_ms": 1.25, "bytes": 11, "server": "http://store:7070",
+        "image": {"backend": "fake", "fake_ms": 2.0, "files": [
+            {"name": "memory", "bytes": 11, "sha256": hashlib.sha256(b"state of f1").hexdigest()}]}}]
+    assert rig.helper.jobs["s1/f1"]["state"] == "done"
+
+
+def test_without_prepare_url_the_cut_urls_sibling_is_used(rig):
+    rig.helper.start_snapshot({k: v for k, v in SNAPSHOT.items() if k != "prepare_url"})
+    assert rig.steps()[1] == "prepare"
+    rig.helper.start_snapshot(dict(SNAPSHOT, snapshot="s2", prepare_url="http://elsewhere/p/ready"))
+    assert ("ready", {}) in rig.timeline
+
+
+def test_a_backend_without_marker_says_so_in_the_cut(rig, monkeypatch):
+    monkeypatch.setattr(fakebackend.FakeBackend, "sends_marker", False)
+    rig.helper.start_snapshot(SNAPSHOT)
+    assert rig.reported("cut") == [{"marker": False}]
+
+
+def _refuse(step):
+    return lambda rig: rig.refuse.add(step)
+
+
+def _backend_fails(step, error):
+    return lambda rig: rig.backend.fail.__setitem__(step, error)
+
+
+def _store_refuses(rig):
+    rig.store.refuse = True
+
+
+FAILURES = {
+    "prepare refused": (_refuse("prepare"), "prepare: refused", ["quiet_open", "prepare", "quiet_close"]),
+    "quiet proof cannot open": (_backend_fails("quiet_open", OSError(19, "No such device")), "No such device",
+                                ["quiet_open"]),
+    "capture fails before the cut": (_backend_fails("before_cut", RuntimeError("criu dump failed")),
+                                     "criu dump failed", ["quiet_open", "prepare", "purge", "before_cut",
+                                                          "quiet_close"]),
+    "the quiet proof fails at the cut": (_backend_fails("quiet", RuntimeError("frames still wait")),
+                                         "frames still wait", ["quiet_open", "prepare", "purge", "before_cut",
+                                                               "quiet", "quiet_close"]),
+    "cut refused": (_refuse("cut"), "cut: refused", ["quiet_open", "prepare", "purge", "before_cut", "quiet", "cut",
+                                                     "quiet_close"]),
+    "capture fails after the cut": (_backend_fails("after_cut", RuntimeError("switchover failed")),
+                                    "switchover failed", None),
+    "store refuses": (_store_refuses, "disk full", None),
+    "done refused": (_refuse("done"), "done: refused", None),
+    "unexpected AttributeError in the backend": (_backend_fails("after_cut", AttributeError("no attribute 'x'")),
+                                                 "no attribute 'x'", None),
+    "unexpected KeyError in the backend": (_backend_fails("before_cut", KeyError("pid")), "'pid'", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_a_failure_at_any_step_reports_failed_with_its_reason(rig, case):
+    inject, reason, steps = FAILURES[case]
+    inject(rig)
+    rig.helper.start_snapshot(SNAPSHOT)
+    assert rig.steps()[-1] == "failed"
+    (failed,) = rig.reported("failed")
+    assert reason in failed["reason"]
+    assert rig.helper.jobs["s1/f1"]["state"] == "failed" and reason in rig.helper.jobs["s1/f1"]["reason"]
+    if steps is not None:
+        assert rig.steps()[:-1] == steps
+    if case != "done refused":
+        assert rig.reported("done") == []
+    if steps != ["quiet_open"]:
+        assert "quiet_close" in rig.steps()  # the marker socket is closed whatever happened after it opened
+
+
+def test_a_refused_failed_report_does_not_escape_either(rig):
+    rig.refuse.update({"cut", "failed"})
+    rig.helper.start_snapshot(SNAPSHOT)
+    assert rig.helper.jobs["s1/f1"]["state"] == "failed"
+
+
+def test_no_exception_escapes_the_background_thread(tmp_path):
+    escaped = []
+    previous, threading.excepthook = threading.excepthook, escaped.append
+    try:
+        with fakebackend.registered():
+            rig = Rig(tmp_path, spawn=orchestration.spawn_thread)
+            rig.backend.fail["after_cut"] = KeyError("boom")
+            rig.refuse.add("failed")
+            rig.helper.start_snapshot(SNAPSHOT)
+            deadline = time.monotonic() + 5
+            while rig.helper.jobs["s1/f1"]["state"] == "running" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)
+    finally:
+        threading.excepthook = previous
+    assert rig.helper.jobs["s1/f1"] == dict(rig.helper.jobs["s1/f1"], state="failed", reason="'boom'")
+    assert escaped == []
+
+
+def test_one_job_per_snapshot_and_member(rig):
+    rig.helper.start_snapshot(SNAPSHOT)
+    with pytest.raises(orchestration.Conflict):
+        rig.helper.start_snapshot(SNAPSHOT)
+
+
+@pytest.mark.parametrize("body,error", [
+    ([], orchestration.BadRequest),
+    ({k: v for k, v in SNAPSHOT.items() if k != "cut_url"}, orchestration.BadRequest),
+    (dict(SNAPSHOT, member=3), orchestration.BadRequest),
+    (dict(SNAPSHOT, member="nobody"), orchestration.UnknownMember),
+])
+def test_bad_snapshot_requests_are_refused_before_any_callback(rig, body, error):
+    with pytest.raises(error):
+        rig.helper.start_snapshot(body)
+    assert rig.timeline == []
+
+
+def _snapshot_and_stage(rig):
+    rig.helper.start_snapshot(SNAPSHOT)
+    (done,) = rig.reported("done")
+    return rig.helper.stage({"snapshot": "s1", "member": "f1", "server": done["server"],
+                             "files": done["image"]["files"]})
+
+
+def test_stage_restore_resume_stop(rig):
+    assert _snapshot_and_stage(rig) == {"staged": "f1", "files": 1, "restores_paused": True}
+    assert ("stage", "f1", ["memory"]) in rig.timeline
+    assert rig.helper.restore({"snapshot": "s1", "member": "f1"}) == {
+        "restored": "f1", "iface": "fake-eth0", "attachment": dict(ATTACHMENT, name="fake-eth0"),
+        "restore_ms": 3.2, "fake": True}
+    assert rig.helper.resume({"snapshot": "s1", "member": "f1"}) == {"resumed": "f1"}
+    assert rig.helper.stop({"snapshot": "s1", "member": "f1"}) == {"stopped": "f1"}
+    assert rig.steps()[-3:] == ["restore", "resume", "stop"]
+
+
+def test_stage_refuses_an_image_whose_checksums_differ(rig):
+    rig.store.corrupt = True
+    with pytest.raises(orchestration.Failed, match="not the one the snapshot recorded"):
+        _snapshot_and_stage(rig)
+    assert "stage" not in rig.steps()  # the backend never sees a wrong image
+
+
+def test_restore_of_an_unstaged_image_is_not_found(rig):
+    with pytest.raises(orchestration.UnknownMember, match="not staged"):
+        rig.helper.restore({"snapshot": "s9", "member": "f1"})
+
+
+@pytest.mark.parametrize("step", ["restore", "resume", "stop"])
+def test_backend_failures_of_restore_resume_stop_are_raised(rig, step):
+    _snapshot_and_stage(rig)
+    rig.backend.fail[step] = RuntimeError("member f1 (pid 1) is not running")
+    with pytest.raises(RuntimeError, match="not running"):
+        getattr(rig.helper, step)({"snapshot": "s1", "member": "f1"})
+    assert orchestration.status_of(RuntimeError()) == 502
+
+
+# --- the CRIU backend's retries, through the same orchestration -------------------------------------
+
+class FakeSocket:
+    def __init__(self):
+        self.sent, self.closed = [], False
+
+    def send(self, frame):
+        self.sent.append(frame)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def criu_rig(tmp_path, monkeypatch):
+    rig = Rig(tmp_path, members={"f1": {"pid": 10, "netns": "/proc/9/ns/net", "iface": "h1-eth0",
+                                        "mac": "00:00:00:00:00:01"}})
+    rig.socket = FakeSocket()
+    rig.dumps = []
+    rig.backend.retry_delay = 0
+    monkeypatch.setattr(criu, "open_marker_socket", lambda netns, iface: rig.socket)
+    return rig
+
+
+def _dumps(rig, outcomes):
+    """criu.dump replaced: each call takes the next outcome: "ok", "fail" (before the cut), "cut-fail"."""
+    def dump(member, images, on_frozen):
+        outcome = outcomes[len(rig.dumps)]
+        rig.dumps.append(outcome)
+        os.makedirs(images, exist_ok=True)
+        if outcome == "fail":
+            raise criu.CriuError("criu dump of f1 failed: queue changed")
+        on_frozen()
+        if outcome == "cut-fail":
+            raise criu.CriuError("criu dump of f1 failed after the cut")
+        with open(os.path.join(images, "pages-1.img"), "wb") as handle:
+            handle.write(b"p" * 100)
+        return criu.DumpReport(images, 4.0, 0.5, 30.0, 100)
+    return dump
+
+
+def test_criu_dumps_failing_before_the_cut_are_retried(criu_rig, monkeypatch):
+    monkeypatch.setattr(criu, "dump", _dumps(criu_rig, ["fail", "fail", "ok"]))
+    criu_rig.helper.start_snapshot(SNAPSHOT)
+    assert criu_rig.dumps == ["fail", "fail", "ok"] and criu_rig.steps() == ["prepare", "purge", "cut", "purge", "done"]
+    assert criu_rig.reported("cut") == [{"marker": True}] and len(criu_rig.socket.sent) == 1 and criu_rig.socket.closed
+    (done,) = criu_rig.reported("done")
+    assert done["pause_ms"] == 4.0 and done["image"]["backend"] == "criu" and done["image"]["dump_ms"] == 30.0
+    assert [f["name"] for f in done["image"]["files"]] == ["pages-1.img"]
+    assert not os.path.exists(os.path.join(criu_rig.config.work_dir, "s1", "f1"))  # the local copy is gone
+
+
+def test_criu_dumps_failing_every_time_fail_the_snapshot(criu_rig, monkeypatch):
+    monkeypatch.setattr(criu, "dump", _dumps(criu_rig, ["fail"] * criu.DUMP_ATTEMPTS))
+    criu_rig.helper.start_snapshot(SNAPSHOT)
+    assert len(criu_rig.dumps) == criu.DUMP_ATTEMPTS and criu_rig.steps() == ["prepare", "purge", "failed"]
+    assert "queue changed" in criu_rig.reported("failed")[0]["reason"] and criu_rig.socket.closed
+
+
+def test_a_criu_dump_failing_after_the_cut_is_not_retried(criu_rig, monkeypatch):
+    monkeypatch.setattr(criu, "dump", _dumps(criu_rig, ["cut-fail", "ok"]))
+    criu_rig.helper.start_snapshot(SNAPSHOT)
+    assert criu_rig.dumps == ["cut-fail"] and criu_rig.steps()[-1] == "failed"
+    assert criu_rig.helper.jobs["s1/f1"]["state"] == "failed"
+
+
+# --- through the HTTP handler ---------------------------------------------------------------------
+
+@pytest.fixture
+def served(rig):
+    server = helper.listen("127.0.0.1", 0, helper.make_handler(rig.helper), "test")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rig.url = "http://127.0.0.1:%d" % server.server_address[1]
+    yield rig
+    server.shutdown()
+    server.server_close()
+
+
+def call(rig, path, body, token="t", raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(rig.url + path, data, {"Authorization": "Bearer " + token,
+                                                            "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_http_snapshot_and_restore(served):
+    assert call(served, "/snapshot", SNAPSHOT) == (202, {"accepted": "s1/f1"})
+    (done,) = served.reported("done")
+    status, answer = call(served, "/stage", {"snapshot": "s1", "member": "f1", "server": done["server"],
+                                             "files": done["image"]["files"]})
+    assert status == 200 and answer["restores_paused"] is True
+    status, answer = call(served, "/restore", {"snapshot": "s1", "member": "f1"})
+    assert status == 200 and answer["attachment"]["dpid"] == "00000000000000aa"
+
+
+@pytest.mark.parametrize("path,body,raw,status,error", [
+    ("/snapshot", None, b"{not json", 400, "bad_request"),
+    ("/snapshot", ["a"], None, 400, "bad_request"),
+    ("/resume", {"snapshot": "s1"}, None, 400, "bad_request"),
+    ("/resume", {"snapshot": "s1", "member": "nobody"}, None, 404, "not_found"),
+    ("/restore", {"snapshot": "s9", "member": "f1"}, None, 404, "not_found"),
+    ("/nowhere", {}, None, 404, "not_found"),
+])
+def test_http_errors_have_one_shape(served, path, body, raw, status, error):
+    answer = call(served, path, body, raw=raw)
+    assert answer[0] == status and answer[1]["error"] == error and answer[1]["reason"]
+
+
+def test_http_conflict_unauthorized_backend_failure_and_unexpected(served, capsys):
+    call(served, "/snapshot", SNAPSHOT)
+    assert call(served, "/snapshot", SNAPSHOT)[0] == 409
+    assert call(served, "/resume", {"snapshot": "s1", "member": "f1"}, token="wrong") == (
+        401, {"error": "unauthorized", "reason": "missing or wrong bearer token"})
+    served.backend.fail["resume"] = RuntimeError("member f1 (pid 1) is not running")
+    assert call(served, "/resume", {"snapshot": "s1", "member": "f1"}) == (
+        502, {"error": "failed", "reason": "member f1 (pid 1) is not running"})
+    served.backend.fail["resume"] = AttributeError("'NoneType' object has no attribute 'pid'")
+    status, answer = call(served, "/resume", {"snapshot": "s1", "member": "f1"})
+    assert status == 500 and answer == {"error": "internal", "reason": "'NoneType' object has no attribute 'pid'"}
+    served.backend.fail["stop"] = KeyError("pid")
+    assert call(served, "/stop", {"snapshot": "s1", "member": "f1"})[0] == 500
+    assert "Traceback" in capsys.readouterr().err
+
+
+# --- ovs.attachment -------------------------------------------------------------------------------
+
+def fake_vsctl(answers):
+    return lambda *argv: answers.get(argv)
+
+
+def test_attachment_is_datapath_id_and_openflow_port():
+    vsctl = fake_vsctl({("iface-to-br", "s1-eth2"): "s1", ("get", "Bridge", "s1", "datapath_id"): '"00000000000000A1"',
+                        ("get", "Interface", "s1-eth2", "ofport"): "2"})
+    assert ovs.attachment("s1-eth2", vsctl) == {"dpid": "00000000000000a1", "port": 2}
+
+
+@pytest.mark.parametrize("answers", [
+    {},  # no such port
+    {("iface-to-br", "p"): "s1", ("get", "Bridge", "s1", "datapath_id"): '"00000000000000a1"',
+     ("get", "Interface", "p", "ofport"): "-1"},  # the port failed
+    {("iface-to-br", "p"): "s1", ("get", "Bridge", "s1", "datapath_id"): '"00000000000000a1"',
+     ("get", "Interface", "p", "ofport"): "[]"},  # not attached yet
+    {("iface-to-br", "p"): "s1", ("get", "Bridge", "s1", "datapath_id"): "[]",
+     ("get", "Interface", "p", "ofport"): "1"},  # no datapath yet
+])
+def test_attachment_is_none_when_it_cannot_be_told(answers):
+    assert ovs.attachment("p", fake_vsctl(answers)) is None
+    assert ovs.attachment(None, fake_vsctl(answers)) is None
