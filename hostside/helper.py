@@ -49,8 +49,7 @@ import json
 import os
 import sys
 import traceback
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
@@ -58,6 +57,7 @@ from hostside import backends, ovs
 from hostside.backends import Backend
 from hostside.httpd import JsonHandler, listen, serve
 from hostside.orchestration import BadRequest, ControllerError, Orchestrator, status_of
+from violin_client.api import ApiClient, ApiError, Unreachable
 from violin_core.errors import error_body
 from violin_core.schema import Field, ListOf, MapOf, Schema, SchemaError, host_port, matches, name
 
@@ -121,22 +121,16 @@ def parse_config(raw, environ=os.environ) -> HelperConfig:
 
 
 def controller_poster(token: str, timeout: float = 30.0) -> Callable[[str, dict], object]:
-    """POST a JSON callback to the controller; raises ControllerError with its reason."""
+    """POST a JSON callback to the controller (the one API client); raises ControllerError with its reason."""
     def post(url: str, body: dict):
-        request = urllib.request.Request(url, json.dumps(body).encode(), {
-            "Content-Type": "application/json", "Authorization": "Bearer " + token})
+        parts = urllib.parse.urlsplit(url)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            text = error.read().decode("utf-8", "replace")
-            try:
-                reason = json.loads(text).get("reason", text)
-            except (ValueError, AttributeError):
-                reason = text
-            raise ControllerError("controller answered %d to %s: %s" % (error.code, url.rsplit("/", 1)[-1], reason))
-        except (urllib.error.URLError, OSError) as error:
-            raise ControllerError("controller unreachable at %s: %s" % (url, error))
+            return ApiClient("%s://%s" % (parts.scheme, parts.netloc), token, timeout).call("POST", parts.path, body)
+        except Unreachable as error:
+            raise ControllerError("controller unreachable at %s: %s" % (url, error.why)) from None
+        except ApiError as error:
+            raise ControllerError("controller answered %s to %s: %s" % (
+                error.status, url.rsplit("/", 1)[-1], error.reason)) from None
     return post
 
 

@@ -16,13 +16,11 @@ green semaphore; under os-ken's native threads a real one.
 
 import dataclasses
 import functools
-import json
 import logging
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -54,6 +52,7 @@ try:
 except ModuleNotFoundError:
     ControllerBase = WSGIApplication = route = None
 
+from violin_client.api import ApiClient, Unreachable
 from violin_core import of
 from violin_core.config import ConfigError, load as load_config
 from violin_core.controller import ControllerIO, ViolinController
@@ -318,22 +317,12 @@ class HubIO(ControllerIO):
 
     @staticmethod
     def _post_json(url, body, timeout, token, method):
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = "Bearer " + token
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data, headers, method=method)
+        parts = urllib.parse.urlsplit(url)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            text = error.read().decode("utf-8", "replace")
-            try:
-                return error.code, json.loads(text)
-            except ValueError:
-                return error.code, text[:500]
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            return None, str(error)
+            return ApiClient("%s://%s" % (parts.scheme, parts.netloc), token, timeout).request(
+                method, parts.path, body)
+        except Unreachable as error:
+            return None, error.reason
 
 
 def _conf(name, default):

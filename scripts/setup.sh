@@ -35,7 +35,7 @@ bash "$REPO/scripts/install_criu.sh"
 bash "$REPO/scripts/install_qemu.sh"
 
 # 3. Python virtual environment, pinned; reinstalled only when the pins or packaging change.
-want="$(cat "$REPO/requirements.txt" "$REPO/setup.cfg" "$REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$REPO/requirements.txt" "$REPO/setup.cfg" "$REPO/setup.py" "$REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [[ -x $VENV/bin/python && -f $STAMP && $(cat "$STAMP") == "$want" ]]; then
     say "virtual environment $VENV up to date"
 else
@@ -45,7 +45,7 @@ else
     "${pip[@]}" install setuptools==65.5.0 pbr==7.1.3 wheel 2>&1 | grep -v "^WARNING: Location" || true
     "${pip[@]}" install --no-build-isolation -r "$REPO/requirements.txt" 2>&1 | grep -v "^WARNING: Location" || true
     "${pip[@]}" install --no-build-isolation --no-deps -e "$REPO" 2>&1 | grep -v "^WARNING: Location" || true
-    "$VENV/bin/python" -c "import ryu, networkx, libvirt, pytest, violin_core" ||
+    "$VENV/bin/python" -c "import ryu, networkx, libvirt, pytest, violin_core, violin_client, hostside.backends, hostside.store" ||
         die "the virtual environment is incomplete (see pip's output above)"
     echo "$want" >"$STAMP"
 fi
