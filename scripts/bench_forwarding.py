@@ -26,6 +26,7 @@ from contextlib import ExitStack
 from benchkit import (ROOT, BenchError, bring_up, check_host, handle_signals, ignore_signals,  # sets sys.path
                       machine_info, run, run_guarded, save, timestamp)
 from lab.lab import ControllerProcess, run_prefix
+from lab.slicelab import stop_daemon
 from topologies.tree import LineTopo
 
 CONTROLLERS = (  # (label, ryu app, serves REST)
@@ -40,18 +41,6 @@ PING_INTERVAL = 0.05
 
 
 # --- helpers -------------------------------------------------------------------
-
-
-def _kill(proc):
-    """Stop one process this script started (by its pid)."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(3)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(3)
 
 
 def ping_stats(host, ip, count, interval, deadline):
@@ -148,8 +137,9 @@ def iperf(h1, h2, seconds):
             "max_rtt_us": [stream.get("sender", {}).get("max_rtt") for stream in end.get("streams", [])],
         }
     finally:
-        _kill(client)
-        _kill(server)
+        for proc in (client, server):
+            if proc is not None:
+                stop_daemon(proc)
 
 
 # --- one round -----------------------------------------------------------------
