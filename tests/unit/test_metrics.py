@@ -23,7 +23,7 @@ from violin_core.errors import Refused
 from violin_core.members import parse_member
 from violin_core.metrics import ControllerMetrics
 from violin_core.routes import build_rest_app
-from test_snapshot import A, B, C, make_harness, send
+from test_snapshot import A, B, make_harness, send
 
 IMAGE = {"server": "http://srv", "image": {"files": [{"name": "f", "sha256": "x"}]}}
 
