@@ -97,7 +97,8 @@ def test_a_timed_out_snapshot_and_dropped_frames_are_counted(tmp_path):
     h.controller.cut(sid, "A")
     for seq in range(4):  # 64-byte frames: two fit the bound, two are dropped
         send(h, A, B, seq)
-    assert metrics.value("violin_snapshot_frames_total", action="dropped") == h.coordinator.current.counts["dropped"] == 2
+    dropped = metrics.value("violin_snapshot_frames_total", action="dropped")
+    assert dropped == h.coordinator.current.counts["dropped"] == 2
     h.advance(6.0)  # the ticker aborts it
     assert h.controller.snapshot_view(sid)["state"] == "aborted"
     assert metrics.value("violin_snapshots_total", state="aborted") == 1
