@@ -168,6 +168,9 @@ def make_handler(helper: Helper):
         def do_GET(self):
             if self.path == "/health":
                 return self.send_json(200, {"status": "ok", "members": sorted(helper.config.members)})
+            if self.path == "/metrics":  # unauthenticated, like /health
+                content_type, data = helper.metrics.exposition()
+                return self.send_text(200, data, content_type)
             if self.path == "/jobs" and self._authorized():
                 return self.send_json(200, helper.jobs)
             if self.path != "/jobs":

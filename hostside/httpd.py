@@ -22,6 +22,14 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def send_text(self, status: int, data: bytes, content_type: str) -> None:
+        """A non-JSON answer (the metrics' text exposition)."""
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def bearer_is(self, token: str) -> bool:
         """Whether the request carries ``Authorization: Bearer <token>`` (constant-time compare)."""
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")

@@ -28,6 +28,7 @@ import zlib
 from typing import Callable, Dict, List, Optional, Tuple
 
 from hostside.backends.base import Backend, ImageSink
+from hostside.metrics import HelperMetrics
 from violin_core.schema import Field, ListOf, Schema, SchemaError
 
 LOG = logging.getLogger("violin-helper")
@@ -124,8 +125,10 @@ class Orchestrator:
                  post: Callable[[str, dict], object], store: Callable[[str], object],
                  purge: Callable[[], object] = lambda: None,
                  attachment: Callable[[Optional[str]], Optional[dict]] = lambda port: None,
-                 clock: Callable[[], float] = time.time, spawn: Callable[[Callable[[], None]], None] = spawn_thread):
+                 clock: Callable[[], float] = time.time, spawn: Callable[[Callable[[], None]], None] = spawn_thread,
+                 metrics: Optional[HelperMetrics] = None):
         self.members, self.servers, self.work_dir = members, servers, work_dir
+        self.metrics = HelperMetrics() if metrics is None else metrics  # its own registry unless given
         self.post, self.store, self.purge, self.attachment = post, store, purge, attachment
         self.clock, self.spawn = clock, spawn
         self.jobs: Dict[str, dict] = {}
@@ -173,6 +176,7 @@ class Orchestrator:
                     type(error), error, error.__traceback__)))
             reason = str(error) or type(error).__name__
             self.jobs[key].update(state="failed", reason=reason)
+            self.metrics.snapshot_failed(backend.name)
             try:
                 self.post(body["failed_url"], {"reason": reason[:1000]})
             except Exception as post_error:  # the controller's own timeout will fail the member
@@ -192,10 +196,13 @@ class Orchestrator:
                 self.purge()
                 return proof
 
+            began = self.clock()
             report = backend.snapshot(member, sink, at_cut)
+            seconds = self.clock() - began
         self.post(body["done_url"], {
             "pause_ms": report.pause_ms, "bytes": report.bytes, "server": server,
             "image": dict(report.details, backend=backend.name, files=report.files)})
+        self.metrics.snapshot_done(backend.name, seconds, report)  # once the controller has it
 
     # --- restore ----------------------------------------------------------------------------
 

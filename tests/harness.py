@@ -74,11 +74,12 @@ class Harness:
     """A controller driving a simulated network; ``now`` is advanced by hand."""
 
     def __init__(self, switch_ports, links, settings=FabricSettings(), snapshot=SnapshotSettings(),
-                 state_dir="/nonexistent", members=()):
+                 state_dir="/nonexistent", members=(), metrics=None):
         self.now = 0.0
         self.io = FakeIO(self)
         config = Config(settings, "token", state_dir, snapshot, tuple(members), advertise_url="http://ctl:8080/")
-        self.controller = ViolinController(config, lambda: self.now, lambda: WALL_OFFSET + self.now, self.io)
+        self.controller = ViolinController(config, lambda: self.now, lambda: WALL_OFFSET + self.now, self.io,
+                                           metrics=metrics)
         self.fabric = self.controller.fabric
         self.fabric.nonce = b"testnonc"
         self.coordinator = self.controller.coordinator

@@ -9,8 +9,9 @@ helpers stream a member's image files here over HTTP as they are produced.
     GET    /images/<snapshot>/<member>          {"snapshot", "member", "files": [{name, bytes, sha256}]}
     DELETE /images/<snapshot>                   prune a snapshot's images
     GET    /health
+    GET    /metrics                             Prometheus text exposition (README "Metrics")
 
-Every call but /health needs ``Authorization: Bearer <token>``. Errors answer
+Every call but /health and /metrics needs ``Authorization: Bearer <token>``. Errors answer
 ``{"error": <name>, "reason": <text>}`` (``violin_core.errors``). This is only the
 HTTP side: what keeps the files is a ``Store`` (``--store file:DIR``, or ``--dir DIR``;
 see ``hostside.store.base`` for the rules every store keeps, atomic puts first).
@@ -23,6 +24,7 @@ import sys
 import traceback
 
 from hostside.httpd import JsonHandler, listen, serve
+from hostside.metrics import ServerMetrics
 from violin_core.errors import error_body
 
 from . import open_store, store_class
@@ -58,7 +60,9 @@ def read_chunked(stream):
             raise ValueError("chunk not terminated by CRLF")
 
 
-def make_handler(store: Store, token: str):
+def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
+    metrics = ServerMetrics() if metrics is None else metrics  # its own registry unless given
+
     class Handler(JsonHandler):
         answered = False  # whether this request's status line went out (then no error answer can follow)
 
@@ -96,8 +100,8 @@ def make_handler(store: Store, token: str):
 
         def _parts(self):
             """Validated path parts after /images, or None after answering an error."""
-            if self.path == "/health":
-                return ["health"]
+            if self.path in ("/health", "/metrics"):
+                return [self.path[1:]]
             if not self.bearer_is(token):
                 self._error(401, "missing or wrong bearer token")
                 return None
@@ -122,6 +126,9 @@ def make_handler(store: Store, token: str):
         def _get(self, parts):
             if parts == ["health"]:
                 return self.send_json(200, {"status": "ok", "root": store.root})
+            if parts == ["metrics"]:
+                content_type, data = metrics.exposition()
+                return self.send_text(200, data, content_type)
             if len(parts) == 2:
                 files = store.index(*parts)
                 if files is None:
@@ -151,11 +158,19 @@ def make_handler(store: Store, token: str):
             try:
                 info = store.put(*parts, body, self.headers.get("X-Sha256"))
             except OSError as error:
+                metrics.refused("storage_error")
                 return self._error(507, "cannot store %s: %s" % ("/".join(parts), error.strerror or error))
+            except ChecksumMismatch:
+                metrics.refused("checksum_mismatch")
+                raise
+            except (InvalidName, ValueError):
+                metrics.refused("bad_request")
+                raise
+            metrics.stored(info.bytes)
             self.send_json(201, dict(info.as_dict(), location="/images/" + "/".join(parts)))
 
         def _delete(self, parts):
-            if parts == ["health"] or len(parts) != 1:
+            if len(parts) != 1 or parts[0] in ("health", "metrics"):
                 return self._error(400, "DELETE /images/<snapshot>")
             if not store.delete(parts[0]):
                 return self._error(404, "no images for snapshot %s" % parts[0])

@@ -21,6 +21,7 @@ from .coordinator import Coordinator, CutState, SnapshotPhase, SnapshotState
 from .errors import Refused, reason_of
 from .fabric import Fabric
 from .members import parse_member
+from .metrics import ControllerMetrics
 from .policy import Vids
 from .restore import Restorer
 from .schedule import SCHEDULE_LABEL, Scheduler
@@ -77,8 +78,9 @@ class ControllerIO:
 
 class ViolinController:
     def __init__(self, config: Config, clock: Callable[[], float], wall_clock: Callable[[], float],
-                 io: Optional[ControllerIO] = None):
+                 io: Optional[ControllerIO] = None, metrics: Optional[ControllerMetrics] = None):
         self.config = config
+        self.metrics = ControllerMetrics() if metrics is None else metrics  # its own registry unless given
         self.clock = clock
         self.wall_clock = wall_clock
         self.io = io
@@ -94,7 +96,8 @@ class ViolinController:
         self.connected: set = set()
         self.errors: dict = {}
         self.restorer = Restorer(self.coordinator, self.catalogue, io, config.snapshot, config.helper_token,
-                                 clock, wall_clock, background=self.background)
+                                 clock, wall_clock, background=self.background,
+                                 started=self.metrics.restore_started, ended=self.metrics.restore_ended)
         self.scheduler = Scheduler(self.catalogue, clock, wall_clock, take=self.start_snapshot,
                                    delete=self.delete_snapshot, busy=self._busy_for_schedule)
 
@@ -102,19 +105,23 @@ class ViolinController:
 
     def switch_up(self, dpid: int, ports: Iterable[Tuple[int, str, bool]]) -> List[of.Message]:
         self.connected.add(dpid)
+        self.metrics.switches_connected(len(self.connected))
         return self.fabric.switch_up(self.clock(), dpid, ports)
 
     def switch_down(self, dpid: int) -> List[of.Message]:
         self.connected.discard(dpid)
+        self.metrics.switches_connected(len(self.connected))
         return self.fabric.switch_down(self.clock(), dpid)
 
     def port_changed(self, dpid: int, port_no: int, name: str, up: bool, deleted: bool) -> List[of.Message]:
         return self.fabric.port_changed(self.clock(), dpid, port_no, name, up, deleted)
 
     def packet_in(self, dpid: int, in_port: int, data: bytes, role: Optional[int] = None) -> List[of.Message]:
+        self.metrics.packet_in(role)
         if role in SNAPSHOT_ROLES:
             late_record = role == of.ROLE_RECORD and not self.coordinator.running()
             messages = self.coordinator.packet_in(self.clock(), self.wall_clock(), dpid, in_port, data, role)
+            self.metrics.frames_counted(self.coordinator.current)
             if late_record:
                 self._late_record()
             return messages
@@ -131,6 +138,7 @@ class ViolinController:
         messages += self.coordinator.tick(now, self.wall_clock())
         if was_running and not self.coordinator.running():
             self._persist()
+            self.metrics.snapshot_ended(self.coordinator.current)
         if self.scheduler.due(now):
             self.background(self.scheduler.turn, on_failure=self.scheduler.skip)
         return messages
@@ -141,6 +149,7 @@ class ViolinController:
         values = schema.request_body(SNAPSHOT_BODY, body)
         snapshot, messages = self.coordinator.start(self.clock(), self.wall_clock(), values["members"],
                                                     values["label"], values["timeout_s"])
+        self.metrics.snapshot_started()
         self._persist()
         if not self.io.send_and_barrier(messages, set(self.fabric.switches), self.config.snapshot.barrier_timeout):
             self._abort("the switches did not confirm the snapshot rules within %.1f s"
@@ -192,13 +201,17 @@ class ViolinController:
         flip_ms = (self.clock() - started) * 1000.0
         self.io.send(releases)  # queued behind the answer's rules; the member resumes meanwhile
         self.coordinator.cut_done(self.wall_clock(), snapshot_id, name, flip_ms)
+        self.metrics.member_cut(name, flip_ms)
+        self.metrics.frames_counted(self.coordinator.current)
         self._persist()
         return {"snapshot": snapshot_id, "member": name, "epoch": member.epoch,
                 "flip_started": started_wall, "cut_time": cut.cut_time, "flip_ms": cut.flip_ms}
 
     def done(self, snapshot_id: str, name: str, report: dict) -> dict:
         report = {k: v for k, v in schema.request_body(DONE_REPORT, report).items() if k in report}
-        if self.coordinator.done(snapshot_id, name, report):
+        finished = self.coordinator.done(snapshot_id, name, report)
+        self.metrics.member_done(name, report)
+        if finished:
             self.background(self.drain_and_complete, snapshot_id, on_failure=self._abort_snapshot(snapshot_id))
         self._persist()
         return self.snapshot_view(snapshot_id)
@@ -255,7 +268,9 @@ class ViolinController:
             snapshot.state, snapshot.phase = SnapshotState.ABORTED, SnapshotPhase.ABORTED
             snapshot.reason = "the snapshot could not be sealed: %s: %s" % (type(error).__name__, error)
             LOG.warning("snapshot %s aborted: %s", snapshot.id, snapshot.reason)
+            self.metrics.snapshot_ended(snapshot)
             return
+        self.metrics.snapshot_ended(snapshot)
         LOG.info("snapshot %s complete: %d members, %d frames of channel state (drain by %s)",
                  snapshot.id, len(snapshot.participants), len(frames), method)
         if snapshot.label == SCHEDULE_LABEL:
@@ -300,6 +315,7 @@ class ViolinController:
         if self.io is not None:
             self.io.send(messages)
         self._persist()
+        self.metrics.snapshot_ended(self.coordinator.current)
         LOG.warning("snapshot %s aborted: %s", self.coordinator.current.id, reason)
 
     def _late_record(self) -> None:

@@ -2,7 +2,8 @@
 
 A plain WSGI application (webob, no ryu). Handlers receive the parsed JSON body
 and the URL variables and return a JSON-ready value (or a ``(status, value)``
-pair); a ``Refused`` becomes the one JSON error shape (``violin_core.errors``)
+pair), or a ``Body`` for the rare route that answers something else (the
+metrics' text exposition); a ``Refused`` becomes the one JSON error shape (``violin_core.errors``)
 with its status, anything unexpected a logged 500: never a traceback.
 """
 
@@ -18,6 +19,13 @@ from .errors import Refused, error_body
 
 LOG = logging.getLogger("violin.rest")
 PREFIX = "/violin"
+
+
+class Body:
+    """A handler's non-JSON answer: raw bytes with their content type."""
+
+    def __init__(self, data: bytes, content_type: str):
+        self.data, self.content_type = data, content_type
 
 
 class Route:
@@ -52,6 +60,11 @@ class RestApp:
         except Exception:  # last line of defence, logged in full
             LOG.exception("REST handler failed: %s %s", request.method, request.path)
             status, body = 500, error_body(500, "internal error; see the controller log")
+        if isinstance(body, Body):
+            response = Response(status=status)
+            response.headers["Content-Type"] = body.content_type
+            response.body = body.data
+            return response
         response = Response(status=status, content_type="application/json", charset="utf-8")
         response.text = json.dumps(body, indent=1, sort_keys=True) + "\n"
         return response

@@ -69,10 +69,12 @@ class Restorer:
     """Runs restore jobs against the coordinator, the fabric, the catalogue and the helpers."""
 
     def __init__(self, coordinator, catalogue, io, settings, helper_token: Optional[str],
-                 clock: Callable[[], float], wall_clock: Callable[[], float], background: Callable):
+                 clock: Callable[[], float], wall_clock: Callable[[], float], background: Callable,
+                 started: Callable[[], None] = lambda: None, ended: Callable[[RestoreJob], None] = lambda job: None):
         self.coordinator, self.fabric, self.catalogue = coordinator, coordinator.fabric, catalogue
         self.io, self.settings, self.helper_token = io, settings, helper_token
         self.clock, self.wall_clock, self.background = clock, wall_clock, background
+        self.started, self.ended = started, ended  # told when a job starts and ends (the metrics)
         self.jobs: Dict[str, RestoreJob] = {}
 
     def running(self) -> Optional[RestoreJob]:
@@ -113,6 +115,7 @@ class Restorer:
         job = RestoreJob("restore-%s-%s" % (snapshot_id, os.urandom(2).hex()), snapshot_id, manifest["epoch"],
                          members, self.wall_clock())
         self.jobs[job.id] = job
+        self.started()
         self.background(self.run, job.id, on_failure=lambda reason: self._fail(job, reason))
         return job.view()
 
@@ -196,13 +199,17 @@ class Restorer:
             timed(RestorePhase.RESUMING, lambda: [self._helper_call(job, n, "resume") for n in names])
             job.state, job.phase = RestoreState.COMPLETE, RestorePhase.COMPLETE
             job.finished = self.wall_clock()
+            self.ended(job)
         except (RuntimeError, Refused, OSError) as error:
             self._fail(job, str(getattr(error, "reason", error)))
 
     def _fail(self, job: RestoreJob, reason: str) -> None:
         """End ``job`` as failed: the quarantine lifted, what was restored already let run (rather than
         stay frozen), and later restores and snapshots free to start."""
+        was_running = job.state == RestoreState.RUNNING
         job.state, job.reason, job.finished = RestoreState.FAILED, reason, self.wall_clock()
+        if was_running:
+            self.ended(job)
         LOG.warning("restore %s failed: %s", job.id, reason)
         if self.coordinator.quarantined:
             self.io.send(self.coordinator.lift_quarantine(self.clock()))

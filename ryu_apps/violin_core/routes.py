@@ -5,7 +5,7 @@ from .controller import ViolinController
 from .coordinator import SnapshotState
 from .errors import Refused
 from .members import parse_member
-from .rest import RestApp
+from .rest import Body, RestApp
 
 
 def build_rest_app(controller: ViolinController) -> RestApp:
@@ -16,6 +16,11 @@ def build_rest_app(controller: ViolinController) -> RestApp:
     @route("GET", "/health")
     def health(_body):
         return controller.health()
+
+    @route("GET", "/metrics")
+    def metrics(_body):
+        content_type, data = controller.metrics.exposition()
+        return Body(data, content_type)
 
     @route("GET", "/topology")
     def topology(_body):

@@ -34,9 +34,9 @@ def h(tmp_path):
     return make_harness(tmp_path)
 
 
-def make_harness(tmp_path, members=("A", "B", "C"), marker=False, **snapshot_settings):
+def make_harness(tmp_path, members=("A", "B", "C"), marker=False, metrics=None, **snapshot_settings):
     harness = Harness({1: [1, 3, 4], 2: [1, 2, 5]}, [((1, 3), (2, 2))], FabricSettings(),
-                      SnapshotSettings(**snapshot_settings), state_dir=str(tmp_path / "state"))
+                      SnapshotSettings(**snapshot_settings), state_dir=str(tmp_path / "state"), metrics=metrics)
     harness.start()
     for mac, (dpid, port) in WHERE.items():
         harness.send(dpid, port, eth_frame(BCAST, mac, 0x0806))
