@@ -72,10 +72,10 @@ HelperConfigError = SchemaError  # what a malformed config raises; its ``path`` 
 class HelperConfig:
     host: str
     port: int
-    token: str
-    controller_token: str
+    token: str = field(repr=False)  # secrets never in a repr (or a log of one)
+    controller_token: str = field(repr=False)
     servers: List[str]
-    server_token: str
+    server_token: str = field(repr=False)
     work_dir: str
     members: Dict[str, object]  # name -> its backend's spec (backends.criu.CriuMember, backends.libvirt.VmMember...)
     libvirt_uri: str = "qemu:///system"

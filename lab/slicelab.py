@@ -19,9 +19,11 @@ from violin_client.api import ApiClient, Unreachable
 SERVER_TOKEN, HELPER_TOKEN = "server-secret", "helper-secret"
 
 
-def start_daemon(argv, url, log_path, timeout=15.0, ca_file=None):
+def start_daemon(argv, url, log_path, timeout=15.0, ca_file=None, env=None):
+    """Start a daemon and wait for its /health (over HTTPS verified by ``ca_file`` for an https:// url).
+    Tokens go in ``env`` or config files, never in ``argv`` (which every local user can read)."""
     with open(log_path, "w") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline, health = time.monotonic() + timeout, ApiClient(url, timeout=5.0, ca_file=ca_file)
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -73,8 +75,9 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
     try:
         daemons.append(start_daemon(
             [sys.executable, "-m", "hostside.store.server", "--listen", "127.0.0.1:%d" % server_port,
-             "--dir", os.path.join(workdir, "images"), "--token", SERVER_TOKEN] + server_tls,
-            server_url, os.path.join(workdir, "server.log"), ca_file=ca_file))
+             "--dir", os.path.join(workdir, "images")] + server_tls,
+            server_url, os.path.join(workdir, "server.log"), ca_file=ca_file,
+            env=dict(os.environ, VIOLIN_SERVER_TOKEN=SERVER_TOKEN)))
         members.start()
         config = {
             "listen": "127.0.0.1:%d" % helper_port, "token": HELPER_TOKEN, "controller_token": controller.token,

@@ -51,13 +51,13 @@ class Timeline:
         print("[%6.2f s] %s" % (time.monotonic() - self.started, text), flush=True)
 
 
-def start_in_host(host, workdir, argv, log_name):
+def start_in_host(host, workdir, argv, log_name, env=None):
     """A process in ``host`` whose stdio and cwd are opened inside the host (CRIU can dump it)."""
     os.makedirs(workdir, exist_ok=True)
     open(os.path.join(workdir, "stdin"), "a").close()
     command = "cd %s && exec %s <stdin >%s 2>&1" % (shlex.quote(workdir), " ".join(shlex.quote(a) for a in argv),
                                                   shlex.quote(log_name))
-    return host.popen(["sh", "-c", command], stdin=None, stdout=None, stderr=None)
+    return host.popen(["sh", "-c", command], stdin=None, stdout=None, stderr=None, env=env)
 
 
 def read_progress(path):
@@ -227,8 +227,9 @@ def run(args, timeline):
                 address, _ = lab.attach_out_of_band(net, get(name), index, topo.prefix)
                 processes[name] = start_in_host(get(name), os.path.join(workdir, name), [
                     sys.executable, "-m", "hostside.store.server", "--listen", "0.0.0.0:%d" % SERVER_PORT,
-                    "--dir", os.path.join(workdir, name, "images"), "--token", slicelab.SERVER_TOKEN]
-                    + (["--tls-cert", tls["cert"], "--tls-key", tls["key"]] if tls else []), "server.log")
+                    "--dir", os.path.join(workdir, name, "images")]
+                    + (["--tls-cert", tls["cert"], "--tls-key", tls["key"]] if tls else []), "server.log",
+                    env=dict(os.environ, VIOLIN_SERVER_TOKEN=slicelab.SERVER_TOKEN))  # not in argv: ps shows it
                 servers.append("%s://%s:%d" % (scheme, address, SERVER_PORT))
             for url in servers:
                 _wait_health(url, ca_file=ca_file)

@@ -14,7 +14,7 @@ and ``VIOLIN_HELPER_TOKEN`` overrides ``api.helper_token``; ``VIOLIN_CA_FILE`` o
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from . import schema
@@ -74,12 +74,12 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Config:
     fabric: FabricSettings = FabricSettings()
-    api_token: Optional[str] = None
+    api_token: Optional[str] = field(default=None, repr=False)  # secrets never in a repr (or a log of one)
     state_directory: str = "/var/lib/violin-snapshot"
     snapshot: SnapshotSettings = SnapshotSettings()
     members: tuple = ()
-    helper_token: Optional[str] = None
-    server_token: Optional[str] = None
+    helper_token: Optional[str] = field(default=None, repr=False)
+    server_token: Optional[str] = field(default=None, repr=False)
     advertise_url: Optional[str] = None
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None

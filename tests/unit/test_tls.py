@@ -234,3 +234,12 @@ def test_controller_serves_https(tmp_path, pair, framework):
         assert controller.token not in log and "Traceback" not in log, log
     finally:
         controller.stop()
+
+
+def test_no_token_in_any_repr():
+    from violin_core.config import Config
+    config = helper_mod.parse_config(_helper_raw(token="T-helper", controller_token="T-ctl", server_token="T-srv"),
+                                     environ={})
+    shown = repr(config) + repr(Config(api_token="T-api", helper_token="T-helper", server_token="T-srv"))
+    shown += repr(ApiClient("http://127.0.0.1:1", token="T-api")) + repr(ImageServer("http://127.0.0.1:1", "T-srv"))
+    assert "T-" not in shown, shown
