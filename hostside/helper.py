@@ -132,7 +132,8 @@ def parse_config(raw, environ=os.environ) -> HelperConfig:
                         values["tls_cert"], values["tls_key"], values["ca_file"])
 
 
-def controller_poster(token: str, timeout: float = 30.0, ca_file: Optional[str] = None) -> Callable[[str, dict], object]:
+def controller_poster(token: str, timeout: float = 30.0,
+                      ca_file: Optional[str] = None) -> Callable[[str, dict], object]:
     """POST a JSON callback to the controller (the one API client); raises ControllerError with its reason."""
     def post(url: str, body: dict):
         parts = urllib.parse.urlsplit(url)

@@ -120,7 +120,8 @@ def load(path: Optional[str] = None, environ=os.environ) -> Config:
     values = validate(raw)
     api = values["api"]
     if bool(api["tls_cert"]) != bool(api["tls_key"]):
-        raise ConfigError("api.%s: api.tls_cert and api.tls_key go together" % ("tls_key" if api["tls_cert"] else "tls_cert"))
+        missing = "tls_key" if api["tls_cert"] else "tls_cert"
+        raise ConfigError("api.%s: api.tls_cert and api.tls_key go together" % missing)
     members = tuple({k: list(v) if k == "macs" else v for k, v in m.items()} for m in values["members"])
     return Config(FabricSettings(**values["fabric"]), environ.get("VIOLIN_API_TOKEN") or api["token"],
                   values["state"]["directory"], SnapshotSettings(**values["snapshot"]), members,

@@ -23,7 +23,8 @@ def pair(tmp_path):
     directory = tmp_path / "tls"
     subprocess.run(["bash", os.path.join(REPO, "scripts", "make_tls.sh"), str(directory)], check=True,
                    capture_output=True)
-    return {"cert": str(directory / "server.crt"), "key": str(directory / "server.key"), "ca": str(directory / "ca.crt")}
+    return {"cert": str(directory / "server.crt"), "key": str(directory / "server.key"),
+            "ca": str(directory / "ca.crt")}
 
 
 def test_snapshot_and_restore_over_https_and_no_token_in_any_log(lab_ready, pair, tmp_path):

@@ -167,8 +167,9 @@ def test_helper_serves_https(pair, tmp_path):
     from lab import lab, slicelab
     port = lab.free_port()
     path = tmp_path / "helper.json"
-    path.write_text(json.dumps(_helper_raw(listen="127.0.0.1:%d" % port, token="helper-tok", work_dir=str(tmp_path / "w"),
-                                           tls_cert=pair["server"], tls_key=pair["key"], ca_file=pair["ca"])))
+    path.write_text(json.dumps(_helper_raw(
+        listen="127.0.0.1:%d" % port, token="helper-tok", work_dir=str(tmp_path / "w"),
+        tls_cert=pair["server"], tls_key=pair["key"], ca_file=pair["ca"])))
     url = "https://127.0.0.1:%d" % port
     process = slicelab.start_daemon([sys.executable, "-m", "hostside.helper", "--config", str(path)], url,
                                     str(tmp_path / "helper.log"), ca_file=pair["ca"])
