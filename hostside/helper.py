@@ -61,6 +61,7 @@ from hostside import backends, ovs
 from hostside.backends import Backend
 from hostside.httpd import JsonHandler, listen, scheme_of, serve
 from hostside.orchestration import BadRequest, ControllerError, Orchestrator, status_of
+from violin_client import tls
 from violin_client.api import ApiClient, ApiError, Unreachable
 from violin_core.errors import error_body
 from violin_core.schema import Field, ListOf, MapOf, Schema, SchemaError, host_port, matches, name
@@ -237,6 +238,12 @@ def main(argv=None) -> int:
     except (OSError, HelperConfigError) as error:
         print("violin-helper: %s: %s" % (args.config, error), file=sys.stderr)
         return 2
+    if config.tls_cert:  # a certificate that cannot be served is a config error, found before anything starts
+        try:
+            tls.server_context(config.tls_cert, config.tls_key)
+        except tls.TlsError as error:
+            print("violin-helper: %s: tls_cert: %s" % (args.config, error), file=sys.stderr)
+            return 2
     if args.check:
         print("%s: OK (%d members)" % (args.config, len(config.members)))
         return 0

@@ -161,6 +161,16 @@ def test_helper_config_keys(pair):
     assert helper_mod.parse_config(_helper_raw(), environ={}).tls_cert is None
 
 
+def test_helper_check_loads_the_certificate(pair, tmp_path, capsys):
+    import json
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps(_helper_raw(tls_cert=pair["server"], tls_key=pair["ca"])))  # not its key
+    assert helper_mod.main(["--config", str(path), "--check"]) == 2
+    assert "cannot use certificate" in capsys.readouterr().err
+    path.write_text(json.dumps(_helper_raw(tls_cert=pair["server"], tls_key=pair["key"])))
+    assert helper_mod.main(["--config", str(path), "--check"]) == 0
+
+
 def test_helper_serves_https(pair, tmp_path):
     """The real violin-helper (no members) on HTTPS from its config keys."""
     import json
@@ -231,6 +241,7 @@ def test_controller_serves_https(tmp_path, pair, framework):
         with pytest.raises(Unreachable):
             ApiClient(controller.url.replace("https", "http")).call("GET", "/violin/health")
         assert controller.get("/violin/health")[0] == 200  # still serving
+        assert cli.main(["--url", controller.url, "--ca-file", pair["ca"], "--token", controller.token, "status"]) == 0
         log = controller.log_text()
         assert controller.token not in log and "Traceback" not in log, log
     finally:
