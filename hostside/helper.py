@@ -36,6 +36,10 @@ Config (JSON or YAML; unknown keys refused; ``violin-helper --check``)::
     work_dir: /var/lib/violin-helper
     libvirt_uri: qemu:///system                         # for libvirt members
     vm_max_bandwidth: 4294967296                        # bytes/s for a VM's image stream
+    tls_cert: /var/lib/violin-snapshot/tls/server.crt   # serve HTTPS (with tls_key)
+    tls_key: /var/lib/violin-snapshot/tls/server.key
+    ca_file: /var/lib/violin-snapshot/tls/ca.crt        # verifies the https:// controller and servers
+                                                        # (or VIOLIN_CA_FILE; default: the system's CAs)
     members:                                            # each by its backend's schema
       h1: {backend: criu, pid: 1234, netns: /proc/77/ns/net, mntns: /proc/77/ns/mnt,
            workdir: /srv/h1, iface: h1-eth0, mac: "00:00:00:00:00:01"}
@@ -51,12 +55,13 @@ import sys
 import traceback
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from hostside import backends, ovs
 from hostside.backends import Backend
-from hostside.httpd import JsonHandler, listen, serve
+from hostside.httpd import JsonHandler, listen, scheme_of, serve
 from hostside.orchestration import BadRequest, ControllerError, Orchestrator, status_of
+from violin_client import tls
 from violin_client.api import ApiClient, ApiError, Unreachable
 from violin_core.errors import error_body
 from violin_core.schema import Field, ListOf, MapOf, Schema, SchemaError, host_port, matches, name
@@ -68,16 +73,19 @@ HelperConfigError = SchemaError  # what a malformed config raises; its ``path`` 
 class HelperConfig:
     host: str
     port: int
-    token: str
-    controller_token: str
+    token: str = field(repr=False)  # secrets never in a repr (or a log of one)
+    controller_token: str = field(repr=False)
     servers: List[str]
-    server_token: str
+    server_token: str = field(repr=False)
     work_dir: str
     members: Dict[str, object]  # name -> its backend's spec (backends.criu.CriuMember, backends.libvirt.VmMember...)
     libvirt_uri: str = "qemu:///system"
     vm_max_bandwidth: int = 4 << 30  # bytes/s a VM's migration stream may take
     backends: Dict[str, Backend] = field(default_factory=dict)  # member name -> its backend (one
     # instance per backend for the whole helper, e.g. one libvirt connection)
+    tls_cert: Optional[str] = None  # HTTPS when set (with tls_key)
+    tls_key: Optional[str] = None
+    ca_file: Optional[str] = None  # verifies https:// controller and servers (None: $VIOLIN_CA_FILE, system CAs)
 
 
 def _at_least(low: int):
@@ -85,6 +93,7 @@ def _at_least(low: int):
 
 
 _SECRET = Field((str, type(None)), None)
+_PATH = Field((str, type(None)), None, check=lambda v: None if v is None or v else "a file name")
 SECRETS = (("token", "VIOLIN_HELPER_TOKEN"), ("controller_token", "VIOLIN_API_TOKEN"),
            ("server_token", "VIOLIN_SERVER_TOKEN"))
 
@@ -94,13 +103,14 @@ def config_schema() -> Schema:
     return Schema({
         "listen": Field(str, "127.0.0.1:7001", check=host_port, help="HOST:PORT the helper listens on"),
         "token": _SECRET, "controller_token": _SECRET,
-        "servers": ListOf(Field(str, check=matches(r"^http://[^\s/]+", "an http://HOST:PORT URL")), min_items=1,
-                          help="snapshot servers"),
+        "servers": ListOf(Field(str, check=matches(r"^https?://[^\s/]+", "an http(s)://HOST:PORT URL")),
+                          min_items=1, help="snapshot servers"),
         "server_token": _SECRET,
         "work_dir": Field(str, "/var/lib/violin-helper"),
         "libvirt_uri": Field(str, "qemu:///system", check=lambda v: None if v else "a libvirt URI"),
         "vm_max_bandwidth": Field(int, 4 << 30, check=_at_least(1 << 20), help="bytes/s of a VM's image stream"),
         "members": MapOf(backends.member_schema(), key_check=name),
+        "tls_cert": _PATH, "tls_key": _PATH, "ca_file": _PATH,
     }, allow_none=False)
 
 
@@ -110,6 +120,8 @@ def parse_config(raw, environ=os.environ) -> HelperConfig:
         values[key] = values[key] or environ.get(env)
         if not values[key]:
             raise HelperConfigError(key, "required (or set %s)" % env)
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise HelperConfigError("tls_key" if values["tls_cert"] else "tls_cert", "tls_cert and tls_key go together")
     host, _, port = values["listen"].rpartition(":")
     settings = backends.HostSettings(values["work_dir"], values["libvirt_uri"], values["vm_max_bandwidth"])
     instances = {kind: backends.get(kind)(settings) for kind in {m["backend"] for m in values["members"].values()}}
@@ -117,15 +129,18 @@ def parse_config(raw, environ=os.environ) -> HelperConfig:
     return HelperConfig(host, int(port), values["token"], values["controller_token"], values["servers"],
                         values["server_token"], values["work_dir"], members, values["libvirt_uri"],
                         values["vm_max_bandwidth"],
-                        {member: instances[spec["backend"]] for member, spec in values["members"].items()})
+                        {member: instances[spec["backend"]] for member, spec in values["members"].items()},
+                        values["tls_cert"], values["tls_key"], values["ca_file"])
 
 
-def controller_poster(token: str, timeout: float = 30.0) -> Callable[[str, dict], object]:
+def controller_poster(token: str, timeout: float = 30.0,
+                      ca_file: Optional[str] = None) -> Callable[[str, dict], object]:
     """POST a JSON callback to the controller (the one API client); raises ControllerError with its reason."""
     def post(url: str, body: dict):
         parts = urllib.parse.urlsplit(url)
         try:
-            return ApiClient("%s://%s" % (parts.scheme, parts.netloc), token, timeout).call("POST", parts.path, body)
+            client = ApiClient("%s://%s" % (parts.scheme, parts.netloc), token, timeout, ca_file)
+            return client.call("POST", parts.path, body)
         except Unreachable as error:
             raise ControllerError("controller unreachable at %s: %s" % (url, error.why)) from None
         except ApiError as error:
@@ -134,9 +149,9 @@ def controller_poster(token: str, timeout: float = 30.0) -> Callable[[str, dict]
     return post
 
 
-def image_server_factory(token: str):
+def image_server_factory(token: str, ca_file: Optional[str] = None):
     from hostside.store.client import ImageServer
-    return lambda url: ImageServer(url, token)
+    return lambda url: ImageServer(url, token, ca_file=ca_file)
 
 
 class Helper(Orchestrator):
@@ -147,8 +162,8 @@ class Helper(Orchestrator):
         self.config = config
         super().__init__({m: (config.backends[m], spec) for m, spec in config.members.items()},
                          config.servers, config.work_dir,
-                         post or controller_poster(config.controller_token),
-                         store or image_server_factory(config.server_token), purge, attachment, **seams)
+                         post or controller_poster(config.controller_token, ca_file=config.ca_file),
+                         store or image_server_factory(config.server_token, config.ca_file), purge, attachment, **seams)
 
 
 def make_handler(helper: Helper):
@@ -226,6 +241,12 @@ def main(argv=None) -> int:
     except (OSError, HelperConfigError) as error:
         print("violin-helper: %s: %s" % (args.config, error), file=sys.stderr)
         return 2
+    if config.tls_cert:  # a certificate that cannot be served is a config error, found before anything starts
+        try:
+            tls.server_context(config.tls_cert, config.tls_key)
+        except tls.TlsError as error:
+            print("violin-helper: %s: tls_cert: %s" % (args.config, error), file=sys.stderr)
+            return 2
     if args.check:
         print("%s: OK (%d members)" % (args.config, len(config.members)))
         return 0
@@ -233,11 +254,11 @@ def main(argv=None) -> int:
     helper = Helper(config)
     for backend in helper.backends():
         backend.start()
-    server = listen(config.host, config.port, make_handler(helper), "violin-helper")
+    server = listen(config.host, config.port, make_handler(helper), "violin-helper", config.tls_cert, config.tls_key)
     if server is None:
         return 1
-    print("violin-helper: listening on %s:%d for %s" % (config.host, config.port, ", ".join(sorted(config.members))),
-          flush=True)
+    print("violin-helper: listening on %s://%s:%d for %s" % (scheme_of(server), config.host, config.port,
+                                                             ", ".join(sorted(config.members))), flush=True)
     return serve(server)
 
 

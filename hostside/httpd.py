@@ -1,9 +1,11 @@
-"""What the host-side daemons' small HTTP APIs share: JSON answers, bearer tokens, serving."""
+"""What the host-side daemons' small HTTP APIs share: JSON answers, bearer tokens, serving (HTTP or HTTPS)."""
 
 import hmac
 import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from violin_client import tls
 
 
 class JsonHandler(BaseHTTPRequestHandler):
@@ -36,15 +38,43 @@ class JsonHandler(BaseHTTPRequestHandler):
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def listen(host: str, port: int, handler, program: str):
-    """A threaded server on host:port, or None after saying why it cannot listen (port 0 picks one)."""
+class TlsHTTPServer(ThreadingHTTPServer):
+    """HTTPS: each connection's handshake is done in its own thread; one that fails (plain HTTP, a client
+    that does not trust the certificate) is closed with one line on stderr, no traceback."""
+
+    daemon_threads = True
+    program = "httpd"
+
+    def finish_request(self, request, client_address):
+        why = tls.handshake(request)
+        if why is not None:
+            print("%s: %s from %s" % (self.program, why, client_address[0]), file=sys.stderr, flush=True)
+            return
+        super().finish_request(request, client_address)
+
+
+def listen(host: str, port: int, handler, program: str, tls_cert: str = None, tls_key: str = None):
+    """A threaded server on host:port, HTTPS when given a certificate and its key, or None after saying
+    why it cannot listen (port 0 picks one)."""
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        context = tls.server_context(tls_cert, tls_key) if tls_cert or tls_key else None
+    except tls.TlsError as error:
+        print("%s: %s" % (program, error), file=sys.stderr)
+        return None
+    try:
+        server = (TlsHTTPServer if context else ThreadingHTTPServer)((host, port), handler)
     except OSError as error:
         print("%s: cannot listen on %s:%d: %s" % (program, host, port, error.strerror), file=sys.stderr)
         return None
     server.daemon_threads = True
+    if context is not None:
+        server.program = program
+        server.socket = tls.wrap_listener(server.socket, context)
     return server
+
+
+def scheme_of(server) -> str:
+    return "https" if isinstance(server, TlsHTTPServer) else "http"
 
 
 def serve(server) -> int:

@@ -52,7 +52,7 @@ class ControllerProcess:
     """A controller (``ryu-manager APP`` or ``violin-controller``) on private ports."""
 
     def __init__(self, app="violin_snapshot", config=None, token=None, extra_env=None, command=None,
-                 rest=True):
+                 rest=True, ca_file=None):
         self.app = app
         self.rest = rest  # False for apps that serve no REST API (e.g. ryu.app.simple_switch_13)
         self.of_port = free_port()
@@ -64,12 +64,15 @@ class ControllerProcess:
         self.extra_env = extra_env or {}
         self.command = command
         self.process = None
+        # HTTPS when the config gives the REST API a certificate; ca_file is what verifies it
+        self.tls = bool(((config or {}).get("api") or {}).get("tls_cert"))
+        self.ca_file = ca_file
         # The controller's REST API with this run's token (api.call raises, api.request does not).
-        self.api = ApiClient(self.url, token=self.token, timeout=5.0)
+        self.api = ApiClient(self.url, token=self.token, timeout=5.0, ca_file=ca_file)
 
     @property
     def url(self) -> str:
-        return "http://127.0.0.1:%d" % self.rest_port
+        return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self.rest_port)
 
     def start(self, timeout=20.0):
         env = dict(os.environ, VIOLIN_API_TOKEN=self.token, PYTHONUNBUFFERED="1", **self.extra_env)

@@ -19,10 +19,12 @@ from violin_client.api import ApiClient, Unreachable
 SERVER_TOKEN, HELPER_TOKEN = "server-secret", "helper-secret"
 
 
-def start_daemon(argv, url, log_path, timeout=15.0):
+def start_daemon(argv, url, log_path, timeout=15.0, ca_file=None, env=None):
+    """Start a daemon and wait for its /health (over HTTPS verified by ``ca_file`` for an https:// url).
+    Tokens go in ``env`` or config files, never in ``argv`` (which every local user can read)."""
     with open(log_path, "w") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline, health = time.monotonic() + timeout, ApiClient(url, timeout=5.0)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    deadline, health = time.monotonic() + timeout, ApiClient(url, timeout=5.0, ca_file=ca_file)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise lab.LabError("%s exited:\n%s" % (argv[2], open(log_path).read()))
@@ -53,24 +55,29 @@ def controller_config():
 
 @contextmanager
 def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None, hosts=None, guests=(),
-                 guest_ids=None, helper_settings=None, tcp=True):
+                 guest_ids=None, helper_settings=None, tcp=True, tls=None):
     """Members in every host of ``net`` (or in ``hosts``), their helper and a snapshot server; yields the members.
 
     ``servers`` overrides the snapshot servers the helper is told about (e.g. one that is down).
     ``guests`` are running VMs (lab.vms.Guest) that join the slice as libvirt members of the
-    same helper; ``guest_ids`` (name -> seqstream id) makes them peers of the host members' streams."""
+    same helper; ``guest_ids`` (name -> seqstream id) makes them peers of the host members' streams.
+    ``tls`` ({"cert", "key", "ca"}: a certificate for 127.0.0.1, its key, the CA that signed it) makes the
+    server and the helper HTTPS, and the helper verify the controller and the server against the CA."""
     hosts = list(net.hosts if hosts is None else hosts)
     os.makedirs(workdir, exist_ok=True)
     server_port, helper_port = lab.free_port(), lab.free_port()
-    server_url, helper_url = "http://127.0.0.1:%d" % server_port, "http://127.0.0.1:%d" % helper_port
+    scheme, ca_file = ("https", tls["ca"]) if tls else ("http", None)
+    server_url, helper_url = "%s://127.0.0.1:%d" % (scheme, server_port), "%s://127.0.0.1:%d" % (scheme, helper_port)
+    server_tls = ["--tls-cert", tls["cert"], "--tls-key", tls["key"]] if tls else []
     members = ProcessMembers(hosts, os.path.join(workdir, "slice"), rate=rate, tcp=tcp,
                              extra_peers={guest_ids[g.name]: g.address for g in guests} if guest_ids else {})
     daemons = []
     try:
         daemons.append(start_daemon(
             [sys.executable, "-m", "hostside.store.server", "--listen", "127.0.0.1:%d" % server_port,
-             "--dir", os.path.join(workdir, "images"), "--token", SERVER_TOKEN],
-            server_url, os.path.join(workdir, "server.log")))
+             "--dir", os.path.join(workdir, "images")] + server_tls,
+            server_url, os.path.join(workdir, "server.log"), ca_file=ca_file,
+            env=dict(os.environ, VIOLIN_SERVER_TOKEN=SERVER_TOKEN)))
         members.start()
         config = {
             "listen": "127.0.0.1:%d" % helper_port, "token": HELPER_TOKEN, "controller_token": controller.token,
@@ -78,6 +85,8 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
             "members": {h.name: {"pid": members.pids[h.name], "netns": "/proc/%d/ns/net" % h.pid,
                                  "mntns": "/proc/%d/ns/mnt" % h.pid, "workdir": members.member_dir(h),
                                  "iface": str(h.defaultIntf()), "mac": h.MAC()} for h in hosts}}
+        if tls:
+            config.update(tls_cert=tls["cert"], tls_key=tls["key"], ca_file=tls["ca"])
         config.update(helper_settings or {})
         config["members"].update({g.name: {"backend": "libvirt", "domain": g.name, "iface": g.tap, "mac": g.mac}
                                   for g in guests})
@@ -85,7 +94,7 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
             json.dump(config, handle)
         daemons.append(start_daemon([sys.executable, "-m", "hostside.helper", "--config",
                                      os.path.join(workdir, "helper.json")], helper_url,
-                                    os.path.join(workdir, "helper.log")))
+                                    os.path.join(workdir, "helper.log"), ca_file=ca_file))
         members.server_url, members.helper_url = server_url, helper_url
         members.helper_process = daemons[-1]
         members.helper_log = os.path.join(workdir, "helper.log")

@@ -6,7 +6,9 @@ This module only translates: OpenFlow 1.3 events into calls on the pure core
 maintained fork os-ken. REST is served under ``/violin`` through Ryu's WSGI
 server (``--wsapi-host``/``--wsapi-port``, default 127.0.0.1:8080 here) or, on
 os-ken (which has no WSGI module), through a threaded WSGI server of our own on
-the same options.
+the same options. With ``api.tls_cert``/``api.tls_key`` configured the REST API
+is HTTPS, served by our own server on both frameworks (Ryu's ``ryu.app.wsgi``
+passes no TLS options to its server), and ``advertise_url`` defaults to https.
 
 The core is not thread-safe: every entry into it (OpenFlow events, REST
 requests, the ticker) holds ``self.lock``, which the io waits (barriers, flow
@@ -52,6 +54,7 @@ try:
 except ModuleNotFoundError:
     ControllerBase = WSGIApplication = route = None
 
+from violin_client import tls
 from violin_client.api import ApiClient, Unreachable
 from violin_core import of
 from violin_core.config import ConfigError, load as load_config
@@ -70,6 +73,18 @@ try:  # bind the REST API to loopback unless the user says otherwise
     cfg.CONF.set_default("wsapi_host", DEFAULT_WSAPI_HOST)
 except NoSuchOptError:
     pass
+
+
+def _tls_configured() -> bool:
+    """Whether the config asks for HTTPS (decided at import: Ryu builds the app's contexts before the app).
+    A config that does not load says so later, when the app starts."""
+    try:
+        return bool(load_config().tls_cert)
+    except ConfigError:
+        return False
+
+
+SERVE_TLS = _tls_configured()
 
 
 if ControllerBase is not None:
@@ -97,6 +112,13 @@ def _locked(handler):
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
+    def finish_request(self, request, client_address):
+        why = tls.handshake(request)  # HTTPS: in this connection's thread, not the accept loop
+        if why is not None:
+            LOG.warning("REST API: %s from %s", why, client_address[0])
+            return
+        super().finish_request(request, client_address)
+
 
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, *args):
@@ -105,7 +127,7 @@ class _QuietHandler(WSGIRequestHandler):
 
 class ViolinSnapshot(BaseApp):
     OFP_VERSIONS = [ofproto_v1_3.OFP_VERSION]
-    _CONTEXTS = {"wsgi": WSGIApplication} if WSGIApplication is not None else {}
+    _CONTEXTS = {"wsgi": WSGIApplication} if WSGIApplication is not None and not SERVE_TLS else {}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -114,20 +136,26 @@ class ViolinSnapshot(BaseApp):
         except ConfigError as exc:
             print("violin_snapshot: %s" % exc, file=sys.stderr)
             raise SystemExit(2) from None
+        try:
+            self._tls = tls.server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        except tls.TlsError as exc:
+            print("violin_snapshot: api.tls_cert: %s" % exc, file=sys.stderr)
+            raise SystemExit(2) from None
         self.datapaths = {}
         self.lock = hub.BoundedSemaphore(1)
-        self.io = HubIO(self)
+        self.io = HubIO(self, config.ca_file)
         if not config.advertise_url:  # helpers call back where the REST API listens
             host = _conf("wsapi_host", DEFAULT_WSAPI_HOST)
             host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-            config = dataclasses.replace(config, advertise_url="http://%s:%d" % (
-                "[%s]" % host if ":" in host else host, _conf("wsapi_port", DEFAULT_WSAPI_PORT)))
+            config = dataclasses.replace(config, advertise_url="%s://%s:%d" % (
+                "https" if self._tls else "http", "[%s]" % host if ":" in host else host,
+                _conf("wsapi_port", DEFAULT_WSAPI_PORT)))
         self.core = ViolinController(config, time.monotonic, time.time, self.io)
         self._port_desc = {}
         self._stopping = threading.Event()
         self._rest_server = None
         self.rest_app = self._locked_app(build_rest_app(self.core))
-        if "wsgi" in kwargs:
+        if "wsgi" in kwargs and self._tls is None:
             kwargs["wsgi"].register(_RestBridge, self.rest_app)
         else:
             self.threads.append(hub.spawn(self._serve_rest))
@@ -168,7 +196,10 @@ class ViolinSnapshot(BaseApp):
         host = _conf("wsapi_host", DEFAULT_WSAPI_HOST)
         port = _conf("wsapi_port", DEFAULT_WSAPI_PORT)
         self._rest_server = make_server(host, port, self.rest_app, _ThreadingWSGIServer, _QuietHandler)
-        LOG.info("REST API on http://%s:%d/violin", host, port)
+        if self._tls is not None:
+            self._rest_server.socket = tls.wrap_listener(self._rest_server.socket, self._tls)
+            self._rest_server.base_environ["wsgi.url_scheme"] = "https"
+        LOG.info("REST API on %s://%s:%d/violin", "https" if self._tls else "http", host, port)
         self._rest_server.serve_forever()
 
     # --- OpenFlow events ---------------------------------------------------------
@@ -236,8 +267,8 @@ class HubIO(ControllerIO):
     """The core's waiting work on the framework's hub: barriers and flow statistics by xid,
     helpers over HTTP. Every wait gives up the core lock (held by the caller) while it waits."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, ca_file=None):
+        self.app, self.ca_file = app, ca_file  # ca_file verifies https:// helpers and servers
         self.pending = {}  # (dpid, xid) -> [event, accumulated value]
 
     def _unlocked(self, wait, *args):
@@ -313,16 +344,18 @@ class HubIO(ControllerIO):
         self.app.threads.append(hub.spawn(guarded))
 
     def post_json(self, url, body, timeout, token=None, method="POST"):
-        return self._unlocked(self._post_json, url, body, timeout, token, method)
+        return self._unlocked(self._post_json, url, body, timeout, token, method, self.ca_file)
 
     @staticmethod
-    def _post_json(url, body, timeout, token, method):
+    def _post_json(url, body, timeout, token, method, ca_file=None):
         parts = urllib.parse.urlsplit(url)
         try:
-            return ApiClient("%s://%s" % (parts.scheme, parts.netloc), token, timeout).request(
+            return ApiClient("%s://%s" % (parts.scheme, parts.netloc), token, timeout, ca_file).request(
                 method, parts.path, body)
         except Unreachable as error:
             return None, error.reason
+        except tls.TlsError as error:  # a CA file that cannot be read
+            return None, str(error)
 
 
 def _conf(name, default):

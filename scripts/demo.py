@@ -13,6 +13,10 @@ timeline and writes the image as a PNG. Tears down only what it created.
 With ``--vms`` the members are the seed's: four QEMU VMs under libvirt (vm1,
 vm2 on s1; vm3, vm4 on s2) running guest/vmandel.c, snapshotted by a fake
 live migration to the snapshot servers; vm3 and vm4 are destroyed mid-run.
+
+Every API call goes over HTTPS, verified against the set-up's lab CA
+(scripts/make_tls.sh, in /var/lib/violin-snapshot/tls; made here if missing);
+``--plain-http`` runs it on HTTP instead.
 """
 
 import argparse
@@ -21,6 +25,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,6 +39,8 @@ from violin_client.api import ApiClient, Unreachable, wait_until_done  # noqa: E
 from topologies.violin_demo import ViolinDemoTopo  # noqa: E402
 
 SERVER_PORT = 7070
+TLS_DIR = "/var/lib/violin-snapshot/tls"
+OUT_OF_BAND = ("169.254.1.1", "169.254.2.1")  # the snapshot servers' addresses (lab.attach_out_of_band)
 
 
 class Timeline:
@@ -44,13 +51,13 @@ class Timeline:
         print("[%6.2f s] %s" % (time.monotonic() - self.started, text), flush=True)
 
 
-def start_in_host(host, workdir, argv, log_name):
+def start_in_host(host, workdir, argv, log_name, env=None):
     """A process in ``host`` whose stdio and cwd are opened inside the host (CRIU can dump it)."""
     os.makedirs(workdir, exist_ok=True)
     open(os.path.join(workdir, "stdin"), "a").close()
     command = "cd %s && exec %s <stdin >%s 2>&1" % (shlex.quote(workdir), " ".join(shlex.quote(a) for a in argv),
                                                   shlex.quote(log_name))
-    return host.popen(["sh", "-c", command], stdin=None, stdout=None, stderr=None)
+    return host.popen(["sh", "-c", command], stdin=None, stdout=None, stderr=None, env=env)
 
 
 def read_progress(path):
@@ -179,11 +186,25 @@ class VmRun:
         return mandelbrot.encode_png(width, height, [pixels[y * width:(y + 1) * width] for y in range(height)])
 
 
+def tls_pair(directory):
+    """The lab CA and server certificate (for 127.0.0.1 and the servers' addresses), made if missing."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_tls.sh")
+    made = subprocess.run(["bash", script, directory, *OUT_OF_BAND], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise lab.LabError("cannot make the TLS pair in %s: %s" % (directory, made.stderr.strip()))
+    return {"cert": os.path.join(directory, "server.crt"), "key": os.path.join(directory, "server.key"),
+            "ca": os.path.join(directory, "ca.crt")}
+
+
 def run(args, timeline):
     workdir = tempfile.mkdtemp(prefix="violin-demo-")
+    tls = None if args.plain_http else tls_pair(args.tls_dir)
+    scheme, ca_file = ("https", tls["ca"]) if tls else ("http", None)
+    config = dict(slicelab.controller_config(), state={"directory": os.path.join(workdir, "catalogue")})
+    if tls:
+        config["api"].update(tls_cert=tls["cert"], tls_key=tls["key"], ca_file=tls["ca"])
     controller = lab.ControllerProcess(
-        command=[os.path.join(os.path.dirname(sys.executable), "violin-controller")],
-        config=dict(slicelab.controller_config(), state={"directory": os.path.join(workdir, "catalogue")}))
+        command=[os.path.join(os.path.dirname(sys.executable), "violin-controller")], config=config, ca_file=ca_file)
     processes, daemons, reaping, workload = {}, [], threading.Event(), None
 
     def reap():
@@ -193,7 +214,8 @@ def run(args, timeline):
 
     try:
         controller.start()
-        timeline.say("violin-controller up (OpenFlow :%d, REST %s/violin)" % (controller.of_port, controller.url))
+        timeline.say("violin-controller up (OpenFlow :%d, REST %s/violin)%s" % (
+            controller.of_port, controller.url, "; every API over HTTPS, CA %s" % ca_file if tls else ""))
         topo = ViolinDemoTopo(prefix=lab.run_prefix())
         with lab.network(topo, controller) as net:
             get = lambda name: net.get(topo.prefix + name)  # noqa: E731
@@ -205,26 +227,30 @@ def run(args, timeline):
                 address, _ = lab.attach_out_of_band(net, get(name), index, topo.prefix)
                 processes[name] = start_in_host(get(name), os.path.join(workdir, name), [
                     sys.executable, "-m", "hostside.store.server", "--listen", "0.0.0.0:%d" % SERVER_PORT,
-                    "--dir", os.path.join(workdir, name, "images"), "--token", slicelab.SERVER_TOKEN], "server.log")
-                servers.append("http://%s:%d" % (address, SERVER_PORT))
+                    "--dir", os.path.join(workdir, name, "images")]
+                    + (["--tls-cert", tls["cert"], "--tls-key", tls["key"]] if tls else []), "server.log",
+                    env=dict(os.environ, VIOLIN_SERVER_TOKEN=slicelab.SERVER_TOKEN))  # not in argv: ps shows it
+                servers.append("%s://%s:%d" % (scheme, address, SERVER_PORT))
             for url in servers:
-                _wait_health(url)
+                _wait_health(url, ca_file=ca_file)
             timeline.say("snapshot servers on ss1 and ss2, reached out of band: %s" % ", ".join(servers))
 
             workload = (VmRun if args.vms else ProcessRun)(args, net, get, workdir, processes)
             where = workload.start()
             threading.Thread(target=reap, daemon=True).start()
             helper_port = lab.free_port()
-            helper_url = "http://127.0.0.1:%d" % helper_port
+            helper_url = "%s://127.0.0.1:%d" % (scheme, helper_port)
             config = {"listen": "127.0.0.1:%d" % helper_port, "token": slicelab.HELPER_TOKEN,
                       "controller_token": controller.token, "servers": servers,
                       "server_token": slicelab.SERVER_TOKEN, "work_dir": os.path.join(workdir, "helper"),
                       "members": workload.helper_members()}
+            if tls:
+                config.update(tls_cert=tls["cert"], tls_key=tls["key"], ca_file=tls["ca"])
             with open(os.path.join(workdir, "helper.json"), "w") as handle:
                 json.dump(config, handle)
             daemons.append(slicelab.start_daemon([sys.executable, "-m", "hostside.helper", "--config",
                                                   os.path.join(workdir, "helper.json")], helper_url,
-                                                 os.path.join(workdir, "helper.log")))
+                                                 os.path.join(workdir, "helper.log"), ca_file=ca_file))
             for spec in workload.registrations():
                 _ok(controller.request("POST", "/violin/members", dict(spec, helper_url=helper_url)), 201)
             width, height, iterations = args.width, args.height, args.iterations
@@ -304,8 +330,8 @@ def _write(path, data):
     os.replace(tmp, path)
 
 
-def _wait_health(url, timeout=15.0):
-    deadline, server = time.monotonic() + timeout, ApiClient(url, timeout=5.0)
+def _wait_health(url, timeout=15.0, ca_file=None):
+    deadline, server = time.monotonic() + timeout, ApiClient(url, timeout=5.0, ca_file=ca_file)
     while time.monotonic() < deadline:
         try:
             if server.request("GET", "/health")[0] == 200:
@@ -333,6 +359,9 @@ def main(argv=None):
     parser.add_argument("--out", default="mandelbrot.png", help="where to write the image (default ./mandelbrot.png)")
     parser.add_argument("--vms", action="store_true",
                         help="the seed's shape: four QEMU VMs (libvirt) instead of processes in the hosts")
+    parser.add_argument("--tls-dir", default=TLS_DIR,
+                        help="the lab CA and server certificate (default %s; made if missing)" % TLS_DIR)
+    parser.add_argument("--plain-http", action="store_true", help="run every API on HTTP instead of HTTPS")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("demo: run as root (Mininet, Open vSwitch and CRIU need it)", file=sys.stderr)

@@ -14,7 +14,7 @@ start=$SECONDS
 APT_PACKAGES=(
     openvswitch-switch mininet iputils-ping iproute2 ethtool iperf3 tcpdump procps psmisc
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config busybox-static
-    linux-image-amd64 python3-venv build-essential
+    linux-image-amd64 python3-venv build-essential openssl
 )
 
 TOOL=setup
@@ -91,5 +91,10 @@ alive /run/libvirtd.pid || { say "starting libvirtd"; libvirtd -d; }
 for _ in $(seq 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
 virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirtd does not answer at qemu:///system"
 bash "$REPO/scripts/build_guest.sh"
+
+# 6. The demo's TLS pair: a small lab CA and a server certificate for 127.0.0.1, localhost and the demo's
+#    snapshot-server addresses (scripts/make_tls.sh: kept when it is up to date).
+TLS_DIR="${VIOLIN_TLS_DIR:-/var/lib/violin-snapshot/tls}"
+bash "$REPO/scripts/make_tls.sh" "$TLS_DIR" 169.254.1.1 169.254.2.1 | sed "s/^make_tls.sh: /[setup] /"
 
 say "ready in $((SECONDS - start)) s (venv: $VENV)"

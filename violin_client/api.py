@@ -11,7 +11,9 @@ Errors: ``ApiError(status, reason)`` for an answer that is not 2xx, with the rea
 error shape ``{"error", "reason"}`` (violin_core.errors); ``Unreachable`` (status None; also a
 ConnectionError) when no answer came, ``timed_out`` saying whether it was the timeout; ``WaitTimeout``
 (also a TimeoutError) when an operation is still running at the deadline, with its last ``view``.
-Environment proxies are not used: the APIs are on the experiment's own hosts.
+Environment proxies are not used: the APIs are on the experiment's own hosts. An https:// URL is verified
+against ``ca_file`` (or ``$VIOLIN_CA_FILE``), else the system's CAs (violin_client.tls); a certificate that
+is not trusted is an Unreachable whose reason says so. The token is never part of a message.
 """
 
 import http.client
@@ -21,6 +23,8 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any, Callable, Optional, Tuple
+
+from violin_client import tls
 
 DEFAULT_TIMEOUT = 30.0
 DONE_STATES = ("complete", "aborted", "failed")  # a snapshot ends complete or aborted, a restore complete or failed
@@ -59,20 +63,33 @@ def _reason_of(answer: Any, status: int, fallback: str = "") -> str:
     return fallback or "HTTP %d" % status
 
 
-def _why(reason) -> str:
+def _why(reason, url: str = "") -> str:
     if isinstance(reason, (socket.timeout, TimeoutError)):
         return "no answer in time"
+    described = tls.describe(reason, url)
+    if described:
+        return described
+    if url.startswith("http://") and isinstance(reason, (http.client.RemoteDisconnected, ConnectionResetError)):
+        return "%s (is the server serving HTTPS? use an https:// URL)" % (str(reason) or type(reason).__name__)
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
     return str(reason) or type(reason).__name__
 
 
 class ApiClient:
-    """JSON over HTTP to one API at ``url``; ``token`` is sent as ``Authorization: Bearer``."""
+    """JSON over HTTP(S) to one API at ``url``; ``token`` is sent as ``Authorization: Bearer``;
+    ``ca_file`` (default $VIOLIN_CA_FILE) verifies an https:// server."""
 
-    def __init__(self, url: str, token: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, url: str, token: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
+                 ca_file: Optional[str] = None):
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers = [urllib.request.ProxyHandler({})]
+        if self.url.startswith("https://"):
+            handlers.append(urllib.request.HTTPSHandler(context=tls.client_context(ca_file)))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __repr__(self):  # never shows the token
+        return "ApiClient(%r)" % self.url
 
     def _send(self, method: str, path: str, body, token, timeout) -> Tuple[int, bytes]:
         """(status, raw answer) of one request, whatever its status; Unreachable if none came."""
@@ -98,11 +115,11 @@ class ApiClient:
                 error.close()
         except urllib.error.URLError as error:
             timed_out = isinstance(error.reason, (socket.timeout, TimeoutError))
-            raise Unreachable(self.url, _why(error.reason), timed_out) from None
+            raise Unreachable(self.url, _why(error.reason, self.url), timed_out) from None
         except (socket.timeout, TimeoutError):
             raise Unreachable(self.url, "no answer within %g s" % timeout, True) from None
         except (OSError, http.client.HTTPException) as error:
-            raise Unreachable(self.url, _why(error)) from None
+            raise Unreachable(self.url, _why(error, self.url)) from None
 
     def request(self, method: str, path: str, body=None, token=_OWN_TOKEN,
                 timeout: Optional[float] = None) -> Tuple[int, Any]:

@@ -22,6 +22,7 @@ import time
 import urllib.parse
 from typing import Dict, List, Optional, Tuple
 
+from violin_client import tls
 from violin_client.api import ApiClient, ApiError, Unreachable, wait_until_done
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -100,6 +101,9 @@ def _global_options(parser: argparse.ArgumentParser, environ, suppress: bool, ht
                        help="the controller's REST address (default: $VIOLIN_URL or %s)" % DEFAULT_URL)
     group.add_argument("--token", default=default(environ.get("VIOLIN_API_TOKEN")),
                        help="API token for changes, sent as 'Authorization: Bearer' (default: $VIOLIN_API_TOKEN)")
+    group.add_argument("--ca-file", default=default(environ.get("VIOLIN_CA_FILE")), metavar="PEM",
+                       help="CA certificates that verify an https:// controller (default: $VIOLIN_CA_FILE, "
+                            "else the system's CAs; verification cannot be turned off)")
     group.add_argument("--json", action="store_true", default=default(False),
                        help="print the controller's JSON answer(s) instead of tables")
     if not http_timeout:
@@ -639,7 +643,11 @@ def main(argv=None) -> int:
         args = build_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exit_:  # argparse: --help (0) or bad usage (2)
         return exit_.code if isinstance(exit_.code, int) else 2
-    client = Client(args.url, args.token, args.http_timeout)
+    try:
+        client = Client(args.url, args.token, args.http_timeout, args.ca_file)
+    except tls.TlsError as error:
+        print("violin: %s" % error, file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command](client, args)
     except CliError as error:

@@ -7,6 +7,7 @@ import os
 import urllib.parse
 from typing import Dict, List
 
+from violin_client import tls
 from violin_core.errors import reason_of
 
 from .base import CHUNK
@@ -29,15 +30,31 @@ def sha256_file(path: str) -> str:
 
 
 class ImageServer:
-    def __init__(self, url: str, token: str, timeout: float = 30.0):
+    """One snapshot server at ``url``: http://HOST:PORT, or https://HOST:PORT verified against ``ca_file``
+    (default $VIOLIN_CA_FILE, else the system's CAs)."""
+
+    def __init__(self, url: str, token: str, timeout: float = 30.0, ca_file: str = None):
         parsed = urllib.parse.urlparse(url)
-        if parsed.scheme != "http" or not parsed.hostname:
-            raise StorageError("snapshot server URL must be http://HOST:PORT, got %r" % url)
-        self.url, self.host, self.port = url.rstrip("/"), parsed.hostname, parsed.port or 80
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise StorageError("snapshot server URL must be http(s)://HOST:PORT, got %r" % url)
+        self.url, self.host = url.rstrip("/"), parsed.hostname
+        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.token, self.timeout = token, timeout
+        try:
+            self._context = tls.client_context(ca_file) if parsed.scheme == "https" else None
+        except tls.TlsError as error:
+            raise StorageError("snapshot server %s: %s" % (self.url, error)) from None
+
+    def __repr__(self):  # never shows the token
+        return "ImageServer(%r)" % self.url
 
     def _connect(self) -> http.client.HTTPConnection:
+        if self._context is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self._context)
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _failure(self, error) -> str:
+        return tls.describe(error, self.url) or str(error)
 
     def _request(self, method, path, body=None, headers=None):
         connection = self._connect()
@@ -48,7 +65,7 @@ class ImageServer:
             return response, connection
         except OSError as error:
             connection.close()
-            raise StorageError("snapshot server %s unreachable: %s" % (self.url, error)) from None
+            raise StorageError("snapshot server %s unreachable: %s" % (self.url, self._failure(error))) from None
 
     def _call(self, method, path, body=None, headers=None):
         """``(status, answer)``: the answer parsed as JSON, or its text when it is not JSON."""
@@ -56,7 +73,8 @@ class ImageServer:
         try:
             return response.status, read_answer(response)
         except (OSError, http.client.HTTPException) as error:
-            raise StorageError("snapshot server %s: %s %s failed: %s" % (self.url, method, path, error)) from None
+            raise StorageError("snapshot server %s: %s %s failed: %s" % (
+                self.url, method, path, self._failure(error))) from None
         finally:
             connection.close()
 
@@ -104,7 +122,8 @@ class ImageServer:
                 response = connection.getresponse()
             answer = read_answer(response)
         except (OSError, http.client.HTTPException) as error:
-            raise StorageError("snapshot server %s: streaming %s failed: %s" % (self.url, name, error)) from None
+            raise StorageError("snapshot server %s: streaming %s failed: %s" % (
+                self.url, name, self._failure(error))) from None
         finally:
             connection.close()
         if response.status != 201:

@@ -23,7 +23,7 @@ import os
 import sys
 import traceback
 
-from hostside.httpd import JsonHandler, listen, serve
+from hostside.httpd import JsonHandler, listen, scheme_of, serve
 from hostside.metrics import ServerMetrics
 from violin_core.errors import error_body
 
@@ -187,7 +187,11 @@ def build_args(argv):
     where.add_argument("--store", help="the store, as SCHEME:ARGUMENT (file:DIR)")
     parser.add_argument("--token", default=os.environ.get("VIOLIN_SERVER_TOKEN"),
                         help="bearer token clients must send (default: $VIOLIN_SERVER_TOKEN)")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM, chain after it); needs --tls-key")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         parser.error("--listen must be HOST:PORT, got %r" % args.listen)
@@ -209,10 +213,12 @@ def main(argv=None) -> int:
     except OSError as error:
         print("violin-snapshot-server: cannot open store %s: %s" % (args.store, error), file=sys.stderr)
         return 1
-    server = listen(args.host, args.port, make_handler(store, args.token), "violin-snapshot-server")
+    server = listen(args.host, args.port, make_handler(store, args.token), "violin-snapshot-server",
+                    args.tls_cert, args.tls_key)
     if server is None:
         return 1
-    print("violin-snapshot-server: serving %s on %s:%d" % (args.store, *server.server_address[:2]), flush=True)
+    print("violin-snapshot-server: serving %s on %s://%s:%d" % (args.store, scheme_of(server),
+                                                                *server.server_address[:2]), flush=True)
     return serve(server)
 
 

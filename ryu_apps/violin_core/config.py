@@ -8,13 +8,13 @@ the same validation; docs/configuration.md is generated from ``SCHEMA``
 
 Environment: ``VIOLIN_CONFIG`` names the file when the app is started by
 ``ryu-manager violin_snapshot``; ``VIOLIN_API_TOKEN`` overrides ``api.token``
-and ``VIOLIN_HELPER_TOKEN`` overrides ``api.helper_token``.
+and ``VIOLIN_HELPER_TOKEN`` overrides ``api.helper_token``; ``VIOLIN_CA_FILE`` overrides ``api.ca_file``.
 """
 
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from . import schema
@@ -41,7 +41,13 @@ SCHEMA = schema.Schema({
         "server_token": F(optional_str, None, None, "bearer token of the snapshot servers, to prune images "
                           "(or VIOLIN_SERVER_TOKEN)"),
         "advertise_url": F(optional_str, None, schema.http_url, "the URL helpers call back on, e.g. "
-                           "http://10.0.0.1:8080 (default: the REST API's listen address)"),
+                           "http://10.0.0.1:8080 (default: the REST API's listen address, https:// when "
+                           "tls_cert is set)"),
+        "tls_cert": F(optional_str, None, None, "serve the REST API over HTTPS with this certificate (PEM, any "
+                      "chain after it); needs tls_key"),
+        "tls_key": F(optional_str, None, None, "the private key of tls_cert (PEM)"),
+        "ca_file": F(optional_str, None, None, "CA certificates (PEM) that verify https:// helpers and snapshot "
+                     "servers (or VIOLIN_CA_FILE; default: the system's CAs)"),
     }, help="the REST API"),
     "state": schema.Schema({
         "directory": F(str, "/var/lib/violin-snapshot", None, "the snapshot catalogue (manifests, channel state)"),
@@ -68,13 +74,16 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Config:
     fabric: FabricSettings = FabricSettings()
-    api_token: Optional[str] = None
+    api_token: Optional[str] = field(default=None, repr=False)  # secrets never in a repr (or a log of one)
     state_directory: str = "/var/lib/violin-snapshot"
     snapshot: SnapshotSettings = SnapshotSettings()
     members: tuple = ()
-    helper_token: Optional[str] = None
-    server_token: Optional[str] = None
+    helper_token: Optional[str] = field(default=None, repr=False)
+    server_token: Optional[str] = field(default=None, repr=False)
     advertise_url: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    ca_file: Optional[str] = None
 
 
 def validate(raw: Any) -> Dict[str, Any]:
@@ -110,11 +119,15 @@ def load(path: Optional[str] = None, environ=os.environ) -> Config:
             raise ConfigError("cannot read config %s: %s" % (path, exc.strerror)) from None
     values = validate(raw)
     api = values["api"]
+    if bool(api["tls_cert"]) != bool(api["tls_key"]):
+        missing = "tls_key" if api["tls_cert"] else "tls_cert"
+        raise ConfigError("api.%s: api.tls_cert and api.tls_key go together" % missing)
     members = tuple({k: list(v) if k == "macs" else v for k, v in m.items()} for m in values["members"])
     return Config(FabricSettings(**values["fabric"]), environ.get("VIOLIN_API_TOKEN") or api["token"],
                   values["state"]["directory"], SnapshotSettings(**values["snapshot"]), members,
                   environ.get("VIOLIN_HELPER_TOKEN") or api["helper_token"],
-                  environ.get("VIOLIN_SERVER_TOKEN") or api["server_token"], api["advertise_url"])
+                  environ.get("VIOLIN_SERVER_TOKEN") or api["server_token"], api["advertise_url"],
+                  api["tls_cert"], api["tls_key"], environ.get("VIOLIN_CA_FILE") or api["ca_file"])
 
 
 def check_config_main(argv=None) -> int:

@@ -70,7 +70,7 @@ def test_errors_are_clear(image_server, tmp_path):
         ImageServer(url, "tok").index("nope", "m")
     with pytest.raises(StorageError, match="unreachable"):
         ImageServer("http://127.0.0.1:1", "tok").index("s", "m")
-    with pytest.raises(StorageError, match="http://HOST:PORT"):
+    with pytest.raises(StorageError, match=r"http\(s\)://HOST:PORT"):
         ImageServer("ftp://x", "tok")
 
 
