@@ -11,7 +11,7 @@ routes are in ``routes.py``.
 """
 
 import logging
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import __version__, of, schema
 from .catalogue import Catalogue
@@ -95,6 +95,9 @@ class ViolinController:
         self.started_at = clock()
         self.connected: set = set()
         self.errors: dict = {}
+        self.flip_queue: Dict[str, Tuple[float, float]] = {}  # cuts waiting to be flipped: name -> (since, wall)
+        self.flip_results: Dict[str, object] = {}  # name -> the cut's answer, or the Refused to raise
+        self.flipping = False  # a batch of flips is in the switches
         self.restorer = Restorer(self.coordinator, self.catalogue, io, config.snapshot, config.helper_token,
                                  clock, wall_clock, background=self.background,
                                  started=self.metrics.restore_started, ended=self.metrics.restore_ended)
@@ -149,6 +152,7 @@ class ViolinController:
         values = schema.request_body(SNAPSHOT_BODY, body)
         snapshot, messages = self.coordinator.start(self.clock(), self.wall_clock(), values["members"],
                                                     values["label"], values["timeout_s"])
+        self.flip_queue, self.flip_results = {}, {}  # nothing of an earlier snapshot's cuts carries over
         self.metrics.snapshot_started()
         self._persist()
         if not self.io.send_and_barrier(messages, set(self.fabric.switches), self.config.snapshot.barrier_timeout):
@@ -191,21 +195,64 @@ class ViolinController:
                             "link, or should the member be registered with marker: false?)"
                             % (name, settings.marker_timeout))
                 raise Refused(409, self.coordinator.current.reason)
-        started, started_wall = self.clock(), self.wall_clock()
-        dpids = self.coordinator.switches_of(member)
-        rules, releases = self.coordinator.flip(started, snapshot_id, name, started_wall)
+        self.flip_queue[name] = (self.clock(), self.wall_clock())
+        while name not in self.flip_results:
+            if name not in self.flip_queue and not self.flipping:  # a batch took it and said nothing: a bug
+                raise Refused(500, "the cut of %s was lost; see the controller log" % name)
+            if self.flipping:  # another cut's batch is in the switches: ours goes in the next one
+                self.io.wait_until(lambda: name in self.flip_results or not self.flipping,
+                                   2 * settings.barrier_timeout)
+            else:
+                self._flip_batch(snapshot_id)
+        outcome = self.flip_results.pop(name)
+        if isinstance(outcome, Refused):
+            raise outcome
+        return outcome
+
+    def _flip_batch(self, snapshot_id: str) -> None:
+        """Flip every cut waiting now, with one flow-table pass and one barrier per switch.
+
+        Cuts that arrive together (many members paused at once) would otherwise each wait for the
+        previous ones' reconcile and barrier, and every member's pause would grow with their number.
+        Those arriving while a batch is in the switches form the next batch. A batch the switches do
+        not confirm aborts the snapshot; every cut in it is answered with the reason."""
+        self.flipping = True
+        batch: Dict[str, Tuple[float, float]] = {}
+        try:
+            self.io.sleep(0)  # let cuts that arrived at the same moment join this batch
+            batch, self.flip_queue = self.flip_queue, {}
+            self._flip(snapshot_id, batch)
+        except Refused as refusal:
+            self.flip_results.update(dict.fromkeys(batch, refusal))
+        except Exception as error:  # noqa: BLE001 - never leave a paused member without an answer
+            LOG.exception("flipping %s failed", ", ".join(sorted(batch)))
+            self._abort_snapshot(snapshot_id)("internal error while flipping %s: %s: %s" % (
+                ", ".join(sorted(batch)), type(error).__name__, error))
+            self.flip_results.update(dict.fromkeys(batch, Refused(500, "internal error while flipping; "
+                                                                      "the snapshot is aborted")))
+        finally:
+            self.flipping = False
+
+    def _flip(self, snapshot_id: str, batch: Dict[str, Tuple[float, float]]) -> None:
+        settings = self.config.snapshot
+        rules, releases = self.coordinator.flip_many(self.clock(), snapshot_id, list(batch), self.wall_clock())
+        dpids = set().union(*(self.coordinator.switches_of(self.coordinator.members[n]) for n in batch))
         if not self.io.send_and_barrier(rules, dpids, settings.barrier_timeout):
             self.io.send(releases)
-            self._abort("the switch did not confirm the cut of %s within %.1f s" % (name, settings.barrier_timeout))
+            self._abort("the switches did not confirm the cut of %s within %.1f s"
+                        % (", ".join(sorted(batch)), settings.barrier_timeout))
             raise Refused(504, self.coordinator.current.reason)
-        flip_ms = (self.clock() - started) * 1000.0
-        self.io.send(releases)  # queued behind the answer's rules; the member resumes meanwhile
-        self.coordinator.cut_done(self.wall_clock(), snapshot_id, name, flip_ms)
-        self.metrics.member_cut(name, flip_ms)
+        confirmed, cut_wall = self.clock(), self.wall_clock()
+        self.io.send(releases)  # queued behind the answer's rules; the members resume meanwhile
+        for name, (began, began_wall) in batch.items():
+            flip_ms = (confirmed - began) * 1000.0
+            cut = self.coordinator.cut_done(cut_wall, snapshot_id, name, flip_ms)
+            self.metrics.member_cut(name, flip_ms)
+            self.flip_results[name] = {"snapshot": snapshot_id, "member": name,
+                                       "epoch": self.coordinator.members[name].epoch, "flip_started": began_wall,
+                                       "cut_time": cut.cut_time, "flip_ms": cut.flip_ms, "batch": len(batch)}
         self.metrics.frames_counted(self.coordinator.current)
         self._persist()
-        return {"snapshot": snapshot_id, "member": name, "epoch": member.epoch,
-                "flip_started": started_wall, "cut_time": cut.cut_time, "flip_ms": cut.flip_ms}
 
     def done(self, snapshot_id: str, name: str, report: dict) -> dict:
         report = {k: v for k, v in schema.request_body(DONE_REPORT, report).items() if k in report}

@@ -350,27 +350,38 @@ class Coordinator(FabricPolicy):
             cut.marker_seen = True
 
     def flip(self, now: float, snapshot_id: str, name: str, wall: float = 0.0) -> Tuple[List[of.Message], List[of.Message]]:
-        """Move a paused member to the new epoch.
+        """Move a paused member to the new epoch (``flip_many`` of one)."""
+        return self.flip_many(now, snapshot_id, [name], wall)
 
-        Returns (rule changes, releases). The pre-snapshot frames held for it (while
+    def flip_many(self, now: float, snapshot_id: str, names: List[str],
+                  wall: float = 0.0) -> Tuple[List[of.Message], List[of.Message]]:
+        """Move paused members to the new epoch, in one flow-table pass over their switches.
+
+        Returns (rule changes, releases). The pre-snapshot frames held for each (while
         it was prepared) are recorded now; the caller sends the rule changes, waits
-        for the barrier, lets the member resume and then sends the releases, so the
+        for the barrier, lets the members resume and then sends the releases, so the
         pause does not grow with the backlog. Released frames may therefore reach
-        the member after newer ones the switch delivers directly.
+        a member after newer ones the switch delivers directly.
         """
-        snapshot, cut = self.require(snapshot_id, name)
-        if cut.state not in (CutState.PENDING, CutState.PREPARED):
-            raise Refused(409, "%s was already cut in snapshot %s" % (name, snapshot_id))
-        member = self.members[name]
-        member.epoch = snapshot.epoch
-        cut.state = CutState.CUT
+        snapshot = self.require(snapshot_id)[0]
+        for name in names:
+            cut = self.require(snapshot_id, name)[1]
+            if cut.state not in (CutState.PENDING, CutState.PREPARED):
+                raise Refused(409, "%s was already cut in snapshot %s" % (name, snapshot_id))
+        releases, switches = [], set()
+        for name in names:
+            member = self.members[name]
+            member.epoch = snapshot.epoch
+            snapshot.cuts[name].state = CutState.CUT
+            releases += self._release_queue(name, record_colour=self.colour(snapshot.epoch - 1), wall=wall)
+            switches |= self.switches_of(member)
         snapshot.last_flip = now
-        releases = self._release_queue(name, record_colour=self.colour(snapshot.epoch - 1), wall=wall)
-        return self.fabric.reconcile(now, self.switches_of(member)), releases
+        return self.fabric.reconcile(now, switches), releases
 
-    def cut_done(self, wall: float, snapshot_id: str, name: str, flip_ms: float) -> None:
+    def cut_done(self, wall: float, snapshot_id: str, name: str, flip_ms: float) -> MemberCut:
         cut = self.current.cuts[name]
         cut.cut_time, cut.flip_ms = wall, round(flip_ms, 3)
+        return cut
 
     def done(self, snapshot_id: str, name: str, report: dict) -> bool:
         """The helper has stored the member's image; True when every participant is done."""

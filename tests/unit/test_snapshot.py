@@ -522,3 +522,45 @@ def test_restore_body_is_validated(tmp_path):
         with pytest.raises(Refused) as error:
             h.controller.restorer.start(sid, body)
         assert error.value.status == 400 and needle in error.value.reason
+
+
+def test_cuts_that_arrive_together_are_flipped_in_one_pass_and_one_barrier(tmp_path):
+    """While one cut's batch waits to start, every cut that arrives joins it: one reconcile and one
+    barrier per switch for all, instead of one after another (each member's pause would grow with N)."""
+    h = make_harness(tmp_path)
+    sid = h.controller.start_snapshot({})["id"]
+    barriers, sleep = [], h.io.sleep
+
+    def count(messages, dpids, timeout):
+        barriers.append(sorted(dpids))
+        h.run(messages)
+        return True
+
+    def arrivals(seconds):  # B and C's cut calls come in while A's batch yields
+        for name in ("B", "C"):
+            h.controller.flip_queue.setdefault(name, (h.now, h.now))
+        sleep(seconds)
+    h.io.send_and_barrier, h.io.sleep = count, arrivals
+    answer = h.controller.cut(sid, "A")
+    assert barriers == [[1, 2]]  # A, B, C on switches 1 and 2: one barrier each, once
+    assert answer["batch"] == 3 and {m.epoch for m in h.coordinator.members.values()} == {1}
+    assert {n: h.controller.flip_results[n]["batch"] for n in ("B", "C")} == {"B": 3, "C": 3}
+    assert [c.state for c in h.coordinator.current.cuts.values()] == ["cut"] * 3
+    assert received(h, B, send(h, A, B, 1)) == [b"seq000001"]  # all post now: the fast path
+
+
+def test_a_batch_the_switches_do_not_confirm_answers_every_cut_in_it(tmp_path):
+    h = make_harness(tmp_path)
+    sid = h.controller.start_snapshot({})["id"]
+    sleep = h.io.sleep
+
+    def arrivals(seconds):
+        h.controller.flip_queue.setdefault("B", (h.now, h.now))
+        sleep(seconds)
+    h.io.sleep = arrivals
+    h.io.barrier_ok = False
+    with pytest.raises(Refused) as error:
+        h.controller.cut(sid, "A")
+    assert error.value.status == 504 and "did not confirm the cut of A, B" in error.value.reason
+    assert h.controller.flip_results["B"].status == 504
+    assert h.coordinator.current.state == "aborted" and h.coordinator.holds == {}
