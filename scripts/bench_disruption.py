@@ -1,0 +1,170 @@
+"""Disruption benchmark: what a snapshot costs the members, beside the bare mechanism, in one run.
+
+Part "flips" (issue 11, goal 5: cuts that arrive together are flipped together). The controller
+alone: N manual members (``marker: false``, no dump, no helper) on LineTopo(4, 16), four switches in
+a line with sixteen hosts each. Each round starts a snapshot of N members and sends their N cut
+calls at once (N threads released by one barrier), as N helpers do when their members pause at the
+same moment; then reports every member done and waits until the snapshot is sealed. The figure is
+each cut call's wall time (POST .../cut until its answer: the time a member stays paused for the
+cut), and the controller's ``flip_ms`` and ``batch`` (how many cuts went into one flow-table pass and
+one barrier). N = 1 is the baseline of the same run; the goal is p50(N) <= 2 x p50(1) for N up to 64.
+
+    .venv/bin/python scripts/bench_disruption.py [--out docs/bench/bench_disruption.json]
+                                                 [--rounds 12] [--sizes 1,8,32,64] [--plot PNG]
+
+Must run as root. Exit codes: 0 success, 1 a run failed, 2 bad usage, 130 interrupted. The run has
+its own name prefix, controller process and bridges; teardown stops only what it started.
+"""
+
+import argparse
+import os
+import sys
+import threading
+import time
+from contextlib import ExitStack
+
+from benchkit import (ROOT, BenchError, bring_up, check_host, handle_signals, machine_info,  # sets sys.path
+                      run_guarded, save, summary, timestamp)
+from lab.lab import ControllerProcess, run_prefix
+from topologies.tree import LineTopo
+from violin_client.api import ApiError, wait_until_done
+
+DEFAULT_OUT = os.path.join(ROOT, "docs", "bench", "bench_disruption.json")
+DEFAULT_PLOT = os.path.join(ROOT, "docs", "bench", "bench_disruption_flips.png")
+SWITCHES, PER_SWITCH = 4, 16
+
+
+def locate_all(net, controller, hosts, timeout=30.0):
+    """Every host sends one frame (an ARP for a neighbour) so the controller learns where it is."""
+    for index, host in enumerate(hosts):
+        host.cmd("ping -n -c 1 -W 0.2 %s >/dev/null 2>&1 &" % hosts[(index + 1) % len(hosts)].IP())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, health = controller.get("/violin/health")
+        if status == 200 and health["hosts"] >= len(hosts):
+            return
+        time.sleep(0.2)
+    raise BenchError("the controller learned %s of %d hosts in %.0f s" % (health.get("hosts"), len(hosts), timeout))
+
+
+def register(controller, hosts):
+    for host in hosts:
+        status, answer = controller.request("POST", "/violin/members", {
+            "name": host.name, "macs": [host.MAC()], "marker": False, "backend": "manual"})
+        if status != 201:
+            raise BenchError("registering %s failed: %s %s" % (host.name, status, answer))
+
+
+def cut_round(controller, names, label):
+    """One snapshot of ``names``, all cut at once; [(rtt_ms, flip_ms, batch)] of its cuts."""
+    status, snap = controller.request("POST", "/violin/snapshots", {"members": names, "label": label})
+    if status != 202:
+        raise BenchError("snapshot refused: %s %s" % (status, snap))
+    sid, gate, results = snap["id"], threading.Barrier(len(names)), {}
+
+    def cut(name):
+        gate.wait()
+        began = time.perf_counter()
+        status, answer = controller.request("POST", "/violin/snapshots/%s/members/%s/cut" % (sid, name), {})
+        results[name] = (status, answer, (time.perf_counter() - began) * 1000.0)
+    threads = [threading.Thread(target=cut, args=(n,)) for n in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    bad = {n: r[:2] for n, r in results.items() if r[0] != 200}
+    if bad or len(results) != len(names):
+        raise BenchError("cuts of %s failed: %r" % (sid, bad or "some did not answer"))
+    for name in names:
+        status, answer = controller.request("POST", "/violin/snapshots/%s/members/%s/done" % (sid, name),
+                                            {"note": "bench_disruption"})
+        if status != 200:
+            raise BenchError("done of %s: %s %s" % (name, status, answer))
+    try:
+        view = wait_until_done(controller.api, "/violin/snapshots/%s" % sid, 30, poll=0.02)
+    except ApiError as error:
+        raise BenchError("snapshot %s: %s" % (sid, error)) from None
+    if view["state"] != "complete":
+        raise BenchError("snapshot %s %s: %s" % (sid, view["state"], view.get("reason")))
+    return [(r[2], r[1]["flip_ms"], r[1].get("batch", 1)) for r in results.values()]
+
+
+def run_flips(sizes, rounds, log):
+    prefix = run_prefix()
+    topo = LineTopo(SWITCHES, PER_SWITCH, prefix=prefix)
+    record = {"topology": "LineTopo(%d,%d)" % (SWITCHES, PER_SWITCH), "prefix": prefix, "series": {}}
+    with ExitStack() as stack:
+        controller = ControllerProcess()
+        stack.callback(controller.stop)
+        net = bring_up(stack, controller, topo, record["topology"])
+        hosts = sorted(net.hosts, key=lambda h: h.name)
+        locate_all(net, controller, hosts)
+        register(controller, hosts)
+        names = [h.name for h in hosts]
+        samples = {n: [] for n in sizes}
+        for index in range(rounds):  # sizes interleaved, so drift hits every size alike
+            for size in sizes:
+                samples[size] += cut_round(controller, names[:size], "flips-%d-%d" % (size, index))
+            log("round %d/%d done" % (index + 1, rounds))
+        for size in sizes:
+            rtt, flip, batch = zip(*samples[size])
+            record["series"][str(size)] = {"cut_rtt_ms": summary(list(rtt)), "flip_ms": summary(list(flip)),
+                                           "batches_p50": summary(list(batch))["p50"], "rtt_samples": list(rtt)}
+    base = record["series"][str(sizes[0])]["cut_rtt_ms"]["p50"]
+    record["ratio_p50_to_one"] = {str(n): round(record["series"][str(n)]["cut_rtt_ms"]["p50"] / base, 2)
+                                  for n in sizes}
+    return record
+
+
+def plot(record, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sizes = list(record["series"])
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.boxplot([record["series"][n]["rtt_samples"] for n in sizes], showfliers=True)
+    axis.set_xticks(range(1, len(sizes) + 1), ["%s cut at once" % n for n in sizes])
+    axis.set_ylabel("cut call, ms (member paused for the cut)")
+    axis.set_title("Cuts flipped together, %s (p50 ratio to one: %s)" % (
+        record["topology"], ", ".join("%s: %.2fx" % kv for kv in record["ratio_p50_to_one"].items())), fontsize=9)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON output (default docs/bench/bench_disruption.json)")
+    parser.add_argument("--plot", default=DEFAULT_PLOT, help="PNG of the distributions")
+    parser.add_argument("--rounds", type=int, default=12, help="snapshots per member count (default 12)")
+    parser.add_argument("--sizes", default="1,8,32,64", help="members cut at once (default 1,8,32,64)")
+    args = parser.parse_args(argv)
+    check_host(parser, ["ovs-vsctl", "mnexec"])
+    try:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    except ValueError:
+        parser.error("--sizes takes numbers, e.g. 1,8,32,64")
+    if not sizes or min(sizes) < 1 or max(sizes) > SWITCHES * PER_SWITCH or args.rounds < 1:
+        parser.error("sizes from 1 to %d and at least one round" % (SWITCHES * PER_SWITCH))
+    handle_signals()
+    document = {"timestamp": timestamp(), "machine": machine_info(cpu_model=True),
+                "parameters": {"rounds": args.rounds, "sizes": sizes}, "flips": None}
+    log = lambda text: print("[bench_disruption] %s" % text, flush=True)  # noqa: E731
+
+    def parts():
+        document["flips"] = run_flips(sizes, args.rounds, log)
+
+    error, code = run_guarded(parts)
+    status = save("bench_disruption", args.out, document, error, code)
+    if status == 0:
+        plot(document["flips"], args.plot)
+        for size, series in document["flips"]["series"].items():
+            print("%3s at once: cut call p50 %.1f ms p90 %.1f ms (%.2fx one), flip p50 %.1f ms, batch p50 %s" % (
+                size, series["cut_rtt_ms"]["p50"], series["cut_rtt_ms"]["p90"],
+                document["flips"]["ratio_p50_to_one"][size], series["flip_ms"]["p50"], series["batches_p50"]))
+        print("wrote %s and %s" % (args.out, args.plot))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
