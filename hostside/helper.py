@@ -61,6 +61,7 @@ from violin_client.api import ApiClient, ApiError, Unreachable
 from violin_core.errors import error_body
 from violin_core.schema import Field, ListOf, MapOf, Schema, SchemaError, host_port, matches, name
 
+MAX_BODY = 1 << 20  # bytes of a request body: the controller's are a few hundred
 HelperConfigError = SchemaError  # what a malformed config raises; its ``path`` names the key
 
 
@@ -181,8 +182,12 @@ def make_handler(helper: Helper):
             status, action = routes[self.path]
             try:
                 try:
-                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                    length = int(self.headers.get("Content-Length", 0))
+                    if not 0 <= length <= MAX_BODY:
+                        raise ValueError("Content-Length %d is not between 0 and %d" % (length, MAX_BODY))
+                    body = json.loads(self.rfile.read(length) or b"{}")
                 except ValueError as error:
+                    self.close_connection = True  # the body may be unread
                     raise BadRequest("body is not JSON: %s" % error) from None
                 answer = action(body)
             except Exception as error:  # every error answers JSON; the unexpected ones are logged in full
