@@ -157,6 +157,8 @@ def make_handler(helper: Helper):
               "/restore": (200, helper.restore), "/resume": (200, helper.resume), "/stop": (200, helper.stop)}
 
     class Handler(JsonHandler):
+        get_paths, post_paths = ("/health", "/jobs"), tuple(routes)  # what docs/openapi-helper.yaml documents
+
         def _error(self, status: int, reason: str) -> None:
             self.send_json(status, error_body(status, reason))
 
