@@ -66,6 +66,7 @@ from violin_client.api import ApiClient, ApiError, Unreachable
 from violin_core.errors import error_body
 from violin_core.schema import Field, ListOf, MapOf, Schema, SchemaError, host_port, matches, name
 
+MAX_BODY = 1 << 20  # bytes of a request body: the controller's are a few hundred
 HelperConfigError = SchemaError  # what a malformed config raises; its ``path`` names the key
 
 
@@ -171,6 +172,8 @@ def make_handler(helper: Helper):
               "/restore": (200, helper.restore), "/resume": (200, helper.resume), "/stop": (200, helper.stop)}
 
     class Handler(JsonHandler):
+        get_paths, post_paths = ("/health", "/jobs"), tuple(routes)  # what docs/openapi-helper.yaml documents
+
         def _error(self, status: int, reason: str) -> None:
             self.send_json(status, error_body(status, reason))
 
@@ -199,8 +202,12 @@ def make_handler(helper: Helper):
             status, action = routes[self.path]
             try:
                 try:
-                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                    length = int(self.headers.get("Content-Length", 0))
+                    if not 0 <= length <= MAX_BODY:
+                        raise ValueError("Content-Length %d is not between 0 and %d" % (length, MAX_BODY))
+                    body = json.loads(self.rfile.read(length) or b"{}")
                 except ValueError as error:
+                    self.close_connection = True  # the body may be unread
                     raise BadRequest("body is not JSON: %s" % error) from None
                 answer = action(body)
             except Exception as error:  # every error answers JSON; the unexpected ones are logged in full

@@ -17,20 +17,35 @@ class JsonHandler(BaseHTTPRequestHandler):
         pass
 
     def send_json(self, status: int, body) -> None:
-        data = (json.dumps(body, sort_keys=True) + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_text(status, (json.dumps(body, sort_keys=True) + "\n").encode(), "application/json")
 
     def send_text(self, status: int, data: bytes, content_type: str) -> None:
-        """A non-JSON answer (the metrics' text exposition)."""
+        """An answer of ``content_type`` (JSON, or the metrics' text exposition)."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (bad request line, unknown method...) in the one JSON error shape:
+        never its HTML page. A method this server has no ``do_<METHOD>`` for is a 405 with ``Allow``."""
+        from violin_core.errors import error_body
+        self.close_connection = True
+        allowed = sorted(name[3:] for name in dir(self) if name.startswith("do_"))
+        if code == 501 and getattr(self, "command", None) and self.command not in allowed:
+            code, message = 405, "%s not allowed (allowed: %s)" % (self.command, ", ".join(allowed))
+        data = (json.dumps(error_body(code, message or self.responses.get(code, ("error",))[0]),
+                           sort_keys=True) + "\n").encode()
+        self.send_response(code)
+        if code == 405:
+            self.send_header("Allow", ", ".join(allowed))
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD":
+            self.wfile.write(data)
 
     def bearer_is(self, token: str) -> bool:
         """Whether the request carries ``Authorization: Bearer <token>`` (constant-time compare)."""

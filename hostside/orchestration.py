@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from hostside.backends.base import Backend, ImageSink
 from hostside.metrics import HelperMetrics
-from violin_core.schema import Field, ListOf, Schema, SchemaError
+from violin_core.schema import Field, ListOf, Schema, SchemaError, matches, name
 
 LOG = logging.getLogger("violin-helper")
 
@@ -76,13 +76,17 @@ def status_of(error: BaseException) -> int:
 
 
 _STR = Field(str)
+# Snapshot and member names become directories under work_dir (stage, restore): a name, never a path.
+_NAME = Field(str, check=name)
+_SERVER = Field(str, check=matches(r"^https?://[^\s/]+", "a snapshot server's http://HOST:PORT URL"))
 BODIES = {  # the request bodies the controller sends
-    "snapshot": Schema({"snapshot": _STR, "member": _STR, "epoch": Field((int, type(None)), None),
+    "snapshot": Schema({"snapshot": _NAME, "member": _NAME, "epoch": Field((int, type(None)), None),
                         "prepare_url": Field((str, type(None)), None), "cut_url": _STR, "done_url": _STR,
                         "failed_url": _STR}),
-    "stage": Schema({"snapshot": _STR, "member": _STR, "server": _STR,
-                     "files": ListOf(Field(dict))}),
-    "member": Schema({"snapshot": _STR, "member": _STR}),
+    "stage": Schema({"snapshot": _NAME, "member": _NAME, "server": _SERVER,
+                     "files": ListOf(Field(dict, check=lambda f: None if all(
+                         isinstance(f.get(k), str) for k in ("name", "sha256")) else "needs name and sha256 strings"))}),
+    "member": Schema({"snapshot": _NAME, "member": _NAME}),
 }
 
 

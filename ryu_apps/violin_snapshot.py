@@ -95,7 +95,9 @@ if ControllerBase is not None:
             super().__init__(req, link, data, **config)
             self.rest_app = data
 
-        @route("violin", "/violin{tail}", requirements={"tail": "(/.*)?"})
+        # [\s\S], not ".": a decoded path may hold a newline (%0A), and every /violin... path must reach
+        # the core (its JSON 404), never Ryu's HTML one.
+        @route("violin", "/violin{tail}", requirements={"tail": r"(/[\s\S]*)?"})
         def handle(self, req, **_kwargs):
             return req.get_response(self.rest_app)
 

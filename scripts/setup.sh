@@ -63,6 +63,20 @@ else
         die "the os-ken environment is incomplete (see pip's output above)"
     echo "$want_osken" >"$OSKEN_VENV/.violin-setup-stamp"
 fi
+# 3c. The API fuzzer (schemathesis) in its own environment: its dependencies need newer packages than
+#     the Ryu pins above. tests/integration/test_api_fuzz.py runs its CLI against the real servers.
+FUZZ_VENV="${VIOLIN_FUZZ_VENV:-$REPO/.venv-fuzz}"
+want_fuzz="$(sha256sum <"$REPO/requirements-fuzz.txt" | cut -d' ' -f1)"
+if [[ -x $FUZZ_VENV/bin/schemathesis && -f $FUZZ_VENV/.violin-setup-stamp && $(cat "$FUZZ_VENV/.violin-setup-stamp") == "$want_fuzz" ]]; then
+    say "fuzz environment $FUZZ_VENV up to date"
+else
+    say "building fuzz environment $FUZZ_VENV"
+    [[ -x $FUZZ_VENV/bin/python ]] || "$PYTHON" -m venv "$FUZZ_VENV"
+    "$FUZZ_VENV/bin/python" -m pip -q --disable-pip-version-check install -r "$REPO/requirements-fuzz.txt" 2>&1 |
+        grep -v "^WARNING: Location" || true
+    "$FUZZ_VENV/bin/schemathesis" --version >/dev/null || die "the fuzz environment is incomplete (see pip's output above)"
+    echo "$want_fuzz" >"$FUZZ_VENV/.violin-setup-stamp"
+fi
 # The project's modules, from this checkout (no install needed for a second framework).
 osken_site="$("$OSKEN_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 printf '%s\n%s\n' "$REPO/ryu_apps" "$REPO" >"$osken_site/violin-snapshot.pth"

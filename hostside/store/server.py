@@ -70,11 +70,6 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             self.answered = True
             super().send_response(*args, **kwargs)
 
-        def send_error(self, code, message=None, explain=None):
-            """http.server's own refusals (bad request line, unknown method) in the one JSON shape too."""
-            self.close_connection = True
-            self._error(code, message or self.responses.get(code, ("",))[0])
-
         def _error(self, status: int, reason: str) -> None:
             if getattr(self, "command", None) == "PUT":
                 self.close_connection = True  # its body may be unread: the connection cannot carry another request

@@ -100,6 +100,15 @@ def test_rest_is_mounted_under_violin_in_ryus_wsgi(app):
     assert Request.blank("/violin/nothing").get_response(wsgi).status_int == 404
 
 
+@pytest.mark.parametrize("path", ["/violin/members/a%0Ab", "/violin/snapshots/%0A/abort", "/violin/x%0D%0A",
+                                  "/violin/members/a%2Fb", "/violin/members/%00"])
+def test_every_violin_path_answers_the_cores_json_even_with_a_newline(app, path):
+    """Ryu's route pattern once had ".": a decoded %0A fell through to Ryu's HTML 404 (found by fuzzing)."""
+    _, wsgi = app
+    response = Request.blank(path, method="POST").get_response(wsgi)
+    assert response.content_type == "application/json" and json.loads(response.text)["error"], path
+
+
 def test_rest_binds_loopback_by_default():
     from ryu import cfg
     assert cfg.CONF.wsapi_host == "127.0.0.1"

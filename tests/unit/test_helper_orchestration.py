@@ -363,6 +363,14 @@ def test_http_snapshot_and_restore(served):
     ("/resume", {"snapshot": "s1", "member": "nobody"}, None, 404, "not_found"),
     ("/restore", {"snapshot": "s9", "member": "f1"}, None, 404, "not_found"),
     ("/nowhere", {}, None, 404, "not_found"),
+    # found by fuzzing (issue 13): names that are paths (stage rmtree'd work_dir/restore/<snapshot>/<member>),
+    # a server that is no URL, files without name/sha256 were 502 or 500
+    ("/stage", {"snapshot": "../..", "member": "f1", "server": "http://127.0.0.1:1", "files": []}, None, 400, "bad_request"),
+    ("/stage", {"snapshot": "/etc", "member": "f1", "server": "http://127.0.0.1:1", "files": []}, None, 400, "bad_request"),
+    ("/restore", {"snapshot": "s1", "member": "f1/../f1"}, None, 400, "bad_request"),
+    ("/stage", {"snapshot": "s1", "member": "f1", "server": "", "files": []}, None, 400, "bad_request"),
+    ("/stage", {"snapshot": "s1", "member": "f1", "server": "http://127.0.0.1:1", "files": [{"name": []}]},
+     None, 400, "bad_request"),
 ])
 def test_http_errors_have_one_shape(served, path, body, raw, status, error):
     answer = call(served, path, body, raw=raw)
@@ -409,3 +417,21 @@ def test_attachment_is_datapath_id_and_openflow_port():
 def test_attachment_is_none_when_it_cannot_be_told(answers):
     assert ovs.attachment("p", fake_vsctl(answers)) is None
     assert ovs.attachment(None, fake_vsctl(answers)) is None
+
+
+def test_http_refusals_of_http_server_itself_are_json_too(served):
+    """An unknown method is a JSON 405 with Allow (it was http.server's HTML 501), a bad length a 400."""
+    import http.client
+    host, port = served.url.split("//")[1].split(":")
+    for method, headers, status in (("PATCH", {}, 405), ("QUERY", {}, 405), ("POST", {"Content-Length": "-5"}, 400)):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.putrequest(method, "/snapshot")
+        for key, value in dict({"Authorization": "Bearer t"}, **headers).items():
+            connection.putheader(key, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == status and response.getheader("Content-Type") == "application/json"
+        assert json.loads(response.read())["reason"]
+        if status == 405:
+            assert "POST" in response.getheader("Allow")
+        connection.close()

@@ -31,3 +31,17 @@ def test_mutating_routes_are_documented_with_the_bearer_token(tmp_path):
     for route in served_routes(tmp_path):
         operation = spec["paths"][route.template][route.method.lower()]
         assert bool(operation.get("security")) == route.mutating, route.template
+
+
+def test_every_refusal_the_edge_makes_is_documented(tmp_path):
+    """401 and 403 (the token) on every mutating call, 400 (a body that is no JSON object) on every call
+    that takes a body: what fuzzing the real controller found missing (GitHub issue 13)."""
+    with open(SPEC) as handle:
+        spec = yaml.safe_load(handle)
+    for route in served_routes(tmp_path):
+        operation = spec["paths"][route.template][route.method.lower()]
+        statuses = set(operation["responses"])
+        if route.mutating:
+            assert {"401", "403"} <= statuses, (route.method, route.template)
+        if "requestBody" in operation:
+            assert "400" in statuses, (route.method, route.template)
