@@ -8,6 +8,8 @@ same moment; then reports every member done and waits until the snapshot is seal
 each cut call's wall time (POST .../cut until its answer: the time a member stays paused for the
 cut), and the controller's ``flip_ms`` and ``batch`` (how many cuts went into one flow-table pass and
 one barrier). N = 1 is the baseline of the same run; the goal is p50(N) <= 2 x p50(1) for N up to 64.
+Beside each, N concurrent ``GET /violin/health`` sent the same way: the floor that the REST path
+alone (N connections into the controller's one event loop) puts under N cut calls.
 
     .venv/bin/python scripts/bench_disruption.py [--out docs/bench/bench_disruption.json]
                                                  [--rounds 12] [--sizes 1,8,32,64] [--plot PNG]
@@ -89,6 +91,23 @@ def cut_round(controller, names, label):
     return [(r[2], r[1]["flip_ms"], r[1].get("batch", 1)) for r in results.values()]
 
 
+def concurrent_gets(controller, count):
+    """The HTTP floor: ``count`` GET /violin/health at once, as the cuts are sent; their wall ms."""
+    gate, times = threading.Barrier(count), []
+
+    def get():
+        gate.wait()
+        began = time.perf_counter()
+        controller.request("GET", "/violin/health")
+        times.append((time.perf_counter() - began) * 1000.0)
+    threads = [threading.Thread(target=get) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return times
+
+
 def run_flips(sizes, rounds, log):
     prefix = run_prefix()
     topo = LineTopo(SWITCHES, PER_SWITCH, prefix=prefix)
@@ -101,18 +120,23 @@ def run_flips(sizes, rounds, log):
         locate_all(net, controller, hosts)
         register(controller, hosts)
         names = [h.name for h in hosts]
-        samples = {n: [] for n in sizes}
+        samples, floor = {n: [] for n in sizes}, {n: [] for n in sizes}
         for index in range(rounds):  # sizes interleaved, so drift hits every size alike
             for size in sizes:
                 samples[size] += cut_round(controller, names[:size], "flips-%d-%d" % (size, index))
+                floor[size] += concurrent_gets(controller, size)
             log("round %d/%d done" % (index + 1, rounds))
         for size in sizes:
             rtt, flip, batch = zip(*samples[size])
             record["series"][str(size)] = {"cut_rtt_ms": summary(list(rtt)), "flip_ms": summary(list(flip)),
-                                           "batches_p50": summary(list(batch))["p50"], "rtt_samples": list(rtt)}
+                                           "batches_p50": summary(list(batch))["p50"], "rtt_samples": list(rtt),
+                                           "health_get_rtt_ms": summary(floor[size]), "health_samples": floor[size]}
     base = record["series"][str(sizes[0])]["cut_rtt_ms"]["p50"]
     record["ratio_p50_to_one"] = {str(n): round(record["series"][str(n)]["cut_rtt_ms"]["p50"] / base, 2)
                                   for n in sizes}
+    record["health_get_ratio_p50_to_one"] = {
+        str(n): round(record["series"][str(n)]["health_get_rtt_ms"]["p50"]
+                      / record["series"][str(sizes[0])]["health_get_rtt_ms"]["p50"], 2) for n in sizes}
     return record
 
 
@@ -121,10 +145,16 @@ def plot(record, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sizes = list(record["series"])
-    figure, axis = plt.subplots(figsize=(7, 4))
-    axis.boxplot([record["series"][n]["rtt_samples"] for n in sizes], showfliers=True)
-    axis.set_xticks(range(1, len(sizes) + 1), ["%s cut at once" % n for n in sizes])
-    axis.set_ylabel("cut call, ms (member paused for the cut)")
+    figure, axis = plt.subplots(figsize=(7.5, 4))
+    where = range(1, len(sizes) + 1)
+    cuts = axis.boxplot([record["series"][n]["rtt_samples"] for n in sizes], positions=[x - 0.18 for x in where],
+                        widths=0.3, patch_artist=True, boxprops={"facecolor": "#9ecae1"})
+    floor = axis.boxplot([record["series"][n]["health_samples"] for n in sizes], positions=[x + 0.18 for x in where],
+                         widths=0.3, patch_artist=True, boxprops={"facecolor": "#d9d9d9"})
+    axis.legend([cuts["boxes"][0], floor["boxes"][0]], ["POST .../cut (N at once)", "GET /violin/health (N at once)"],
+                fontsize=8, loc="upper left")
+    axis.set_xticks(list(where), ["%s at once" % n for n in sizes])
+    axis.set_ylabel("call wall time, ms")
     axis.set_title("Cuts flipped together, %s (p50 ratio to one: %s)" % (
         record["topology"], ", ".join("%s: %.2fx" % kv for kv in record["ratio_p50_to_one"].items())), fontsize=9)
     axis.grid(axis="y", alpha=0.3)
@@ -159,9 +189,11 @@ def main(argv=None):
     if status == 0:
         plot(document["flips"], args.plot)
         for size, series in document["flips"]["series"].items():
-            print("%3s at once: cut call p50 %.1f ms p90 %.1f ms (%.2fx one), flip p50 %.1f ms, batch p50 %s" % (
-                size, series["cut_rtt_ms"]["p50"], series["cut_rtt_ms"]["p90"],
-                document["flips"]["ratio_p50_to_one"][size], series["flip_ms"]["p50"], series["batches_p50"]))
+            print("%3s at once: cut call p50 %.1f ms p90 %.1f ms (%.2fx one), flip p50 %.1f ms, batch p50 %s; "
+                  "as many GET /violin/health at once p50 %.1f ms (%.2fx one)" % (
+                      size, series["cut_rtt_ms"]["p50"], series["cut_rtt_ms"]["p90"],
+                      document["flips"]["ratio_p50_to_one"][size], series["flip_ms"]["p50"], series["batches_p50"],
+                      series["health_get_rtt_ms"]["p50"], document["flips"]["health_get_ratio_p50_to_one"][size]))
         print("wrote %s and %s" % (args.out, args.plot))
     return status
 
