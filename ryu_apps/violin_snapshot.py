@@ -345,6 +345,23 @@ class HubIO(ControllerIO):
                 LOG.exception("background work %s failed", getattr(function, "__name__", function))
         self.app.threads.append(hub.spawn(guarded))
 
+    def gather(self, functions):
+        results, finished = [None] * len(functions), [hub.Event() for _ in functions]
+
+        def run(index, function):
+            try:
+                with self.app.lock:
+                    results[index] = function()
+            except Exception as error:  # handed to the caller, which decides
+                results[index] = error
+            finally:
+                finished[index].set()
+        for index, function in enumerate(functions):
+            self.app.threads.append(hub.spawn(run, index, function))
+        for event in finished:
+            self._unlocked(event.wait)
+        return results
+
     def post_json(self, url, body, timeout, token=None, method="POST"):
         return self._unlocked(self._post_json, url, body, timeout, token, method, self.ca_file)
 

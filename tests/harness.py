@@ -36,6 +36,7 @@ class FakeIO(ControllerIO):
         self.barrier_ok = True
         self.post_status = 200
         self.answers = {}  # URL -> the helper's answer (default {})
+        self.gathered = []  # how many calls each gather ran at once
 
     def send(self, messages):
         self.harness.run(messages)
@@ -64,6 +65,16 @@ class FakeIO(ControllerIO):
 
     def spawn(self, function, *args):
         self.spawned.append((function, args))
+
+    def gather(self, functions):
+        self.gathered.append(len(functions))
+        results = []
+        for function in functions:
+            try:
+                results.append(function())
+            except Exception as error:
+                results.append(error)
+        return results
 
     def post_json(self, url, body, timeout, token=None, method="POST"):
         self.posts.append((url, body) if method == "POST" else (method + " " + url, body))

@@ -70,6 +70,11 @@ class ControllerIO:
     def spawn(self, function, *args) -> None:
         raise NotImplementedError
 
+    def gather(self, functions: List[Callable[[], object]]) -> List[object]:
+        """Run ``functions`` concurrently (each with the core's lock, as a spawned job); when all have
+        returned, their results in order, an exception standing for a function that raised one."""
+        raise NotImplementedError
+
     def post_json(self, url: str, body: Optional[dict], timeout: float, token: Optional[str] = None,
                   method: str = "POST") -> Tuple[int, object]:
         """(status, parsed answer) of an HTTP call; status None when the peer is unreachable."""

@@ -163,13 +163,24 @@ class Restorer:
         member.helper_url = info["helper"]
 
     @staticmethod
-    def restore_order(job: RestoreJob) -> List[str]:
-        """Members whose helpers said they come back paused first (a VM's clock stops until the resume),
-        the others last: a restored process's kernel retransmits its TCP segments into the quarantine
-        until the resume and backs off; restored last, it waits the least. Seen with 2 VMs and 2
-        processes over 5 restores: a TCP stream between the processes stalled 23 s with the processes
-        restored first, none did (TCP resumed with UDP) with the VMs first."""
-        return sorted(job.members, key=lambda name: (not job.members[name].get("restores_paused"), name))
+    def restore_waves(job: RestoreJob) -> List[List[str]]:
+        """The members restored together, wave after wave: first those whose helpers said they come back
+        paused (a VM's clock stops until the resume), then the others: a restored process's kernel
+        retransmits its TCP segments into the quarantine until the resume and backs off; restored last,
+        it waits the least. Seen with 2 VMs and 2 processes over 5 restores: a TCP stream between the
+        processes stalled 23 s with the processes restored first, none did (TCP resumed with UDP) with
+        the VMs first."""
+        paused = sorted(n for n in job.members if job.members[n].get("restores_paused"))
+        return [wave for wave in (paused, sorted(set(job.members) - set(paused))) if wave]
+
+    def _all(self, names: List[str], call: Callable[[str], object]) -> List[object]:
+        """``call(name)`` for every member at once (helpers work in parallel); the first failure, in
+        name order, is raised once all have returned, so every member's state is known by then."""
+        results = self.io.gather([lambda name=name: call(name) for name in names])
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
 
     def run(self, job_id: str) -> None:
         job, names = self.jobs[job_id], sorted(self.jobs[job_id].members)
@@ -187,7 +198,8 @@ class Restorer:
             switches = set(self.fabric.switches)
             if not self.io.send_and_barrier(quarantine, switches, settings.barrier_timeout):
                 raise RuntimeError("the switches did not confirm the quarantine")
-            timed(RestorePhase.RESTORING, lambda: [self._restore_member(job, n) for n in self.restore_order(job)])
+            timed(RestorePhase.RESTORING, lambda: [self._all(wave, lambda n: self._restore_member(job, n))
+                                                   for wave in self.restore_waves(job)])
             rules, injections = self.coordinator.restored(self.clock(), job.epoch, names, frames)
 
             def reinject():
@@ -196,7 +208,7 @@ class Restorer:
                 self.io.send_and_barrier(injections, {m.dpid for m in injections}, settings.barrier_timeout)
                 job.reinjected = len(injections)
             timed(RestorePhase.REINJECTING, reinject)
-            timed(RestorePhase.RESUMING, lambda: [self._helper_call(job, n, "resume") for n in names])
+            timed(RestorePhase.RESUMING, lambda: self._all(names, lambda n: self._helper_call(job, n, "resume")))
             job.state, job.phase = RestoreState.COMPLETE, RestorePhase.COMPLETE
             job.finished = self.wall_clock()
             self.ended(job)
@@ -234,8 +246,10 @@ class Restorer:
             if hashlib.sha256(data).hexdigest() != manifest["channel"]["sha256"]:
                 raise RuntimeError("channel state of %s is corrupt (checksum mismatch)" % job.snapshot)
             frames = channel.decode(data)
-        for name in names:
+
+        def stage(name):
             info = job.members[name]
             answer = self._helper_call(job, name, "stage", {"server": info["server"], "files": info["files"]})
             info["restores_paused"] = answer.get("restores_paused") is True
+        self._all(names, stage)
         return frames

@@ -399,10 +399,12 @@ def test_restore_brings_members_that_restore_paused_back_first(tmp_path):
         h.controller.done(sid, name, {"server": "http://srv", "image": {"files": [{"name": "f", "sha256": "x"}]}})
     h.run_spawned()
     h.io.posts.clear()
+    h.io.gathered.clear()
     h.controller.restorer.start(sid, {})
     h.run_spawned()
     restored = [url.split("//helper-")[1].split("/")[0] for url, _ in h.io.posts if url.endswith("/restore")]
     assert restored == ["b-vm", "a-proc", "c-proc"]
+    assert h.io.gathered == [3, 1, 2, 3]  # all staged at once, the paused one restored, then the rest, all resumed
 
 
 def test_restore_of_an_aborted_snapshot_is_refused(h):
