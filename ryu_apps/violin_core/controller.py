@@ -95,6 +95,8 @@ class ViolinController:
         self.errors: dict = {}
         self.restorer = Restorer(self.coordinator, self.catalogue, io, config.snapshot, config.helper_token,
                                  clock, wall_clock, background=self.background)
+        if io is not None:  # a restore cut short by a restart: failed, its restored members resumed
+            self.restorer.recover()
         self.scheduler = Scheduler(self.catalogue, clock, wall_clock, take=self.start_snapshot,
                                    delete=self.delete_snapshot, busy=self._busy_for_schedule)
 

@@ -127,3 +127,27 @@ def test_a_failing_scheduled_turn_is_skipped_with_the_reason_and_the_next_turn_r
     h.advance(10.0)
     h.run_spawned()
     assert h.controller.scheduler.view()["taken"] == 1 and h.coordinator.running()
+
+
+def test_a_restore_cut_short_by_a_restart_is_failed_and_its_restored_members_resumed(tmp_path, monkeypatch):
+    h = make(tmp_path)
+    sid = complete(h)
+    post = h.io.post_json
+
+    def die_at_b(url, body, timeout, token=None, method="POST"):
+        if url == "http://helper-B/restore":  # the controller dies while B is being restored
+            raise SystemExit("killed")
+        return post(url, body, timeout, token, method)
+    monkeypatch.setattr(h.io, "post_json", die_at_b)
+    job = h.controller.restorer.start(sid, {})
+    with pytest.raises(SystemExit):
+        h.run_spawned()
+    monkeypatch.undo()
+    assert h.controller.restorer.get(job["id"]).state == "running"
+    again = make(tmp_path)  # a new controller on the same state directory (resumes in the background)
+    view = again.controller.restorer.get(job["id"]).view()
+    assert view["state"] == "failed" and "controller restarted" in view["reason"], view
+    resumed = sorted(url for url, _ in again.io.posts if url.endswith("/resume"))
+    assert resumed == ["http://helper-A/resume", "http://helper-B/resume"]  # A restored, B maybe
+    assert view["members"]["A"]["after_restart"] == "resumed"
+    assert again.controller.restorer.start(sid, {})["state"] == "running"  # nothing left blocking
