@@ -24,6 +24,7 @@ from .errors import Refused, reason_of
 
 LOG = logging.getLogger("violin.restore")
 JOBS_FILE = "restores.json"
+RESUME_PATIENCE_S, RESUME_RETRY_S = 30.0, 0.5  # a helper restarting is asked again to resume its members
 KEEP_JOBS = 50  # finished jobs kept on disk (the newest)
 
 RESTORE_BODY = schema.Schema({
@@ -129,12 +130,7 @@ class Restorer:
             info = job.members[name]
             if info.get("state") not in ("restoring", "restored"):
                 continue  # never touched (or already resumed): it runs as it was
-            ok, answer = self._call(info["helper"], "resume", {"snapshot": job.snapshot, "member": name}, 60.0)
-            info["after_restart"] = "resumed" if ok else "not resumed: %s" % answer
-            if ok:
-                info["state"] = "resumed"
-            else:
-                LOG.warning("restore %s: %s not resumed after the restart: %s", job.id, name, answer)
+            info["after_restart"] = "resumed" if self._resume(job, name) else "not resumed"
         self.save()
 
     def running(self) -> Optional[RestoreJob]:
@@ -198,6 +194,26 @@ class Restorer:
         info["state"] = action + ("d" if action.endswith("e") else "ed")
         self.save()
         return answer if isinstance(answer, dict) else {}
+
+    def _resume(self, job: RestoreJob, name: str) -> bool:
+        """Let a member the job may have left stopped run; a helper that does not answer (restarting) is
+        asked again for ``RESUME_PATIENCE_S``. One member's failure never keeps the others stopped."""
+        info = job.members[name]
+        deadline = self.clock() + RESUME_PATIENCE_S
+        while True:
+            try:
+                status, answer = self.io.post_json(info["helper"].rstrip("/") + "/resume",
+                                                   {"snapshot": job.snapshot, "member": name}, 30.0, self.helper_token)
+            except Exception as error:  # noqa: BLE001 - one member's failure must not keep the others stopped
+                status, answer = 500, "%s: %s" % (type(error).__name__, error)
+            if status is not None and 200 <= status < 300:
+                info["state"] = "resumed"
+                return True
+            if status is not None or self.clock() >= deadline:
+                info["resume"] = "not resumed: %s %s" % (status or "unreachable:", reason_of(answer))
+                LOG.warning("restore %s: %s %s", job.id, name, info["resume"])
+                return False
+            self.io.sleep(RESUME_RETRY_S)
 
     def _restore_member(self, job: RestoreJob, name: str) -> None:
         """Restore one member where the job places it; a member moving to another helper is
@@ -276,11 +292,8 @@ class Restorer:
         if self.coordinator.quarantined:
             self.io.send(self.coordinator.lift_quarantine(self.clock()))
         for name in sorted(job.members):
-            if job.members[name]["state"] == "restored":
-                try:
-                    self._helper_call(job, name, "resume")
-                except Exception as error:  # noqa: BLE001 - one member's failure must not keep the others frozen
-                    LOG.warning("restore %s: %s not resumed: %s", job.id, name, error)
+            if job.members[name]["state"] in ("restoring", "restored"):  # restoring: its helper may have
+                self._resume(job, name)                                   # restored it before failing
         self.save()
 
     def _stage(self, job: RestoreJob, names: List[str]) -> List[ChannelFrame]:

@@ -106,8 +106,9 @@ def test_a_failing_restore_ends_failed_lifts_the_quarantine_and_resumes_what_was
     view = h.controller.restorer.get(job["id"]).view()
     assert view["state"] == "failed" and "injected" in view["reason"] and view["finished"] is not None
     resumed = {url for url, _ in h.io.posts if url.endswith("/resume")}
+    # a member whose restore call failed may have been restored all the same (left stopped): resumed too
     assert resumed == {"http://helper-%s/resume" % n for n in ("A", "B")
-                       if step in ("restored", "reinject") or (step in ("restore", "resume") and n == "A")}
+                       if step in ("restored", "reinject", "restore") or (step == "resume" and n == "A")}
     assert h.coordinator.quarantined == set()
     monkeypatch.undo()
     again = h.controller.restorer.start(sid, {})  # a failed restore never blocks the next one
