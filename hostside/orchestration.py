@@ -108,6 +108,9 @@ class StoreSink(ImageSink):
     def put_stream(self, name: str, reader) -> dict:
         return _file_entry(dict(self.client.upload_stream(self.snapshot, self.member, name, reader), name=name))
 
+    def discard(self) -> None:
+        self.client.delete(self.snapshot, self.member)
+
 
 def _file_entry(stored: dict) -> dict:
     return {"name": stored["name"], "bytes": stored["bytes"], "sha256": stored["sha256"]}
@@ -192,7 +195,14 @@ class Orchestrator:
                 self.purge()
                 return proof
 
-            report = backend.snapshot(member, sink, at_cut)
+            try:
+                report = backend.snapshot(member, sink, at_cut)
+            except BaseException:  # e.g. the server's disk filled up: never leave part of an image offered
+                try:
+                    getattr(sink, "discard", lambda: None)()
+                except Exception as error:  # noqa: BLE001 - the snapshot's own failure is what is reported
+                    LOG.warning("snapshot %s/%s: partial image not removed: %s", body["snapshot"], body["member"], error)
+                raise
         self.post(body["done_url"], {
             "pause_ms": report.pause_ms, "bytes": report.bytes, "server": server,
             "image": dict(report.details, backend=backend.name, files=report.files)})
