@@ -210,6 +210,7 @@ class Restorer:
                 info["state"] = "resumed"
                 return True
             if status is not None or self.clock() >= deadline:
+                info["state"] = "failed"  # e.g. killed for its restore, never restored: restore the slice again
                 info["resume"] = "not resumed: %s %s" % (status or "unreachable:", reason_of(answer))
                 LOG.warning("restore %s: %s %s", job.id, name, info["resume"])
                 return False
