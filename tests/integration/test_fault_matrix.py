@@ -5,10 +5,8 @@ talking, pingall without loss) and the complete snapshot taken before the fault 
 every case restores it at the end and runs the consistency oracle (0 gaps, 0 duplicates).
 
 Not here: ovs-vswitchd restarted (the machine runs one shared ovs-vswitchd; restarting it would disturb
-every other run): ``test_switch_lost_mid_snapshot[restarted]`` plays what the controller sees of it, the
-connection lost and the switch's flow table wiped, then reconnecting. VM members stopped at their
-switchover when the controller dies are not covered here either (the libvirt backend cancels the
-migration when the cut call fails; see test_vm_members.py for its other faults).
+every other run): ``test_switch_restarted_mid_snapshot`` plays what the controller sees of it, the
+connection lost and the switch's flow table wiped, then reconnecting.
 """
 
 import os
@@ -413,3 +411,61 @@ def test_helper_unreachable_at_restore(slice_controller, tmp_path):
             restores_and_oracle_clean(controller, net, members, good)
         finally:
             slicelab.stop_daemon(helper)
+
+
+# --- 1b. the controller killed while a VM waits at its switchover ------------------------------------------
+
+VM_RATE = 100.0
+
+
+def test_controller_killed_while_a_vm_waits_at_its_switchover(slice_controller, vm_ready, tmp_path):
+    """QEMU holds the guest paused before the switchover while the helper's cut call hangs; the controller
+    dies: the cut call fails, the migration is cancelled and the guest runs on."""
+    from lab import vms
+    controller = slice_controller
+    prefix = lab.run_prefix()
+    with lab.network(LanTopo(1, prefix=prefix), controller) as net:
+        host = net.hosts[0]
+        guest = vms.seqstream_guest("%svm1" % prefix, 2, "10.0.0.101/8", "52:54:00:76:00:01", net.switches[0].name,
+                                    {1: host.IP()}, VM_RATE)
+        with vms.guests([guest]):
+            with slicelab.helped_slice(controller, net, str(tmp_path), rate=VM_RATE, guests=[guest],
+                                       guest_ids={guest.name: 2}) as members:
+                quick_reconnect(net)
+                time.sleep(2.0)
+                _, snap = controller.request("POST", "/violin/snapshots", {"label": "before the fault"})
+                good = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"], timeout=120)
+                assert good["state"] == "complete", good
+                _, snap = controller.request("POST", "/violin/snapshots", {})
+                stream = os.path.join(str(tmp_path), "images", snap["id"], guest.name)
+                poll(lambda: os.path.isdir(stream) and any(".part-" in f for f in os.listdir(stream)), timeout=60)
+                os.kill(controller.process.pid, signal.SIGSTOP)  # migrating: its cut call will hang
+                poll(lambda: vms.domain_state(guest.name) == "paused", timeout=60, every=0.01)
+                time.sleep(0.3)
+                killed = time.monotonic()
+                kill_controller(controller)
+                poll(lambda: vms.domain_state(guest.name) == "running", timeout=15, every=0.01)
+                print("controller killed at a VM's switchover: the guest ran again %.0f ms after the kill"
+                      % ((time.monotonic() - killed) * 1000))
+                assert time.monotonic() - killed < 5
+                restart_controller(controller, net, members)
+                status, body = controller.request("POST", "/violin/members", {
+                    "name": guest.name, "macs": [guest.mac], "helper_url": members.helper_url,
+                    "backend": "libvirt", "marker": False})
+                assert status in (200, 201), body
+                view = controller.get("/violin/snapshots/%s" % snap["id"])[1]
+                assert view["state"] == "aborted" and "restarted" in view["reason"] and not view["restorable"], view
+                assert "0% packet loss" in host.cmd("ping -c 3 -i 0.2 %s" % guest.address)
+                assert members.alive(host) and advancing(members, host)
+                _, job = controller.request("POST", "/violin/snapshots/%s/restore" % good["id"], {})
+                job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"], timeout=120)
+                assert job["state"] == "complete", (job, open(members.helper_log).read()[-2000:])
+                time.sleep(3.0)
+                vms.guest_command(host, guest, "STOP")
+                os.kill(members.pids[host.name], signal.SIGTERM)
+                time.sleep(0.5)
+                records = oracle.load_records([members.member_dir(host)])
+                records[2] = vms.oracle_member(host, guest)
+                result = oracle.check(records, margin=int(VM_RATE // 2))
+    assert result["consistent"], (result["totals"], {k: v for k, v in result["streams"].items()
+                                                     if v["gaps"] or v["duplicates"]})
