@@ -56,7 +56,11 @@ class Failed(HelperError):
 
 
 class ControllerError(RuntimeError):
-    """The controller refused a callback or could not be reached."""
+    """The controller refused a callback (``status``) or could not be reached (``status`` None)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
 
 
 # Errors of backends (CriuError, VmError...), the store (StorageError) and the controller: RuntimeError
@@ -198,14 +202,23 @@ class Orchestrator:
             try:
                 report = backend.snapshot(member, sink, at_cut)
             except BaseException:  # e.g. the server's disk filled up: never leave part of an image offered
-                try:
-                    getattr(sink, "discard", lambda: None)()
-                except Exception as error:  # noqa: BLE001 - the snapshot's own failure is what is reported
-                    LOG.warning("snapshot %s/%s: partial image not removed: %s", body["snapshot"], body["member"], error)
+                self._discard(sink, body)
                 raise
-        self.post(body["done_url"], {
-            "pause_ms": report.pause_ms, "bytes": report.bytes, "server": server,
-            "image": dict(report.details, backend=backend.name, files=report.files)})
+        try:
+            self.post(body["done_url"], {
+                "pause_ms": report.pause_ms, "bytes": report.bytes, "server": server,
+                "image": dict(report.details, backend=backend.name, files=report.files)})
+        except ControllerError as error:
+            if error.status is not None and 400 <= error.status < 500:  # refused (aborted meanwhile): unused
+                self._discard(sink, body)
+            raise
+
+    @staticmethod
+    def _discard(sink, body: dict) -> None:
+        try:
+            getattr(sink, "discard", lambda: None)()
+        except Exception as error:  # noqa: BLE001 - the snapshot's own failure is what is reported
+            LOG.warning("snapshot %s/%s: partial image not removed: %s", body["snapshot"], body["member"], error)
 
     # --- restore ----------------------------------------------------------------------------
 

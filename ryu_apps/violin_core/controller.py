@@ -303,6 +303,16 @@ class ViolinController:
             self.io.send(messages)
         self._persist()
         LOG.warning("snapshot %s aborted: %s", self.coordinator.current.id, reason)
+        manifest = self.coordinator.current.manifest()
+        if self.io is not None and any(m.get("server") for m in manifest.get("members", [])):
+            # the images members stored before the abort are never restored: no part of them stays offered
+            self.background(self._delete_images, manifest, on_failure=lambda why: LOG.warning(
+                "images of aborted snapshot %s not deleted: %s", manifest["id"], why))
+
+    def _delete_images(self, manifest: dict) -> None:
+        for server in sorted({m["server"] for m in manifest.get("members", []) if m.get("server")}):
+            self.io.post_json("%s/images/%s" % (server.rstrip("/"), manifest["id"]), None, 10.0,
+                              self.config.server_token, method="DELETE")
 
     def _late_record(self) -> None:
         """A pre-snapshot frame reached a post receiver after completion: the snapshot lacks it."""

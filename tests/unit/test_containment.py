@@ -152,3 +152,16 @@ def test_a_restore_cut_short_by_a_restart_is_failed_and_its_restored_members_res
     assert resumed == ["http://helper-A/resume", "http://helper-B/resume"]  # A restored, B maybe
     assert view["members"]["A"]["after_restart"] == "resumed"
     assert again.controller.restorer.start(sid, {})["state"] == "running"  # nothing left blocking
+
+
+def test_an_aborted_snapshot_deletes_the_images_members_stored_before_the_abort(tmp_path):
+    h = make(tmp_path)
+    sid = h.controller.start_snapshot({})["id"]
+    h.run_spawned()
+    h.controller.cut(sid, "A")
+    h.controller.done(sid, "A", IMAGE)  # A's image is stored; B never finishes
+    h.io.posts.clear()
+    h.controller.abort(sid, {"reason": "test"})
+    h.run_spawned()
+    assert ("DELETE http://srv/images/%s" % sid, None) in h.io.posts
+    assert not h.controller.snapshot_view(sid)["restorable"]
