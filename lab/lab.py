@@ -181,7 +181,12 @@ def network(topo, controller, wait=True):
     ensure_ovs()
     switch_names = list(topo.switches())
     net = Mininet(topo=topo, controller=None, autoSetMacs=True, build=False, waitConnected=False)
-    net.addController("c0", RemoteController, ip="127.0.0.1", port=controller.of_port)
+    class Remote(RemoteController):
+        def checkListening(self):
+            """Skipped: ControllerProcess.start saw the ports open, and Mininet's check (telnet) decodes the
+            switch's OpenFlow hello as UTF-8 and fails at random (UnicodeDecodeError on its xid bytes)."""
+
+    net.addController("c0", Remote, ip="127.0.0.1", port=controller.of_port)
     try:
         net.build()
         net.start()
