@@ -209,7 +209,8 @@ class Restorer:
             if status is not None and 200 <= status < 300:
                 info["state"] = "resumed"
                 return True
-            if status is not None or self.clock() >= deadline:
+            later = self.running()  # a newer restore owns the members now: never resume one it left stopped
+            if status is not None or self.clock() >= deadline or (later is not None and later is not job):
                 info["state"] = "failed"  # e.g. killed for its restore, never restored: restore the slice again
                 info["resume"] = "not resumed: %s %s" % (status or "unreachable:", reason_of(answer))
                 LOG.warning("restore %s: %s %s", job.id, name, info["resume"])

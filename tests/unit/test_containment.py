@@ -165,3 +165,24 @@ def test_an_aborted_snapshot_deletes_the_images_members_stored_before_the_abort(
     h.run_spawned()
     assert ("DELETE http://srv/images/%s" % sid, None) in h.io.posts
     assert not h.controller.snapshot_view(sid)["restorable"]
+
+
+def test_a_failed_restore_asks_a_restarting_helper_again_to_resume_its_members(tmp_path, monkeypatch):
+    h = make(tmp_path)
+    sid = complete(h)
+    post, down = h.io.post_json, {"resumes": 0}
+
+    def restarting(url, body, timeout, token=None, method="POST"):
+        if url == "http://helper-B/restore":  # B's helper dies in B's restore...
+            return None, "connection reset"
+        if url.endswith("/resume") and down["resumes"] < 3:  # ...and answers again only after a while
+            down["resumes"] += 1
+            return None, "connection refused"
+        return post(url, body, timeout, token, method)
+    monkeypatch.setattr(h.io, "post_json", restarting)
+    job = h.controller.restorer.start(sid, {})
+    h.run_spawned()
+    view = h.controller.restorer.get(job["id"]).view()
+    assert view["state"] == "failed" and "helper-B" in view["reason"], view
+    assert {n: m["state"] for n, m in view["members"].items()} == {"A": "resumed", "B": "resumed"}, view
+    assert h.coordinator.quarantined == set()
