@@ -146,7 +146,7 @@ def controller_poster(token: str, timeout: float = 30.0,
             raise ControllerError("controller unreachable at %s: %s" % (url, error.why)) from None
         except ApiError as error:
             raise ControllerError("controller answered %s to %s: %s" % (
-                error.status, url.rsplit("/", 1)[-1], error.reason)) from None
+                error.status, url.rsplit("/", 1)[-1], error.reason), error.status) from None
     return post
 
 

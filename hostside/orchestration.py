@@ -57,7 +57,11 @@ class Failed(HelperError):
 
 
 class ControllerError(RuntimeError):
-    """The controller refused a callback or could not be reached."""
+    """The controller refused a callback (``status``) or could not be reached (``status`` None)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
 
 
 # Errors of backends (CriuError, VmError...), the store (StorageError) and the controller: RuntimeError
@@ -112,6 +116,9 @@ class StoreSink(ImageSink):
 
     def put_stream(self, name: str, reader) -> dict:
         return _file_entry(dict(self.client.upload_stream(self.snapshot, self.member, name, reader), name=name))
+
+    def discard(self) -> None:
+        self.client.delete(self.snapshot, self.member)
 
 
 def _file_entry(stored: dict) -> dict:
@@ -201,12 +208,28 @@ class Orchestrator:
                 return proof
 
             began = self.clock()
-            report = backend.snapshot(member, sink, at_cut)
+            try:
+                report = backend.snapshot(member, sink, at_cut)
+            except BaseException:  # e.g. the server's disk filled up: never leave part of an image offered
+                self._discard(sink, body)
+                raise
             seconds = self.clock() - began
-        self.post(body["done_url"], {
-            "pause_ms": report.pause_ms, "bytes": report.bytes, "server": server,
-            "image": dict(report.details, backend=backend.name, files=report.files)})
+        try:
+            self.post(body["done_url"], {
+                "pause_ms": report.pause_ms, "bytes": report.bytes, "server": server,
+                "image": dict(report.details, backend=backend.name, files=report.files)})
+        except ControllerError as error:
+            if error.status is not None and 400 <= error.status < 500:  # refused (aborted meanwhile): unused
+                self._discard(sink, body)
+            raise
         self.metrics.snapshot_done(backend.name, seconds, report)  # once the controller has it
+
+    @staticmethod
+    def _discard(sink, body: dict) -> None:
+        try:
+            getattr(sink, "discard", lambda: None)()
+        except Exception as error:  # noqa: BLE001 - the snapshot's own failure is what is reported
+            LOG.warning("snapshot %s/%s: partial image not removed: %s", body["snapshot"], body["member"], error)
 
     # --- restore ----------------------------------------------------------------------------
 

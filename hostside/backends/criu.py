@@ -209,7 +209,8 @@ def restore(member: ProcessMember, images: str, timeout: float = 60.0, leave_sto
     result = subprocess.run(
         _nsenter(member) + [CRIU, "restore", "-D", images, "-o", log, "-v2", "-d",
                             "--tcp-established", "--file-locks", "--network-lock", NETWORK_LOCK] + (["--leave-stopped"] if leave_stopped else []),
-        capture_output=True, text=True, timeout=timeout)
+        # not pipes of ours: a helper that dies mid-restore must not kill CRIU with SIGPIPE (its log has it all)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
     if result.returncode != 0:
         raise CriuError("criu restore of %s failed:\n%s" % (member.name, _log_tail(os.path.join(images, log))))
     return (time.monotonic() - started) * 1000

@@ -88,9 +88,9 @@ class Store(abc.ABC):
         store has no image of that member."""
 
     @abc.abstractmethod
-    def delete(self, snapshot: str) -> bool:
-        """Forget every file of a snapshot (a chunk store frees chunks no other snapshot uses);
-        False if there was no such snapshot."""
+    def delete(self, snapshot: str, member: Optional[str] = None) -> bool:
+        """Forget every file of a snapshot, or of one member's image in it (a chunk store frees chunks
+        no other snapshot uses); False if there was no such snapshot (or member image)."""
 
     @abc.abstractmethod
     def snapshots(self) -> List[str]:

@@ -138,6 +138,13 @@ class ImageServer:
         return [self.upload(snapshot, member, os.path.join(directory, name))
                 for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))]
 
+    def delete(self, snapshot: str, member: str = None) -> None:
+        """Remove a snapshot's images, or one member's (a partial image after a failed upload)."""
+        path = "/images/%s" % snapshot + ("/%s" % member if member else "")
+        status, answer = self._call("DELETE", path)
+        if status not in (200, 404):
+            raise self._refused(path, status, answer)
+
     def index(self, snapshot: str, member: str) -> Dict:
         status, answer = self._call("GET", "/images/%s/%s" % (snapshot, member))
         if status != 200:

@@ -91,9 +91,9 @@ class FileStore(Store):
                 raise NotFound("file %s/%s/%s is in the index but not on disk" % (snapshot, member, name)) from None
         return _chunks_of(handle), info
 
-    def delete(self, snapshot: str) -> bool:
-        check_names(snapshot)
-        path = os.path.join(self.root, snapshot)
+    def delete(self, snapshot: str, member: Optional[str] = None) -> bool:
+        check_names(snapshot, *([member] if member is not None else []))
+        path = os.path.join(self.root, snapshot) if member is None else self._member_dir(snapshot, member)
         if not os.path.isdir(path):
             return False
         shutil.rmtree(path)

@@ -152,9 +152,17 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             body = read_chunked(self.rfile) if length is None else read_exactly(self.rfile, length)
             try:
                 info = store.put(*parts, body, self.headers.get("X-Sha256"))
-            except OSError as error:
+            except OSError as error:  # e.g. ENOSPC: answer, then read the rest, so the client sees the answer
                 metrics.refused("storage_error")
-                return self._error(507, "cannot store %s: %s" % ("/".join(parts), error.strerror or error))
+                self.close_connection = True  # (a close with its data unread would reset the connection first)
+                self._error(507, "cannot store %s: %s" % ("/".join(parts), error.strerror or error))
+                self.wfile.flush()
+                try:
+                    for _ in body:
+                        pass
+                except (OSError, ValueError):
+                    pass
+                return None
             except ChecksumMismatch:
                 metrics.refused("checksum_mismatch")
                 raise
@@ -165,11 +173,11 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             self.send_json(201, dict(info.as_dict(), location="/images/" + "/".join(parts)))
 
         def _delete(self, parts):
-            if len(parts) != 1 or parts[0] in ("health", "metrics"):
-                return self._error(400, "DELETE /images/<snapshot>")
-            if not store.delete(parts[0]):
-                return self._error(404, "no images for snapshot %s" % parts[0])
-            self.send_json(200, {"deleted": parts[0]})
+            if parts[:1] in (["health"], ["metrics"]) or len(parts) not in (1, 2):
+                return self._error(400, "DELETE /images/<snapshot>[/<member>]")
+            if not store.delete(*parts):
+                return self._error(404, "no images for %s" % "/".join(parts))
+            self.send_json(200, {"deleted": "/".join(parts)})
 
     return Handler
 

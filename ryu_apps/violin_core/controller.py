@@ -106,6 +106,8 @@ class ViolinController:
         self.restorer = Restorer(self.coordinator, self.catalogue, io, config.snapshot, config.helper_token,
                                  clock, wall_clock, background=self.background,
                                  started=self.metrics.restore_started, ended=self.metrics.restore_ended)
+        if io is not None:  # a restore cut short by a restart: failed, its restored members resumed
+            self.restorer.recover()
         self.scheduler = Scheduler(self.catalogue, clock, wall_clock, take=self.start_snapshot,
                                    delete=self.delete_snapshot, busy=self._busy_for_schedule)
 
@@ -369,6 +371,16 @@ class ViolinController:
         self._persist()
         self.metrics.snapshot_ended(self.coordinator.current)
         LOG.warning("snapshot %s aborted: %s", self.coordinator.current.id, reason)
+        manifest = self.coordinator.current.manifest()
+        if self.io is not None and any(m.get("server") for m in manifest.get("members", [])):
+            # the images members stored before the abort are never restored: no part of them stays offered
+            self.background(self._delete_images, manifest, on_failure=lambda why: LOG.warning(
+                "images of aborted snapshot %s not deleted: %s", manifest["id"], why))
+
+    def _delete_images(self, manifest: dict) -> None:
+        for server in sorted({m["server"] for m in manifest.get("members", []) if m.get("server")}):
+            self.io.post_json("%s/images/%s" % (server.rstrip("/"), manifest["id"]), None, 10.0,
+                              self.config.server_token, method="DELETE")
 
     def _late_record(self) -> None:
         """A pre-snapshot frame reached a post receiver after completion: the snapshot lacks it."""

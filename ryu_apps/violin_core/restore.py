@@ -5,6 +5,10 @@ manifest, the placement, the channel state's checksum, and every helper's fetch 
 verification of its member's image (``stage``). Only then are the members cut off the
 network, replaced by their images (left stopped), their epochs reset, the recorded
 channel state re-injected to each receiver in order, and all resumed together.
+
+Jobs are kept in the catalogue directory (``restores.json``), written at every step: a job
+found running when the controller starts was cut short by a restart; it is marked failed
+("controller restarted") and the members it had restored (left stopped) are resumed.
 """
 
 import hashlib
@@ -19,6 +23,9 @@ from .coordinator import State
 from .errors import Refused, reason_of
 
 LOG = logging.getLogger("violin.restore")
+JOBS_FILE = "restores.json"
+RESUME_PATIENCE_S, RESUME_RETRY_S = 30.0, 0.5  # a helper restarting is asked again to resume its members
+KEEP_JOBS = 50  # finished jobs kept on disk (the newest)
 
 RESTORE_BODY = schema.Schema({
     "placement": schema.Field((dict, type(None)), None, lambda v: None if all(
@@ -64,6 +71,13 @@ class RestoreJob:
                 "phase": self.phase, "reason": self.reason, "started": self.started, "finished": self.finished,
                 "members": self.members, "timings_ms": self.timings_ms, "reinjected_frames": self.reinjected}
 
+    @classmethod
+    def from_view(cls, view: dict) -> "RestoreJob":
+        return cls(view["id"], view["snapshot"], view.get("epoch", 0), view.get("members") or {},
+                   view.get("started") or 0.0, RestoreState(view.get("state", "failed")),
+                   RestorePhase(view.get("phase", "staging")), view.get("reason"), view.get("finished"),
+                   view.get("timings_ms") or {}, view.get("reinjected_frames") or 0)
+
 
 class Restorer:
     """Runs restore jobs against the coordinator, the fabric, the catalogue and the helpers."""
@@ -76,6 +90,50 @@ class Restorer:
         self.clock, self.wall_clock, self.background = clock, wall_clock, background
         self.started, self.ended = started, ended  # told when a job starts and ends (the metrics)
         self.jobs: Dict[str, RestoreJob] = {}
+
+    # --- persistence: a restart must not leave a restore "running" or its members stopped ---------
+
+    def save(self) -> None:
+        """Write every job (the running one and the newest finished ones) to the catalogue directory."""
+        jobs = sorted(self.jobs.values(), key=lambda j: (j.started, j.id))
+        finished = [j for j in jobs if j.state != RestoreState.RUNNING][-KEEP_JOBS:]
+        kept = [j for j in jobs if j.state == RestoreState.RUNNING or j in finished]
+        try:
+            self.catalogue.save_extra(JOBS_FILE, {"restores": [j.view() for j in kept]})
+        except OSError as error:  # the restore itself goes on; only its record after a restart is lost
+            LOG.warning("restore jobs not saved: %s", error)
+
+    def recover(self) -> List[str]:
+        """Load the saved jobs; one still running was cut short by a restart: fail it with that reason and
+        resume (in the background) the members it had restored or was restoring, left stopped."""
+        saved = self.catalogue.load_extra(JOBS_FILE) or {}
+        interrupted = []
+        for view in saved.get("restores") or []:
+            try:
+                job = RestoreJob.from_view(view)
+            except (KeyError, ValueError, TypeError):
+                continue  # unreadable: forgotten
+            self.jobs[job.id] = job
+            if job.state == RestoreState.RUNNING:
+                job.state, job.finished = RestoreState.FAILED, self.wall_clock()
+                job.reason = "controller restarted during the restore (phase %s)" % job.phase
+                LOG.warning("restore %s failed: %s", job.id, job.reason)
+                interrupted.append(job.id)
+        if interrupted:
+            self.save()
+            for job_id in interrupted:
+                self.background(self._resume_interrupted, job_id, on_failure=lambda reason: LOG.warning(
+                    "resuming after a restart: %s", reason))
+        return interrupted
+
+    def _resume_interrupted(self, job_id: str) -> None:
+        job = self.jobs[job_id]
+        for name in sorted(job.members):
+            info = job.members[name]
+            if info.get("state") not in ("restoring", "restored"):
+                continue  # never touched (or already resumed): it runs as it was
+            info["after_restart"] = "resumed" if self._resume(job, name) else "not resumed"
+        self.save()
 
     def running(self) -> Optional[RestoreJob]:
         return next((job for job in self.jobs.values() if job.state == RestoreState.RUNNING), None)
@@ -116,6 +174,7 @@ class Restorer:
                          members, self.wall_clock())
         self.jobs[job.id] = job
         self.started()
+        self.save()
         self.background(self.run, job.id, on_failure=lambda reason: self._fail(job, reason))
         return job.view()
 
@@ -128,12 +187,38 @@ class Restorer:
 
     def _helper_call(self, job: RestoreJob, name: str, action: str, extra: Optional[dict] = None) -> dict:
         info = job.members[name]
+        if action == "restore":  # from here the member may be stopped: a restart must resume it
+            info["state"] = "restoring"
+            self.save()
         ok, answer = self._call(info["helper"], action, dict({"snapshot": job.snapshot, "member": name},
                                                              **(extra or {})), 60.0)
         if not ok:
             raise RuntimeError("%s of %s at %s failed: %s" % (action, name, info["helper"], answer))
         info["state"] = action + ("d" if action.endswith("e") else "ed")
+        self.save()
         return answer if isinstance(answer, dict) else {}
+
+    def _resume(self, job: RestoreJob, name: str) -> bool:
+        """Let a member the job may have left stopped run; a helper that does not answer (restarting) is
+        asked again for ``RESUME_PATIENCE_S``. One member's failure never keeps the others stopped."""
+        info = job.members[name]
+        deadline = self.clock() + RESUME_PATIENCE_S
+        while True:
+            try:
+                status, answer = self.io.post_json(info["helper"].rstrip("/") + "/resume",
+                                                   {"snapshot": job.snapshot, "member": name}, 30.0, self.helper_token)
+            except Exception as error:  # noqa: BLE001 - one member's failure must not keep the others stopped
+                status, answer = 500, "%s: %s" % (type(error).__name__, error)
+            if status is not None and 200 <= status < 300:
+                info["state"] = "resumed"
+                return True
+            later = self.running()  # a newer restore owns the members now: never resume one it left stopped
+            if status is not None or self.clock() >= deadline or (later is not None and later is not job):
+                info["state"] = "failed"  # e.g. killed for its restore, never restored: restore the slice again
+                info["resume"] = "not resumed: %s %s" % (status or "unreachable:", reason_of(answer))
+                LOG.warning("restore %s: %s %s", job.id, name, info["resume"])
+                return False
+            self.io.sleep(RESUME_RETRY_S)
 
     def _restore_member(self, job: RestoreJob, name: str) -> None:
         """Restore one member where the job places it; a member moving to another helper is
@@ -188,6 +273,7 @@ class Restorer:
 
         def timed(phase, work):
             job.phase, began = phase, self.clock()
+            self.save()
             result = work()
             job.timings_ms[phase.value] = round((self.clock() - began) * 1000, 1)
             return result
@@ -212,6 +298,7 @@ class Restorer:
             job.state, job.phase = RestoreState.COMPLETE, RestorePhase.COMPLETE
             job.finished = self.wall_clock()
             self.ended(job)
+            self.save()
         except (RuntimeError, Refused, OSError) as error:
             self._fail(job, str(getattr(error, "reason", error)))
 
@@ -226,11 +313,9 @@ class Restorer:
         if self.coordinator.quarantined:
             self.io.send(self.coordinator.lift_quarantine(self.clock()))
         for name in sorted(job.members):
-            if job.members[name]["state"] == "restored":
-                try:
-                    self._helper_call(job, name, "resume")
-                except Exception as error:  # noqa: BLE001 - one member's failure must not keep the others frozen
-                    LOG.warning("restore %s: %s not resumed: %s", job.id, name, error)
+            if job.members[name]["state"] in ("restoring", "restored"):  # restoring: its helper may have
+                self._resume(job, name)                                   # restored it before failing
+        self.save()
 
     def _stage(self, job: RestoreJob, names: List[str]) -> List[ChannelFrame]:
         """Verify the channel state and have every helper fetch and verify its member's image."""

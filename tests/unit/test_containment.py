@@ -106,8 +106,9 @@ def test_a_failing_restore_ends_failed_lifts_the_quarantine_and_resumes_what_was
     view = h.controller.restorer.get(job["id"]).view()
     assert view["state"] == "failed" and "injected" in view["reason"] and view["finished"] is not None
     resumed = {url for url, _ in h.io.posts if url.endswith("/resume")}
+    # a member whose restore call failed may have been restored all the same (left stopped): resumed too
     assert resumed == {"http://helper-%s/resume" % n for n in ("A", "B")
-                       if step in ("restored", "reinject") or (step in ("restore", "resume") and n == "A")}
+                       if step in ("restored", "reinject", "restore") or (step == "resume" and n == "A")}
     assert h.coordinator.quarantined == set()
     monkeypatch.undo()
     again = h.controller.restorer.start(sid, {})  # a failed restore never blocks the next one
@@ -127,3 +128,61 @@ def test_a_failing_scheduled_turn_is_skipped_with_the_reason_and_the_next_turn_r
     h.advance(10.0)
     h.run_spawned()
     assert h.controller.scheduler.view()["taken"] == 1 and h.coordinator.running()
+
+
+def test_a_restore_cut_short_by_a_restart_is_failed_and_its_restored_members_resumed(tmp_path, monkeypatch):
+    h = make(tmp_path)
+    sid = complete(h)
+    post = h.io.post_json
+
+    def die_at_b(url, body, timeout, token=None, method="POST"):
+        if url == "http://helper-B/restore":  # the controller dies while B is being restored
+            raise SystemExit("killed")
+        return post(url, body, timeout, token, method)
+    monkeypatch.setattr(h.io, "post_json", die_at_b)
+    job = h.controller.restorer.start(sid, {})
+    with pytest.raises(SystemExit):
+        h.run_spawned()
+    monkeypatch.undo()
+    assert h.controller.restorer.get(job["id"]).state == "running"
+    again = make(tmp_path)  # a new controller on the same state directory (resumes in the background)
+    view = again.controller.restorer.get(job["id"]).view()
+    assert view["state"] == "failed" and "controller restarted" in view["reason"], view
+    resumed = sorted(url for url, _ in again.io.posts if url.endswith("/resume"))
+    assert resumed == ["http://helper-A/resume", "http://helper-B/resume"]  # A restored, B maybe
+    assert view["members"]["A"]["after_restart"] == "resumed"
+    assert again.controller.restorer.start(sid, {})["state"] == "running"  # nothing left blocking
+
+
+def test_an_aborted_snapshot_deletes_the_images_members_stored_before_the_abort(tmp_path):
+    h = make(tmp_path)
+    sid = h.controller.start_snapshot({})["id"]
+    h.run_spawned()
+    h.controller.cut(sid, "A")
+    h.controller.done(sid, "A", IMAGE)  # A's image is stored; B never finishes
+    h.io.posts.clear()
+    h.controller.abort(sid, {"reason": "test"})
+    h.run_spawned()
+    assert ("DELETE http://srv/images/%s" % sid, None) in h.io.posts
+    assert not h.controller.snapshot_view(sid)["restorable"]
+
+
+def test_a_failed_restore_asks_a_restarting_helper_again_to_resume_its_members(tmp_path, monkeypatch):
+    h = make(tmp_path)
+    sid = complete(h)
+    post, down = h.io.post_json, {"resumes": 0}
+
+    def restarting(url, body, timeout, token=None, method="POST"):
+        if url == "http://helper-B/restore":  # B's helper dies in B's restore...
+            return None, "connection reset"
+        if url.endswith("/resume") and down["resumes"] < 3:  # ...and answers again only after a while
+            down["resumes"] += 1
+            return None, "connection refused"
+        return post(url, body, timeout, token, method)
+    monkeypatch.setattr(h.io, "post_json", restarting)
+    job = h.controller.restorer.start(sid, {})
+    h.run_spawned()
+    view = h.controller.restorer.get(job["id"]).view()
+    assert view["state"] == "failed" and "helper-B" in view["reason"], view
+    assert {n: m["state"] for n, m in view["members"].items()} == {"A": "resumed", "B": "resumed"}, view
+    assert h.coordinator.quarantined == set()

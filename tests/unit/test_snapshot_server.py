@@ -177,3 +177,15 @@ def test_store_flag_and_dir_flag_name_the_same_store(capsys):
     with pytest.raises(SystemExit):
         srv.build_args(["--store", "chunks:/tmp/y", "--token", "t"])
     assert "scheme one of file" in capsys.readouterr().err
+
+
+def test_a_member_image_can_be_deleted_alone(image_server, tmp_path):
+    url, root = image_server
+    client = ImageServer(url, "tok")
+    for member in ("m1", "m2"):
+        client.upload_dir("s", member, str(make_dir(tmp_path / member, {"a": b"1"})))
+    client.delete("s", "m1")  # a partial image after a failed upload: the others stay
+    with pytest.raises(StorageError, match="no images"):
+        client.index("s", "m1")
+    assert [f["name"] for f in client.index("s", "m2")["files"]] == ["a"]
+    client.delete("s", "m1")  # already gone: fine
