@@ -159,6 +159,7 @@ class ViolinSnapshot(BaseApp):
         self.rest_app = self._locked_app(build_rest_app(self.core))
         if "wsgi" in kwargs and self._tls is None:
             kwargs["wsgi"].register(_RestBridge, self.rest_app)
+            self.threads.append(hub.spawn(self.answer_json_elsewhere, kwargs["wsgi"]))
         else:
             self.threads.append(hub.spawn(self._serve_rest))
         self.threads.append(hub.spawn(self._ticker))
@@ -171,6 +172,15 @@ class ViolinSnapshot(BaseApp):
             datapath = self.datapaths.get(message.dpid)
             if datapath is not None:
                 datapath.send_msg(to_ofp(datapath, message))
+
+    @staticmethod
+    def answer_json_elsewhere(wsgi):
+        """Paths no app of this ryu-manager serves get the core's JSON 404 as well, not Ryu's text one: a
+        catch-all route, connected after every app has registered its own (ryu-manager builds them all
+        before the hub runs this), so it shadows none of theirs."""
+        wsgi.mapper.connect("violin_elsewhere", "/{tail}", controller=_RestBridge, action="handle",
+                            requirements={"tail": r"[\s\S]*"})
+        wsgi.mapper._created_regs = False  # Routes compiles its patterns once; compile them again with this one
 
     def _locked_app(self, app):
         def locked(environ, start_response):

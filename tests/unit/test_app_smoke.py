@@ -14,7 +14,7 @@ violin_snapshot = pytest.importorskip("violin_snapshot")
 
 from ryu.app.wsgi import WSGIApplication  # noqa: E402
 from ryu.ofproto import ofproto_v1_3, ofproto_v1_3_parser  # noqa: E402
-from webob import Request  # noqa: E402
+from webob import Request, Response  # noqa: E402
 
 from violin_core import of  # noqa: E402
 from violin_core.packets import build_probe  # noqa: E402
@@ -122,3 +122,25 @@ def test_translation_covers_every_message_kind():
                     of.PacketOut(7, 1, (of.Output(of.OFPP_TABLE),), b"\0" * 60)):
         datapath.send_msg(violin_snapshot.to_ofp(datapath, message))
     assert len(datapath.sent) == 5
+
+
+def test_paths_no_app_serves_answer_json_and_other_apps_keep_theirs(app):
+    """Under Ryu's WSGI a path outside /violin got Ryu's text 404; the catch-all route, connected after
+    every app registered, answers the core's JSON 404 and leaves the routes of other apps alone."""
+    from ryu.app.wsgi import ControllerBase, route
+
+    class Other(ControllerBase):
+        @route("other", "/stats/switches", methods=["GET"])
+        def switches(self, req, **_kwargs):
+            return Response(json_body=[1])
+
+    instance, wsgi = app
+    wsgi.register(Other)  # an app loaded after ours (e.g. ofctl_rest) registers while apps are built
+    Request.blank("/violin/health").get_response(wsgi)  # Routes compiled its patterns already
+    instance.answer_json_elsewhere(wsgi)
+    for path in ("/", "/nothing", "/stats/x%0Ay"):
+        response = Request.blank(path, method="PUT").get_response(wsgi)
+        assert response.status_int == 404 and response.content_type == "application/json", path
+        assert "no such resource" in json.loads(response.text)["reason"]
+    assert Request.blank("/stats/switches").get_response(wsgi).json_body == [1]
+    assert Request.blank("/violin/health").get_response(wsgi).status_int == 200
