@@ -94,9 +94,11 @@ class FileStore(Store):
     def delete(self, snapshot: str, member: Optional[str] = None) -> bool:
         check_names(snapshot, *([member] if member is not None else []))
         path = os.path.join(self.root, snapshot) if member is None else self._member_dir(snapshot, member)
-        if not os.path.isdir(path):
-            return False
-        shutil.rmtree(path)
+        with self.lock:  # two deletes of one snapshot at once: one deletes it, the other finds nothing
+            if not os.path.isdir(path):
+                return False
+            shutil.rmtree(path)
+        fsync_dir(os.path.dirname(path))
         return True
 
     def snapshots(self) -> List[str]:

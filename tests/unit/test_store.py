@@ -111,3 +111,21 @@ def test_stores_are_chosen_by_scheme(tmp_path):
         with pytest.raises(ValueError, match="scheme one of file"):
             store_class(bad)
     assert isinstance(open_store("file:%s" % tmp_path), FileStore)
+
+
+def test_deletes_of_one_snapshot_at_once_delete_it_once(store):
+    """Found by fuzzing with two workers: the second rmtree of a directory the first removed raised."""
+    import threading
+    for round_ in range(20):
+        store.put("s%d" % round_, "m", "f", [b"x" * 4096])
+        gate, answers = threading.Barrier(4), []
+
+        def delete(snapshot="s%d" % round_):
+            gate.wait()
+            answers.append(store.delete(snapshot))
+        threads = [threading.Thread(target=delete) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(5)
+        assert sorted(answers) == [False, False, False, True]
