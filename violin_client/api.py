@@ -70,7 +70,8 @@ def _why(reason, url: str = "") -> str:
     if described:
         return described
     if url.startswith("http://") and isinstance(reason, (http.client.RemoteDisconnected, ConnectionResetError)):
-        return "%s (is the server serving HTTPS? use an https:// URL)" % (str(reason) or type(reason).__name__)
+        return "%s (the server closed the connection: it stopped, or it serves HTTPS and wants an https:// URL)" % (
+            str(reason) or type(reason).__name__)
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
     return str(reason) or type(reason).__name__

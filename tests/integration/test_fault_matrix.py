@@ -386,7 +386,8 @@ def criu_restoring(helper_pid):
 def test_helper_restarted_mid_restore(slice_controller, tmp_path, when):
     """Killed after it stopped a member for its restore and before CRIU ran, the member is gone: the job
     fails saying so and restoring the snapshot again brings the slice back. Killed while CRIU restores, CRIU
-    finishes on its own (left stopped) and the controller resumes the member once the helper is back."""
+    finishes on its own (left stopped) and the controller resumes the member once the helper is back (the
+    members restore in parallel: one stopped but not yet handed to CRIU is lost as before CRIU)."""
     controller = slice_controller
     with faulty_slice(controller, tmp_path) as (net, members, good):
         time.sleep(0.3)
@@ -409,8 +410,9 @@ def test_helper_restarted_mid_restore(slice_controller, tmp_path, when):
             assert all(state in ("staged", "resumed", "failed") for state, _ in states.values()), states
             lost = [n for n, (state, _) in states.items() if state == "failed"]
             assert all("not running" in states[n][1] for n in lost), states
-            if when == "in-criu":
-                assert not lost, states
+            if when == "in-criu":  # what CRIU was restoring finishes and is resumed; members are restored in
+                assert any(state == "resumed" for state, _ in states.values()), states  # parallel, so another
+                # one the helper had stopped but not yet handed to CRIU may be lost like before-criu's
             assert_slice_runs(net, members, hosts=[h for h in net.hosts if h.name not in lost])
             restores_and_oracle_clean(controller, net, members, good)
         finally:
