@@ -115,3 +115,15 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
         for daemon in daemons:
             stop_daemon(daemon)
 
+
+def advancing(members, host, wait=0.4):
+    """Whether ``host``'s member made progress within ``wait`` seconds (it runs and talks)."""
+    first = members.progress(host)
+    time.sleep(wait)
+    return members.progress(host) != first
+
+
+def no_cut_rules(net):
+    """No switch of ``net`` still holds a hold, record or flood-cut rule (cookie roles 4, 5, 6)."""
+    return all(s.cmd("ovs-ofctl -O OpenFlow13 dump-flows %s" % s.name).count("cookie=0x76696f6c0000000%d" % r) == 0
+               for s in net.switches for r in (4, 5, 6))

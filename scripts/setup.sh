@@ -49,34 +49,27 @@ else
         die "the virtual environment is incomplete (see pip's output above)"
     echo "$want" >"$STAMP"
 fi
+# A side environment: built from REQS (pinned) when its stamp differs, then checked with CHECK.
+side_venv() {
+    local what=$1 dir=$2 reqs=$3 check=$4 want
+    want="$(sha256sum <"$reqs" | cut -d' ' -f1)"
+    if [[ -x $dir/bin/python && -f $dir/.violin-setup-stamp && $(cat "$dir/.violin-setup-stamp") == "$want" ]]; then
+        say "$what environment $dir up to date"
+        return
+    fi
+    say "building $what environment $dir"
+    [[ -x $dir/bin/python ]] || "$PYTHON" -m venv "$dir"
+    "$dir/bin/python" -m pip -q --disable-pip-version-check install -r "$reqs" 2>&1 | grep -v "^WARNING: Location" || true
+    "$dir/bin/python" -c "$check" || die "the $what environment is incomplete (see pip's output above)"
+    echo "$want" >"$dir/.violin-setup-stamp"
+}
 # 3b. A second environment with os-ken (Ryu's maintained fork) instead of Ryu: the app runs on both.
 OSKEN_VENV="${VIOLIN_OSKEN_VENV:-$REPO/.venv-osken}"
-want_osken="$(cat "$REPO/requirements-osken.txt" | sha256sum | cut -d' ' -f1)"
-if [[ -x $OSKEN_VENV/bin/python && -f $OSKEN_VENV/.violin-setup-stamp && $(cat "$OSKEN_VENV/.violin-setup-stamp") == "$want_osken" ]]; then
-    say "os-ken environment $OSKEN_VENV up to date"
-else
-    say "building os-ken environment $OSKEN_VENV"
-    [[ -x $OSKEN_VENV/bin/python ]] || "$PYTHON" -m venv "$OSKEN_VENV"
-    "$OSKEN_VENV/bin/python" -m pip -q --disable-pip-version-check install -r "$REPO/requirements-osken.txt" 2>&1 |
-        grep -v "^WARNING: Location" || true
-    "$OSKEN_VENV/bin/python" -c "import os_ken.base.app_manager, networkx, webob" ||
-        die "the os-ken environment is incomplete (see pip's output above)"
-    echo "$want_osken" >"$OSKEN_VENV/.violin-setup-stamp"
-fi
+side_venv os-ken "$OSKEN_VENV" "$REPO/requirements-osken.txt" "import os_ken.base.app_manager, networkx, webob"
 # 3c. The API fuzzer (schemathesis) in its own environment: its dependencies need newer packages than
 #     the Ryu pins above. tests/integration/test_api_fuzz.py runs its CLI against the real servers.
 FUZZ_VENV="${VIOLIN_FUZZ_VENV:-$REPO/.venv-fuzz}"
-want_fuzz="$(sha256sum <"$REPO/requirements-fuzz.txt" | cut -d' ' -f1)"
-if [[ -x $FUZZ_VENV/bin/schemathesis && -f $FUZZ_VENV/.violin-setup-stamp && $(cat "$FUZZ_VENV/.violin-setup-stamp") == "$want_fuzz" ]]; then
-    say "fuzz environment $FUZZ_VENV up to date"
-else
-    say "building fuzz environment $FUZZ_VENV"
-    [[ -x $FUZZ_VENV/bin/python ]] || "$PYTHON" -m venv "$FUZZ_VENV"
-    "$FUZZ_VENV/bin/python" -m pip -q --disable-pip-version-check install -r "$REPO/requirements-fuzz.txt" 2>&1 |
-        grep -v "^WARNING: Location" || true
-    "$FUZZ_VENV/bin/schemathesis" --version >/dev/null || die "the fuzz environment is incomplete (see pip's output above)"
-    echo "$want_fuzz" >"$FUZZ_VENV/.violin-setup-stamp"
-fi
+side_venv fuzz "$FUZZ_VENV" "$REPO/requirements-fuzz.txt" "import schemathesis"
 # The project's modules, from this checkout (no install needed for a second framework).
 osken_site="$("$OSKEN_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 printf '%s\n%s\n' "$REPO/ryu_apps" "$REPO" >"$osken_site/violin-snapshot.pth"

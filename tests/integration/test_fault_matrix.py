@@ -29,17 +29,6 @@ from workloads import oracle
 HOSTS = 2
 
 
-def advancing(members, host, wait=0.4):
-    first = members.progress(host)
-    time.sleep(wait)
-    return members.progress(host) != first
-
-
-def no_cut_rules(net):
-    return all(s.cmd("ovs-ofctl -O OpenFlow13 dump-flows %s" % s.name).count("cookie=0x76696f6c0000000%d" % r) == 0
-               for s in net.switches for r in (4, 5, 6))
-
-
 def quick_reconnect(net):
     """Let this run's switches reconnect to a restarted controller within a second (OVS backs off to 8 s)."""
     for switch in net.switches:
@@ -189,8 +178,8 @@ def assert_holds_released(view):
 def assert_slice_runs(net, members, hosts=None):
     hosts = net.hosts if hosts is None else hosts
     assert all(members.alive(h) for h in hosts), {h.name: members.alive(h) for h in hosts}
-    assert all(advancing(members, h) for h in hosts)
-    assert no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
+    assert all(slicelab.advancing(members, h) for h in hosts)
+    assert slicelab.no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
 
 
 def restores_and_oracle_clean(controller, net, members, good):
@@ -224,7 +213,7 @@ def test_controller_killed_mid_snapshot(slice_controller, tmp_path):
             time.sleep(0.3)
             killed = time.monotonic()
             kill_controller(controller)  # ...until the controller is gone for good
-            poll(lambda: advancing(members, net.hosts[0], 0.1) and advancing(members, net.hosts[1], 0.1), 10)
+            poll(lambda: all(slicelab.advancing(members, h, 0.1) for h in net.hosts[:2]), 10)
             jobs = poll(lambda: (lambda j: j if all(v["state"] != "running" for v in j.values()) else None)(
                 helper_jobs(members)), timeout=criu.HOOK_TIMEOUT_S + 5, every=0.1)
         frozen, resumed = stalls.longest(victim)
@@ -482,7 +471,7 @@ def test_controller_killed_while_a_vm_waits_at_its_switchover(slice_controller, 
                 view = controller.get("/violin/snapshots/%s" % snap["id"])[1]
                 assert view["state"] == "aborted" and "restarted" in view["reason"] and not view["restorable"], view
                 assert "0% packet loss" in host.cmd("ping -c 3 -i 0.2 %s" % guest.address)
-                assert members.alive(host) and advancing(members, host)
+                assert members.alive(host) and slicelab.advancing(members, host)
                 _, job = controller.request("POST", "/violin/snapshots/%s/restore" % good["id"], {})
                 job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"], timeout=120)
                 assert job["state"] == "complete", (job, open(members.helper_log).read()[-2000:])

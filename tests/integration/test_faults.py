@@ -9,17 +9,6 @@ from violin_client.api import wait_until_done
 from topologies.lan import LanTopo
 
 
-def advancing(members, host, wait=0.4):
-    first = members.progress(host)
-    time.sleep(wait)
-    return members.progress(host) != first
-
-
-def no_cut_rules(net):
-    return all(s.cmd("ovs-ofctl -O OpenFlow13 dump-flows %s" % s.name).count("cookie=0x76696f6c0000000%d" % r) == 0
-               for s in net.switches for r in (4, 5, 6))
-
-
 def test_unreachable_snapshot_server_aborts_with_the_reason(slice_controller, tmp_path):
     controller = slice_controller
     with lab.network(LanTopo(2, prefix=lab.run_prefix()), controller) as net:
@@ -29,8 +18,8 @@ def test_unreachable_snapshot_server_aborts_with_the_reason(slice_controller, tm
             _, snap = controller.request("POST", "/violin/snapshots", {})
             view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"])
             assert view["state"] == "aborted" and "unreachable" in view["reason"], view
-            assert all(advancing(members, h) for h in net.hosts)  # the members run on
-            assert no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
+            assert all(slicelab.advancing(members, h) for h in net.hosts)  # the members run on
+            assert slicelab.no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
 
 
 def test_helper_killed_during_a_snapshot(slice_controller, tmp_path):
@@ -49,8 +38,8 @@ def test_helper_killed_during_a_snapshot(slice_controller, tmp_path):
             view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"], timeout=30)
             assert view["state"] == "aborted" and "timed out" in view["reason"], view
             time.sleep(criu.HOOK_TIMEOUT_S + 1)  # a dump the dead helper left behind gives up
-            assert all(members.alive(h) and advancing(members, h) for h in net.hosts)
-            assert no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
+            assert all(members.alive(h) and slicelab.advancing(members, h) for h in net.hosts)
+            assert slicelab.no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
 
 
 def test_corrupted_image_fails_the_restore_before_anything_is_stopped(slice_controller, tmp_path):
@@ -70,5 +59,5 @@ def test_corrupted_image_fails_the_restore_before_anything_is_stopped(slice_cont
             _, job = controller.request("POST", "/violin/snapshots/%s/restore" % snap["id"], {})
             job = wait_until_done(controller.api, "/violin/restores/%s" % job["id"])
             assert job["state"] == "failed" and "corrupt" in job["reason"] and job["phase"] == "staging", job
-            assert all(members.alive(h) and advancing(members, h) for h in net.hosts)
-            assert members.pids == pids and no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
+            assert all(members.alive(h) and slicelab.advancing(members, h) for h in net.hosts)
+            assert members.pids == pids and slicelab.no_cut_rules(net) and net.pingAll(timeout=2) == 0.0
