@@ -45,6 +45,8 @@ class ControllerMetrics(Metrics):
     def __init__(self, registry: Optional[CollectorRegistry] = None):
         super().__init__(registry)
         r = self.registry
+        self._current = lambda: None  # the running snapshot, given by watch()
+        r.register(_BeforeEachRead(self))  # first: every read of the registry sees the frame counts of now
         self.snapshots = Counter("violin_snapshots", "snapshots ended, by final state (complete, aborted)",
                                  ["state"], registry=r)
         self.snapshots_running = Gauge("violin_snapshots_running", "snapshots running now (0 or 1)", registry=r)
@@ -76,17 +78,29 @@ class ControllerMetrics(Metrics):
             self.snapshots.labels(state)
         for state in ("complete", "failed"):
             self.restores.labels(state)
+        self._packet_in_children: Dict[Optional[int], object] = {}
         self._counted: Dict[str, int] = {}  # the current snapshot's counts already added to the counters
         self._counted_id: Optional[str] = None
         self._ended: Optional[str] = None  # id of the last snapshot whose end was counted
 
     # --- called by the controller where states change ----------------------------------------
 
+    def watch(self, current) -> None:
+        """``current()`` is the snapshot whose frame counts a read of the registry brings up to date."""
+        self._current = current
+
     def switches_connected(self, count: int) -> None:
         self.switches.set(count)
 
     def packet_in(self, role: Optional[int]) -> None:
-        self.packet_ins.labels(ROLE_NAMES.get(role, "learn" if role is None else str(role))).inc()
+        """On every packet-in, so it must cost nothing: the labelled child is looked up once per role
+        (a labels() call per packet-in doubled a held frame's cost, 8.8 -> 17 us, and under traffic a
+        lone cut waits behind the packet-ins holding the core's lock)."""
+        child = self._packet_in_children.get(role)
+        if child is None:
+            child = self._packet_in_children[role] = self.packet_ins.labels(
+                ROLE_NAMES.get(role, "learn" if role is None else str(role)))
+        child.inc()
 
     def snapshot_started(self) -> None:
         self.snapshots_running.set(1)
@@ -134,3 +148,18 @@ class ControllerMetrics(Metrics):
         self.restores_running.dec()
         if job.finished is not None:
             self.restore_duration.labels(state).observe(max(0.0, job.finished - job.started))
+
+
+class _BeforeEachRead:
+    """A collector that yields nothing and, when the registry is read, adds what the running snapshot's
+    frame counts gained: the counters are live for a scrape without work on every packet-in."""
+
+    def __init__(self, metrics: "ControllerMetrics"):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        self.metrics.frames_counted(self.metrics._current())
+        return []

@@ -527,22 +527,20 @@ def test_restore_body_is_validated(tmp_path):
 
 
 def test_cuts_that_arrive_together_are_flipped_in_one_pass_and_one_barrier(tmp_path):
-    """While one cut's batch waits to start, every cut that arrives joins it: one reconcile and one
-    barrier per switch for all, instead of one after another (each member's pause would grow with N)."""
+    """Cuts that came in while an earlier batch was in the switches wait together: the next cut to run
+    flips them all with one reconcile and one barrier per switch (each member's pause would otherwise
+    grow with their number), and each waiting call finds its answer."""
     h = make_harness(tmp_path)
     sid = h.controller.start_snapshot({})["id"]
-    barriers, sleep = [], h.io.sleep
+    barriers = []
 
     def count(messages, dpids, timeout):
         barriers.append(sorted(dpids))
         h.run(messages)
         return True
-
-    def arrivals(seconds):  # B and C's cut calls come in while A's batch yields
-        for name in ("B", "C"):
-            h.controller.flip_queue.setdefault(name, (h.now, h.now))
-        sleep(seconds)
-    h.io.send_and_barrier, h.io.sleep = count, arrivals
+    h.io.send_and_barrier = count
+    for name in ("B", "C"):  # their calls are waiting
+        h.controller.flip_queue[name] = (h.now, h.now)
     answer = h.controller.cut(sid, "A")
     assert barriers == [[1, 2]]  # A, B, C on switches 1 and 2: one barrier each, once
     assert answer["batch"] == 3 and {m.epoch for m in h.coordinator.members.values()} == {1}
@@ -554,12 +552,7 @@ def test_cuts_that_arrive_together_are_flipped_in_one_pass_and_one_barrier(tmp_p
 def test_a_batch_the_switches_do_not_confirm_answers_every_cut_in_it(tmp_path):
     h = make_harness(tmp_path)
     sid = h.controller.start_snapshot({})["id"]
-    sleep = h.io.sleep
-
-    def arrivals(seconds):
-        h.controller.flip_queue.setdefault("B", (h.now, h.now))
-        sleep(seconds)
-    h.io.sleep = arrivals
+    h.controller.flip_queue["B"] = (h.now, h.now)
     h.io.barrier_ok = False
     with pytest.raises(Refused) as error:
         h.controller.cut(sid, "A")
