@@ -4,6 +4,7 @@ Snapshot (in the background, one job per snapshot and member)::
 
     open the backend's quiet proof (CRIU: the marker socket in the member's namespace)
     -> controller prepare (frames for the member are held from now on) -> purge the datapath
+       (a backend that ``prepares_itself`` calls this step later, just before the member stops)
     -> backend.snapshot(member, sink, at_cut), where at_cut, run while the member is stopped, is:
            quiet proof (marker sent / tap drained) -> controller cut {"marker": sends_marker}
            -> purge the datapath
@@ -198,10 +199,19 @@ class Orchestrator:
         server = self.server_for(body["member"])
         sink = StoreSink(self.store(server), body["snapshot"], body["member"])
         with backend.quiet_proof(member, body["snapshot"]) as prove_quiet:
-            self.post(prepare_url, {})
-            self.purge()
+            prepared = []
+
+            def prepare():
+                if not prepared:  # frames to the member are held from here on: as late as the backend can
+                    self.post(prepare_url, {})
+                    self.purge()
+                    prepared.append(True)
+
+            if not backend.prepares_itself:
+                prepare()
 
             def at_cut():
+                prepare()
                 proof = prove_quiet()
                 self.post(body["cut_url"], {"marker": backend.sends_marker})
                 self.purge()
@@ -209,7 +219,7 @@ class Orchestrator:
 
             began = self.clock()
             try:
-                report = backend.snapshot(member, sink, at_cut)
+                report = backend.snapshot(member, sink, at_cut, prepare)
             except BaseException:  # e.g. the server's disk filled up: never leave part of an image offered
                 self._discard(sink, body)
                 raise

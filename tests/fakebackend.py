@@ -45,7 +45,7 @@ class FakeBackend(Backend):
         finally:
             self.calls.append(("quiet_close", member.name))
 
-    def snapshot(self, member, sink, at_cut):
+    def snapshot(self, member, sink, at_cut, prepare=None):
         self._step("before_cut", member.name)
         proof = at_cut()
         self._step("after_cut", member.name, proof)

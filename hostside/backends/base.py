@@ -26,6 +26,14 @@ What a backend must provide:
                       to drain), run at the cut while the member is stopped
 ``snapshot``          capture the member into an ``ImageSink``, calling
                       ``at_cut()`` exactly once while it is stopped, and resume it
+``prepares_itself``   False (default): the helper calls the controller's prepare
+                      (frames to the member held from then on) before
+                      ``snapshot``; True: the backend calls ``prepare()`` itself,
+                      as late as it can but before the member stops (a VM: just
+                      before the migration's switchover, not before its pre-copy)
+``locate``            where the member is *now* (pid, namespaces, interface,
+                      MAC), found afresh for each operation: a restored member's
+                      pid or namespace can change
 ``restore``           replace the running member by a staged image, left stopped
 ``resume``, ``stop``  run a restored member on / stop it for good here
 ``start`` (optional)  once, when the helper starts serving
@@ -46,6 +54,18 @@ class HostSettings:
     work_dir: str = "/var/lib/violin-helper"
     libvirt_uri: str = "qemu:///system"
     vm_max_bandwidth: int = 4 << 30  # bytes/s a VM's migration stream may take
+
+
+@dataclass
+class Located:
+    """Where a member is right now, as its backend found it (None: not known or not applicable)."""
+    mac: Optional[str]  # the MAC the switch learns it by
+    iface: Optional[str] = None  # its interface, in ``netns`` (a VM's: the tap on the host)
+    pid: Optional[int] = None  # root of its process tree (a VM: QEMU's pid)
+    netns: Optional[str] = None  # path of its network namespace
+    mntns: Optional[str] = None
+    port: Optional[str] = None  # the switch port its link plugs into
+    details: Dict[str, Any] = field(default_factory=dict)  # backend-specific (container id, domain uuid...)
 
 
 @dataclass
@@ -82,6 +102,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     sends_marker: ClassVar[bool]
     restores_paused: ClassVar[bool]
+    prepares_itself: ClassVar[bool] = False
     SCHEMA: ClassVar[Schema]
     Spec: ClassVar[type]
 
@@ -100,10 +121,17 @@ class Backend(abc.ABC):
         """Yields what proves, at the cut, that the member's link holds nothing it sent earlier."""
         yield lambda: None
 
+    def locate(self, member) -> Located:
+        """Where ``member`` is now; the default reads the spec's own fields (pid, netns, iface, mac...)."""
+        return Located(**{key: getattr(member, key, None) for key in ("mac", "iface", "pid", "netns", "mntns")})
+
     @abc.abstractmethod
-    def snapshot(self, member, sink: ImageSink, at_cut: Callable[[], Any]) -> ImageReport:
+    def snapshot(self, member, sink: ImageSink, at_cut: Callable[[], Any],
+                 prepare: Callable[[], None] = lambda: None) -> ImageReport:
         """Capture ``member`` into ``sink``; ``at_cut()`` runs once while it is stopped (if it raises,
-        the snapshot fails and the member runs on). The member runs again when this returns."""
+        the snapshot fails and the member runs on). The member runs again when this returns.
+        ``prepare()`` (idempotent) is for backends that set ``prepares_itself``: call it before the
+        member stops; ``at_cut`` calls it too if it was not."""
 
     def stage(self, member, directory: str) -> None:
         """Check a downloaded image in ``directory`` (checksums are already verified)."""

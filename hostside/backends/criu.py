@@ -378,7 +378,7 @@ class CriuBackend(Backend):
         finally:
             marker.close()
 
-    def snapshot(self, member: CriuMember, sink, at_cut) -> ImageReport:
+    def snapshot(self, member: CriuMember, sink, at_cut, prepare=None) -> ImageReport:
         images = os.path.join(self.settings.work_dir, sink.snapshot, member.name)
         cut_called = []
 

@@ -663,7 +663,7 @@ class LibvirtBackend(Backend):
     def quiet_proof(self, member: VmMember, snapshot: str):
         yield lambda: wait_tap_drained(member.iface)
 
-    def snapshot(self, member: VmMember, sink, at_cut) -> ImageReport:
+    def snapshot(self, member: VmMember, sink, at_cut, prepare=None) -> ImageReport:
         report = self.libvirt.migrate_out(member.domain, lambda reader: sink.put_stream(VM_IMAGE, reader), at_cut,
                                           max_bandwidth=self.settings.vm_max_bandwidth)
         details = report.as_dict()
