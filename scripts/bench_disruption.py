@@ -19,6 +19,7 @@ its own name prefix, controller process and bridges; teardown stops only what it
 """
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -162,14 +163,41 @@ def plot(record, path):
     figure.savefig(path, dpi=110)
 
 
+# Parts of the benchmark besides "flips": each a module scripts/disruption_<part>.py with
+# ``add_arguments(parser)``, ``run(args, log) -> dict`` (its JSON record), ``report(record) -> [lines]``
+# and optionally ``plot(record, path)``. Named here so --parts can list them before importing any.
+PARTS = ["flips"]
+
+
+def part_module(name):
+    import importlib
+    return importlib.import_module("disruption_" + name)
+
+
+def report_flips(record):
+    return ["%3s at once: cut call p50 %.1f ms p90 %.1f ms (%.2fx one), flip p50 %.1f ms, batch p50 %s; "
+            "as many GET /violin/health at once p50 %.1f ms (%.2fx one)" % (
+                size, series["cut_rtt_ms"]["p50"], series["cut_rtt_ms"]["p90"],
+                record["ratio_p50_to_one"][size], series["flip_ms"]["p50"], series["batches_p50"],
+                series["health_get_rtt_ms"]["p50"], record["health_get_ratio_p50_to_one"][size])
+            for size, series in record["series"].items()]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON output (default docs/bench/bench_disruption.json)")
-    parser.add_argument("--plot", default=DEFAULT_PLOT, help="PNG of the distributions")
-    parser.add_argument("--rounds", type=int, default=12, help="snapshots per member count (default 12)")
-    parser.add_argument("--sizes", default="1,8,32,64", help="members cut at once (default 1,8,32,64)")
+    parser.add_argument("--plot", default=DEFAULT_PLOT, help="PNG of the flips part's distributions")
+    parser.add_argument("--parts", default=",".join(PARTS), help="which parts to run (default all: %s)" % ",".join(PARTS))
+    parser.add_argument("--rounds", type=int, default=12, help="flips: snapshots per member count (default 12)")
+    parser.add_argument("--sizes", default="1,8,32,64", help="flips: members cut at once (default 1,8,32,64)")
+    for name in PARTS[1:]:
+        part_module(name).add_arguments(parser)
     args = parser.parse_args(argv)
     check_host(parser, ["ovs-vsctl", "mnexec"])
+    chosen = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(chosen) - set(PARTS))
+    if unknown or not chosen:
+        parser.error("--parts takes some of %s, got %r" % (",".join(PARTS), args.parts))
     try:
         sizes = [int(x) for x in args.sizes.split(",")]
     except ValueError:
@@ -178,23 +206,36 @@ def main(argv=None):
         parser.error("sizes from 1 to %d and at least one round" % (SWITCHES * PER_SWITCH))
     handle_signals()
     document = {"timestamp": timestamp(), "machine": machine_info(cpu_model=True),
-                "parameters": {"rounds": args.rounds, "sizes": sizes}, "flips": None}
+                "parameters": {"rounds": args.rounds, "sizes": sizes, "parts": chosen}}
+    if os.path.exists(args.out):  # parts not run this time keep their last record (each has its own timestamp)
+        try:
+            with open(args.out) as handle:
+                document.update({k: v for k, v in json.load(handle).items() if k in PARTS and k not in chosen})
+        except (OSError, ValueError):
+            pass
     log = lambda text: print("[bench_disruption] %s" % text, flush=True)  # noqa: E731
 
     def parts():
-        document["flips"] = run_flips(sizes, args.rounds, log)
+        for name in chosen:
+            log("part %s" % name)
+            record = run_flips(sizes, args.rounds, log) if name == "flips" else part_module(name).run(args, log)
+            document[name] = dict(record, timestamp=timestamp())
 
     error, code = run_guarded(parts)
     status = save("bench_disruption", args.out, document, error, code)
     if status == 0:
-        plot(document["flips"], args.plot)
-        for size, series in document["flips"]["series"].items():
-            print("%3s at once: cut call p50 %.1f ms p90 %.1f ms (%.2fx one), flip p50 %.1f ms, batch p50 %s; "
-                  "as many GET /violin/health at once p50 %.1f ms (%.2fx one)" % (
-                      size, series["cut_rtt_ms"]["p50"], series["cut_rtt_ms"]["p90"],
-                      document["flips"]["ratio_p50_to_one"][size], series["flip_ms"]["p50"], series["batches_p50"],
-                      series["health_get_rtt_ms"]["p50"], document["flips"]["health_get_ratio_p50_to_one"][size]))
-        print("wrote %s and %s" % (args.out, args.plot))
+        for name in chosen:
+            if name == "flips":
+                plot(document["flips"], args.plot)
+                lines = report_flips(document["flips"])
+            else:
+                module = part_module(name)
+                if hasattr(module, "plot"):
+                    module.plot(document[name], os.path.join(os.path.dirname(args.plot),
+                                                             "bench_disruption_%s.png" % name))
+                lines = module.report(document[name])
+            print("\n".join("%s: %s" % (name, line) for line in lines))
+        print("wrote %s" % args.out)
     return status
 
 
