@@ -15,6 +15,7 @@ import pytest
 import fakebackend
 from hostside import helper, orchestration, ovs
 from hostside.backends import criu
+from hostside.backends.base import Located
 
 CALLBACKS = "http://controller:8080/violin/snapshots/s1/members/f1/"
 SNAPSHOT = {"snapshot": "s1", "member": "f1", "epoch": 1, "prepare_url": CALLBACKS + "prepare",
@@ -272,8 +273,10 @@ class FakeSocket:
 
 @pytest.fixture
 def criu_rig(tmp_path, monkeypatch):
-    rig = Rig(tmp_path, members={"f1": {"pid": 10, "netns": "/proc/9/ns/net", "iface": "h1-eth0",
-                                        "mac": "00:00:00:00:00:01"}})
+    rig = Rig(tmp_path, members={"f1": {"mininet_host": "h1", "command": "seqstream.py"}})
+    rig.located = []
+    rig.backend.locate = lambda member: rig.located.append(member.name) or Located(
+        "00:00:00:00:00:01", "h1-eth0", 10, "/proc/9/ns/net", details={"ip": "10.0.0.1/8"})
     rig.socket = FakeSocket()
     rig.dumps = []
     rig.backend.retry_delay = 0
@@ -305,8 +308,9 @@ def test_criu_dumps_failing_before_the_cut_are_retried(criu_rig, monkeypatch):
     assert criu_rig.reported("cut") == [{"marker": True}] and len(criu_rig.socket.sent) == 1 and criu_rig.socket.closed
     (done,) = criu_rig.reported("done")
     assert done["pause_ms"] == 4.0 and done["image"]["backend"] == "criu" and done["image"]["dump_ms"] == 30.0
-    assert [f["name"] for f in done["image"]["files"]] == ["pages-1.img"]
     assert not os.path.exists(os.path.join(criu_rig.config.work_dir, "s1", "f1"))  # the local copy is gone
+    assert [f["name"] for f in done["image"]["files"]] == ["identity.json", "pages-1.img"]  # its MAC, for elsewhere
+    assert criu_rig.located == ["f1"] * 3  # found afresh: the request, the marker socket, the dump
 
 
 def test_criu_dumps_failing_every_time_fail_the_snapshot(criu_rig, monkeypatch):
