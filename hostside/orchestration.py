@@ -155,20 +155,25 @@ def registration(name: str, backend: Backend, where: Located, helper_url: str, h
             "marker": bool(backend.sends_marker), "host": host, "handle": str(where.details.get("handle", ""))[:200]}
 
 
+REFRESH_S = 30.0  # seconds between re-registrations of every member (PUT is idempotent)
+
+
 class Registrar:
     """This helper's members as the controller should know them, kept so in the background.
 
     ``want(name)``: locate the member and register it (PUT) if it runs here; ``drop(name)``: unregister it
     (DELETE). ``call(method, name, body)`` talks to the controller (raises ControllerError); what cannot be
-    done now (no answer, 409) is tried again after ``retry`` seconds, doubling up to ``max_retry``. The
+    done now (no answer, 409) is tried again after ``retry`` seconds, doubling up to ``max_retry``; every
+    ``refresh`` seconds each registered member is registered again (a restarted controller has forgotten
+    the members registered over REST). The
     worker runs in ``spawn``'s thread; ``run_once()`` is one pass (what unit tests call). ``status`` says,
     per member, whether the controller has it and why not."""
 
     def __init__(self, call: Callable[[str, str, Optional[dict]], object], describe: Callable[[str], Optional[dict]],
                  spawn: Callable[[Callable[[], None]], None] = spawn_thread, clock: Callable[[], float] = time.time,
-                 retry: float = 0.5, max_retry: float = 10.0):
+                 retry: float = 0.5, max_retry: float = 10.0, refresh: Optional[float] = REFRESH_S):
         self.call, self.describe, self.spawn, self.clock = call, describe, spawn, clock
-        self.retry, self.max_retry = retry, max_retry
+        self.retry, self.max_retry, self.refresh = retry, max_retry, refresh
         self.pending: Dict[str, str] = {}  # name -> "put" or "delete"
         self.accepted: Dict[str, Optional[dict]] = {}  # name -> the body the controller last took
         self.status: Dict[str, dict] = {}
@@ -196,12 +201,17 @@ class Registrar:
         while True:
             left = self.run_once()
             with self.wake:
-                if not self.pending:
-                    self.running = False
-                    return
                 if left:  # something failed: back off (a new want wakes us at once)
                     self.wake.wait(self.delay)
                     self.delay = min(self.delay * 2, self.max_retry)
+                    continue
+                if self.refresh is None:
+                    self.running = False
+                    return
+                self.wake.wait(self.refresh)
+                if not self.pending:  # say it again now and then: a restarted controller forgot REST registrations
+                    for name in list(self.accepted):
+                        self.pending.setdefault(name, "refresh")
 
     def run_once(self) -> int:
         """Try every pending registration once; how many are still pending."""
@@ -234,7 +244,7 @@ class Registrar:
             self.status[name] = {"registered": self.accepted.get(name) is not None,
                                  "reason": "not running here: not registered by this helper", "at": self.clock()}
             return True
-        if self.accepted.get(name) != body:
+        if self.accepted.get(name) != body or action == "refresh":
             self.call("PUT", name, body)
             self.accepted[name] = body
         self.status[name] = {"registered": True, "at": self.clock()}
