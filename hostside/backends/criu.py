@@ -256,6 +256,7 @@ class Proc:
     state: str  # R, S, T (stopped), Z (zombie)...
     argv: List[str]
     netns: Optional[str] = None  # readlink of /proc/PID/ns/net, e.g. "net:[4026532281]"
+    mntns: Optional[str] = None  # readlink of /proc/PID/ns/mnt
 
 
 def parse_cmdline(data: bytes) -> List[str]:
@@ -329,11 +330,13 @@ def read_proc(pid: int, root: str = "/proc") -> Optional[Proc]:
             state, ppid = parse_stat(handle.read())
         with open("%s/%d/cmdline" % (root, pid), "rb") as handle:
             argv = parse_cmdline(handle.read())
-        try:
-            netns = os.readlink("%s/%d/ns/net" % (root, pid))
-        except OSError:
-            netns = None
-        return Proc(pid, ppid, state, argv, netns)
+        namespaces = []
+        for kind in ("net", "mnt"):
+            try:
+                namespaces.append(os.readlink("%s/%d/ns/%s" % (root, pid, kind)))
+            except OSError:
+                namespaces.append(None)
+        return Proc(pid, ppid, state, argv, *namespaces)
     except (OSError, ValueError, IndexError):
         return None  # gone meanwhile
 
@@ -540,10 +543,8 @@ class CriuBackend(Backend):
                 pid = match_process(member.command, [p for p in procs if p.netns == shell.netns], {shell.pid})
             except LookupError as error:
                 raise CriuError("cannot locate %s in %s: %s" % (member.name, member.mininet_host, error)) from None
-            try:
-                mntns = None if os.readlink(mntns) == own_namespace("mnt") else mntns
-            except OSError:
-                raise CriuError("cannot locate %s: Mininet host %s went away" % (member.name, member.mininet_host)) from None
+            if shell.mntns is not None and shell.mntns == own_namespace("mnt"):
+                mntns = None  # the helper's own
             handle = {"mininet_host": member.mininet_host, "shell": shell.pid}
         else:
             pid = None
