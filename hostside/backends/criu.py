@@ -518,6 +518,7 @@ class CriuBackend(Backend):
     def __init__(self, settings):
         super().__init__(settings)
         self.kept = Kept()
+        self.proving: Dict[str, Located] = {}  # member -> where its open quiet proof located it
         self.scan = scan_proc  # seams for unit tests
         self.links = lambda netns: json.loads(in_netns(netns, "ip", "-j", "addr", "show") or "[]")
 
@@ -591,13 +592,15 @@ class CriuBackend(Backend):
     def quiet_proof(self, member: CriuMember, snapshot: str):
         where = self.locate(member)
         marker = open_marker_socket(where.netns, where.iface)  # before any pause: sending is one send()
+        self.proving[member.name] = where  # the snapshot inside this proof dumps what the marker speaks for
         try:
             yield lambda: marker.send(build_marker(where.mac, snapshot, member.name))
         finally:
+            self.proving.pop(member.name, None)
             marker.close()
 
     def snapshot(self, member: CriuMember, sink, at_cut, prepare=None) -> ImageReport:
-        where = self.locate(member)
+        where = self.proving.get(member.name) or self.locate(member)
         process = self._process(member, where)
         images = os.path.join(self.settings.work_dir, sink.snapshot, member.name)
         cut_called = []
