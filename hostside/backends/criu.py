@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -276,6 +277,18 @@ def parse_pidfile(text: str) -> int:
     if not first.isdigit() or int(first) <= 0:
         raise ValueError("holds no pid (%r)" % text[:40])
     return int(first)
+
+
+def read_pidfile(path: str) -> int:
+    """The pid in the file ``path``: a regular file (never a FIFO or device that could block or never
+    end), its first bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        return parse_pidfile(os.read(fd, 64).decode("utf-8", "replace"))
+    finally:
+        os.close(fd)
 
 
 def mininet_shell(host: str, procs: Iterable[Proc]) -> Proc:
@@ -550,8 +563,7 @@ class CriuBackend(Backend):
         else:
             pid = None
             try:
-                with open(member.pidfile) as handle:
-                    pid = parse_pidfile(handle.read())
+                pid = read_pidfile(member.pidfile)
             except (OSError, ValueError) as error:
                 why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
                 pid, handle = None, {"pidfile": member.pidfile, "problem": "pidfile %s: %s" % (member.pidfile, why)}

@@ -28,6 +28,16 @@ SHELL_H1 = P(100, 1, "S", ["bash", "--norc", "--noediting", "-is", "mininet:h1"]
 SHELL_H2 = P(200, 1, "S", ["/bin/bash", "--norc", "--noediting", "-is", "mininet:h2"], NS_H2)
 
 
+def test_a_pidfile_must_be_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero", str(tmp_path)):
+        with pytest.raises((ValueError, OSError)):
+            criu.read_pidfile(path)  # never blocks, never reads for ever
+    (tmp_path / "ok.pid").write_text("42\n")
+    assert criu.read_pidfile(str(tmp_path / "ok.pid")) == 42
+
+
 def test_the_mininet_shell_is_found_by_its_host_name():
     procs = [SHELL_H1, SHELL_H2, P(300, 1, "S", ["grep", "mininet:h1"], NS_ROOT),
              P(301, 1, "S", ["bash", "-is", "mininet:h11"], NS_ROOT), P(302, 1, "Z", ["bash", "-is", "mininet:h3"])]
