@@ -1,4 +1,13 @@
-"""Client of ``violin-snapshot-server``: stream image files up with their checksum, fetch them back verified."""
+"""Client of ``violin-snapshot-server``: stream image files up with their checksum, fetch them back verified.
+
+Against a chunk store (``--store chunks:DIR``) a file is cut into chunks here (``chunking.py``), the
+server is asked which of them it lacks (one call per batch of ~8 MiB), only those are sent, and the
+file's manifest is committed last; memory stays bounded by one batch whatever the file's size.
+Against a store of whole files (``file:``, or an older server: the chunk calls answer 404 or 405)
+the whole file is PUT, as before. Every upload answers its ``logical_bytes`` (the file's size),
+``stored_bytes`` (what the server newly stored for it, compressed) and ``sent_bytes`` (what went
+over the wire). Downloads check every chunk's hash and every file's sha256.
+"""
 
 import hashlib
 import http.client
@@ -10,7 +19,10 @@ from typing import Dict, List
 from violin_client import tls
 from violin_core.errors import reason_of
 
+from . import chunking
 from .base import CHUNK
+
+FETCH_CHUNKS = 256  # chunks per fetch request (at most 64 MiB of content)
 
 
 class StorageError(RuntimeError):
@@ -19,6 +31,10 @@ class StorageError(RuntimeError):
 
 class ChecksumError(StorageError):
     """A fetched file does not match the checksum the server stored with it."""
+
+
+class ChunksLost(StorageError):
+    """The manifest's commit found chunks gone that the server had said it held (collected meanwhile)."""
 
 
 def sha256_file(path: str) -> str:
@@ -40,6 +56,7 @@ class ImageServer:
         self.url, self.host = url.rstrip("/"), parsed.hostname
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.token, self.timeout = token, timeout
+        self.chunked = None  # whether the server takes chunks (asked once, on the first upload)
         try:
             self._context = tls.client_context(ca_file) if parsed.scheme == "https" else None
         except tls.TlsError as error:
@@ -81,21 +98,97 @@ class ImageServer:
     def _refused(self, name, status, answer) -> StorageError:
         return StorageError("snapshot server %s refused %s: %s %s" % (self.url, name, status, reason_of(answer)))
 
+    # --- chunks -------------------------------------------------------------------------------
+
+    def takes_chunks(self) -> bool:
+        """Whether the server keeps chunks (asked once): an empty ``missing`` call answers 200."""
+        if self.chunked is None:
+            status, answer = self._call("POST", "/chunks/missing", json.dumps({"chunks": []}).encode(),
+                                        {"Content-Type": "application/json"})
+            if status not in (200, 404, 405):
+                raise self._refused("/chunks/missing", status, answer)
+            self.chunked = status == 200
+        return self.chunked
+
+    def _post_json(self, path: str, body: dict, what: str):
+        data = json.dumps(body).encode()
+        status, answer = self._call("POST", path, data, {"Content-Type": "application/json"})
+        if status != 200:
+            raise self._refused(what, status, answer)
+        return answer, len(data)
+
+    def upload_chunks(self, snapshot: str, member: str, name: str, reader) -> Dict:
+        """Cut what ``reader.read(n)`` gives into chunks, send those the server lacks, commit the manifest."""
+        digest, totals = hashlib.sha256(), {"logical_bytes": 0, "stored_bytes": 0, "sent_bytes": 0,
+                                            "chunks": 0, "new_chunks": 0}
+
+        class Hashing:
+            @staticmethod
+            def read(size):
+                data = reader.read(size)
+                digest.update(data)
+                totals["logical_bytes"] += len(data)
+                return data
+
+        entries, known = [], set()  # known: ids this upload already asked about (and sent if lacking)
+        for group in chunking.batches(chunking.Packer().cut(Hashing)):
+            entries.extend([c.id, c.size] for c in group)
+            ask = [cid for cid in dict.fromkeys(c.id for c in group) if cid not in known]
+            answer, size = self._post_json("/chunks/missing", {"chunks": ask}, "/chunks/missing")
+            totals["sent_bytes"] += size
+            lacking = set(answer.get("missing", []))
+            frames = b"".join(chunking.frame(c) for c in {c.id: c for c in group if c.id in lacking}.values())
+            if frames:
+                status, stored = self._call("POST", "/chunks/upload", frames,
+                                            {"Content-Type": "application/octet-stream",
+                                             "Content-Length": str(len(frames))})
+                if status != 200:
+                    raise self._refused("chunks of %s" % name, status, stored)
+                totals["sent_bytes"] += len(frames)
+                totals["stored_bytes"] += stored.get("stored_bytes", 0)
+                totals["new_chunks"] += stored.get("stored", 0)
+            known.update(ask)
+        totals["chunks"] = len(entries)
+        body = json.dumps({"bytes": totals["logical_bytes"], "sha256": digest.hexdigest(), "chunks": entries}).encode()
+        status, answer = self._call("PUT", "/manifests/%s/%s/%s" % (snapshot, member, name), body,
+                                    {"Content-Type": "application/json"})
+        totals["sent_bytes"] += len(body)
+        if status == 409:  # a chunk it said it had was collected meanwhile (its snapshot deleted)
+            raise ChunksLost("snapshot server %s lost %d chunks of %s during the upload (deleted meanwhile): %s"
+                             % (self.url, len(answer.get("missing", [])), name, reason_of(answer)))
+        if status != 201:
+            raise self._refused(name, status, answer)
+        if answer.get("sha256") != digest.hexdigest():
+            raise StorageError("snapshot server %s stored %s with sha256 %s, we sent %s" % (
+                self.url, name, answer.get("sha256"), digest.hexdigest()))
+        return dict(answer, **totals)
+
+    # --- whole files ----------------------------------------------------------------------------
+
     def upload(self, snapshot: str, member: str, path: str, name: str = None) -> Dict:
         """Stream one file; the server checks the checksum we computed first."""
         name = name or os.path.basename(path)
+        if self.takes_chunks():
+            try:
+                with open(path, "rb") as handle:
+                    return self.upload_chunks(snapshot, member, name, handle)
+            except ChunksLost:  # a file can be read again: once more, now that the server knows it lacks them
+                with open(path, "rb") as handle:
+                    return self.upload_chunks(snapshot, member, name, handle)
         size, checksum = os.path.getsize(path), sha256_file(path)
         with open(path, "rb") as handle:
             status, answer = self._call("PUT", "/images/%s/%s/%s" % (snapshot, member, name), body=handle,
                                         headers={"Content-Length": str(size), "X-Sha256": checksum})
         if status != 201:
             raise self._refused(name, status, answer)
-        return answer
+        return dict(answer, logical_bytes=size, stored_bytes=size, sent_bytes=size)
 
     def upload_stream(self, snapshot: str, member: str, name: str, reader) -> Dict:
         """Stream a file of unknown size (chunked) from ``reader.read(n)`` until it returns b"".
 
         The server's checksum must equal ours, or the upload counts as failed."""
+        if self.takes_chunks():
+            return self.upload_chunks(snapshot, member, name, reader)
         digest = hashlib.sha256()
 
         def chunks():
@@ -132,7 +225,7 @@ class ImageServer:
         if stored != digest.hexdigest():
             raise StorageError("snapshot server %s stored %s with sha256 %s, we sent %s" % (
                 self.url, name, stored, digest.hexdigest()))
-        return answer
+        return dict(answer, logical_bytes=answer["bytes"], stored_bytes=answer["bytes"], sent_bytes=answer["bytes"])
 
     def upload_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
         return [self.upload(snapshot, member, os.path.join(directory, name))
@@ -152,11 +245,68 @@ class ImageServer:
                 self.url, snapshot, member, status, reason_of(answer)))
         return answer
 
+    def manifest(self, snapshot: str, member: str, name: str):
+        """A file's chunk manifest, or None (a store of whole files, or a file of the old layout)."""
+        if not self.takes_chunks():
+            return None
+        status, answer = self._call("GET", "/manifests/%s/%s/%s" % (snapshot, member, name))
+        if status == 404:
+            return None
+        if status != 200:
+            raise self._refused("the manifest of %s/%s/%s" % (snapshot, member, name), status, answer)
+        return answer
+
+    def _download_chunks(self, snapshot: str, member: str, manifest: dict, target: str) -> str:
+        """Write a file from its chunks, each checked; its sha256. ChecksumError/StorageError name the chunk."""
+        where = " of image file %s of member %s (snapshot %s)" % (manifest["name"], member, snapshot)
+        digest, chunks = hashlib.sha256(), manifest["chunks"]
+        with open(target, "wb") as handle:
+            for start in range(0, len(chunks), FETCH_CHUNKS):
+                group = chunks[start:start + FETCH_CHUNKS]
+                body = json.dumps({"chunks": [cid for cid, _ in group]}).encode()
+                response, connection = self._request("POST", "/chunks/fetch", body,
+                                                     {"Content-Type": "application/json"})
+                try:
+                    if response.status != 200:
+                        answer = read_answer(response)
+                        missing = answer.get("missing") if isinstance(answer, dict) else None
+                        raise StorageError("snapshot server %s: %s%s" % (
+                            self.url, "chunk %s is missing" % missing[0] if missing else
+                            "%s %s" % (response.status, reason_of(answer)), where))
+                    frames = chunking.read_frames(response)
+                    for cid, size in group:
+                        got = next(frames, None)
+                        if got is None:
+                            raise StorageError("snapshot server %s: the chunks ended before chunk %s%s"
+                                               % (self.url, cid, where))
+                        if got.id != cid:
+                            raise ChecksumError("snapshot server %s sent chunk %s for chunk %s%s" % (
+                                self.url, got.id, cid, where))
+                        try:
+                            data = chunking.unpack(cid, size, got.packed, where)
+                        except chunking.ChunkError as error:
+                            raise ChecksumError(str(error)) from None
+                        digest.update(data)
+                        handle.write(data)
+                except (OSError, http.client.HTTPException, chunking.ChunkError) as error:
+                    raise StorageError("snapshot server %s: fetching chunks%s failed: %s" % (
+                        self.url, where, self._failure(error))) from None
+                finally:
+                    connection.close()
+        return digest.hexdigest()
+
     def download_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
-        """Fetch every file of a member's image into ``directory``, each checksum verified."""
+        """Fetch every file of a member's image into ``directory``, each chunk and checksum verified."""
         os.makedirs(directory, exist_ok=True)
         files = self.index(snapshot, member)["files"]
         for entry in files:
+            manifest = self.manifest(snapshot, member, entry["name"])
+            if manifest is not None:
+                checksum = self._download_chunks(snapshot, member, manifest, os.path.join(directory, entry["name"]))
+                if checksum != entry["sha256"]:
+                    raise ChecksumError("image file %s of %s/%s is corrupt: sha256 %s, expected %s" % (
+                        entry["name"], snapshot, member, checksum, entry["sha256"]))
+                continue
             response, connection = self._request("GET", "/images/%s/%s/%s" % (snapshot, member, entry["name"]))
             try:
                 if response.status != 200:

@@ -1,0 +1,148 @@
+"""Cutting images into chunks, naming and compressing them, and the wire frames that carry them.
+
+Shared by the chunk store (``chunks.py``, server side) and the client (``client.py``, helper side):
+
+- chunks are cut by content (FastCDC 2020, ``pyfastcdc``; ~64 KiB on average, 16 KiB to 256 KiB), so
+  an insertion in a data file or a migration stream moves only the chunks around it;
+- a chunk's id is the BLAKE3 hash of its content (64 hex digits, ``blake3``);
+- a chunk is kept and sent zstd-compressed (``zstandard``, level 1: fast);
+- a batch of chunks travels as frames: 32 bytes of id, the content's size and the compressed size
+  (two big-endian u32), then the compressed bytes. The receiver decompresses and hashes every frame,
+  so a chunk is never stored or used under a name that is not its content's hash.
+"""
+
+import io
+import struct
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+import blake3
+import zstandard
+from pyfastcdc import FastCDC
+
+AVG, MIN, MAX = 64 << 10, 16 << 10, 256 << 10
+LEVEL = 1
+ID_RE = r"^[0-9a-f]{64}$"
+_HEAD = struct.Struct(">32sII")
+MAX_FRAME = MAX + (MAX >> 4) + 1024  # zstd's worst case for a MAX chunk, with room to spare
+BATCH_BYTES = 8 << 20  # compressed bytes a client sends per upload request (bounds its memory)
+
+
+class ChunkError(ValueError):
+    """A frame or chunk that is not what it claims (bad id, size, or content)."""
+
+
+class Chunk(NamedTuple):
+    id: str
+    size: int  # of the content
+    packed: bytes  # zstd-compressed content
+
+
+def chunk_id(data) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def is_id(text) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+class Packer:
+    """Cut, hash and compress; one per thread (the chunker and compressor are not thread-safe)."""
+
+    def __init__(self, level: int = LEVEL):
+        self.cdc = FastCDC(AVG, min_size=MIN, max_size=MAX)
+        self.compressor = zstandard.ZstdCompressor(level=level)
+
+    def pack(self, data) -> Chunk:
+        return Chunk(chunk_id(data), len(data), self.compressor.compress(data))
+
+    def cut(self, reader) -> Iterator[Chunk]:
+        """The chunks of everything ``reader.read(n)`` gives until b"" (only the chunker's buffer in memory)."""
+        for piece in self.cdc.cut_stream(reader):
+            yield self.pack(piece.data)
+
+
+class IterReader(io.RawIOBase):
+    """``read(n)`` over an iterator of byte strings (a request body), for the chunker."""
+
+    def __init__(self, pieces: Iterable[bytes]):
+        self.pieces, self.rest = iter(pieces), memoryview(b"")
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.rest:
+            try:
+                self.rest = memoryview(next(self.pieces))
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self.rest))
+        buffer[:n] = self.rest[:n]
+        self.rest = self.rest[n:]
+        return n
+
+
+def unpack(expected_id: str, size: int, packed: bytes, where: str = "") -> bytes:
+    """The content of a stored or received chunk, checked against its id and size; ChunkError if not."""
+    try:
+        data = zstandard.ZstdDecompressor().decompress(packed, max_output_size=max(size, 1))
+    except zstandard.ZstdError as error:
+        raise ChunkError("chunk %s%s does not decompress: %s" % (expected_id, where, error)) from None
+    if len(data) != size or chunk_id(data) != expected_id:
+        raise ChunkError("chunk %s%s is corrupt: its content hashes to %s (%d bytes, expected %d)"
+                         % (expected_id, where, chunk_id(data), len(data), size))
+    return data
+
+
+HEAD_SIZE = _HEAD.size
+
+
+def frame_head(cid: str, packed: bytes, size: int = 0) -> bytes:
+    """A frame's head; ``size`` 0 (unknown: a stored chunk sent back) is checked by the receiver's manifest."""
+    return _HEAD.pack(bytes.fromhex(cid), size, len(packed))
+
+
+def frame(chunk: Chunk) -> bytes:
+    return frame_head(chunk.id, chunk.packed, chunk.size) + chunk.packed
+
+
+def read_frames(stream) -> Iterator[Chunk]:
+    """The chunks of a frame stream (``stream.read(n)``), as sent (not yet checked: see ``unpack``)."""
+    while True:
+        head = _read(stream, _HEAD.size, allow_end=True)
+        if head is None:
+            return
+        raw_id, size, length = _HEAD.unpack(head)
+        if size > MAX or length > MAX_FRAME:  # (size 0: not given, the reader knows it)
+            raise ChunkError("frame of %d bytes (content %d) is larger than any chunk" % (length, size))
+        yield Chunk(raw_id.hex(), size, _read(stream, length))
+
+
+def _read(stream, length: int, allow_end: bool = False) -> Optional[bytes]:
+    parts, remaining = [], length
+    while remaining:
+        data = stream.read(remaining)
+        if not data:
+            if allow_end and remaining == length:
+                return None
+            raise ChunkError("the frame stream ended inside a frame")
+        parts.append(data)
+        remaining -= len(data)
+    return b"".join(parts)
+
+
+def batches(chunks: Iterable[Chunk], limit: int = BATCH_BYTES) -> Iterator[List[Chunk]]:
+    """Consecutive chunks grouped so that each group's compressed bytes stay about ``limit``."""
+    group, size = [], 0
+    for chunk in chunks:
+        group.append(chunk)
+        size += len(chunk.packed)
+        if size >= limit:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def manifest_entries(chunks: Iterable[Tuple[str, int]]) -> List[list]:
+    return [[cid, size] for cid, size in chunks]
