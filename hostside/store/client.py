@@ -100,13 +100,13 @@ class ImageServer:
 
     # --- chunks -------------------------------------------------------------------------------
 
-    def takes_chunks(self) -> bool:
+    def takes_chunks(self, name: str = "/chunks/missing") -> bool:
         """Whether the server keeps chunks (asked once): an empty ``missing`` call answers 200."""
         if self.chunked is None:
             status, answer = self._call("POST", "/chunks/missing", json.dumps({"chunks": []}).encode(),
                                         {"Content-Type": "application/json"})
             if status not in (200, 404, 405):
-                raise self._refused("/chunks/missing", status, answer)
+                raise self._refused(name, status, answer)
             self.chunked = status == 200
         return self.chunked
 
@@ -168,7 +168,7 @@ class ImageServer:
     def upload(self, snapshot: str, member: str, path: str, name: str = None) -> Dict:
         """Stream one file; the server checks the checksum we computed first."""
         name = name or os.path.basename(path)
-        if self.takes_chunks():
+        if self.takes_chunks(name):
             try:
                 with open(path, "rb") as handle:
                     return self.upload_chunks(snapshot, member, name, handle)
@@ -187,7 +187,7 @@ class ImageServer:
         """Stream a file of unknown size (chunked) from ``reader.read(n)`` until it returns b"".
 
         The server's checksum must equal ours, or the upload counts as failed."""
-        if self.takes_chunks():
+        if self.takes_chunks(name):
             return self.upload_chunks(snapshot, member, name, reader)
         digest = hashlib.sha256()
 
