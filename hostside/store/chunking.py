@@ -12,6 +12,7 @@ Shared by the chunk store (``chunks.py``, server side) and the client (``client.
 """
 
 import io
+import os
 import struct
 from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -45,20 +46,43 @@ def is_id(text) -> bool:
     return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-class Packer:
-    """Cut, hash and compress; one per thread (the chunker and compressor are not thread-safe)."""
+class Piece(NamedTuple):
+    id: str
+    data: bytes  # the content, not yet compressed (a client compresses only what the server lacks)
 
-    def __init__(self, level: int = LEVEL):
-        self.cdc = FastCDC(AVG, min_size=MIN, max_size=MAX)
+
+class Packer:
+    """Cut, hash and compress; one per thread (the chunker and compressor are not thread-safe).
+    ``small`` cuts finer (16 KiB on average, 4 KiB to 64 KiB): for CRIU page images, whose changes
+    are scattered pages rather than insertions."""
+
+    def __init__(self, level: int = LEVEL, small: bool = False):
+        sizes = (AVG >> 2, MIN >> 2, MAX >> 2) if small else (AVG, MIN, MAX)
+        self.cdc = FastCDC(sizes[0], min_size=sizes[1], max_size=sizes[2])
         self.compressor = zstandard.ZstdCompressor(level=level)
 
     def pack(self, data) -> Chunk:
         return Chunk(chunk_id(data), len(data), self.compressor.compress(data))
 
-    def cut(self, reader) -> Iterator[Chunk]:
-        """The chunks of everything ``reader.read(n)`` gives until b"" (only the chunker's buffer in memory)."""
+    def compress(self, piece: Piece) -> Chunk:
+        return Chunk(piece.id, len(piece.data), self.compressor.compress(piece.data))
+
+    def pieces(self, reader) -> Iterator[Piece]:
+        """The chunks of everything ``reader.read(n)`` gives until b"", hashed, not compressed (only
+        the chunker's buffer and the current chunk in memory)."""
         for piece in self.cdc.cut_stream(reader):
-            yield self.pack(piece.data)
+            data = bytes(piece.data)
+            yield Piece(chunk_id(data), data)
+
+    def cut(self, reader) -> Iterator[Chunk]:
+        """The chunks of ``reader``, compressed."""
+        for piece in self.pieces(reader):
+            yield self.compress(piece)
+
+
+def packer_for(name: str) -> Packer:
+    """Page images (``pages-*.img``) cut small, everything else (archives, streams) at 64 KiB."""
+    return Packer(small=name.startswith("pages-"))
 
 
 class IterReader(io.RawIOBase):
@@ -118,6 +142,25 @@ def read_frames(stream) -> Iterator[Chunk]:
         yield Chunk(raw_id.hex(), size, _read(stream, length))
 
 
+def scan_pack(path: str) -> Iterator[Tuple[str, int, int, int]]:
+    """(id, offset of its data, compressed length, size) of every frame of a pack file, reading only
+    the heads; ChunkError after the last whole frame if the file ends inside one."""
+    with open(path, "rb") as handle:
+        end = os.fstat(handle.fileno()).st_size
+        offset = 0
+        while offset < end:
+            head = handle.read(_HEAD.size)
+            if len(head) < _HEAD.size:
+                raise ChunkError("pack %s ends inside a frame head at byte %d" % (os.path.basename(path), offset))
+            raw_id, size, length = _HEAD.unpack(head)
+            if offset + _HEAD.size + length > end or length > MAX_FRAME:
+                raise ChunkError("pack %s ends inside the frame of chunk %s at byte %d"
+                                 % (os.path.basename(path), raw_id.hex(), offset))
+            yield raw_id.hex(), offset + _HEAD.size, length, size
+            offset += _HEAD.size + length
+            handle.seek(offset)
+
+
 def _read(stream, length: int, allow_end: bool = False) -> Optional[bytes]:
     parts, remaining = [], length
     while remaining:
@@ -131,12 +174,12 @@ def _read(stream, length: int, allow_end: bool = False) -> Optional[bytes]:
     return b"".join(parts)
 
 
-def batches(chunks: Iterable[Chunk], limit: int = BATCH_BYTES) -> Iterator[List[Chunk]]:
-    """Consecutive chunks grouped so that each group's compressed bytes stay about ``limit``."""
+def batches(chunks: Iterable, limit: int = BATCH_BYTES) -> Iterator[list]:
+    """Consecutive chunks (or pieces) grouped so that each group's bytes stay about ``limit``."""
     group, size = [], 0
     for chunk in chunks:
         group.append(chunk)
-        size += len(chunk.packed)
+        size += len(chunk[2] if isinstance(chunk, Chunk) else chunk.data)
         if size >= limit:
             yield group
             group, size = [], 0

@@ -34,8 +34,10 @@ import hashlib
 import json
 import os
 import shutil
+import re
 import threading
 import time
+import uuid
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from violin_core.catalogue import fsync_dir, write_atomic
@@ -45,6 +47,7 @@ from .base import NAME_RE, ChecksumMismatch, FileInfo, InvalidName, NotFound, St
 from .files import INDEX, FileStore
 
 GRACE = 3600.0
+PACK_RE = re.compile(r"^[0-9a-f]{32}\.pack$")
 
 
 class MissingChunks(StoreError):
@@ -61,15 +64,18 @@ class ChunkStore(Store):
     def __init__(self, root: str, grace: float = GRACE, level: int = chunking.LEVEL,
                  clock=time.time):
         self.root = os.path.abspath(root)
-        self.chunk_dir = os.path.join(self.root, ".chunks")
+        self.pack_dir = os.path.join(self.root, ".packs")
         self.manifest_dir = os.path.join(self.root, ".manifests")
-        for directory in (self.chunk_dir, self.manifest_dir):
+        for directory in (self.pack_dir, self.manifest_dir):
             os.makedirs(directory, exist_ok=True)
         self.legacy = FileStore(self.root)
         self.grace, self.level, self.clock = grace, level, clock
         self.thread_lock = threading.RLock()
         self._local = threading.local()
         self.leases: Dict[str, float] = {}  # chunk id -> until when no sweep may take it (uploads)
+        self.where: Dict[str, Tuple[str, int, int, int]] = {}  # chunk id -> (pack, offset, length, size)
+        self.damaged_packs: Dict[str, str] = {}  # pack -> why its tail could not be read
+        self._scan()
 
     # --- the lock: threads of this server and other processes (a gc or verify command) -----
 
@@ -93,79 +99,115 @@ class ChunkStore(Store):
                     self._local.depth = 0
                     fcntl.flock(handle, fcntl.LOCK_UN)
 
-    # --- chunks ---------------------------------------------------------------------------
+    # --- chunks, in pack files ------------------------------------------------------------
 
-    def chunk_path(self, cid: str) -> str:
-        if not chunking.is_id(cid):
-            raise InvalidName("bad chunk id %r: 64 lowercase hex digits" % (cid,))
-        return os.path.join(self.chunk_dir, cid[:2], cid)
+    def _scan(self) -> None:
+        """Rebuild the chunk index from the packs on disk (at start, or when a pack went away)."""
+        where: Dict[str, Tuple[str, int, int, int]] = {}
+        damaged = {}
+        for name in sorted(os.listdir(self.pack_dir)):
+            if PACK_RE.match(name):
+                try:
+                    for cid, offset, length, size in chunking.scan_pack(os.path.join(self.pack_dir, name)):
+                        where.setdefault(cid, (name, offset, length, size))
+                except FileNotFoundError:
+                    continue
+                except chunking.ChunkError as error:  # a damaged tail: the chunks before it still count
+                    damaged[name] = str(error)
+        with self.thread_lock:
+            self.where, self.damaged_packs = where, damaged
 
     def has(self, cid: str) -> bool:
-        return os.path.exists(self.chunk_path(cid))
+        return cid in self.where
+
+    def _present(self, cid: str) -> bool:
+        """In the index and its pack still on disk (another process's gc may have repacked it)."""
+        spot = self.where.get(cid)
+        return spot is not None and os.path.exists(os.path.join(self.pack_dir, spot[0]))
 
     def missing(self, ids: Iterable[str]) -> List[str]:
-        """The ids (in order, once each) the store lacks; the others are touched, so that no sweep in
-        the next ``grace`` seconds takes them before the uploader's manifest names them."""
+        """The ids (in order, once each) the store lacks. The others are leased for ``grace`` seconds
+        (no sweep takes them before the uploader's manifest names them) and their packs touched (no
+        other process's gc takes those packs for ``grace`` either)."""
         ids = list(dict.fromkeys(ids))
-        paths = [self.chunk_path(cid) for cid in ids]
-        lacking = []
+        for cid in ids:
+            if not chunking.is_id(cid):
+                raise InvalidName("bad chunk id %r: 64 lowercase hex digits" % (cid,))
+        lacking, packs = [], set()
         with self.locked():
             until = self.clock() + self.grace
-            for cid, path in zip(ids, paths):
-                try:
-                    os.utime(path)
-                    self.leases[cid] = until
-                except FileNotFoundError:
+            for cid in ids:
+                spot = self.where.get(cid)
+                if spot is None:
                     lacking.append(cid)
+                else:
+                    self.leases[cid] = until
+                    packs.add(spot[0])
+            for name in packs:
+                try:
+                    os.utime(os.path.join(self.pack_dir, name))
+                except FileNotFoundError:  # repacked by another process meanwhile: ask again after a scan
+                    self._scan()
+                    return self.missing(ids)
         return lacking
 
     def store_chunks(self, chunks: Iterable[chunking.Chunk]) -> Dict[str, int]:
-        """Store every chunk not yet held, each checked (content hashes to its id); durable on return.
+        """Store every chunk not yet held, each checked (content hashes to its id), in one new pack
+        (temp + fsync + rename + fsync of the directory: durable on return, one fsync for all).
 
         ``{"received", "stored", "stored_bytes"}``: stored counts only chunks this call wrote."""
-        received = stored = stored_bytes = 0
-        touched = set()
-        for chunk in chunks:
-            received += 1
-            chunking.unpack(chunk.id, chunk.size, chunk.packed)  # ChunkError (a ValueError): 400
-            path = self.chunk_path(chunk.id)
-            with self.thread_lock:
-                self.leases[chunk.id] = self.clock() + self.grace
-            if os.path.exists(path):
-                continue
-            directory = os.path.dirname(path)
-            os.makedirs(directory, exist_ok=True)
-            tmp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
-            try:
-                with open(tmp, "wb") as handle:
-                    handle.write(chunk.packed)
+        received, spots = 0, {}
+        name = "%s.pack" % uuid.uuid4().hex
+        tmp = os.path.join(self.pack_dir, ".%s.tmp" % name)
+        offset = 0
+        try:
+            with open(tmp, "wb") as handle:
+                for chunk in chunks:
+                    received += 1
+                    chunking.unpack(chunk.id, chunk.size, chunk.packed)  # ChunkError (a ValueError): 400
+                    with self.thread_lock:
+                        self.leases[chunk.id] = self.clock() + self.grace
+                        if chunk.id in self.where or chunk.id in spots:
+                            continue
+                    handle.write(chunking.frame(chunk))
+                    spots[chunk.id] = (name, offset + chunking.HEAD_SIZE, len(chunk.packed), chunk.size)
+                    offset += chunking.HEAD_SIZE + len(chunk.packed)
+                if spots:
                     handle.flush()
                     os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            touched.add(directory)
-            stored, stored_bytes = stored + 1, stored_bytes + len(chunk.packed)
-        for directory in touched:
-            fsync_dir(directory)
-        return {"received": received, "stored": stored, "stored_bytes": stored_bytes}
+            if spots:
+                os.replace(tmp, os.path.join(self.pack_dir, name))
+                fsync_dir(self.pack_dir)
+                with self.thread_lock:
+                    for cid, spot in spots.items():
+                        self.where.setdefault(cid, spot)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return {"received": received, "stored": len(spots), "stored_bytes": offset}
+
+    def packed_chunk(self, cid: str) -> bytes:
+        """A chunk's compressed bytes as stored (not checked: the reader checks); NotFound if none."""
+        for attempt in (1, 2):
+            spot = self.where.get(cid)
+            if spot is not None:
+                try:
+                    with open(os.path.join(self.pack_dir, spot[0]), "rb") as handle:
+                        handle.seek(spot[1])
+                        return handle.read(spot[2])
+                except FileNotFoundError:
+                    pass
+            if attempt == 1:
+                self._scan()  # a pack repacked or removed by another process's gc
+        raise NotFound("chunk %s is missing" % cid)
 
     def read_chunk(self, cid: str, size: int, where: str = "") -> bytes:
         """A chunk's content, checked; NotFound or ChunkError naming it."""
         try:
-            with open(self.chunk_path(cid), "rb") as handle:
-                packed = handle.read()
-        except FileNotFoundError:
+            packed = self.packed_chunk(cid)
+        except NotFound:
             raise NotFound("chunk %s%s is missing" % (cid, where)) from None
         return chunking.unpack(cid, size, packed, where)
-
-    def packed_chunk(self, cid: str) -> bytes:
-        try:
-            with open(self.chunk_path(cid), "rb") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            raise NotFound("chunk %s is missing" % cid) from None
 
     # --- manifests ------------------------------------------------------------------------
 
@@ -208,7 +250,10 @@ class ChunkStore(Store):
         info = FileInfo(name, size, sha256.lower())
         directory = self._member_dir(snapshot, member)
         with self.locked():
-            lacking = [cid for cid in dict.fromkeys(c for c, _ in entries) if not self.has(cid)]
+            lacking = [cid for cid in dict.fromkeys(c for c, _ in entries) if not self._present(cid)]
+            if lacking:  # another process's gc may have repacked them: look again before refusing
+                self._scan()
+                lacking = [cid for cid in lacking if not self._present(cid)]
             if lacking:
                 raise MissingChunks("%d chunks of %s/%s/%s are not stored (first: %s)" % (
                     len(lacking), snapshot, member, name, lacking[0]), lacking)
@@ -237,7 +282,7 @@ class ChunkStore(Store):
                 total[0] += len(piece)
                 yield piece
 
-        packer = chunking.Packer(self.level)
+        packer = chunking.packer_for(name)
         for group in chunking.batches(packer.cut(chunking.IterReader(counted()))):
             self.store_chunks(group)
             entries.extend([c.id, c.size] for c in group)
@@ -291,13 +336,12 @@ class ChunkStore(Store):
                     if index is not None:
                         yield index
 
-    def _chunk_files(self) -> Iterator[Tuple[str, str]]:
-        """(id or temp name, path) of everything under .chunks."""
-        for prefix in os.listdir(self.chunk_dir):
-            directory = os.path.join(self.chunk_dir, prefix)
-            if os.path.isdir(directory):
-                for name in os.listdir(directory):
-                    yield name, os.path.join(directory, name)
+    def _packs(self) -> Dict[str, List[Tuple[str, int, int, int]]]:
+        """pack name -> the chunks the index places in it."""
+        packs: Dict[str, list] = {}
+        for cid, spot in self.where.items():
+            packs.setdefault(spot[0], []).append((cid,) + spot[1:])
+        return packs
 
     def totals(self) -> dict:
         legacy = self.legacy.totals()
@@ -306,24 +350,28 @@ class ChunkStore(Store):
             for entry in index["files"]:
                 files, logical = files + 1, logical + entry["bytes"]
                 referenced.update(c for c, _ in entry["chunks"])
-        chunks = stored = 0
-        for name, path in self._chunk_files():
-            if chunking.is_id(name):
+        stored = packs = 0
+        for name in os.listdir(self.pack_dir):
+            if PACK_RE.match(name):
                 try:
-                    stored += os.path.getsize(path)
-                    chunks += 1
+                    stored += os.path.getsize(os.path.join(self.pack_dir, name))
+                    packs += 1
                 except FileNotFoundError:
                     pass
         return {"snapshots": len(self.snapshots()), "files": files, "bytes": logical,
-                "logical_bytes": logical, "stored_bytes": stored + legacy["bytes"], "chunks": chunks,
-                "chunk_bytes": stored, "legacy_bytes": legacy["bytes"], "referenced_chunks": len(referenced)}
+                "logical_bytes": logical, "stored_bytes": stored + legacy["bytes"], "chunks": len(self.where),
+                "packs": packs, "chunk_bytes": stored, "legacy_bytes": legacy["bytes"],
+                "referenced_chunks": len(referenced)}
 
     # --- garbage collection and verification ----------------------------------------------
 
     def gc(self, min_age: float = 0.0) -> dict:
-        """Sweep chunks no manifest names and no upload holds a lease on, and younger than ``min_age``
-        seconds (another process's gc: it cannot see this server's leases); temp files older than ``grace``."""
+        """Mark the chunks manifests name or uploads hold leases on; sweep the rest: a pack with no
+        live chunk is removed, one less than half live is rewritten with its live chunks (new pack
+        durable first, then the old one removed). Packs younger than ``min_age`` seconds are left
+        alone (another process's gc: it cannot see this server's leases); temp files older than ``grace`` go."""
         with self.locked():
+            self._scan()
             marked = set()
             for index in self._indexes():
                 for entry in index["files"]:
@@ -331,21 +379,44 @@ class ChunkStore(Store):
             now = self.clock()
             self.leases = {cid: until for cid, until in self.leases.items() if until > now}
             marked.update(self.leases)
-            swept = freed = kept_young = 0
-            for name, path in list(self._chunk_files()):
-                if name in marked:
+            swept = freed = kept_young = repacked = 0
+            for name in os.listdir(self.pack_dir):
+                if name.endswith(".tmp") and now - os.stat(os.path.join(self.pack_dir, name)).st_mtime > self.grace:
+                    os.unlink(os.path.join(self.pack_dir, name))
+            for name, chunks in self._packs().items():
+                path = os.path.join(self.pack_dir, name)
+                live = [c for c in chunks if c[0] in marked]
+                if len(live) == len(chunks):
                     continue
                 try:
                     stat = os.stat(path)
                 except FileNotFoundError:
                     continue
-                if stat.st_mtime > now - (min_age if chunking.is_id(name) else self.grace):
+                if stat.st_mtime > now - min_age:
                     kept_young += 1
                     continue
+                dead_bytes = sum(chunking.HEAD_SIZE + c[2] for c in chunks if c[0] not in marked)
+                if live and dead_bytes * 2 < stat.st_size:
+                    continue  # mostly live: not worth rewriting yet
+                if live:
+                    self.store_chunks(chunking.Chunk(cid, size, self._read_at(name, offset, length))
+                                      for cid, offset, length, size in live
+                                      if self.where.pop(cid, None) is not None)
+                    repacked += 1
+                else:
+                    for cid, *_ in chunks:
+                        self.where.pop(cid, None)
                 os.unlink(path)
-                if chunking.is_id(name):
-                    swept, freed = swept + 1, freed + stat.st_size
-            return {"swept": swept, "freed_bytes": freed, "kept_young": kept_young, "referenced": len(marked)}
+                swept, freed = swept + len(chunks) - len(live), freed + dead_bytes
+            if swept:
+                fsync_dir(self.pack_dir)
+            return {"swept": swept, "freed_bytes": freed, "kept_young": kept_young, "repacked": repacked,
+                    "referenced": len(marked)}
+
+    def _read_at(self, pack: str, offset: int, length: int) -> bytes:
+        with open(os.path.join(self.pack_dir, pack), "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
 
     def verify(self) -> dict:
         """Check every manifest's chunks (present, decompress, hash) and every file's sha256, and the
@@ -386,4 +457,6 @@ class ChunkStore(Store):
                     except (OSError, StoreError) as error:
                         damaged.append({"snapshot": snapshot, "member": member, "file": info.name,
                                         "problem": str(error)})
+        self._scan()
+        damaged += [{"pack": name, "problem": why} for name, why in sorted(self.damaged_packs.items())]
         return {"ok": not damaged, "root": self.root, "files": files, "chunks": len(checked), "damaged": damaged}

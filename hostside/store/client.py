@@ -11,8 +11,11 @@ over the wire). Downloads check every chunk's hash and every file's sha256.
 
 import hashlib
 import http.client
+import io
 import json
 import os
+import queue
+import threading
 import urllib.parse
 from typing import Dict, List
 
@@ -23,6 +26,7 @@ from . import chunking
 from .base import CHUNK
 
 FETCH_CHUNKS = 256  # chunks per fetch request (at most 64 MiB of content)
+PIPELINE = 1  # batches cut ahead of the one being sent
 
 
 class StorageError(RuntimeError):
@@ -131,13 +135,16 @@ class ImageServer:
                 return data
 
         entries, known = [], set()  # known: ids this upload already asked about (and sent if lacking)
-        for group in chunking.batches(chunking.Packer().cut(Hashing)):
-            entries.extend([c.id, c.size] for c in group)
-            ask = [cid for cid in dict.fromkeys(c.id for c in group) if cid not in known]
+        packer = chunking.packer_for(name)
+
+        def send(group):
+            ask = [cid for cid in dict.fromkeys(p.id for p in group) if cid not in known]
+            known.update(ask)
             answer, size = self._post_json("/chunks/missing", {"chunks": ask}, "/chunks/missing")
             totals["sent_bytes"] += size
-            lacking = set(answer.get("missing", []))
-            frames = b"".join(chunking.frame(c) for c in {c.id: c for c in group if c.id in lacking}.values())
+            lacking = set(answer.get("missing", []))  # only these are compressed and sent
+            frames = b"".join(chunking.frame(sender_packer.compress(p)) for p in
+                              {p.id: p for p in group if p.id in lacking}.values())
             if frames:
                 status, stored = self._call("POST", "/chunks/upload", frames,
                                             {"Content-Type": "application/octet-stream",
@@ -147,7 +154,36 @@ class ImageServer:
                 totals["sent_bytes"] += len(frames)
                 totals["stored_bytes"] += stored.get("stored_bytes", 0)
                 totals["new_chunks"] += stored.get("stored", 0)
-            known.update(ask)
+
+        # Cutting and hashing here while the previous batch is asked about, compressed and sent in a
+        # second thread: at most PIPELINE batches in memory (the queue, and the one being sent).
+        sender_packer = chunking.packer_for(name)
+        pipeline, failure = queue.Queue(PIPELINE), []
+
+        def sender():
+            while True:
+                group = pipeline.get()
+                if group is None:
+                    return
+                if not failure:
+                    try:
+                        send(group)
+                    except BaseException as error:  # noqa: B902 - handed to the cutting thread
+                        failure.append(error)
+
+        thread = threading.Thread(target=sender, name="chunk-sender", daemon=True)
+        thread.start()
+        try:
+            for group in chunking.batches(packer.pieces(Hashing)):
+                entries.extend([p.id, len(p.data)] for p in group)
+                if failure:
+                    break
+                pipeline.put(group)
+        finally:
+            pipeline.put(None)
+            thread.join()
+        if failure:
+            raise failure[0]
         totals["chunks"] = len(entries)
         body = json.dumps({"bytes": totals["logical_bytes"], "sha256": digest.hexdigest(), "chunks": entries}).encode()
         status, answer = self._call("PUT", "/manifests/%s/%s/%s" % (snapshot, member, name), body,
@@ -256,26 +292,59 @@ class ImageServer:
             raise self._refused("the manifest of %s/%s/%s" % (snapshot, member, name), status, answer)
         return answer
 
+    def _fetch_group(self, group, where: str) -> bytes:
+        """The frames of ``group``'s chunks, as the server sent them (checked by the caller)."""
+        body = json.dumps({"chunks": [cid for cid, _ in group]}).encode()
+        response, connection = self._request("POST", "/chunks/fetch", body, {"Content-Type": "application/json"})
+        try:
+            if response.status != 200:
+                answer = read_answer(response)
+                missing = answer.get("missing") if isinstance(answer, dict) else None
+                raise StorageError("snapshot server %s: %s%s" % (
+                    self.url, "chunk %s is missing" % missing[0] if missing else
+                    "%s %s" % (response.status, reason_of(answer)), where))
+            return response.read()
+        except (OSError, http.client.HTTPException) as error:
+            raise StorageError("snapshot server %s: fetching chunks%s failed: %s" % (
+                self.url, where, self._failure(error))) from None
+        finally:
+            connection.close()
+
     def _download_chunks(self, snapshot: str, member: str, manifest: dict, target: str) -> str:
-        """Write a file from its chunks, each checked; its sha256. ChecksumError/StorageError name the chunk."""
+        """Write a file from its chunks, each checked; its sha256. ChecksumError/StorageError name the chunk.
+
+        The next group of chunks is fetched in a second thread while this one checks and writes the
+        current one (at most two groups, ~2 x 16 MiB compressed, in memory)."""
         where = " of image file %s of member %s (snapshot %s)" % (manifest["name"], member, snapshot)
         digest, chunks = hashlib.sha256(), manifest["chunks"]
-        with open(target, "wb") as handle:
-            for start in range(0, len(chunks), FETCH_CHUNKS):
-                group = chunks[start:start + FETCH_CHUNKS]
-                body = json.dumps({"chunks": [cid for cid, _ in group]}).encode()
-                response, connection = self._request("POST", "/chunks/fetch", body,
-                                                     {"Content-Type": "application/json"})
+        groups = [chunks[start:start + FETCH_CHUNKS] for start in range(0, len(chunks), FETCH_CHUNKS)]
+        fetched: "queue.Queue" = queue.Queue(1)
+        stop = threading.Event()
+
+        def fetcher():
+            for group in groups:
+                if stop.is_set():
+                    return
                 try:
-                    if response.status != 200:
-                        answer = read_answer(response)
-                        missing = answer.get("missing") if isinstance(answer, dict) else None
-                        raise StorageError("snapshot server %s: %s%s" % (
-                            self.url, "chunk %s is missing" % missing[0] if missing else
-                            "%s %s" % (response.status, reason_of(answer)), where))
-                    frames = chunking.read_frames(response)
+                    fetched.put((group, self._fetch_group(group, where)))
+                except BaseException as error:  # noqa: B902 - handed to the writing thread
+                    fetched.put((group, error))
+                    return
+
+        thread = threading.Thread(target=fetcher, name="chunk-fetcher", daemon=True)
+        thread.start()
+        try:
+            with open(target, "wb") as handle:
+                for _ in groups:
+                    group, data = fetched.get()
+                    if isinstance(data, BaseException):
+                        raise data
+                    frames = chunking.read_frames(io.BytesIO(data))
                     for cid, size in group:
-                        got = next(frames, None)
+                        try:
+                            got = next(frames, None)
+                        except chunking.ChunkError as error:
+                            raise StorageError("snapshot server %s: bad chunk frames%s: %s" % (self.url, where, error)) from None
                         if got is None:
                             raise StorageError("snapshot server %s: the chunks ended before chunk %s%s"
                                                % (self.url, cid, where))
@@ -283,16 +352,18 @@ class ImageServer:
                             raise ChecksumError("snapshot server %s sent chunk %s for chunk %s%s" % (
                                 self.url, got.id, cid, where))
                         try:
-                            data = chunking.unpack(cid, size, got.packed, where)
+                            content = chunking.unpack(cid, size, got.packed, where)
                         except chunking.ChunkError as error:
                             raise ChecksumError(str(error)) from None
-                        digest.update(data)
-                        handle.write(data)
-                except (OSError, http.client.HTTPException, chunking.ChunkError) as error:
-                    raise StorageError("snapshot server %s: fetching chunks%s failed: %s" % (
-                        self.url, where, self._failure(error))) from None
-                finally:
-                    connection.close()
+                        digest.update(content)
+                        handle.write(content)
+        finally:
+            stop.set()
+            while thread.is_alive():  # let a blocked put through, then the thread ends
+                try:
+                    fetched.get(timeout=0.1)
+                except queue.Empty:
+                    pass
         return digest.hexdigest()
 
     def download_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:

@@ -202,13 +202,15 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             ids = body["chunks"]
             if parts[1] == "missing":
                 return self.send_json(200, {"missing": store.missing(ids)})
-            lacking = [cid for cid in ids if not store.has(cid)]
+            packed, lacking = [], []
+            for cid in ids:  # read before answering: a chunk swept meanwhile would truncate the answer
+                try:
+                    packed.append(store.packed_chunk(cid))
+                except NotFound:
+                    lacking.append(cid)
             if lacking:
                 return self.send_json(404, error_body(404, "%d chunks are missing (first: %s)" % (
                     len(lacking), lacking[0]), missing=lacking))
-            packed = []
-            for cid in ids:  # read now: a chunk swept after the answer started would truncate it
-                packed.append(store.packed_chunk(cid))
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(sum(chunking.HEAD_SIZE + len(p) for p in packed)))

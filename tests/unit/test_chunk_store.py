@@ -53,6 +53,17 @@ def write(path, data):
         handle.write(data)
 
 
+def corrupt(store, cid):
+    pack, offset, length, _size = store.where[cid]
+    with open(os.path.join(store.pack_dir, pack), "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes(length))
+
+
+def drop_pack(store, cid):
+    os.unlink(os.path.join(store.pack_dir, store.where[cid][0]))
+
+
 def content(store, *where):
     chunks, info = store.open(*where)
     return b"".join(chunks), info
@@ -109,16 +120,16 @@ def test_a_stream_is_chunked_as_it_comes_and_the_sink_adds_up_the_bytes(client, 
 def test_a_corrupt_or_missing_chunk_fails_the_download_naming_member_file_and_chunk(client, store, tmp_path):
     data = data_of(600_000)
     store.put("s1", "m1", "pages.img", [data])
-    cid = store.manifest("s1", "m1", "pages.img")["chunks"][1][0]
-    with open(store.chunk_path(cid), "wb") as handle:
-        handle.write(chunking.Packer().pack(b"not the content").packed)
+    chunks = store.manifest("s1", "m1", "pages.img")["chunks"]
+    cid = chunks[1][0]
+    corrupt(store, cid)
     with pytest.raises(ChecksumError, match="chunk %s.*pages.img.*m1" % cid):
         client.download_dir("s1", "m1", str(tmp_path / "out"))
-    os.unlink(store.chunk_path(cid))
-    with pytest.raises(StorageError, match="chunk %s is missing.*pages.img.*m1" % cid):
-        client.download_dir("s1", "m1", str(tmp_path / "out2"))
     report = store.verify()
     assert not report["ok"] and report["damaged"][0]["chunk"] == cid and report["damaged"][0]["file"] == "pages.img"
+    drop_pack(store, cid)
+    with pytest.raises(StorageError, match="chunk %s is missing.*pages.img.*m1" % chunks[0][0]):
+        client.download_dir("s1", "m1", str(tmp_path / "out2"))
 
 
 def test_delete_frees_only_the_chunks_nothing_else_uses(store):
@@ -162,7 +173,7 @@ def test_gc_keeps_young_unreferenced_chunks_for_another_process_and_sweeps_them_
 def test_a_crash_mid_upload_leaves_nothing_listed_and_gc_removes_the_leftovers(store):
     # chunks stored, manifest never committed (the server died), a temp file half written
     store.store_chunks([chunking.Packer().pack(data_of(100_000, 7))])
-    tmp = os.path.join(store.chunk_dir, "ab", "ab" + "0" * 62 + ".tmp-1-1")
+    tmp = os.path.join(store.pack_dir, "." + "ab" * 16 + ".pack.tmp")
     write(tmp, b"half")
     os.utime(tmp, (0, 0))
     assert store.snapshots() == [] and store.index("s1", "m1") is None
@@ -228,7 +239,7 @@ def test_the_verify_command_reports_json_and_exits_1_on_damage(store, capsys):
     assert srv.main(["verify", "--store", "chunks:" + store.root]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
     cid = store.manifest("s1", "m1", "a.img")["chunks"][0][0]
-    os.unlink(store.chunk_path(cid))
+    drop_pack(store, cid)
     assert srv.main(["verify", "--store", "chunks:" + store.root]) == 1
     assert json.loads(capsys.readouterr().out)["damaged"][0]["chunk"] == cid
     with pytest.raises(SystemExit):
