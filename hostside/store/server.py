@@ -95,7 +95,7 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             super().send_response(*args, **kwargs)
 
         def _error(self, status: int, reason: str) -> None:
-            if getattr(self, "command", None) == "PUT":
+            if getattr(self, "command", None) in ("PUT", "POST"):
                 self.close_connection = True  # its body may be unread: the connection cannot carry another request
             self.send_json(status, error_body(status, reason))
 
