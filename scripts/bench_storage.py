@@ -40,7 +40,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 import benchkit  # noqa: E402  (puts the repository on sys.path)
 
 from hostside.store import chunking  # noqa: E402
-from hostside.store.client import ImageServer, sha256_file  # noqa: E402
+from hostside.store.client import ImageServer  # noqa: E402
 from lab import lab  # noqa: E402
 from workloads.dbsim import DbSim  # noqa: E402
 
@@ -190,6 +190,10 @@ def run(args) -> dict:
             "restore_s": restore,
             "throughput": rate,
         }
+        db_sent = {kind: sorted(r["members"]["db"][kind]["sent_bytes"] for r in later)[len(later) // 2]
+                   for kind in clients}
+        summary["db_sent_bytes_later_median"] = db_sent
+        summary["db_wire_s_at_1_gbit_computed"] = {kind: round(sent * 8 / 1e9, 3) for kind, sent in db_sent.items()}
         summary["db_wall_speedup"] = round(summary["db_snapshot_wall_s_file_median"]
                                            / max(summary["db_snapshot_wall_s_chunks_later_median"], 1e-6), 2)
         summary["goals"] = {

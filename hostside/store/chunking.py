@@ -14,6 +14,7 @@ Shared by the chunk store (``chunks.py``, server side) and the client (``client.
 import io
 import os
 import struct
+import threading
 from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import blake3
@@ -25,7 +26,8 @@ LEVEL = 1
 ID_RE = r"^[0-9a-f]{64}$"
 _HEAD = struct.Struct(">32sII")
 MAX_FRAME = MAX + (MAX >> 4) + 1024  # zstd's worst case for a MAX chunk, with room to spare
-BATCH_BYTES = 8 << 20  # compressed bytes a client sends per upload request (bounds its memory)
+BATCH_BYTES = 8 << 20  # bytes a client cuts per batch (one "missing" call, one upload: bounds its memory)
+_local = threading.local()
 
 
 class ChunkError(ValueError):
@@ -108,8 +110,11 @@ class IterReader(io.RawIOBase):
 
 def unpack(expected_id: str, size: int, packed: bytes, where: str = "") -> bytes:
     """The content of a stored or received chunk, checked against its id and size; ChunkError if not."""
+    decompressor = getattr(_local, "decompressor", None)
+    if decompressor is None:  # one per thread: making one per chunk costs more than the decompression
+        decompressor = _local.decompressor = zstandard.ZstdDecompressor()
     try:
-        data = zstandard.ZstdDecompressor().decompress(packed, max_output_size=max(size, 1))
+        data = decompressor.decompress(packed, max_output_size=max(size, 1))
     except zstandard.ZstdError as error:
         raise ChunkError("chunk %s%s does not decompress: %s" % (expected_id, where, error)) from None
     if len(data) != size or chunk_id(data) != expected_id:

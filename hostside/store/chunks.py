@@ -186,6 +186,30 @@ class ChunkStore(Store):
                 os.unlink(tmp)
         return {"received": received, "stored": len(spots), "stored_bytes": offset}
 
+    def packed_chunks(self, ids: Iterable[str]) -> Tuple[List[bytes], List[str]]:
+        """The compressed bytes of ``ids`` (in order) and the ids the store lacks; one open per pack."""
+        handles, found, lacking = {}, [], []
+        try:
+            for cid in ids:
+                spot = self.where.get(cid)
+                try:
+                    if spot is None:
+                        raise FileNotFoundError(cid)
+                    if spot[0] not in handles:
+                        handles[spot[0]] = open(os.path.join(self.pack_dir, spot[0]), "rb")
+                    handle = handles[spot[0]]
+                    handle.seek(spot[1])
+                    found.append(handle.read(spot[2]))
+                except FileNotFoundError:
+                    try:
+                        found.append(self.packed_chunk(cid))  # rescans: repacked meanwhile?
+                    except NotFound:
+                        lacking.append(cid)
+        finally:
+            for handle in handles.values():
+                handle.close()
+        return found, lacking
+
     def packed_chunk(self, cid: str) -> bytes:
         """A chunk's compressed bytes as stored (not checked: the reader checks); NotFound if none."""
         for attempt in (1, 2):

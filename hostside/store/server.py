@@ -202,12 +202,7 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             ids = body["chunks"]
             if parts[1] == "missing":
                 return self.send_json(200, {"missing": store.missing(ids)})
-            packed, lacking = [], []
-            for cid in ids:  # read before answering: a chunk swept meanwhile would truncate the answer
-                try:
-                    packed.append(store.packed_chunk(cid))
-                except NotFound:
-                    lacking.append(cid)
+            packed, lacking = store.packed_chunks(ids)  # read before answering: a sweep cannot truncate it
             if lacking:
                 return self.send_json(404, error_body(404, "%d chunks are missing (first: %s)" % (
                     len(lacking), lacking[0]), missing=lacking))
@@ -215,9 +210,7 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(sum(chunking.HEAD_SIZE + len(p) for p in packed)))
             self.end_headers()
-            for cid, data in zip(ids, packed):
-                self.wfile.write(chunking.frame_head(cid, data))
-                self.wfile.write(data)
+            self.wfile.write(b"".join(chunking.frame_head(cid, data) + data for cid, data in zip(ids, packed)))
             return None
 
         def _get(self, parts):
