@@ -327,3 +327,62 @@ def test_gc_rewrites_a_pack_that_is_mostly_dead_and_verify_names_a_torn_pack(sto
         handle.write(b"\x00" * 10)  # a torn tail (never written by the store: it renames whole packs)
     report = ChunkStore(store.root).verify()
     assert not report["ok"] and "pack" in report["damaged"][-1]
+
+
+def test_a_server_killed_mid_upload_keeps_every_complete_snapshot_and_lists_no_half_one(tmp_path):
+    """A real server process, SIGKILLed while a client streams a big image: after a restart the
+    complete snapshot restores byte for byte, the half one is not listed, verify is clean, GC frees the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = str(tmp_path / "images")
+
+    def start():
+        process = subprocess.Popen([sys.executable, "-m", "hostside.store.server", "--listen", "127.0.0.1:%d" % port,
+                                    "--store", "chunks:" + root, "--token", "tok"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=1).read()
+                return process
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("server did not start")
+
+    complete = data_of(3_000_000, 11)
+    server = start()
+    try:
+        client = ImageServer("http://127.0.0.1:%d" % port, "tok")
+        client.upload_stream("s1", "m1", "a.img", io.BytesIO(complete))
+
+        class Endless:  # new data forever: the upload is mid-way when the server dies
+            def __init__(self):
+                self.n = 0
+
+            def read(self, size):
+                self.n += 1
+                if self.n == 40:
+                    server.send_signal(signal.SIGKILL)
+                return data_of(size, 1000 + self.n)
+
+        with pytest.raises(StorageError):
+            client.upload_stream("s2", "m1", "b.img", Endless())
+        server.wait(10)
+        server = start()
+        client = ImageServer("http://127.0.0.1:%d" % port, "tok")
+        client.download_dir("s1", "m1", str(tmp_path / "out"))
+        assert (tmp_path / "out" / "a.img").read_bytes() == complete
+        store = ChunkStore(root)
+        assert store.snapshots() == ["s1"] and store.index("s2", "m1") is None
+        assert store.verify()["ok"]
+        assert store.gc()["referenced"] == len({c for c, _ in store.manifest("s1", "m1", "a.img")["chunks"]})
+    finally:
+        server.kill()
+        server.wait(10)
