@@ -9,7 +9,8 @@ Snapshot (in the background, one job per snapshot and member)::
            quiet proof (marker sent / tap drained) -> controller cut {"marker": sends_marker}
            -> purge the datapath
        and the backend stores the image through the sink (a snapshot server)
-    -> controller done {pause_ms, bytes, server, image{backend, files, ...}}
+    -> controller done {pause_ms, bytes, server, image{backend, files, storage{logical_bytes,
+       stored_bytes, sent_bytes}, ...}}
     or, on any failure at any step, controller failed {reason} and the job "failed" with it.
 
 Stage fetches the image and checks every checksum, restore replaces the running
@@ -119,16 +120,29 @@ def read_body(kind: str, body) -> dict:
 
 
 class StoreSink(ImageSink):
-    """An ImageSink on one store client (a snapshot server)."""
+    """An ImageSink on one store client (a snapshot server); ``storage()`` adds up what its uploads
+    cost: logical bytes (the image's size), stored bytes (newly stored by the server, compressed:
+    a chunk store keeps only chunks it lacked) and sent bytes (over the wire)."""
+
+    COUNTS = ("logical_bytes", "stored_bytes", "sent_bytes")
 
     def __init__(self, client, snapshot: str, member: str):
         self.client, self.snapshot, self.member = client, snapshot, member
+        self.counts = dict.fromkeys(self.COUNTS, 0)
+
+    def _count(self, stored: dict) -> dict:
+        for key in self.COUNTS:
+            self.counts[key] += int(stored.get(key, stored.get("bytes", 0)))
+        return _file_entry(stored)
 
     def put_dir(self, directory: str) -> List[dict]:
-        return [_file_entry(f) for f in self.client.upload_dir(self.snapshot, self.member, directory)]
+        return [self._count(f) for f in self.client.upload_dir(self.snapshot, self.member, directory)]
 
     def put_stream(self, name: str, reader) -> dict:
-        return _file_entry(dict(self.client.upload_stream(self.snapshot, self.member, name, reader), name=name))
+        return self._count(dict(self.client.upload_stream(self.snapshot, self.member, name, reader), name=name))
+
+    def storage(self) -> dict:
+        return dict(self.counts)
 
     def discard(self) -> None:
         self.client.delete(self.snapshot, self.member)
@@ -473,7 +487,7 @@ class Orchestrator:
         try:
             self.post(body["done_url"], {
                 "pause_ms": report.pause_ms, "bytes": report.bytes, "server": server,
-                "image": dict(report.details, backend=backend.name, files=report.files)})
+                "image": dict(report.details, backend=backend.name, files=report.files, storage=sink.storage())})
         except ControllerError as error:
             if error.status is not None and 400 <= error.status < 500:  # refused (aborted meanwhile): unused
                 self._discard(sink, body)

@@ -76,7 +76,7 @@ def controller_config():
 
 @contextmanager
 def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None, hosts=None, guests=(),
-                 guest_ids=None, helper_settings=None, tcp=True, tls=None):
+                 guest_ids=None, helper_settings=None, tcp=True, tls=None, store="chunks"):
     """Members in every host of ``net`` (or in ``hosts``), their helper and a snapshot server; yields the members.
 
     The helper registers the members with the controller itself (its config's ``controller``); with
@@ -85,7 +85,8 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
     ``guests`` are running VMs (lab.vms.Guest) that join the slice as libvirt members of the
     same helper; ``guest_ids`` (name -> seqstream id) makes them peers of the host members' streams.
     ``tls`` ({"cert", "key", "ca"}: a certificate for 127.0.0.1, its key, the CA that signed it) makes the
-    server and the helper HTTPS, and the helper verify the controller and the server against the CA."""
+    server and the helper HTTPS, and the helper verify the controller and the server against the CA.
+    ``store`` is the snapshot server's store scheme: ``chunks`` (deduplicated, the default) or ``file``."""
     hosts = list(net.hosts if hosts is None else hosts)
     os.makedirs(workdir, exist_ok=True)
     server_port, helper_port = lab.free_port(), lab.free_port()
@@ -98,7 +99,7 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
     try:
         daemons.append(start_daemon(
             [sys.executable, "-m", "hostside.store.server", "--listen", "127.0.0.1:%d" % server_port,
-             "--dir", os.path.join(workdir, "images")] + server_tls,
+             "--store", "%s:%s" % (store, os.path.join(workdir, "images"))] + server_tls,
             server_url, os.path.join(workdir, "server.log"), ca_file=ca_file,
             env=dict(os.environ, VIOLIN_SERVER_TOKEN=SERVER_TOKEN)))
         members.start()

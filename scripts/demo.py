@@ -220,7 +220,7 @@ def run(args, timeline):
                 address, _ = lab.attach_out_of_band(net, get(name), index, topo.prefix)
                 processes[name] = start_in_host(get(name), os.path.join(workdir, name), [
                     sys.executable, "-m", "hostside.store.server", "--listen", "0.0.0.0:%d" % SERVER_PORT,
-                    "--dir", os.path.join(workdir, name, "images")]
+                    "--store", "chunks:" + os.path.join(workdir, name, "images")]
                     + (["--tls-cert", tls["cert"], "--tls-key", tls["key"]] if tls else []), "server.log",
                     env=dict(os.environ, VIOLIN_SERVER_TOKEN=slicelab.SERVER_TOKEN))  # not in argv: ps shows it
                 servers.append("%s://%s:%d" % (scheme, address, SERVER_PORT))

@@ -355,6 +355,30 @@ def _image_bytes(entry: dict):
     return None
 
 
+STORAGE = ("logical_bytes", "stored_bytes", "sent_bytes")
+
+
+def _storage(entry: dict):
+    """A member's {logical, stored, sent} bytes, as its helper reported them (None: an older helper)."""
+    image = entry.get("image") if isinstance(entry.get("image"), dict) else {}
+    storage = image.get("storage")
+    if isinstance(storage, dict) and all(isinstance(storage.get(k), (int, float)) for k in STORAGE):
+        return storage
+    return None
+
+
+def _storage_total(manifest: dict):
+    """The sum over the members that report it; None when none does."""
+    reports = [r for r in (_storage(e) for e in manifest.get("members") or [] if isinstance(e, dict)) if r]
+    if not reports:
+        return None
+    return {k: sum(r[k] for r in reports) for k in STORAGE}
+
+
+def _storage_cells(storage) -> List[str]:
+    return [_size(storage[k]) if storage else "-" for k in STORAGE]
+
+
 def _emit_json(value) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
@@ -402,9 +426,12 @@ def format_members(members: List[dict]) -> str:
 def format_list(snapshots: List[dict]) -> str:
     if not snapshots:
         return "no snapshots"
+    storage = any(_storage_total(s) for s in snapshots)  # columns only when some helper reports them
     rows = [[s.get("id"), s.get("state"), s.get("epoch"), s.get("label"), _short_names(_member_names(s)),
-             _local(s.get("created")), (s.get("channel") or {}).get("frames")] for s in snapshots]
-    return _table(rows, ["ID", "STATE", "EPOCH", "LABEL", "MEMBERS", "CREATED", "CHANNEL FRAMES"])
+             _local(s.get("created")), (s.get("channel") or {}).get("frames")]
+            + (_storage_cells(_storage_total(s)) if storage else []) for s in snapshots]
+    return _table(rows, ["ID", "STATE", "EPOCH", "LABEL", "MEMBERS", "CREATED", "CHANNEL FRAMES"]
+                  + (["LOGICAL", "STORED", "SENT"] if storage else []))
 
 
 def format_snapshot(m: dict) -> str:
@@ -428,8 +455,13 @@ def format_snapshot(m: dict) -> str:
     rows = [[e.get("name"), e.get("state"), _clock(e.get("cut_time")), _ms(e.get("flip_ms")),
              _ms(e.get("pause_ms")), e.get("server"), _size(_image_bytes(e))] for e in members]
     lines.append("members    %d" % len(members))
+    total = _storage_total(m)
+    if total:  # a helper that reports what its uploads cost: stored and sent columns too
+        lines.append("storage    logical %s, newly stored %s, sent %s" % tuple(_size(total[k]) for k in STORAGE))
+        rows = [row + _storage_cells(_storage(e))[1:] for row, e in zip(rows, members)]
     if rows:
-        table = _table(rows, ["NAME", "STATE", "CUT TIME", "FLIP MS", "PAUSE MS", "IMAGE SERVER", "IMAGE"])
+        table = _table(rows, ["NAME", "STATE", "CUT TIME", "FLIP MS", "PAUSE MS", "IMAGE SERVER", "IMAGE"]
+                       + (["STORED", "SENT"] if total else []))
         lines += ["  " + line for line in table.splitlines()]
     counts = m.get("counts") or {}
     if counts:

@@ -402,12 +402,13 @@ class Libvirt:
         digest, counted, outcome = hashlib.sha256(), [0], {}
         header = save_header(xml)
 
-        buffered: "queue.Queue" = queue.Queue()
+        from hostside.store.spool import Spool
+        buffered = Spool()  # 32 MiB in memory at most, the rest spooled to a temp file on local disk
         buffered.put(header)
 
         def pump():
-            """Drain QEMU's pipe into memory at once: a sink stalled by disk or network must never
-            stall QEMU's final writes, which it makes with the guest paused."""
+            """Drain QEMU's pipe at once (into a bounded spool): a sink stalled by disk or network must
+            never stall QEMU's final writes, which it makes with the guest paused."""
             try:
                 for chunk in iter(lambda: os.read(reader_fd, CHUNK), b""):
                     buffered.put(chunk)

@@ -108,7 +108,8 @@ def test_a_snapshot_calls_prepare_cut_done_in_order_and_stores_the_image(rig):
     assert rig.reported("done") == [{
         "pause_ms": 1.25, "bytes": 11, "server": "http://store:7070",
         "image": {"backend": "fake", "fake_ms": 2.0, "files": [
-            {"name": "memory", "bytes": 11, "sha256": hashlib.sha256(b"state of f1").hexdigest()}]}}]
+            {"name": "memory", "bytes": 11, "sha256": hashlib.sha256(b"state of f1").hexdigest()}],
+            "storage": {"logical_bytes": 11, "stored_bytes": 11, "sent_bytes": 11}}}]
     assert rig.helper.jobs["s1/f1"]["state"] == "done"
 
 
