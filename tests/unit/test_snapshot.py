@@ -559,3 +559,18 @@ def test_a_batch_the_switches_do_not_confirm_answers_every_cut_in_it(tmp_path):
     assert error.value.status == 504 and "did not confirm the cut of A, B" in error.value.reason
     assert h.controller.flip_results["B"].status == 504
     assert h.coordinator.current.state == "aborted" and h.coordinator.holds == {}
+
+def test_deaf_time_runs_from_a_members_prepare_to_the_release_of_its_frames(h):
+    """``held_ms``: the controller's own measure of how long frames to a member were held for it."""
+    sid = h.controller.start_snapshot({})["id"]
+    h.now = 10.0
+    h.controller.prepare(sid, "A")
+    h.now = 10.0375  # the member's helper pauses it and cuts 37.5 ms after the hold began
+    answer = h.controller.cut(sid, "A")
+    assert answer["held_ms"] == pytest.approx(37.5, abs=1e-6)
+    h.controller.cut(sid, "B")  # cut without a prepare: nothing was held for it alone
+    members = {m["name"]: m for m in h.controller.snapshot_view(sid)["members"]}
+    assert members["A"]["held_ms"] == pytest.approx(37.5, abs=1e-6)
+    assert members["B"]["held_ms"] is None
+    assert h.controller.metrics.value("violin_member_held_seconds_sum", member="A") == pytest.approx(0.0375)
+    assert h.controller.metrics.value("violin_member_held_seconds_count", member="B") is None
