@@ -176,3 +176,131 @@ def test_a_hold_too_late_takes_the_snapshot_again_with_frames_held_from_the_star
     report = backend._migrate("vm1", None, lambda: 0.0, lambda: prepared.append(True))
     assert calls == [True, False] and prepared == [True]
     assert report.hold["at"] == "start" and "before frames" in report.hold["retried"]
+
+
+class ScriptedQmp:
+    """QEMU's side of migrate_out over a fake QMP: a pre-copy that writes its stream into the helper's
+    pipe (blocking when the helper stops reading), stops the guest itself when little remains, waits at
+    pre-switchover, and completes on migrate-continue. It logs the commands and what the guest did."""
+
+    STREAM = 256 * 4096  # bytes of pre-copy; "remaining" falls as they are written
+
+    def __init__(self, events, stop_at=64 * 1024):
+        import threading
+        self.events, self.stop_at, self.log = events, stop_at, []
+        self.fd, self.written, self.state, self.running = None, 0, "none", True
+        self.continued, self.lock = threading.Event(), threading.Lock()
+        self.cut_done_before_cont = None
+
+    def __call__(self, dom, command, arguments=None, files=None):
+        import os
+        import threading
+        self.log.append(command)
+        if command == "getfd":
+            self.fd = os.dup(files[0])
+        elif command == "query-kvm":
+            return {"enabled": True}
+        elif command == "query-version":
+            return {"qemu": {"major": 9, "minor": 0}}
+        elif command == "query-block":
+            return []
+        elif command == "migrate":
+            self.state = "active"
+            threading.Thread(target=self.precopy, daemon=True).start()
+        elif command == "query-migrate":
+            with self.lock:
+                return {"status": self.state, "ram": {"remaining": max(0, self.STREAM - self.written)}}
+        elif command == "query-status":
+            return {"status": "running" if self.running else "paused"}
+        elif command == "stop":
+            self.stop_guest("helper")
+        elif command == "migrate-continue":
+            self.continued.set()
+        elif command == "cont":
+            self.running = True
+            self.log.append("guest runs")
+        return {}
+
+    def stop_guest(self, who):
+        with self.lock:
+            if self.running:
+                self.running = False
+                self.log.append("guest stopped by " + who)
+                self.state = "pre-switchover"
+                self.events.put(("migration", "pre-switchover"))
+
+    def precopy(self):
+        import os
+        import time
+        while self.STREAM - self.written > self.stop_at and self.running:
+            os.write(self.fd, b"p" * 4096)  # blocks while the helper's gate is shut
+            with self.lock:
+                self.written += 4096
+            time.sleep(0.001)
+        self.stop_guest("qemu")
+        self.continued.wait(10)
+        os.write(self.fd, b"final")
+        os.close(self.fd)
+        with self.lock:
+            self.state = "completed"
+        self.events.put(("migration", "completed"))
+
+
+def test_migrate_out_holds_frames_just_before_the_guest_stops_and_cuts_while_qemu_completes(monkeypatch):
+    """migrate_out's phases with a fake QMP: the pre-copy runs with nothing held, the prepare comes
+    while the guest still runs and its pass is nearly done, the cut runs while the guest is stopped,
+    and the guest runs again only after the cut answered."""
+    import queue
+    import threading
+
+    from hostside.backends import libvirt as lv
+
+    class Dom:
+        def name(self):
+            return "vm1"
+
+        def isActive(self):
+            return True
+
+        def XMLDesc(self, flags):
+            return ("<domain><devices><interface type='ethernet'><target dev='tvm1'/></interface>"
+                    "</devices></domain>")
+
+    conn = lv.Libvirt.__new__(lv.Libvirt)
+    conn.libvirt = type("L", (), {"VIR_DOMAIN_XML_MIGRATABLE": 1, "VIR_DOMAIN_XML_SECURE": 2})
+    conn.events_lock, conn.files_lock, conn.listeners = threading.Lock(), threading.Lock(), {}
+    conn.domain = lambda name: Dom()
+    events = queue.Queue()
+    qmp = ScriptedQmp(events)
+    conn.qmp = qmp
+    # The fake QEMU's events go to the queue migrate_out listens on (libvirt's callbacks would put them there).
+    conn.listeners = type("Listeners", (dict,), {
+        "__setitem__": lambda self, key, value: dict.__setitem__(self, key, (events, value[1]))})()
+    monkeypatch.setattr(lv, "tap_unread", lambda tap: 0)
+    monkeypatch.setattr(lv, "_qemu_pid", lambda name: None)
+    stored = {}
+
+    def sink(reader):
+        stored["data"] = b"".join(iter(lambda: reader.read(1 << 16), b""))
+        return {"bytes": len(stored["data"]), "sha256": "x"}
+
+    def prepare():
+        qmp.log.append("prepare while %s, %d bytes left" % ("running" if qmp.running else "stopped",
+                                                              qmp.STREAM - qmp.written))
+
+    def at_cut():
+        qmp.log.append("cut while %s" % ("running" if qmp.running else "stopped"))
+        return 0.5
+
+    report = conn.migrate_out("vm1", sink, at_cut, prepare=prepare, timeout=20)
+    steps = [entry for entry in qmp.log if not entry.startswith("query-")]
+    prepared = next(i for i, e in enumerate(steps) if e.startswith("prepare"))
+    assert steps.index("migrate") < prepared  # the pre-copy ran with nothing held
+    assert steps[prepared].startswith("prepare while running")
+    left = int(steps[prepared].split(", ")[1].split()[0])
+    assert left < ScriptedQmp.STREAM / 4  # ...until its pass was nearly done
+    stopped = next(i for i, e in enumerate(steps) if e.startswith("guest stopped"))
+    cut = steps.index("cut while stopped")
+    assert prepared < stopped < cut < steps.index("guest runs")
+    assert steps.index("migrate-continue") < steps.index("cont")
+    assert report.hold["at"] == "switchover" and stored["data"].endswith(b"final")
