@@ -471,6 +471,14 @@ def _nic_taps(domain_xml: str) -> List[str]:
     return [t.get("dev") for t in root.findall("./devices/interface/target") if t.get("dev")]
 
 
+def _tap_counter(tap: str, counter: str) -> Optional[int]:
+    try:
+        with open("/sys/class/net/%s/statistics/%s" % (tap, counter)) as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return None
+
+
 def _qemu_pid(name: str) -> Optional[int]:
     try:
         with open("/run/libvirt/qemu/%s.pid" % name) as handle:
@@ -517,6 +525,7 @@ class MigrationReport:
     disks: List[dict] = field(default_factory=list)  # per writable disk: target, frozen (its image at the cut)
     stored: dict = field(default_factory=dict)
     hold: dict = field(default_factory=dict)  # when frames to the VM began to be held, and the steps' ms
+    tap_dropped: int = 0  # frames for the guest its tap dropped during the migration (queue full)
 
     def as_dict(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -648,6 +657,7 @@ class Libvirt:
             else:
                 prepare()  # no proof of the tap's queue: hold for the whole pre-copy, as it always worked
         qemu_pid = _qemu_pid(name)
+        dropped_before = sum(_tap_counter(tap, "tx_dropped") or 0 for tap in taps)
         disks = self._disk_plan(dom, name)
         events: "queue.Queue" = queue.Queue()
         stamps = {}
@@ -711,7 +721,7 @@ class Libvirt:
         began = time.monotonic()
         paused = resumed = None
         hook_ms = drain_ms = disk_ms = 0.0
-        sink_thread = None
+        sink_thread = hook_thread = None
         try:
             try:
                 self.qmp(dom, "getfd", {"fdname": FD_NAME}, files=[writer_fd])
@@ -744,11 +754,29 @@ class Libvirt:
                 disk["switched"] = True
             disk_ms = (time.monotonic() - paused) * 1000
             hook_began = time.monotonic()
-            drain_ms = on_paused() or 0.0
-            hook_ms = (time.monotonic() - hook_began) * 1000
+            hooked = {}
+
+            def hook():
+                try:
+                    hooked["drain_ms"] = on_paused() or 0.0
+                except BaseException as error:  # noqa: B902 - raised in the migrating thread below
+                    hooked["error"] = error
+                hooked["ms"] = (time.monotonic() - hook_began) * 1000
+            hook_thread = threading.Thread(target=hook, name="vm-cut-%s" % name, daemon=True)
+            hook_thread.start()
+            # QEMU sends the rest of its stream while the controller cuts: the image is the guest as it
+            # stopped, whatever the cut does, and the guest stays stopped until both are done (cont
+            # below), so its cut rules are in force before it runs again. The pause is the longer of
+            # the two, not their sum.
             self.qmp(dom, "migrate-continue", {"state": "pre-switchover"})
             switchover = time.monotonic()
             self._wait_status(dom, events, "completed", began + timeout)
+            hook_thread.join(max(0.0, began + timeout - time.monotonic()))
+            if hook_thread.is_alive():
+                raise VmError("the cut of %s did not end in time" % name)
+            if "error" in hooked:
+                raise hooked["error"]
+            drain_ms, hook_ms = hooked["drain_ms"], hooked["ms"]
             self.qmp(dom, "cont")
             resumed = time.monotonic()
             info = self.qmp(dom, "query-migrate") or {}
@@ -760,6 +788,8 @@ class Libvirt:
         except BaseException:
             if sink_thread is None:
                 os.close(reader_fd)
+            if hook_thread is not None:
+                hook_thread.join(5.0)  # the cut's answer first: the guest runs again only after it
             self._recover(dom, name)
             for disk in disks:
                 if not disk.get("switched"):
@@ -782,7 +812,10 @@ class Libvirt:
             disks=[{"target": d["target"], "frozen": d["top"], "overlay": d["overlay"]} for d in disks],
             stored=outcome.get("stored") or {},
             hold=(dict({k: round(v, 3) for k, v in hold.timings.items()}, at="switchover") if hold is not None
-                  else {"at": "start" if prepare is not None else "none"}))
+                  else {"at": "start" if prepare is not None else "none"}),
+            # Frames the tap dropped meanwhile (its queue full while the guest was stopped: lost like on any
+            # link; a long hold released at once can do it).
+            tap_dropped=sum(_tap_counter(tap, "tx_dropped") or 0 for tap in taps) - dropped_before)
 
     def _disk_plan(self, dom, name: str) -> List[dict]:
         """Each writable disk of the running domain: its block node and top image, and a new qcow2

@@ -290,6 +290,8 @@ def test_migrate_out_holds_frames_just_before_the_guest_stops_and_cuts_while_qem
 
     def at_cut():
         qmp.log.append("cut while %s" % ("running" if qmp.running else "stopped"))
+        qmp.continued.wait(5)  # the cut overlaps QEMU's completion: migrate-continue is not waiting for it
+        qmp.log.append("cut answered after migrate-continue" if qmp.continued.is_set() else "cut answered")
         return 0.5
 
     report = conn.migrate_out("vm1", sink, at_cut, prepare=prepare, timeout=20)
@@ -303,4 +305,5 @@ def test_migrate_out_holds_frames_just_before_the_guest_stops_and_cuts_while_qem
     cut = steps.index("cut while stopped")
     assert prepared < stopped < cut < steps.index("guest runs")
     assert steps.index("migrate-continue") < steps.index("cont")
-    assert report.hold["at"] == "switchover" and stored["data"].endswith(b"final")
+    assert steps.index("cut answered after migrate-continue") < steps.index("cont")  # resumed only after the cut
+    assert report.hold["at"] == "switchover" and report.tap_dropped == 0 and stored["data"].endswith(b"final")
