@@ -1,7 +1,7 @@
 """Part "vm" of bench_disruption (issue 11, goals 1 and 3 for VMs): a VM's pause with the cut beside the
 same migration without the hook, and its deaf time beside its pause.
 
-For slices of 1 and 3 VMs (the project's guest image, TCG, 128 MiB, the oracle's endpoint streaming to
+For slices of 1 and 3 VMs, with the helper's vm_hold at switchover and at precopy (the project's guest image, TCG, 128 MiB, the oracle's endpoint streaming to
 each other), each round takes a snapshot through the controller and the helper (frames to a VM held only
 around its switchover: hostside/backends/libvirt.py SwitchoverHold), then, on the same VMs and the same
 snapshot server, migrates every VM at once with the same QMP sequence and stream but no prepare, no
@@ -9,7 +9,6 @@ proofs and no cut (QEMU converges on its own): the bare mechanism. A pause is QE
 deaf time is the controller's ``held_ms`` (the member's prepare to the release of its held frames).
 """
 
-import os
 import shutil
 import tempfile
 import threading
@@ -26,6 +25,8 @@ from topologies.lan import LanTopo
 def add_arguments(parser):
     parser.add_argument("--vm-rounds", type=int, default=6, help="vm: snapshots (and bare migrations) per size")
     parser.add_argument("--vm-sizes", default="1,3", help="vm: VMs per slice (default 1,3)")
+    parser.add_argument("--vm-holds", default="switchover,precopy",
+                        help="vm: the helper's vm_hold settings to compare (default switchover,precopy)")
 
 
 def bare_round(libvirt, storage, guests, label):
@@ -50,10 +51,10 @@ def bare_round(libvirt, storage, guests, label):
              "precopy_ms": round(r.precopy_ms, 1), "total_ms": round(r.total_ms, 1)} for r in results.values()]
 
 
-def measure(n, rounds, log):
+def measure(n, rounds, log, hold="switchover"):
     controller = lab.ControllerProcess(config=slicelab.controller_config())
     workdir = tempfile.mkdtemp(prefix="bench-dvm-")
-    record = {"vms": n, "snapshots": [], "bare": []}
+    record = {"vms": n, "vm_hold": hold, "snapshots": [], "bare": []}
     try:
         with ExitStack() as stack:
             stack.callback(controller.stop)
@@ -65,7 +66,8 @@ def measure(n, rounds, log):
                                           net.switches[0].name, {k: v for k, v in addresses.items() if k != i}, 100)
                       for i in range(1, n + 1)]
             stack.enter_context(vms.guests(guests))
-            members = stack.enter_context(slicelab.helped_slice(controller, net, workdir, hosts=[], guests=guests))
+            members = stack.enter_context(slicelab.helped_slice(controller, net, workdir, hosts=[], guests=guests,
+                                                                helper_settings={"vm_hold": hold}))
             time.sleep(2.0)
             libvirt = vm.Libvirt()
             storage = ImageServer(members.server_url, slicelab.SERVER_TOKEN)
@@ -80,7 +82,7 @@ def measure(n, rounds, log):
                         "precopy_ms": image.get("precopy_ms"), "hold": image.get("hold")})
                 time.sleep(0.3)
                 record["bare"] += bare_round(libvirt, storage, guests, "bare-%d" % i)
-                log("  %d VMs: round %d/%d, snapshot %.0f ms" % (n, i + 1, rounds, wall_ms))
+                log("  %d VMs, vm_hold %s: round %d/%d, snapshot %.0f ms" % (n, hold, i + 1, rounds, wall_ms))
                 time.sleep(0.3)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -100,7 +102,6 @@ def measure(n, rounds, log):
         "hook_ms": summary([s["hook_ms"] for s in snaps]),
         "prepare_ms": summary([(s["hold"] or {}).get("prepare_ms") for s in snaps]),
         "held_at_switchover": sum(1 for s in snaps if (s["hold"] or {}).get("at") == "switchover"),
-        "stopped_by_helper": sum(1 for s in snaps if (s["hold"] or {}).get("stopped_by_helper")),
         "held_again_from_start": sum(1 for s in snaps if (s["hold"] or {}).get("retried")),
         "members": len(snaps)}
     return record
@@ -121,26 +122,27 @@ def run(args, log):
     if reason:
         raise RuntimeError(reason)
     sizes = [int(x) for x in args.vm_sizes.split(",") if x]
+    holds = [h for h in args.vm_holds.split(",") if h]
     lab.ensure_ovs()
     return {"parameters": {"rounds": args.vm_rounds, "sizes": sizes,
                            "guest": "scripts/build_guest.sh image, TCG, 128 MiB, vseq UDP+TCP 100/s per peer",
                            "pause": "QEMU's STOP -> RESUME; bare: every VM migrated at once without the hook",
                            "deaf": "controller's held_ms: prepare -> release of the member's held frames"},
-            "series": {str(n): measure(n, args.vm_rounds, log) for n in sizes}}
+            "series": {"%d-%s" % (n, hold): measure(n, args.vm_rounds, log, hold) for n in sizes for hold in holds}}
 
 
 def report(record):
     lines = []
     for n, series in record["series"].items():
         s = series["summary"]
-        lines.append("%s VMs: pause with cut p50 %s / p95 %s ms vs without hook %s / %s ms (ratio p50 %s, p95 %s); "
-                     "deaf p50 %s ms, deaf - pause p50 %s p90 %s ms; held at switchover %s of %s, stopped by "
-                     "helper %s, held again from start %s" % (
+        lines.append("%s (VMs-vm_hold): pause with cut p50 %s / p95 %s ms vs without hook %s / %s ms (ratio p50 %s, p95 %s); "
+                     "deaf p50 %s ms, deaf - pause p50 %s p90 %s ms; held at switchover %s of %s, "
+                     "held again from start %s" % (
                          n, s["pause_ms_with_cut"].get("p50"), _pct([x["pause_ms"] for x in series["snapshots"]], 95),
                          s["pause_ms_without_hook"].get("p50"), _pct([b["pause_ms"] for b in series["bare"]], 95),
                          s["pause_ratio_p50"], s["pause_ratio_p95"], s["held_ms"].get("p50"),
                          s["deaf_minus_pause_ms"].get("p50"), s["deaf_minus_pause_ms"].get("p90"),
-                         s["held_at_switchover"], s["members"], s["stopped_by_helper"], s["held_again_from_start"]))
+                         s["held_at_switchover"], s["members"], s["held_again_from_start"]))
     return lines
 
 
@@ -149,13 +151,13 @@ def plot(record, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sizes = list(record["series"])
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     data, labels = [], []
     for n in sizes:
         series = record["series"][n]
         data += [[s["pause_ms"] for s in series["snapshots"] if s["pause_ms"] is not None],
                  [b["pause_ms"] for b in series["bare"]]]
-        labels += ["%s VM, cut" % n, "%s VM, bare" % n]
+        labels += ["%s cut" % n, "%s bare" % n]
     axes[0].boxplot(data, labels=labels)
     axes[0].set_ylabel("pause (QEMU STOP -> RESUME), ms")
     axes[0].set_title("VM pause: with the cut vs the same migration")
@@ -164,7 +166,7 @@ def plot(record, path):
         snaps = record["series"][n]["snapshots"]
         data += [[s["pause_ms"] for s in snaps if s["pause_ms"] is not None],
                  [s["held_ms"] for s in snaps if s["held_ms"] is not None]]
-        labels += ["%s VM, pause" % n, "%s VM, deaf" % n]
+        labels += ["%s pause" % n, "%s deaf" % n]
     axes[1].boxplot(data, labels=labels)
     axes[1].set_ylabel("ms")
     axes[1].set_title("deaf time (frames held) vs pause")
