@@ -72,11 +72,15 @@ def run(args, log):
         if reason:
             raise RuntimeError(reason)
     lab.ensure_ovs()
-    series = {"%s-%d" % (kind, n): measure(kind, n, args.restore_rounds, log) for kind, n in plan}
+    from disruption_vm import _each
+    series = _each({"%s-%d" % (kind, n): (lambda kind=kind, n=n: measure(kind, n, args.restore_rounds, log))
+                    for kind, n in plan}, log)
     ratios = {}
     for key, entry in series.items():
+        if "error" in entry:
+            continue
         single = series.get("%s-1" % entry["kind"])
-        if single and entry["members"] > 1:
+        if single and "error" not in single and entry["members"] > 1:
             ratios[key] = round(entry["summary"]["restore_wall_ms"]["p50"] / single["summary"]["restore_wall_ms"]["p50"], 3)
     return {"parameters": {"rounds": args.restore_rounds, "plan": ["%s-%d" % p for p in plan]},
             "series": series, "ratio_p50_to_one": ratios}
@@ -85,6 +89,9 @@ def run(args, log):
 def report(record):
     lines = []
     for key, entry in record["series"].items():
+        if "error" in entry:
+            lines.append("%s: failed: %s" % (key, entry["error"].splitlines()[0]))
+            continue
         s = entry["summary"]
         lines.append("%s: restore wall p50 %s ms (%s x one), phases p50 %s" % (
             key, s["restore_wall_ms"].get("p50"), record["ratio_p50_to_one"].get(key, 1.0), s["phases_ms_p50"]))

@@ -128,12 +128,29 @@ def run(args, log):
                            "guest": "scripts/build_guest.sh image, TCG, 128 MiB, vseq UDP+TCP 100/s per peer",
                            "pause": "QEMU's STOP -> RESUME; bare: every VM migrated at once without the hook",
                            "deaf": "controller's held_ms: prepare -> release of the member's held frames"},
-            "series": {"%d-%s" % (n, hold): measure(n, args.vm_rounds, log, hold) for n in sizes for hold in holds}}
+            "series": _each({"%d-%s" % (n, hold): (lambda n=n, hold=hold: measure(n, args.vm_rounds, log, hold))
+                             for n in sizes for hold in holds}, log)}
+
+
+def _each(plan, log):
+    """Every series of ``plan`` (key -> its measurement); one that fails (e.g. guests that do not boot on
+    a loaded machine) is recorded with its error instead of losing the others."""
+    series = {}
+    for key, work in plan.items():
+        try:
+            series[key] = work()
+        except Exception as error:  # noqa: BLE001 - recorded, the run goes on
+            log("  %s failed: %s" % (key, str(error).splitlines()[0]))
+            series[key] = {"error": str(error)[:2000]}
+    return series
 
 
 def report(record):
     lines = []
     for n, series in record["series"].items():
+        if "error" in series:
+            lines.append("%s: failed: %s" % (n, series["error"].splitlines()[0]))
+            continue
         s = series["summary"]
         lines.append("%s (VMs-vm_hold): pause with cut p50 %s / p95 %s ms vs without hook %s / %s ms (ratio p50 %s, p95 %s); "
                      "deaf p50 %s ms, deaf - pause p50 %s p90 %s ms; held at switchover %s of %s, "
@@ -150,7 +167,7 @@ def plot(record, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sizes = list(record["series"])
+    sizes = [n for n, series in record["series"].items() if "error" not in series]
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     data, labels = [], []
     for n in sizes:
