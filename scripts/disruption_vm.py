@@ -175,7 +175,7 @@ def plot(record, path):
         data += [[s["pause_ms"] for s in series["snapshots"] if s["pause_ms"] is not None],
                  [b["pause_ms"] for b in series["bare"]]]
         labels += ["%s cut" % n, "%s bare" % n]
-    axes[0].boxplot(data, labels=labels)
+    axes[0].boxplot(data, tick_labels=labels)
     axes[0].set_ylabel("pause (QEMU STOP -> RESUME), ms")
     axes[0].set_title("VM pause: with the cut vs the same migration")
     data, labels = [], []
@@ -184,7 +184,7 @@ def plot(record, path):
         data += [[s["pause_ms"] for s in snaps if s["pause_ms"] is not None],
                  [s["held_ms"] for s in snaps if s["held_ms"] is not None]]
         labels += ["%s pause" % n, "%s deaf" % n]
-    axes[1].boxplot(data, labels=labels)
+    axes[1].boxplot(data, tick_labels=labels)
     axes[1].set_ylabel("ms")
     axes[1].set_title("deaf time (frames held) vs pause")
     for axis in axes:
