@@ -53,6 +53,8 @@ Config (JSON or YAML; unknown keys refused; ``violin-helper --check``)::
     advertise_url: http://10.0.0.2:7001                 # where the controller reaches this helper
                                                         # (default: http(s)://<listen>)
     host_name: hv1                                      # shown with its members (default: the host's name)
+    vm_hold: switchover                                 # hold a VM's frames from just before its switchover
+                                                        # (or precopy: from before its pre-copy)
     tls_cert: /var/lib/violin-snapshot/tls/server.crt   # serve HTTPS (with tls_key)
     tls_key: /var/lib/violin-snapshot/tls/server.key
     ca_file: /var/lib/violin-snapshot/tls/ca.crt        # verifies the https:// controller and servers
@@ -154,6 +156,9 @@ def config_schema() -> Schema:
         "work_dir": Field(str, "/var/lib/violin-helper"),
         "libvirt_uri": Field(str, "qemu:///system", check=lambda v: None if v else "a libvirt URI"),
         "vm_max_bandwidth": Field(int, 4 << 30, check=_at_least(1 << 20), help="bytes/s of a VM's image stream"),
+        "vm_hold": Field(str, "switchover", check=lambda v: None if v in ("switchover", "precopy")
+                         else "switchover or precopy", help="when frames to a VM begin to be held: just before "
+                         "its switchover (deaf about its pause) or before its pre-copy (deaf through it)"),
         "members": MapOf(backends.member_schema(), key_check=name),
         "tls_cert": _PATH, "tls_key": _PATH, "ca_file": _PATH,
         "controller": Field((str, type(None)), None, check=http_url,
@@ -185,7 +190,8 @@ def parse_config(raw, environ=os.environ) -> HelperConfig:
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise HelperConfigError("tls_key" if values["tls_cert"] else "tls_cert", "tls_cert and tls_key go together")
     host, _, port = values["listen"].rpartition(":")
-    settings = backends.HostSettings(values["work_dir"], values["libvirt_uri"], values["vm_max_bandwidth"])
+    settings = backends.HostSettings(values["work_dir"], values["libvirt_uri"], values["vm_max_bandwidth"],
+                                     values["vm_hold"])
     instances = {kind: backends.get(kind)(settings) for kind in {m["backend"] for m in values["members"].values()}}
     members = {member: _build_member(instances[spec["backend"]], member, spec, "members." + member)
                for member, spec in values["members"].items()}

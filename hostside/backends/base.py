@@ -54,6 +54,7 @@ class HostSettings:
     work_dir: str = "/var/lib/violin-helper"
     libvirt_uri: str = "qemu:///system"
     vm_max_bandwidth: int = 4 << 30  # bytes/s a VM's migration stream may take
+    vm_hold: str = "switchover"  # frames to a VM held from just before its switchover, or "precopy"
 
 
 @dataclass

@@ -252,13 +252,16 @@ class ViolinController:
             raise Refused(504, self.coordinator.current.reason)
         confirmed, cut_wall = self.clock(), self.wall_clock()
         self.io.send(releases)  # queued behind the answer's rules; the members resume meanwhile
+        released = self.clock()  # a prepared member's deaf time ends here: its frames flow again
         for name, (began, began_wall) in batch.items():
             flip_ms = (confirmed - began) * 1000.0
-            cut = self.coordinator.cut_done(cut_wall, snapshot_id, name, flip_ms)
+            cut = self.coordinator.cut_done(cut_wall, snapshot_id, name, flip_ms, released)
+            self.metrics.member_held(name, cut.held_ms)
             self.metrics.member_cut(name, flip_ms)
             self.flip_results[name] = {"snapshot": snapshot_id, "member": name,
                                        "epoch": self.coordinator.members[name].epoch, "flip_started": began_wall,
-                                       "cut_time": cut.cut_time, "flip_ms": cut.flip_ms, "batch": len(batch)}
+                                       "cut_time": cut.cut_time, "flip_ms": cut.flip_ms, "held_ms": cut.held_ms,
+                                       "batch": len(batch)}
         self.metrics.frames_counted(self.coordinator.current)
         self._persist()
 

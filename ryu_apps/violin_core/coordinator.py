@@ -86,6 +86,8 @@ class MemberCut:
     marker_seen: bool = False
     cut_time: Optional[float] = None  # wall clock when its rules were in force
     flip_ms: Optional[float] = None  # cut request -> barrier replies
+    prepared_at: Optional[float] = None  # monotonic: its prepare began, every frame for it held from then on
+    held_ms: Optional[float] = None  # deaf time: prepare -> its cut's rules confirmed and its frames released
     report: dict = field(default_factory=dict)  # what the helper said at done
 
 
@@ -113,7 +115,7 @@ class Snapshot:
             "id": self.id, "epoch": self.epoch, "label": self.label, "state": self.state,
             "phase": self.phase, "reason": self.reason, "created": self.created, "completed": self.completed,
             "restorable": self.state == SnapshotState.COMPLETE,
-            "members": [dict(name=c.name, state=c.state, cut_time=c.cut_time, flip_ms=c.flip_ms,
+            "members": [dict(name=c.name, state=c.state, cut_time=c.cut_time, flip_ms=c.flip_ms, held_ms=c.held_ms,
                              marker=c.marker_seen, **c.report) for c in self.cuts.values()],
             "counts": dict(self.counts), "drain": dict(self.drain),
         }
@@ -350,7 +352,7 @@ class Coordinator(FabricPolicy):
         _, cut = self.require(snapshot_id, name)
         if cut.state != CutState.PENDING:
             raise Refused(409, "%s is %s in snapshot %s, not pending" % (name, cut.state, snapshot_id))
-        cut.state = CutState.PREPARED
+        cut.state, cut.prepared_at = CutState.PREPARED, now
         return self.fabric.reconcile(now, self.switches_of(self.members[name]))
 
     def marker_in(self, dpid: int, in_port: int, frame: bytes) -> None:
@@ -394,9 +396,14 @@ class Coordinator(FabricPolicy):
         snapshot.last_flip = now
         return self.fabric.reconcile(now, switches), releases
 
-    def cut_done(self, wall: float, snapshot_id: str, name: str, flip_ms: float) -> MemberCut:
+    def cut_done(self, wall: float, snapshot_id: str, name: str, flip_ms: float,
+                 released: Optional[float] = None) -> MemberCut:
+        """The member's cut rules are in force (``wall``); ``released`` (monotonic) is when its held
+        frames were sent on: a prepared member was deaf from its prepare until then (``held_ms``)."""
         cut = self.current.cuts[name]
         cut.cut_time, cut.flip_ms = wall, round(flip_ms, 3)
+        if cut.prepared_at is not None and released is not None:
+            cut.held_ms = round((released - cut.prepared_at) * 1000.0, 3)
         return cut
 
     def done(self, snapshot_id: str, name: str, report: dict) -> bool:

@@ -59,6 +59,9 @@ class ControllerMetrics(Metrics):
         self.member_flip = Histogram("violin_member_flip_seconds",
                                      "a member's cut: cut request to the switches' barrier replies", ["member"],
                                      buckets=SHORT_BUCKETS, registry=r)
+        self.member_deaf = Histogram("violin_member_held_seconds",
+                                     "a prepared member's deaf time: its prepare (every frame for it held from then on) "
+                                     "to its cut's release of them", ["member"], buckets=SHORT_BUCKETS, registry=r)
         self.frames = Counter("violin_snapshot_frames", "frames handled by the cut rules, by action (held, "
                               "released, recorded, dropped over the hold bound, late_released)", ["action"],
                               registry=r)
@@ -122,6 +125,10 @@ class ControllerMetrics(Metrics):
 
     def member_cut(self, member: str, flip_ms: float) -> None:
         self.member_flip.labels(member).observe(flip_ms / 1000.0)
+
+    def member_held(self, member: str, held_ms: Optional[float]) -> None:
+        if held_ms is not None:  # None: the member was cut without a prepare, nothing was held for it alone
+            self.member_deaf.labels(member).observe(held_ms / 1000.0)
 
     def member_done(self, member: str, report: dict) -> None:
         if isinstance(report.get("pause_ms"), (int, float)):

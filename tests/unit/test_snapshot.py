@@ -575,3 +575,19 @@ def test_a_registration_that_changes_a_member_waits_for_its_snapshot_to_end(h):
     assert run_to_completion(h, sid)["state"] == "complete" and not h.coordinator.running()
     created, member = h.coordinator.put_member(moved)
     assert not created and member.helper_url == "http://elsewhere:7001" and member.epoch == 1
+
+
+def test_deaf_time_runs_from_a_members_prepare_to_the_release_of_its_frames(h):
+    """``held_ms``: the controller's own measure of how long frames to a member were held for it."""
+    sid = h.controller.start_snapshot({})["id"]
+    h.now = 10.0
+    h.controller.prepare(sid, "A")
+    h.now = 10.0375  # the member's helper pauses it and cuts 37.5 ms after the hold began
+    answer = h.controller.cut(sid, "A")
+    assert answer["held_ms"] == pytest.approx(37.5, abs=1e-6)
+    h.controller.cut(sid, "B")  # cut without a prepare: nothing was held for it alone
+    members = {m["name"]: m for m in h.controller.snapshot_view(sid)["members"]}
+    assert members["A"]["held_ms"] == pytest.approx(37.5, abs=1e-6)
+    assert members["B"]["held_ms"] is None
+    assert h.controller.metrics.value("violin_member_held_seconds_sum", member="A") == pytest.approx(0.0375)
+    assert h.controller.metrics.value("violin_member_held_seconds_count", member="B") is None
