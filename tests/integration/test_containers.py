@@ -5,6 +5,7 @@ post-dump; restores are podman imports. The oracle judges every stream after the
 
 import os
 import random
+import signal
 import subprocess
 import time
 
@@ -161,13 +162,18 @@ def test_faults_abort_with_the_reason_and_leave_the_containers_running(slice_con
                 _runs_and_holds_nothing(net, members, [h1, h2], view)
                 subprocess.run(["mount", "-o", "remount,size=200m", str(images)], check=True)
 
-                # h2 removed while podman checkpoints it (its CRIU configuration names our hook).
+                # h2 killed and removed while podman checkpoints it (just after the helper wrote its CRIU
+                # configuration, before runc froze it; podman's own `rm` would wait for the checkpoint).
                 conf = os.path.join(containers.CONF_DIR, "%s.conf" % h2.name)
+                pid = int(containers.podman("inspect", "-f", "{{.State.Pid}}", h2.name).stdout)
                 status, snap = controller.request("POST", "/violin/snapshots", {"label": "removed"})
                 assert status == 202, snap
-                _poll(lambda: "action-script" in open(conf).read())
-                containers.podman("rm", "--force", "--time", "0", h2.name)
+                _poll(lambda: "action-script" in open(conf).read(), every=0.001)
+                os.kill(pid, signal.SIGKILL)
+                remover = subprocess.Popen(["podman", "rm", "--force", "--time", "0", h2.name],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"], timeout=120)
+                remover.wait(60)
                 print("container removed: %s: %s" % (view["state"], view.get("reason")))
                 assert view["state"] == "aborted" and h2.name in view["reason"], view
                 _runs_and_holds_nothing(net, members, [h1], view)
