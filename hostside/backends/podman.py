@@ -176,6 +176,14 @@ def frozen_ms_of(print_stats: str) -> Optional[float]:
         return None
 
 
+def _stat(print_stats: str, key: str) -> Optional[float]:
+    """A duration of podman's ``--print-stats`` output, in milliseconds (it gives microseconds)."""
+    try:
+        return round(json.loads(print_stats)[key] / 1000.0, 1)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def pick_iface(links: List[dict], wanted: Optional[str]) -> dict:
     """The member's interface among ``ip -j link`` entries: ``wanted``, else the only one besides lo."""
     candidates = [l for l in links if l.get("ifname") != "lo"]
@@ -406,6 +414,7 @@ class PodmanBackend(Backend):
         frozen_ms = frozen_ms_of(result.stdout)
         hook_ms = handover.outcome["hook_ms"]
         return {"pause_ms": frozen_ms if frozen_ms is not None else hook_ms, "hook_ms": round(hook_ms, 3),
+                "podman_checkpoint_ms": _stat(result.stdout, "podman_checkpoint_duration"),
                 "files_ms": round(files_ms, 3), "checkpoint_ms": round(checkpoint_ms, 1),
                 "rebuild_ms": round((time.monotonic() - started) * 1000, 1)}
 
@@ -441,8 +450,8 @@ class PodmanBackend(Backend):
         netns = member.netns or identity["netns"]
         link = self._link(member, netns, identity)
         self._remove(member.container_name)
-        for volume in identity.get("volumes", []):
-            self.podman([PODMAN, "volume", "rm", "--force", volume], check=False, timeout=30)
+        if identity.get("volumes"):  # podman's import brings them back, as they were at the cut
+            self.podman([PODMAN, "volume", "rm", "--force"] + identity["volumes"], check=False, timeout=60)
         criu.clear_orphan_sockets(netns)
         if link.ip:  # away from home, or back after a stop there: its MAC and address on this interface
             criu.take_identity(link)
@@ -462,13 +471,11 @@ class PodmanBackend(Backend):
             write_atomically(conf, "")
         if result.returncode != 0:
             raise PodmanError("podman restore of %s failed: %s" % (member.container_name, _tail(result.stderr)))
-        found = self.inspect(member.container_name)
         return Restored((time.monotonic() - started) * 1000, criu.switch_port_of(link),
-                        {"pid": found.pid if found else None, "netns": netns})
+                        {"netns": netns, "podman_restore_ms": _stat(result.stdout, "podman_restore_duration")})
 
     def _remove(self, container: str) -> None:
-        if self.inspect(container) is not None:
-            self.podman([PODMAN, "container", "rm", "--force", "--time", "0", container], timeout=60)
+        self.podman([PODMAN, "container", "rm", "--force", "--ignore", "--time", "0", container], timeout=60)
 
     def tasks(self, member: ContainerMember) -> List[int]:
         """Every task of the container (its cgroup's processes)."""
