@@ -7,7 +7,7 @@
 #   scripts/build_container_image.sh        # image localhost/violin-container:<stamp>, also tagged :latest
 #
 # Idempotent: the tag is a hash of this script (its package list and options) and the machine's apt
-# sources; when that image exists nothing is done (about 0.1 s). A build takes about 40 s here (the
+# sources; when that image exists nothing is done (about 1 s: podman itself). A build takes about 40 s here (the
 # packages come from the machine's Debian mirror). The workloads are not baked in: containers mount
 # the repository's workloads/ read-only (lab/containers.py), so changing them needs no rebuild.
 #
