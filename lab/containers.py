@@ -110,9 +110,11 @@ class ContainerMembers:
     """One seqstream container per host (ids 1..n in host order), named like its host; same reading
     interface as lab.members.ProcessMembers (member_dir, progress, logs, alive), for the oracle."""
 
-    def __init__(self, hosts, rate: float = 200.0, tcp: bool = True):
+    def __init__(self, hosts, rate: float = 200.0, tcp: bool = True, first_id: int = 1,
+                 extra_peers: Optional[Dict[int, str]] = None):
         self.hosts, self.rate, self.tcp = list(hosts), rate, tcp
-        self.ids = {h.name: i for i, h in enumerate(self.hosts, 1)}
+        self.ids = {h.name: i for i, h in enumerate(self.hosts, first_id)}
+        self.extra_peers = dict(extra_peers or {})  # id -> IP of peers that are no container here (CRIU, VMs)
         self.netns: Dict[str, str] = {}
         self.dirs: Dict[str, str] = {}
 
@@ -120,7 +122,7 @@ class ContainerMembers:
         return "%s-data" % host.name
 
     def peers_of(self, host) -> List[int]:
-        return [self.ids[h.name] for h in self.hosts if h is not host]
+        return [self.ids[h.name] for h in self.hosts if h is not host] + sorted(self.extra_peers)
 
     def start(self):
         for host in self.hosts:
@@ -129,7 +131,8 @@ class ContainerMembers:
             self.dirs[host.name] = volume_dir(self.volume(host))
             with open(os.path.join(self.dirs[host.name], "member.id"), "w") as handle:
                 json.dump([self.ids[host.name], self.peers_of(host)], handle)
-            peers = ",".join("%d=%s" % (self.ids[h.name], h.IP()) for h in self.hosts if h is not host)
+            peers = ",".join(["%d=%s" % (self.ids[h.name], h.IP()) for h in self.hosts if h is not host]
+                             + ["%d=%s" % pair for pair in sorted(self.extra_peers.items())])
             run_container(host.name, self.netns[host.name], [
                 "python3", "%s/seqstream.py" % WORKLOADS, "--id", str(self.ids[host.name]), "--bind", host.IP(),
                 "--peers", peers, "--rate", str(self.rate), "--progress", "/data/member.progress",
@@ -213,11 +216,14 @@ def start_server(workdir: str):
 
 
 @contextmanager
-def container_slice(controller, net, workdir: str, hosts=None, rate: float = 200.0, tcp: bool = True):
+def container_slice(controller, net, workdir: str, hosts=None, rate: float = 200.0, tcp: bool = True,
+                    first_id: int = 1, extra_peers: Optional[Dict[int, str]] = None):
     """seqstream containers in ``hosts`` (default every host of ``net``), a snapshot server and a helper,
-    the members registered; yields the members (with ``server_url``, ``helper_url``, ``helper_log``)."""
+    the members registered; yields the members (with ``server_url``, ``helper_url``, ``helper_log``).
+    ``first_id`` and ``extra_peers`` (id -> IP) make them peers of other members (e.g. CRIU ones)."""
     os.makedirs(workdir, exist_ok=True)
-    members = ContainerMembers(net.hosts if hosts is None else hosts, rate=rate, tcp=tcp)
+    members = ContainerMembers(net.hosts if hosts is None else hosts, rate=rate, tcp=tcp, first_id=first_id,
+                               extra_peers=extra_peers)
     daemons = []
     try:
         server, members.server_url = start_server(workdir)

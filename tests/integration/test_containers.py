@@ -199,3 +199,4 @@ def test_demo_with_containers_gives_a_bit_identical_image(podman_ready, tmp_path
     assert code == 0, printed
     assert "FAILURE: the containers of h3 and h4 killed" in printed and "RESTORED all four members" in printed
     assert "bit-identical" in printed and out.exists()
+
