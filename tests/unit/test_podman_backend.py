@@ -225,3 +225,33 @@ def test_a_staged_image_must_be_of_the_member(tmp_path):
         backend.stage(member, str(tmp_path))
     (tmp_path / "member.json").write_text(json.dumps({"container": "c1"}))
     backend.stage(member, str(tmp_path))
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_post_dump_hook_hands_over_and_answers(fails):
+    """The action script runs on_frozen at post-dump only; an error in it makes the script (so CRIU) fail."""
+    from hostside.backends.handover import frozen_hand_over
+    ran = []
+
+    def on_frozen():
+        ran.append(True)
+        if fails:
+            raise RuntimeError("controller refused the cut")
+
+    with frozen_hand_over(on_frozen, timeout=5) as handover:
+        other = subprocess.run([handover.script], env={"CRTOOLS_SCRIPT_ACTION": "network-lock", "PATH": os.defpath})
+        assert other.returncode == 0 and not ran  # other actions pass through
+        hook = subprocess.run([handover.script], env={"CRTOOLS_SCRIPT_ACTION": "post-dump", "PATH": os.defpath})
+    assert ran and handover.fired and (hook.returncode != 0) == fails
+    if fails:
+        with pytest.raises(RuntimeError, match="refused the cut"):
+            handover.raise_error()
+    else:
+        handover.raise_error()
+
+
+def test_a_hook_that_never_fires_leaves_nothing_waiting():
+    from hostside.backends.handover import frozen_hand_over
+    with frozen_hand_over(lambda: None, timeout=5) as handover:
+        script = handover.script
+    assert not handover.fired and not os.path.exists(script)
