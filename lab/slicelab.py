@@ -55,15 +55,14 @@ def controller_config():
 
 @contextmanager
 def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None, hosts=None, guests=(),
-                 guest_ids=None, helper_settings=None, tcp=True, tls=None, extra_peers=None):
+                 guest_ids=None, helper_settings=None, tcp=True, tls=None):
     """Members in every host of ``net`` (or in ``hosts``), their helper and a snapshot server; yields the members.
 
     ``servers`` overrides the snapshot servers the helper is told about (e.g. one that is down).
     ``guests`` are running VMs (lab.vms.Guest) that join the slice as libvirt members of the
     same helper; ``guest_ids`` (name -> seqstream id) makes them peers of the host members' streams.
     ``tls`` ({"cert", "key", "ca"}: a certificate for 127.0.0.1, its key, the CA that signed it) makes the
-    server and the helper HTTPS, and the helper verify the controller and the server against the CA.
-    ``extra_peers`` (seqstream id -> IP) adds peers that other helpers host (e.g. containers)."""
+    server and the helper HTTPS, and the helper verify the controller and the server against the CA."""
     hosts = list(net.hosts if hosts is None else hosts)
     os.makedirs(workdir, exist_ok=True)
     server_port, helper_port = lab.free_port(), lab.free_port()
@@ -71,8 +70,7 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
     server_url, helper_url = "%s://127.0.0.1:%d" % (scheme, server_port), "%s://127.0.0.1:%d" % (scheme, helper_port)
     server_tls = ["--tls-cert", tls["cert"], "--tls-key", tls["key"]] if tls else []
     members = ProcessMembers(hosts, os.path.join(workdir, "slice"), rate=rate, tcp=tcp,
-                             extra_peers={**({guest_ids[g.name]: g.address for g in guests} if guest_ids else {}),
-                                          **(extra_peers or {})})
+                             extra_peers={guest_ids[g.name]: g.address for g in guests} if guest_ids else {})
     daemons = []
     try:
         daemons.append(start_daemon(

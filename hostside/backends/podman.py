@@ -318,22 +318,36 @@ class PodmanBackend(Backend):
         return parse_inspect(docs[0]) if docs else None
 
     def locate(self, member: ContainerMember) -> Located:
+        """Where the container is now. A container that is not here or not running is located as not
+        running (``details["running"]`` False, ``details["problem"]`` why): a helper that can host a member
+        restored onto it does not claim it before. ``running`` locates or raises with the reason."""
         found = self.inspect(member.container_name)
         if found is None:
-            raise PodmanError("no container %s on this host" % member.container_name)
+            return Located(mac=None, details={"running": False, "handle": member.container_name,
+                                              "problem": "no container %s on this host" % member.container_name})
         problem = runnable_problem(member.container_name, found)
         if problem:
-            raise PodmanError(problem)
+            return Located(mac=None, pid=found.pid or None, netns=found.netns,
+                           details={"running": False, "handle": member.container_name, "id": found.id,
+                                    "problem": problem})
         link = pick_iface(json.loads(criu.in_netns(found.netns, "ip", "-j", "addr", "show") or "[]"), member.iface)
         return Located(mac=link.get("address"), iface=link["ifname"], pid=found.pid, netns=found.netns,
-                       details={"id": found.id, "criu_config": found.criu_config, "upper": found.upper,
+                       details={"running": True, "handle": member.container_name, "id": found.id,
+                                "criu_config": found.criu_config, "upper": found.upper,
                                 "volumes": found.volumes, "addresses": addresses_of(link)})
+
+    def running(self, member: ContainerMember) -> Located:
+        """``locate``, for operations that need the container running here: raises with the reason otherwise."""
+        where = self.locate(member)
+        if not where.details.get("running"):
+            raise PodmanError(where.details["problem"])
+        return where
 
     # -- snapshot --
 
     @contextlib.contextmanager
     def quiet_proof(self, member: ContainerMember, snapshot: str):
-        where = self.locate(member)
+        where = self.running(member)
         marker = criu.open_marker_socket(where.netns, where.iface)  # before any pause: sending is one send()
         try:
             yield lambda: marker.send(build_marker(where.mac, snapshot, member.name))
@@ -347,7 +361,7 @@ class PodmanBackend(Backend):
             for attempt in range(1, criu.DUMP_ATTEMPTS + 1):
                 shutil.rmtree(work, ignore_errors=True)
                 os.makedirs(work)
-                where = self.locate(member)
+                where = self.running(member)
                 try:
                     report = self._checkpoint(member, where, work, at_cut, cut_called)
                     break
@@ -479,11 +493,10 @@ class PodmanBackend(Backend):
 
     def tasks(self, member: ContainerMember) -> List[int]:
         """Every task of the container (its cgroup's processes)."""
-        where = self.locate(member)
-        return cgroup_tasks(where.pid)
+        return cgroup_tasks(self.running(member).pid)
 
     def resume(self, member: ContainerMember) -> None:
-        where = self.locate(member)
+        where = self.running(member)
         criu.forget_unresolved_neighbours(criu.CriuMember(member.name, 0, where.netns, where.iface, where.mac))
         for pid in cgroup_tasks(where.pid):
             try:

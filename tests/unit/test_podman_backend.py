@@ -193,17 +193,24 @@ class FakeRun:
         return subprocess.CompletedProcess(argv, code, out, err)
 
 
-def test_a_missing_container_is_a_clear_error():
+def test_a_missing_container_is_located_as_not_running_and_refused_for_operations():
     backend = podman.PodmanBackend(HostSettings(), run=FakeRun({"inspect": (125, "", "no such container")}))
+    member = backend.member("c1", {"backend": "podman"})
+    where = backend.locate(member)  # a helper that could host it after a restore elsewhere: not claimed
+    assert where.mac is None and where.details["running"] is False and where.details["handle"] == "c1"
     with pytest.raises(podman.PodmanError, match="no container c1 on this host"):
-        backend.locate(backend.member("c1", {"backend": "podman"}))
+        backend.running(member)
+    with pytest.raises(podman.PodmanError, match="no container c1 on this host"):
+        backend.resume(member)
 
 
 def test_a_container_off_the_topology_is_refused_when_located():
     doc = dict(INSPECT, HostConfig={"NetworkMode": "slirp4netns"})
     backend = podman.PodmanBackend(HostSettings(), run=FakeRun({"inspect": (0, json.dumps([doc]), "")}))
+    member = backend.member("c1", {"backend": "podman"})
+    assert backend.locate(member).details["running"] is False
     with pytest.raises(podman.PodmanError, match="network mode 'slirp4netns'"):
-        backend.locate(backend.member("c1", {"backend": "podman"}))
+        backend.running(member)
 
 
 def test_podman_missing_is_a_clear_error():
