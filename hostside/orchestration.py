@@ -9,14 +9,26 @@ Snapshot (in the background, one job per snapshot and member)::
            quiet proof (marker sent / tap drained) -> controller cut {"marker": sends_marker}
            -> purge the datapath
        and the backend stores the image through the sink (a snapshot server)
-    -> controller done {pause_ms, bytes, server, image{backend, files, ...}}
+    -> controller done {pause_ms, bytes, server, image{backend, files, storage{logical_bytes,
+       stored_bytes, sent_bytes}, ...}}
     or, on any failure at any step, controller failed {reason} and the job "failed" with it.
 
 Stage fetches the image and checks every checksum, restore replaces the running
 member by it (left stopped), resume and stop act on the member: the same calls
-for every backend. Everything with an outside effect is injected: the
-controller poster, the datapath purge, the store client factory, the switch
-port lookup, the clock and the thread that runs a job.
+for every backend. Every operation finds its member afresh (``backend.locate``:
+pid, namespaces, interface, MAC), since a restored member's pid or namespace can
+change; a snapshot of a member that cannot be located is refused at once (502).
+
+Members can change at runtime (``add_member``, ``remove_member``, under a lock).
+The ``Registrar`` keeps the controller's view of them: each member running here
+is registered (``PUT /violin/members/<name>``: its MAC from locate, this helper's
+URL, backend, marker, host) when the helper starts, when it is added and after a
+restore onto this helper; a controller that does not answer (or answers 409
+while the member is in a running snapshot or restore) is asked again in the
+background, never holding up the helper. Everything with an outside effect is
+injected: the controller poster, the registration call, the datapath purge, the
+store client factory, the switch port lookup, the clock and the thread that runs
+a job.
 """
 
 import logging
@@ -28,7 +40,7 @@ import traceback
 import zlib
 from typing import Callable, Dict, List, Optional, Tuple
 
-from hostside.backends.base import Backend, ImageSink
+from hostside.backends.base import Backend, ImageSink, Located
 from hostside.metrics import HelperMetrics
 from violin_core.schema import Field, ListOf, Schema, SchemaError, matches, name
 
@@ -93,6 +105,7 @@ BODIES = {  # the request bodies the controller sends
                          isinstance(f.get(k), str) for k in ("name", "sha256")) else "needs name and sha256 strings"))}),
     "member": Schema({"snapshot": _NAME, "member": _NAME}),
 }
+MEMBER_NAME = _NAME
 
 
 def read_body(kind: str, body) -> dict:
@@ -107,16 +120,29 @@ def read_body(kind: str, body) -> dict:
 
 
 class StoreSink(ImageSink):
-    """An ImageSink on one store client (a snapshot server)."""
+    """An ImageSink on one store client (a snapshot server); ``storage()`` adds up what its uploads
+    cost: logical bytes (the image's size), stored bytes (newly stored by the server, compressed:
+    a chunk store keeps only chunks it lacked) and sent bytes (over the wire)."""
+
+    COUNTS = ("logical_bytes", "stored_bytes", "sent_bytes")
 
     def __init__(self, client, snapshot: str, member: str):
         self.client, self.snapshot, self.member = client, snapshot, member
+        self.counts = dict.fromkeys(self.COUNTS, 0)
+
+    def _count(self, stored: dict) -> dict:
+        for key in self.COUNTS:
+            self.counts[key] += int(stored.get(key, stored.get("bytes", 0)))
+        return _file_entry(stored)
 
     def put_dir(self, directory: str) -> List[dict]:
-        return [_file_entry(f) for f in self.client.upload_dir(self.snapshot, self.member, directory)]
+        return [self._count(f) for f in self.client.upload_dir(self.snapshot, self.member, directory)]
 
     def put_stream(self, name: str, reader) -> dict:
-        return _file_entry(dict(self.client.upload_stream(self.snapshot, self.member, name, reader), name=name))
+        return self._count(dict(self.client.upload_stream(self.snapshot, self.member, name, reader), name=name))
+
+    def storage(self) -> dict:
+        return dict(self.counts)
 
     def discard(self) -> None:
         self.client.delete(self.snapshot, self.member)
@@ -130,33 +156,171 @@ def spawn_thread(target: Callable[[], None]) -> None:
     threading.Thread(target=target, daemon=True).start()
 
 
+def runs_here(where: Located) -> bool:
+    """Whether a located member runs on this host now (a backend says so in ``details["running"]``;
+    by default, when it has a pid). Only running members are registered: a helper that could host a
+    member restored onto it (placement) does not claim it before."""
+    return bool(where.details.get("running", where.pid is not None))
+
+
+def registration(name: str, backend: Backend, where: Located, helper_url: str, host: str) -> dict:
+    """The body of the controller's ``PUT /violin/members/<name>`` for a located member."""
+    return {"name": name, "macs": [where.mac], "helper_url": helper_url, "backend": backend.name,
+            "marker": bool(backend.sends_marker), "host": host, "handle": str(where.details.get("handle", ""))[:200]}
+
+
+REFRESH_S = 30.0  # seconds between re-registrations of every member (PUT is idempotent)
+
+
+class Registrar:
+    """This helper's members as the controller should know them, kept so in the background.
+
+    ``want(name)``: locate the member and register it (PUT) if it runs here; ``drop(name)``: unregister it
+    (DELETE). ``call(method, name, body)`` talks to the controller (raises ControllerError); what cannot be
+    done now (no answer, 409) is tried again after ``retry`` seconds, doubling up to ``max_retry``; every
+    ``refresh`` seconds each registered member is registered again (a restarted controller has forgotten
+    the members registered over REST). The
+    worker runs in ``spawn``'s thread; ``run_once()`` is one pass (what unit tests call). ``status`` says,
+    per member, whether the controller has it and why not."""
+
+    def __init__(self, call: Callable[[str, str, Optional[dict]], object], describe: Callable[[str], Optional[dict]],
+                 spawn: Callable[[Callable[[], None]], None] = spawn_thread, clock: Callable[[], float] = time.time,
+                 retry: float = 0.5, max_retry: float = 10.0, refresh: Optional[float] = REFRESH_S):
+        self.call, self.describe, self.spawn, self.clock = call, describe, spawn, clock
+        self.retry, self.max_retry, self.refresh = retry, max_retry, refresh
+        self.pending: Dict[str, str] = {}  # name -> "put" or "delete"
+        self.accepted: Dict[str, Optional[dict]] = {}  # name -> the body the controller last took
+        self.status: Dict[str, dict] = {}
+        self.wake = threading.Condition()
+        self.running = False
+        self.delay = retry
+
+    def want(self, name: str) -> None:
+        self._queue(name, "put")
+
+    def drop(self, name: str) -> None:
+        self._queue(name, "delete")
+
+    def _queue(self, name: str, action: str) -> None:
+        with self.wake:
+            self.pending[name] = action
+            self.delay = self.retry
+            self.wake.notify()
+            start = not self.running
+            self.running = True
+        if start:
+            self.spawn(self._loop)
+
+    def _loop(self) -> None:
+        while True:
+            left = self.run_once()
+            with self.wake:
+                if left:  # something failed: back off (a new want wakes us at once)
+                    self.wake.wait(self.delay)
+                    self.delay = min(self.delay * 2, self.max_retry)
+                    continue
+                if self.refresh is None:
+                    self.running = False
+                    return
+                self.wake.wait(self.refresh)
+                if not self.pending:  # say it again now and then: a restarted controller forgot REST registrations
+                    for name in list(self.accepted):
+                        self.pending.setdefault(name, "refresh")
+
+    def run_once(self) -> int:
+        """Try every pending registration once; how many are still pending."""
+        with self.wake:
+            work = dict(self.pending)
+        for name, action in work.items():
+            try:
+                done = self._do(name, action)
+            except Exception as error:  # noqa: BLE001 - kept and retried; the reason is shown in /members
+                done = False
+                self.status[name] = {"registered": self.accepted.get(name) is not None, "reason": str(error)[:500],
+                                     "at": self.clock()}
+                LOG.warning("registering %s with the controller: %s (will retry)", name, error)
+            if done:
+                with self.wake:
+                    if self.pending.get(name) == action:
+                        del self.pending[name]
+        with self.wake:
+            return len(self.pending)
+
+    def _do(self, name: str, action: str) -> bool:
+        if action == "delete":
+            if self.accepted.get(name) is not None:
+                self.call("DELETE", name, None)
+            self.accepted.pop(name, None)
+            self.status[name] = {"registered": False, "reason": "removed from this helper", "at": self.clock()}
+            return True
+        body = self.describe(name)  # locates it (raises if it cannot be located)
+        if body is None:
+            self.status[name] = {"registered": self.accepted.get(name) is not None,
+                                 "reason": "not running here: not registered by this helper", "at": self.clock()}
+            return True
+        if self.accepted.get(name) != body or action == "refresh":
+            self.call("PUT", name, body)
+            self.accepted[name] = body
+        self.status[name] = {"registered": True, "at": self.clock()}
+        return True
+
+    def forget(self, name: str) -> None:
+        """The member went elsewhere (stopped here for a restore on another helper): not ours to register."""
+        with self.wake:
+            self.pending.pop(name, None)
+        self.accepted.pop(name, None)
+        self.status[name] = {"registered": False, "reason": "moved to another helper", "at": self.clock()}
+
+
 class Orchestrator:
-    """The helper's work, backend-neutral. ``members``: name -> (backend, member spec)."""
+    """The helper's work, backend-neutral. ``members``: name -> (backend, member spec).
+
+    ``factory(name, spec) -> (backend, member)`` makes a member added at runtime from its spec (the helper
+    config's ``members.<name>`` shape); ``registrar`` keeps the controller's view of the members (None: no
+    controller to tell); ``on_change(members specs)`` persists runtime changes."""
 
     def __init__(self, members: Dict[str, Tuple[Backend, object]], servers: List[str], work_dir: str,
                  post: Callable[[str, dict], object], store: Callable[[str], object],
                  purge: Callable[[], object] = lambda: None,
                  attachment: Callable[[Optional[str]], Optional[dict]] = lambda port: None,
                  clock: Callable[[], float] = time.time, spawn: Callable[[Callable[[], None]], None] = spawn_thread,
-                 metrics: Optional[HelperMetrics] = None):
-        self.members, self.servers, self.work_dir = members, servers, work_dir
+                 metrics: Optional[HelperMetrics] = None,
+                 factory: Optional[Callable[[str, dict], Tuple[Backend, object]]] = None,
+                 registrar: Optional[Registrar] = None, on_change: Optional[Callable[[str, Optional[dict]], None]] = None):
+        self.members, self.servers, self.work_dir = dict(members), servers, work_dir
         self.metrics = HelperMetrics() if metrics is None else metrics  # its own registry unless given
         self.post, self.store, self.purge, self.attachment = post, store, purge, attachment
         self.clock, self.spawn = clock, spawn
+        self.factory, self.registrar, self.on_change = factory, registrar, on_change
         self.jobs: Dict[str, dict] = {}
         self.lock = threading.Lock()
+        self.members_lock = threading.RLock()  # members come and go at runtime (POST/DELETE /members)
 
     def backends(self) -> List[Backend]:
         seen = {}
-        for backend, _spec in self.members.values():
-            seen[id(backend)] = backend
+        with self.members_lock:
+            for backend, _spec in self.members.values():
+                seen[id(backend)] = backend
         return list(seen.values())
 
+    def names(self) -> List[str]:
+        with self.members_lock:
+            return sorted(self.members)
+
     def _member(self, name: str) -> Tuple[Backend, object]:
+        with self.members_lock:
+            try:
+                return self.members[name]
+            except KeyError:
+                raise UnknownMember("this helper hosts no member %s" % name) from None
+
+    def locate(self, name: str) -> Located:
+        """Where member ``name`` is now (its backend finds it afresh); Failed (502) if it cannot be found."""
+        backend, member = self._member(name)
         try:
-            return self.members[name]
-        except KeyError:
-            raise UnknownMember("this helper hosts no member %s" % name) from None
+            return backend.locate(member)
+        except FAILURES as error:
+            raise Failed(str(error) or "cannot locate %s" % name) from None
 
     def server_for(self, member: str) -> str:
         return self.servers[zlib.crc32(member.encode()) % len(self.servers)]
@@ -164,11 +328,107 @@ class Orchestrator:
     def _restore_dir(self, body: dict) -> str:
         return os.path.join(self.work_dir, "restore", body["snapshot"], body["member"])
 
+    # --- members at runtime -----------------------------------------------------------------
+
+    def registration_of(self, name: str, helper_url: str, host: str) -> Optional[dict]:
+        """The registration body of ``name`` located now; None if it does not run here (or is gone)."""
+        with self.members_lock:
+            if name not in self.members:
+                return None
+            backend, member = self.members[name]
+        where = backend.locate(member)
+        if not runs_here(where) or not where.mac:
+            return None
+        return registration(name, backend, where, helper_url, host)
+
+    def register_all(self) -> None:
+        """At start: register every member that runs here (in the background)."""
+        if self.registrar is not None:
+            for name in self.names():
+                self.registrar.want(name)
+
+    def add_member(self, raw) -> dict:
+        """``{"name": ..., "backend": ..., <the backend's spec>}``: host it from now on (and register it)."""
+        if not isinstance(raw, dict):
+            raise BadRequest("body must be a JSON object")
+        name = raw.get("name")
+        try:
+            MEMBER_NAME.validate(name, "name")
+        except SchemaError as error:
+            raise BadRequest(str(error)) from None
+        if self.factory is None:
+            raise BadRequest("this helper takes no members at runtime")
+        spec = {k: v for k, v in raw.items() if k != "name"}
+        try:
+            backend, member = self.factory(name, spec)
+        except SchemaError as error:
+            raise BadRequest("member %s: %s" % (name, error)) from None
+        with self.members_lock:
+            if name in self.members:
+                raise Conflict("this helper hosts a member %s already; remove it first" % name)
+            self.members[name] = (backend, member)
+            if self.on_change is not None:
+                self.on_change(name, spec)
+        if self.registrar is not None:
+            self.registrar.want(name)
+        return self.member_view(name)
+
+    def remove_member(self, name: str) -> dict:
+        """Host ``name`` no more, and unregister it from the controller (409 while a snapshot of it runs
+        or while the controller refuses: it takes part in a snapshot or restore)."""
+        backend, member = self._member(name)
+        with self.lock:
+            busy = [key for key, job in self.jobs.items() if key.endswith("/" + name) and job["state"] == "running"]
+        if busy:
+            raise Conflict("a snapshot of %s is running (%s)" % (name, busy[0]))
+        unregistered = None
+        if self.registrar is not None and self.registrar.accepted.get(name) is not None:
+            try:
+                self.registrar.call("DELETE", name, None)
+                unregistered = True
+            except ControllerError as error:
+                if error.status == 409:
+                    raise Conflict("the controller keeps %s: %s" % (name, error)) from None
+                unregistered = False  # not reachable now: the registrar will ask again
+        with self.members_lock:
+            self.members.pop(name, None)
+            if self.on_change is not None:
+                self.on_change(name, None)
+        getattr(backend, "forget", lambda _member: None)(member)
+        if self.registrar is not None:
+            if unregistered is False:
+                self.registrar.drop(name)
+            else:
+                self.registrar.accepted.pop(name, None)
+                self.registrar.status[name] = {"registered": False, "reason": "removed from this helper",
+                                               "at": self.clock()}
+        return {"removed": name, "unregistered": unregistered}
+
+    def member_view(self, name: str) -> dict:
+        """What this helper knows of ``name``: its spec, where it is now (or why not) and its registration."""
+        backend, member = self._member(name)
+        view = {"name": name, "backend": backend.name,
+                "spec": {k: v for k, v in vars(member).items() if k != "name"} if hasattr(member, "__dict__") else {}}
+        try:
+            where = backend.locate(member)
+            view["located"] = {"mac": where.mac, "iface": where.iface, "pid": where.pid, "netns": where.netns,
+                               "mntns": where.mntns, "port": where.port, "running": runs_here(where)}
+        except Exception as error:  # noqa: BLE001 - shown, not raised: the member may not run here (yet)
+            view["located"] = None
+            view["problem"] = str(error)[:500] or type(error).__name__
+        if self.registrar is not None:
+            view["registration"] = self.registrar.status.get(name, {"registered": False, "reason": "pending"})
+        return view
+
+    def members_view(self) -> dict:
+        return {"members": [self.member_view(name) for name in self.names()]}
+
     # --- snapshot ---------------------------------------------------------------------------
 
     def start_snapshot(self, raw: dict) -> dict:
         body = read_body("snapshot", raw)
         backend, member = self._member(body["member"])
+        self.locate(body["member"])  # found now, or refused at once with the reason (the controller aborts)
         key = "%s/%s" % (body["snapshot"], body["member"])
         with self.lock:
             if key in self.jobs:
@@ -227,7 +487,7 @@ class Orchestrator:
         try:
             self.post(body["done_url"], {
                 "pause_ms": report.pause_ms, "bytes": report.bytes, "server": server,
-                "image": dict(report.details, backend=backend.name, files=report.files)})
+                "image": dict(report.details, backend=backend.name, files=report.files, storage=sink.storage())})
         except ControllerError as error:
             if error.status is not None and 400 <= error.status < 500:  # refused (aborted meanwhile): unused
                 self._discard(sink, body)
@@ -265,6 +525,8 @@ class Orchestrator:
         if not os.path.isdir(images):
             raise UnknownMember("%s/%s is not staged" % (body["snapshot"], body["member"]))
         restored = backend.restore(member, images)
+        if self.registrar is not None:  # restored onto this helper: the controller knows it here (if it changed)
+            self.registrar.want(body["member"])
         return dict(restored.details, restored=body["member"], iface=restored.port,
                     attachment=self.attachment(restored.port), restore_ms=round(restored.restore_ms, 1))
 
@@ -279,4 +541,6 @@ class Orchestrator:
         body = read_body("member", raw)
         backend, member = self._member(body["member"])
         backend.stop(member)
+        if self.registrar is not None:  # it is restored on another helper, which registers it there
+            self.registrar.forget(body["member"])
         return {"stopped": body["member"]}

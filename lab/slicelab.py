@@ -48,6 +48,27 @@ def stop_daemon(process):
             process.wait(5)
 
 
+def wait_registered(controller, names, helper_url, timeout=20.0):
+    """Wait until the controller has every member of ``names`` from the helper at ``helper_url`` (the helper
+    registers its members itself, in the background); the members' views."""
+    deadline, seen = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        status, answer = controller.get("/violin/members")
+        if status == 200:
+            seen = {m["name"]: m for m in answer["members"] if m["name"] in names}
+            if len(seen) == len(set(names)) and all(m["helper_url"] == helper_url for m in seen.values()):
+                return seen
+        time.sleep(0.1)
+    raise lab.LabError("the helper at %s did not register %s in %.0f s (the controller has %s)" % (
+        helper_url, ", ".join(sorted(set(names) - set(seen))) or "them all with its URL", timeout,
+        {n: m["helper_url"] for n, m in seen.items()}))
+
+
+def criu_member(host, workdir, command="seqstream.py", **extra):
+    """A helper config's CRIU member: the process of Mininet ``host`` whose command line holds ``command``."""
+    return dict({"backend": "criu", "mininet_host": host.name, "command": command, "workdir": workdir}, **extra)
+
+
 def controller_config():
     """What the controller needs to talk to this slice's helper and server."""
     return {"api": {"helper_token": HELPER_TOKEN, "server_token": SERVER_TOKEN}}
@@ -55,14 +76,17 @@ def controller_config():
 
 @contextmanager
 def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=None, hosts=None, guests=(),
-                 guest_ids=None, helper_settings=None, tcp=True, tls=None):
+                 guest_ids=None, helper_settings=None, tcp=True, tls=None, store="chunks"):
     """Members in every host of ``net`` (or in ``hosts``), their helper and a snapshot server; yields the members.
 
+    The helper registers the members with the controller itself (its config's ``controller``); with
+    ``register=False`` it is given no controller and registers nothing.
     ``servers`` overrides the snapshot servers the helper is told about (e.g. one that is down).
     ``guests`` are running VMs (lab.vms.Guest) that join the slice as libvirt members of the
     same helper; ``guest_ids`` (name -> seqstream id) makes them peers of the host members' streams.
     ``tls`` ({"cert", "key", "ca"}: a certificate for 127.0.0.1, its key, the CA that signed it) makes the
-    server and the helper HTTPS, and the helper verify the controller and the server against the CA."""
+    server and the helper HTTPS, and the helper verify the controller and the server against the CA.
+    ``store`` is the snapshot server's store scheme: ``chunks`` (deduplicated, the default) or ``file``."""
     hosts = list(net.hosts if hosts is None else hosts)
     os.makedirs(workdir, exist_ok=True)
     server_port, helper_port = lab.free_port(), lab.free_port()
@@ -75,21 +99,20 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
     try:
         daemons.append(start_daemon(
             [sys.executable, "-m", "hostside.store.server", "--listen", "127.0.0.1:%d" % server_port,
-             "--dir", os.path.join(workdir, "images")] + server_tls,
+             "--store", "%s:%s" % (store, os.path.join(workdir, "images"))] + server_tls,
             server_url, os.path.join(workdir, "server.log"), ca_file=ca_file,
             env=dict(os.environ, VIOLIN_SERVER_TOKEN=SERVER_TOKEN)))
         members.start()
         config = {
             "listen": "127.0.0.1:%d" % helper_port, "token": HELPER_TOKEN, "controller_token": controller.token,
             "servers": servers or [server_url], "server_token": SERVER_TOKEN, "work_dir": os.path.join(workdir, "helper"),
-            "members": {h.name: {"pid": members.pids[h.name], "netns": "/proc/%d/ns/net" % h.pid,
-                                 "mntns": "/proc/%d/ns/mnt" % h.pid, "workdir": members.member_dir(h),
-                                 "iface": str(h.defaultIntf()), "mac": h.MAC()} for h in hosts}}
+            "host_name": "lab", "members": {h.name: criu_member(h, members.member_dir(h)) for h in hosts}}
+        if register:
+            config["controller"] = controller.url
         if tls:
             config.update(tls_cert=tls["cert"], tls_key=tls["key"], ca_file=tls["ca"])
         config.update(helper_settings or {})
-        config["members"].update({g.name: {"backend": "libvirt", "domain": g.name, "iface": g.tap, "mac": g.mac}
-                                  for g in guests})
+        config["members"].update({g.name: {"backend": "libvirt", "domain": g.name} for g in guests})
         with open(os.path.join(workdir, "helper.json"), "w") as handle:
             json.dump(config, handle)
         daemons.append(start_daemon([sys.executable, "-m", "hostside.helper", "--config",
@@ -98,17 +121,9 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
         members.server_url, members.helper_url = server_url, helper_url
         members.helper_process = daemons[-1]
         members.helper_log = os.path.join(workdir, "helper.log")
-        if register:
-            for h in hosts:
-                status, body = controller.request("POST", "/violin/members", {
-                    "name": h.name, "macs": [h.MAC()], "helper_url": helper_url, "backend": "criu"})
-                if status != 201:
-                    raise lab.LabError("registering %s: %s %s" % (h.name, status, body))
-            for g in guests:  # a paused VM cannot send a marker: the tap drain proof stands in for it
-                status, body = controller.request("POST", "/violin/members", {
-                    "name": g.name, "macs": [g.mac], "helper_url": helper_url, "backend": "libvirt", "marker": False})
-                if status != 201:
-                    raise lab.LabError("registering %s: %s %s" % (g.name, status, body))
+        members.helper_config = config
+        if register:  # the helper registers them (VMs with marker false: a paused VM proves its tap drained)
+            wait_registered(controller, [h.name for h in hosts] + [g.name for g in guests], helper_url)
         yield members
     finally:
         members.stop()

@@ -94,13 +94,9 @@ class ProcessRun:
                 "--id", str(i), "--delay-ms", str(args.delay_ms)], "worker.log")
         return "master in h1, workers in h2-h4 (processes, CRIU)"
 
-    def helper_members(self):
-        return {h.name: {"pid": self.processes["h%d" % i].pid, "netns": "/proc/%d/ns/net" % h.pid,
-                         "mntns": "/proc/%d/ns/mnt" % h.pid, "workdir": os.path.join(self.workdir, "h%d" % i),
-                         "iface": str(h.defaultIntf()), "mac": h.MAC()} for i, h in enumerate(self.members, 1)}
-
-    def registrations(self):
-        return [{"name": h.name, "macs": [h.MAC()], "backend": "criu"} for h in self.members]
+    def helper_members(self):  # by Mininet host and command line: the helper finds pid, namespaces and MAC
+        return {h.name: {"backend": "criu", "mininet_host": h.name, "command": mandelbrot.__file__,
+                         "workdir": os.path.join(self.workdir, "h%d" % i)} for i, h in enumerate(self.members, 1)}
 
     def rows_done(self):
         progress = read_progress(self.progress_path)
@@ -215,11 +211,8 @@ class VmRun:
         if self._booted is not None:
             self._booted.__exit__(None, None, None)
 
-    def helper_members(self):
-        return {g.name: {"backend": "libvirt", "domain": g.name, "iface": g.tap, "mac": g.mac} for g in self.guests}
-
-    def registrations(self):
-        return [{"name": g.name, "macs": [g.mac], "backend": "libvirt", "marker": False} for g in self.guests]
+    def helper_members(self):  # by domain: the helper reads the tap and MAC from the domain's XML
+        return {g.name: {"backend": "libvirt", "domain": g.name} for g in self.guests}
 
     def _fetch(self):
         code = ("import sys; sys.path.insert(0, %r); from workloads import mandelbrot; "
@@ -293,7 +286,7 @@ def run(args, timeline):
                 address, _ = lab.attach_out_of_band(net, get(name), index, topo.prefix)
                 processes[name] = start_in_host(get(name), os.path.join(workdir, name), [
                     sys.executable, "-m", "hostside.store.server", "--listen", "0.0.0.0:%d" % SERVER_PORT,
-                    "--dir", os.path.join(workdir, name, "images")]
+                    "--store", "chunks:" + os.path.join(workdir, name, "images")]
                     + (["--tls-cert", tls["cert"], "--tls-key", tls["key"]] if tls else []), "server.log",
                     env=dict(os.environ, VIOLIN_SERVER_TOKEN=slicelab.SERVER_TOKEN))  # not in argv: ps shows it
                 servers.append("%s://%s:%d" % (scheme, address, SERVER_PORT))
@@ -310,7 +303,7 @@ def run(args, timeline):
             config = {"listen": "127.0.0.1:%d" % helper_port, "token": slicelab.HELPER_TOKEN,
                       "controller_token": controller.token, "servers": servers,
                       "server_token": slicelab.SERVER_TOKEN, "work_dir": os.path.join(workdir, "helper"),
-                      "members": workload.helper_members()}
+                      "controller": controller.url, "host_name": "demo", "members": workload.helper_members()}
             if tls:
                 config.update(tls_cert=tls["cert"], tls_key=tls["key"], ca_file=tls["ca"])
             with open(os.path.join(workdir, "helper.json"), "w") as handle:
@@ -318,8 +311,7 @@ def run(args, timeline):
             daemons.append(slicelab.start_daemon([sys.executable, "-m", "hostside.helper", "--config",
                                                   os.path.join(workdir, "helper.json")], helper_url,
                                                  os.path.join(workdir, "helper.log"), ca_file=ca_file))
-            for spec in workload.registrations():
-                _ok(controller.request("POST", "/violin/members", dict(spec, helper_url=helper_url)), 201)
+            slicelab.wait_registered(controller, list(workload.helper_members()), helper_url)  # the helper registers them
             width, height, iterations = args.width, args.height, args.iterations
             while workload.rows_done()[0] == 0:  # located and computing before the first snapshot
                 time.sleep(0.2)

@@ -1,7 +1,7 @@
 """A backend that snapshots nothing, for unit tests of the helper's orchestration (no root).
 
 It records every call in ``calls`` and fails where told: ``fail[step] = exception`` for
-step ``quiet_open`` (opening the quiet proof), ``quiet`` (the proof at the cut), ``before_cut``
+step ``locate`` (finding the member), ``quiet_open`` (opening the quiet proof), ``quiet`` (the proof at the cut), ``before_cut``
 (capture fails before calling at_cut), ``after_cut``, ``stage``, ``restore``, ``resume``, ``stop``.
 """
 
@@ -9,7 +9,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from hostside.backends.base import Backend, ImageReport, Restored, register, unregister
+from hostside.backends.base import Backend, ImageReport, Located, Restored, register, unregister
 from violin_core.schema import Field, Schema, unicast_mac
 
 
@@ -31,6 +31,14 @@ class FakeBackend(Backend):
     def __init__(self, settings):
         super().__init__(settings)
         self.calls, self.fail = [], {}
+
+    def locate(self, member):
+        """Where it is: the spec's iface and MAC, running unless ``fail["locate"]`` (or ``gone`` holds it)."""
+        self.located = getattr(self, "located", 0) + 1
+        if "locate" in self.fail:
+            raise self.fail["locate"]
+        return Located(member.mac, member.iface, port=member.iface,
+                       details={"running": member.name not in getattr(self, "gone", ()), "handle": "fake " + member.name})
 
     def _step(self, step: str, *details):
         self.calls.append((step,) + details)

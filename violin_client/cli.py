@@ -79,6 +79,31 @@ def _placement(value: str) -> Tuple[str, str]:
     return name.strip(), url.strip()
 
 
+SPEC_OPTIONS = (("--pidfile", "pidfile"), ("--mininet-host", "mininet_host"), ("--command", "command"),
+                ("--domain", "domain"), ("--container", "container"), ("--workdir", "workdir"), ("--ip", "ip"))
+SPEC_HELP = {"pidfile": "criu: a file holding the pid of the member's process",
+             "mininet_host": "criu: the Mininet host it runs in (with --command)",
+             "command": "criu: a part of its command line in that host",
+             "domain": "libvirt: the VM's domain", "container": "podman: the container",
+             "workdir": "criu: its files, captured at the cut", "ip": "criu: address/prefix when restored elsewhere"}
+BACKEND_OF = {"pidfile": "criu", "mininet_host": "criu", "domain": "libvirt", "container": "podman"}
+
+
+def _spec_pair(value: str) -> Tuple[str, object]:
+    key, sep, text = value.partition("=")
+    if not sep or not re.match(r"^[a-z_][a-z0-9_]*$", key):
+        raise argparse.ArgumentTypeError("expected KEY=VALUE, got %r" % value)
+    try:
+        return key, json.loads(text)
+    except ValueError:
+        return key, text
+
+
+def _helper_token_option(parser, environ) -> None:
+    parser.add_argument("--helper-token", default=environ.get("VIOLIN_HELPER_TOKEN"),
+                        help="the helper's bearer token (default: $VIOLIN_HELPER_TOKEN)")
+
+
 def _positive(kind):
     def convert(value: str):
         try:
@@ -132,18 +157,33 @@ def build_args(argv, environ=None):
 
     member = command("member", "add, show or remove a member")
     member_commands = member.add_subparsers(dest="member_command", metavar="ACTION", required=True)
-    add = member_commands.add_parser("add", help="register a member", description="register a member")
+    add = member_commands.add_parser(
+        "add", help="add a member: to its host's helper (by name), or to the controller (by MAC)",
+        description="Add a member. Named as its host knows it (--pidfile, --mininet-host and --command, "
+                    "--domain, --container, --spec) it goes to the helper at --helper, which finds its MAC "
+                    "and registers it with the controller; given by --mac it is registered with the "
+                    "controller directly (a member no helper snapshots, or one you describe yourself).")
     add.add_argument("name", metavar="NAME")
-    add.add_argument("--mac", dest="macs", type=_mac, action="append", required=True,
-                     help="a MAC address of the member (repeat for several)")
+    add.add_argument("--mac", dest="macs", type=_mac, action="append",
+                     help="a MAC address of the member (repeat for several): register it with the controller")
     add.add_argument("--helper", dest="helper_url", type=_url, help="URL of the host helper that snapshots it")
-    add.add_argument("--backend", help="snapshot backend (e.g. criu; the controller's default: manual)")
-    add.add_argument("--handle", help="what the backend knows the member by")
+    add.add_argument("--backend", help="snapshot backend (criu, libvirt, ...; by name: inferred from the options)")
+    add.add_argument("--handle", help="what the backend knows the member by (with --mac)")
     add.add_argument("--no-marker", dest="marker", action="store_false",
-                     help="do not wait for a marker frame from the member's link at its cut")
-    remove = member_commands.add_parser("rm", aliases=["remove"], help="remove a member",
-                                        description="remove a member")
+                     help="do not wait for a marker frame from the member's link at its cut (with --mac)")
+    named = add.add_argument_group("a member by name (sent to the helper at --helper)")
+    for option, key in SPEC_OPTIONS:
+        named.add_argument(option, dest="spec_" + key, metavar=key.upper(), help=SPEC_HELP[key])
+    named.add_argument("--spec", dest="spec", type=_spec_pair, action="append", default=[], metavar="KEY=VALUE",
+                       help="any other key of the backend's member spec (VALUE is JSON, or else a string)")
+    _helper_token_option(add, environ)
+    remove = member_commands.add_parser(
+        "rm", aliases=["remove"], help="remove a member",
+        description="Remove a member: a member its helper registered is removed at that helper (which "
+                    "unregisters it); others at the controller.")
     remove.add_argument("name", metavar="NAME")
+    remove.add_argument("--helper", dest="helper_url", type=_url, help="remove it at this helper")
+    _helper_token_option(remove, environ)
     show_member = member_commands.add_parser("show", help="one member", description="one member")
     show_member.add_argument("name", metavar="NAME")
     for sub in (add, remove, show_member):
@@ -201,6 +241,18 @@ def build_args(argv, environ=None):
         args.schedule_command = "show"
     if args.command == "member" and args.member_command == "remove":
         args.member_command = "rm"
+    if args.command == "member" and args.member_command == "add":
+        try:
+            args.member_spec = member_spec(args)
+        except ValueError as error:
+            add.error(str(error))
+        if args.member_spec and (args.macs or args.handle or not args.marker):
+            add.error("a member by name gets its MAC and marker from its helper: drop --mac, --handle, --no-marker")
+        if args.member_spec and not args.helper_url:
+            add.error("a member by name goes to its host's helper: give --helper URL")
+        if not args.member_spec and not args.macs:
+            add.error("give the member's --mac (a member the controller is told of), or name it for its helper "
+                      "(--pidfile, --mininet-host and --command, --domain, --container, --spec)")
     return args
 
 
@@ -210,20 +262,28 @@ def build_args(argv, environ=None):
 class Client(ApiClient):
     """The API client (violin_client.api) with every failure turned into a CliError in the CLI's words."""
 
+    who, token_hint = "the controller", "--token or VIOLIN_API_TOKEN"
+
     def call(self, method: str, path: str, body: Optional[dict] = None, **options):
         try:
             return super().call(method, path, body, **options)
         except Unreachable as error:
             why = ("no answer within %g s" % self.timeout) if error.timed_out else error.why
-            raise CliError("cannot reach the controller at %s: %s%s"
-                           % (self.url, why, " (see --timeout)" if error.timed_out else "")) from None
+            raise CliError("cannot reach %s at %s: %s%s"
+                           % (self.who, self.url, why, " (see --timeout)" if error.timed_out else "")) from None
         except ApiError as error:
             if 200 <= error.status < 300:  # an answer that is not JSON
-                raise CliError("the controller at %s" % error.reason) from None
+                raise CliError("%s at %s" % (self.who, error.reason)) from None
             if error.status in (401, 403):
-                hint = "" if self.token else "; give one with --token or VIOLIN_API_TOKEN"
-                raise CliError("the controller refused the token (%s)%s" % (error.reason, hint)) from None
+                hint = "" if self.token else "; give one with " + self.token_hint
+                raise CliError("%s refused the token (%s)%s" % (self.who, error.reason, hint)) from None
             raise CliError(error.reason) from None
+
+
+class HelperClient(Client):
+    """A host helper's API (``/members``), with its own token."""
+
+    who, token_hint = "the helper", "--helper-token or VIOLIN_HELPER_TOKEN"
 
 
 def _quote(part: str) -> str:
@@ -295,6 +355,30 @@ def _image_bytes(entry: dict):
     return None
 
 
+STORAGE = ("logical_bytes", "stored_bytes", "sent_bytes")
+
+
+def _storage(entry: dict):
+    """A member's {logical, stored, sent} bytes, as its helper reported them (None: an older helper)."""
+    image = entry.get("image") if isinstance(entry.get("image"), dict) else {}
+    storage = image.get("storage")
+    if isinstance(storage, dict) and all(isinstance(storage.get(k), (int, float)) for k in STORAGE):
+        return storage
+    return None
+
+
+def _storage_total(manifest: dict):
+    """The sum over the members that report it; None when none does."""
+    reports = [r for r in (_storage(e) for e in manifest.get("members") or [] if isinstance(e, dict)) if r]
+    if not reports:
+        return None
+    return {k: sum(r[k] for r in reports) for k in STORAGE}
+
+
+def _storage_cells(storage) -> List[str]:
+    return [_size(storage[k]) if storage else "-" for k in STORAGE]
+
+
 def _emit_json(value) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
@@ -335,16 +419,19 @@ def format_members(members: List[dict]) -> str:
             attached.append("%s@%s:%s" % (mac, where["dpid"].lstrip("0") or "0", where["port"]) if where
                             else "%s not seen" % mac)
         rows.append([m.get("name"), ",".join(m.get("macs") or []), m.get("helper_url"), m.get("backend"),
-                     "yes" if m.get("marker", True) else "no", m.get("epoch"), "; ".join(attached)])
-    return _table(rows, ["NAME", "MACS", "HELPER", "BACKEND", "MARKER", "EPOCH", "ATTACHED (dpid:port)"])
+                     m.get("host"), "yes" if m.get("marker", True) else "no", m.get("epoch"), "; ".join(attached)])
+    return _table(rows, ["NAME", "MACS", "HELPER", "BACKEND", "HOST", "MARKER", "EPOCH", "ATTACHED (dpid:port)"])
 
 
 def format_list(snapshots: List[dict]) -> str:
     if not snapshots:
         return "no snapshots"
+    storage = any(_storage_total(s) for s in snapshots)  # columns only when some helper reports them
     rows = [[s.get("id"), s.get("state"), s.get("epoch"), s.get("label"), _short_names(_member_names(s)),
-             _local(s.get("created")), (s.get("channel") or {}).get("frames")] for s in snapshots]
-    return _table(rows, ["ID", "STATE", "EPOCH", "LABEL", "MEMBERS", "CREATED", "CHANNEL FRAMES"])
+             _local(s.get("created")), (s.get("channel") or {}).get("frames")]
+            + (_storage_cells(_storage_total(s)) if storage else []) for s in snapshots]
+    return _table(rows, ["ID", "STATE", "EPOCH", "LABEL", "MEMBERS", "CREATED", "CHANNEL FRAMES"]
+                  + (["LOGICAL", "STORED", "SENT"] if storage else []))
 
 
 def format_snapshot(m: dict) -> str:
@@ -368,8 +455,13 @@ def format_snapshot(m: dict) -> str:
     rows = [[e.get("name"), e.get("state"), _clock(e.get("cut_time")), _ms(e.get("flip_ms")),
              _ms(e.get("pause_ms")), e.get("server"), _size(_image_bytes(e))] for e in members]
     lines.append("members    %d" % len(members))
+    total = _storage_total(m)
+    if total:  # a helper that reports what its uploads cost: stored and sent columns too
+        lines.append("storage    logical %s, newly stored %s, sent %s" % tuple(_size(total[k]) for k in STORAGE))
+        rows = [row + _storage_cells(_storage(e))[1:] for row, e in zip(rows, members)]
     if rows:
-        table = _table(rows, ["NAME", "STATE", "CUT TIME", "FLIP MS", "PAUSE MS", "IMAGE SERVER", "IMAGE"])
+        table = _table(rows, ["NAME", "STATE", "CUT TIME", "FLIP MS", "PAUSE MS", "IMAGE SERVER", "IMAGE"]
+                       + (["STORED", "SENT"] if total else []))
         lines += ["  " + line for line in table.splitlines()]
     counts = m.get("counts") or {}
     if counts:
@@ -515,8 +607,39 @@ def cmd_members(client: Client, args) -> int:
     return _output(args, client.get("/violin/members"), lambda answer: format_members(answer.get("members") or []))
 
 
+def _helper(client: Client, args, url: str) -> HelperClient:
+    return HelperClient(url, args.helper_token, client.timeout, getattr(args, "ca_file", None))
+
+
+def format_helper_member(m: dict) -> str:
+    where = m.get("located") or {}
+    registration = m.get("registration") or {}
+    state = ("registered with the controller" if registration.get("registered")
+             else "not registered: %s" % registration.get("reason", "pending") if registration else "")
+    found = ("%s on %s (pid %s)" % (where.get("mac"), where.get("iface"), where.get("pid")) if where
+             else "not located: %s" % m.get("problem", "?"))
+    return "added member %s (%s) at its helper: %s%s" % (m.get("name"), m.get("backend"), found,
+                                                         "; " + state if state else "")
+
+
+def member_spec(args) -> dict:
+    """The helper's member spec from ``violin member add``'s options (empty: a member by MAC)."""
+    spec = {key: getattr(args, "spec_" + key) for _, key in SPEC_OPTIONS if getattr(args, "spec_" + key) is not None}
+    for key, value in args.spec:
+        if key in spec and spec[key] != value:
+            raise ValueError("--spec %s contradicts --%s" % (key, key.replace("_", "-")))
+        spec[key] = value
+    return spec
+
+
 def cmd_member(client: Client, args) -> int:
     if args.member_command == "add":
+        spec = args.member_spec
+        if spec:  # by name: the helper finds it and registers it
+            backend = args.backend or next((BACKEND_OF[k] for k in BACKEND_OF if k in spec), None)
+            body = dict(spec, name=args.name, **({"backend": backend} if backend else {}))
+            answer = _helper(client, args, args.helper_url).call("POST", "/members", body)
+            return _output(args, answer, format_helper_member)
         body = {"name": args.name, "macs": args.macs}
         for key in ("helper_url", "backend", "handle"):
             if getattr(args, key) is not None:
@@ -526,6 +649,15 @@ def cmd_member(client: Client, args) -> int:
         return _output(args, client.call("POST", "/violin/members", body), lambda _: "added member %s" % args.name)
     if args.member_command == "show":
         return _output(args, client.get("/violin/members/" + _quote(args.name)), lambda m: format_members([m]))
+    helper_url = args.helper_url
+    if helper_url is None:  # a member its helper registered (it says its host) is removed there
+        member = client.get("/violin/members/" + _quote(args.name)) or {}
+        helper_url = member.get("helper_url") if member.get("host") else None
+    if helper_url:
+        answer = _helper(client, args, helper_url).call("DELETE", "/members/" + _quote(args.name))
+        return _output(args, answer, lambda a: "removed member %s at its helper %s%s" % (
+            args.name, helper_url, "" if (a or {}).get("unregistered") is not False
+            else " (the controller will be told when it answers)"))
     return _output(args, client.call("DELETE", "/violin/members/" + _quote(args.name)),
                    lambda _: "removed member %s" % args.name)
 

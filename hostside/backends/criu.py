@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -31,11 +32,11 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from hostside.backends.base import Backend, ImageReport, Restored, register
+from hostside.backends.base import Backend, ImageReport, Located, Restored, register
 from violin_core.packets import build_marker
-from violin_core.schema import Field, Schema, positive, unicast_mac
+from violin_core.schema import Field, Schema, SchemaError
 
 CRIU = os.environ.get("VIOLIN_CRIU", "/usr/local/sbin/criu")
 WORKDIR_ARCHIVE = "workdir.tar"
@@ -225,15 +226,136 @@ PR_SET_CHILD_SUBREAPER = 36
 
 @dataclass
 class CriuMember:
-    """A CRIU member of the helper config (``ProcessMember`` plus its link)."""
+    """A CRIU member of the helper config, named as users know it: by pidfile, or by its Mininet host
+    and command line. Its pid, namespaces, interface and MAC are found by ``CriuBackend.locate``."""
     name: str
-    pid: int
-    netns: str
-    iface: str  # the member's interface in ``netns`` (a veth whose peer is a switch port)
-    mac: str
+    pidfile: Optional[str] = None  # a file holding the pid of the tree's root
+    mininet_host: Optional[str] = None  # the Mininet host it runs in (its shell: bash ... mininet:<host>)
+    command: Optional[str] = None  # a part of its command line (with mininet_host)
     workdir: Optional[str] = None
-    mntns: Optional[str] = None
-    ip: Optional[str] = None  # address/prefix to put on ``iface`` when restored here
+    ip: Optional[str] = None  # address/prefix to put on its interface when restored here (default: the image's)
+
+    def __post_init__(self):
+        if bool(self.pidfile) == bool(self.mininet_host):
+            raise SchemaError("", "name the member's process by pidfile, or by mininet_host and command")
+        if self.mininet_host and not self.command:
+            raise SchemaError("command", "required with mininet_host (a part of the member's command line)")
+        if self.pidfile and self.command:
+            raise SchemaError("command", "goes with mininet_host, not with pidfile")
+
+    def describe(self) -> str:
+        """How users know it (the registration's ``handle``)."""
+        return "pidfile %s" % self.pidfile if self.pidfile else "%s: %s" % (self.mininet_host, self.command)
+
+
+# --- finding a member's process (pure parsing of /proc, then the scan) -------------------------------
+
+@dataclass
+class Proc:
+    pid: int
+    ppid: int
+    state: str  # R, S, T (stopped), Z (zombie)...
+    argv: List[str]
+    netns: Optional[str] = None  # readlink of /proc/PID/ns/net, e.g. "net:[4026532281]"
+    mntns: Optional[str] = None  # readlink of /proc/PID/ns/mnt
+
+
+def parse_cmdline(data: bytes) -> List[str]:
+    """/proc/PID/cmdline: NUL-separated arguments (empty for kernel threads and zombies)."""
+    return [part.decode("utf-8", "replace") for part in data.split(b"\0") if part] if data else []
+
+
+def parse_stat(text: str) -> Tuple[str, int]:
+    """(state, ppid) of a /proc/PID/stat line; the command name may hold spaces and parentheses."""
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
+def parse_pidfile(text: str) -> int:
+    """The pid a pidfile holds (a positive number on its first line)."""
+    first = text.strip().split("\n", 1)[0].strip() if text.strip() else ""
+    if not first.isdigit() or int(first) <= 0:
+        raise ValueError("holds no pid (%r)" % text[:40])
+    return int(first)
+
+
+def read_pidfile(path: str) -> int:
+    """The pid in the file ``path``: a regular file (never a FIFO or device that could block or never
+    end), its first bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        return parse_pidfile(os.read(fd, 64).decode("utf-8", "replace"))
+    finally:
+        os.close(fd)
+
+
+def mininet_shell(host: str, procs: Iterable[Proc]) -> Proc:
+    """The shell Mininet keeps in ``host`` (``bash --norc --noediting -is mininet:<host>``)."""
+    found = [p for p in procs if p.state != "Z" and len(p.argv) >= 2 and p.argv[-1] == "mininet:" + host
+             and os.path.basename(p.argv[0]) == "bash"]
+    if not found:
+        raise LookupError("no Mininet host %s here (no shell 'bash ... mininet:%s')" % (host, host))
+    if len(found) > 1:
+        raise LookupError("%d Mininet hosts are named %s here (pids %s)" % (
+            len(found), host, ", ".join(str(p.pid) for p in found)))
+    return found[0]
+
+
+def match_process(command: str, procs: Iterable[Proc], exclude: Iterable[int] = ()) -> Optional[int]:
+    """The root of the one process tree whose command line holds ``command``, among ``procs`` (those of
+    the member's namespace); None if none matches. Zombies and stopped-for-good are no match; a match
+    whose parent matches too is part of its parent's tree."""
+    excluded = set(exclude)
+    matching = {p.pid: p for p in procs if p.pid not in excluded and p.state not in ("Z", "X")
+                and p.argv and command in " ".join(p.argv)}
+    roots = sorted(pid for pid, p in matching.items() if p.ppid not in matching)
+    if len(roots) > 1:
+        raise LookupError("%d processes match %r (pids %s): name it by more of its command line" % (
+            len(roots), command, ", ".join(map(str, roots))))
+    return roots[0] if roots else None
+
+
+def pick_interface(links: List[dict]) -> dict:
+    """The member's link among ``ip -j addr`` entries of its namespace: the only one that is not
+    loopback, else the ``*-eth0`` one (Mininet's first), else the one with the lowest index."""
+    candidates = [l for l in links if l.get("ifname") != "lo" and l.get("link_type", "ether") == "ether"]
+    if not candidates:
+        raise LookupError("no network interface besides lo")
+    if len(candidates) == 1:
+        return candidates[0]
+    eth0 = [l for l in candidates if str(l.get("ifname", "")).endswith("-eth0")]
+    return eth0[0] if eth0 else min(candidates, key=lambda l: l.get("ifindex", 0))
+
+
+def ipv4_of(link: dict) -> Optional[str]:
+    """The first IPv4 address/prefix of an ``ip -j addr`` entry."""
+    for entry in link.get("addr_info", []):
+        if entry.get("family") == "inet":
+            return "%s/%s" % (entry["local"], entry["prefixlen"])
+    return None
+
+
+def read_proc(pid: int, root: str = "/proc") -> Optional[Proc]:
+    try:
+        with open("%s/%d/stat" % (root, pid)) as handle:
+            state, ppid = parse_stat(handle.read())
+        with open("%s/%d/cmdline" % (root, pid), "rb") as handle:
+            argv = parse_cmdline(handle.read())
+        namespaces = []
+        for kind in ("net", "mnt"):
+            try:
+                namespaces.append(os.readlink("%s/%d/ns/%s" % (root, pid, kind)))
+            except OSError:
+                namespaces.append(None)
+        return Proc(pid, ppid, state, argv, *namespaces)
+    except (OSError, ValueError, IndexError):
+        return None  # gone meanwhile
+
+
+def scan_proc(root: str = "/proc") -> List[Proc]:
+    return [p for p in (read_proc(int(n), root) for n in os.listdir(root) if n.isdigit()) if p is not None]
 
 
 def open_marker_socket(netns: str, iface: str) -> socket.socket:
@@ -305,26 +427,27 @@ def in_netns(netns: str, *argv: str) -> str:
     return result.stdout
 
 
-def take_identity(member: CriuMember) -> None:
+def take_identity(where: Located, mac: str, ip: Optional[str]) -> None:
     """Give the member's interface here its MAC and address (a member restored away from home).
 
     CRIU restores sockets bound to the member's address, and its peers know it
     by its MAC: both must be on this host's interface before the restore.
     """
-    current = json.loads(in_netns(member.netns, "ip", "-j", "addr", "show", "dev", member.iface) or "[]")
+    current = json.loads(in_netns(where.netns, "ip", "-j", "addr", "show", "dev", where.iface) or "[]")
     link = current[0] if current else {}
     addresses = {"%s/%s" % (a["local"], a["prefixlen"]) for a in link.get("addr_info", []) if a.get("family") == "inet"}
-    if link.get("address", "").lower() == member.mac.lower() and addresses == {member.ip} and \
+    if link.get("address", "").lower() == mac.lower() and (ip is None or addresses == {ip}) and \
             "UP" in link.get("flags", []):
         return
-    in_netns(member.netns, "ip", "link", "set", member.iface, "down")
-    in_netns(member.netns, "ip", "link", "set", member.iface, "address", member.mac)
-    in_netns(member.netns, "ip", "-4", "addr", "flush", "dev", member.iface)
-    in_netns(member.netns, "ip", "addr", "add", member.ip, "dev", member.iface)
-    in_netns(member.netns, "ip", "link", "set", member.iface, "up")
+    in_netns(where.netns, "ip", "link", "set", where.iface, "down")
+    in_netns(where.netns, "ip", "link", "set", where.iface, "address", mac)
+    if ip:
+        in_netns(where.netns, "ip", "-4", "addr", "flush", "dev", where.iface)
+        in_netns(where.netns, "ip", "addr", "add", ip, "dev", where.iface)
+    in_netns(where.netns, "ip", "link", "set", where.iface, "up")
 
 
-def forget_unresolved_neighbours(member: CriuMember) -> None:
+def forget_unresolved_neighbours(where: Located) -> None:
     """Drop neighbour entries still unresolved in the member's namespace before it resumes.
 
     The ARP requests made while the member was restored (CRIU's TCP probes; on a
@@ -334,19 +457,58 @@ def forget_unresolved_neighbours(member: CriuMember) -> None:
     once by the first packet after the resume.
     """
     for state in ("incomplete", "failed"):
-        subprocess.run(["nsenter", "--net=%s" % member.netns, "ip", "neigh", "flush", "dev", member.iface,
+        subprocess.run(["nsenter", "--net=%s" % where.netns, "ip", "neigh", "flush", "dev", where.iface,
                         "nud", state], capture_output=True, timeout=10)
 
 
-def switch_port_of(member: CriuMember) -> Optional[str]:
+def switch_port_of(where: Located) -> Optional[str]:
     """The switch's name for the port the member's interface (a veth in its namespace) plugs into;
     None when that cannot be told (then the controller finds the member when it next speaks)."""
     try:
-        links = json.loads(in_netns(member.netns, "ip", "-j", "link", "show", "dev", member.iface) or "[]")
+        links = json.loads(in_netns(where.netns, "ip", "-j", "link", "show", "dev", where.iface) or "[]")
         peer = links[0].get("link_index") if links else None
         return socket.if_indextoname(peer) if peer else None
     except (RuntimeError, ValueError, OSError):
         return None
+
+
+IDENTITY = "identity.json"  # the member's MAC, interface and address at the cut, stored with its image
+
+
+def own_namespace(kind: str) -> Optional[str]:
+    try:
+        return os.readlink("/proc/self/ns/%s" % kind)
+    except OSError:
+        return None
+
+
+class Kept:
+    """Namespaces of pidfile members, held open: when the process is gone (killed, to be restored),
+    its namespaces live on and are still found (as ``/proc/<helper>/fd/<n>``)."""
+
+    def __init__(self):
+        self.fds: Dict[Tuple[str, str], Tuple[str, int]] = {}  # (member, kind) -> (ns id, fd)
+        self.lock = threading.Lock()
+
+    def keep(self, member: str, kind: str, path: str) -> str:
+        ident = os.readlink(path)
+        with self.lock:
+            held = self.fds.get((member, kind))
+            if held is None or held[0] != ident:
+                if held is not None:
+                    os.close(held[1])
+                self.fds[(member, kind)] = (ident, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            return "/proc/%d/fd/%d" % (os.getpid(), self.fds[(member, kind)][1])
+
+    def kept(self, member: str, kind: str) -> Optional[str]:
+        with self.lock:
+            held = self.fds.get((member, kind))
+        return "/proc/%d/fd/%d" % (os.getpid(), held[1]) if held else None
+
+    def forget(self, member: str) -> None:
+        with self.lock:
+            for key in [k for k in self.fds if k[0] == member]:
+                os.close(self.fds.pop(key)[1])
 
 
 @register
@@ -357,28 +519,101 @@ class CriuBackend(Backend):
     restores_paused = False  # restored stopped (SIGSTOP), its clock runs on
     Spec = CriuMember
     SCHEMA = Schema({
-        "pid": Field(int, check=positive, help="root of the member's process tree"),
-        "netns": Field(str, help="its network namespace, e.g. /proc/PID/ns/net"),
-        "iface": Field(str, help="its interface in that namespace"),
-        "mac": Field(str, check=unicast_mac, help="its MAC address"),
+        "pidfile": Field((str, type(None)), None, help="a file holding the pid of the member's process (its tree's root)"),
+        "mininet_host": Field((str, type(None)), None, help="or: the Mininet host it runs in..."),
+        "command": Field((str, type(None)), None, help="... and a part of its command line there"),
         "workdir": Field((str, type(None)), None, help="its files, captured at the cut"),
-        "mntns": Field((str, type(None)), None, help="its mount namespace, if not the helper's"),
-        "ip": Field((str, type(None)), None, help="address/prefix to put on iface when restored here"),
+        "ip": Field((str, type(None)), None, help="address/prefix to put on its interface when restored here "
+                                                  "(default: the one it had at the snapshot)"),
     }, allow_none=False)
     retry_delay = 0.05
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.kept = Kept()
+        self.proving: Dict[str, Located] = {}  # member -> where its open quiet proof located it
+        self.scan = scan_proc  # seams for unit tests
+        self.links = lambda netns: json.loads(in_netns(netns, "ip", "-j", "addr", "show") or "[]")
 
     def start(self) -> None:
         become_subreaper()
 
+    # --- where the member is, found afresh for every operation ---------------------------------
+
+    def locate(self, member: CriuMember) -> Located:
+        """The member's process (None when it is not running), namespaces, interface and MAC, now.
+
+        By Mininet host: the host's shell gives the namespaces; the process is the root of the one
+        tree in that network namespace whose command line holds ``command``. By pidfile: the pid's
+        namespaces (held open, so a member killed for a restore is still found)."""
+        procs = self.scan()
+        if member.mininet_host:
+            try:
+                shell = mininet_shell(member.mininet_host, procs)
+            except LookupError as error:
+                raise CriuError("cannot locate %s: %s" % (member.name, error)) from None
+            netns, mntns = "/proc/%d/ns/net" % shell.pid, "/proc/%d/ns/mnt" % shell.pid
+            try:
+                pid = match_process(member.command, [p for p in procs if p.netns == shell.netns], {shell.pid})
+            except LookupError as error:
+                raise CriuError("cannot locate %s in %s: %s" % (member.name, member.mininet_host, error)) from None
+            if shell.mntns is not None and shell.mntns == own_namespace("mnt"):
+                mntns = None  # the helper's own
+            handle = {"mininet_host": member.mininet_host, "shell": shell.pid}
+        else:
+            pid = None
+            try:
+                pid = read_pidfile(member.pidfile)
+            except (OSError, ValueError) as error:
+                why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+                pid, handle = None, {"pidfile": member.pidfile, "problem": "pidfile %s: %s" % (member.pidfile, why)}
+            else:
+                handle = {"pidfile": member.pidfile}
+            proc = read_proc(pid) if pid else None
+            if proc is None or proc.state in ("Z", "X"):
+                pid = None
+            try:
+                if pid is None:
+                    raise OSError()
+                netns = self.kept.keep(member.name, "net", "/proc/%d/ns/net" % pid)
+                mnt_path = "/proc/%d/ns/mnt" % pid
+                mntns = None if os.readlink(mnt_path) == own_namespace("mnt") else self.kept.keep(
+                    member.name, "mnt", mnt_path)
+            except OSError:
+                pid, netns, mntns = None, self.kept.kept(member.name, "net"), self.kept.kept(member.name, "mnt")
+                if netns is None:
+                    raise CriuError("cannot locate %s: %s names no running process and none was seen here "
+                                    "before%s" % (member.name, member.pidfile,
+                                                  " (%s)" % handle["problem"] if "problem" in handle else "")) from None
+        try:
+            link = pick_interface(self.links(netns))
+        except (LookupError, RuntimeError, ValueError) as error:
+            raise CriuError("cannot locate the interface of %s: %s" % (member.name, error)) from None
+        handle.update(ip=ipv4_of(link), handle=member.describe())
+        return Located(mac=str(link.get("address", "")).lower() or None, iface=link.get("ifname"), pid=pid,
+                       netns=netns, mntns=mntns, details=handle)
+
+    def _process(self, member: CriuMember, where: Located) -> ProcessMember:
+        if where.pid is None:
+            raise CriuError("member %s is not running (%s)" % (member.name, member.describe()))
+        return ProcessMember(member.name, where.netns, where.pid, member.workdir, where.mntns)
+
+    # --- the operations --------------------------------------------------------------------
+
     @contextlib.contextmanager
     def quiet_proof(self, member: CriuMember, snapshot: str):
-        marker = open_marker_socket(member.netns, member.iface)  # before any pause: sending is one send()
+        where = self.locate(member)
+        marker = open_marker_socket(where.netns, where.iface)  # before any pause: sending is one send()
+        self.proving[member.name] = where  # the snapshot inside this proof dumps what the marker speaks for
         try:
-            yield lambda: marker.send(build_marker(member.mac, snapshot, member.name))
+            yield lambda: marker.send(build_marker(where.mac, snapshot, member.name))
         finally:
+            self.proving.pop(member.name, None)
             marker.close()
 
     def snapshot(self, member: CriuMember, sink, at_cut, prepare=None) -> ImageReport:
+        where = self.proving.get(member.name) or self.locate(member)
+        process = self._process(member, where)
         images = os.path.join(self.settings.work_dir, sink.snapshot, member.name)
         cut_called = []
 
@@ -389,7 +624,7 @@ class CriuBackend(Backend):
         try:
             for attempt in range(1, DUMP_ATTEMPTS + 1):
                 try:
-                    report = dump(member, images, on_frozen)
+                    report = dump(process, images, on_frozen)
                     break
                 except CriuError:
                     # A dump that failed before its cut left the member running and its frames held:
@@ -399,6 +634,8 @@ class CriuBackend(Backend):
                         raise
                     shutil.rmtree(images, ignore_errors=True)
                     time.sleep(self.retry_delay)
+            with open(os.path.join(images, IDENTITY), "w") as handle:  # who it is on the LAN, for a restore elsewhere
+                json.dump({"mac": where.mac, "iface": where.iface, "ip": where.details.get("ip")}, handle)
             stored = sink.put_dir(images)
         finally:
             shutil.rmtree(images, ignore_errors=True)
@@ -408,21 +645,41 @@ class CriuBackend(Backend):
             details={"dump_ms": round(report.dump_ms, 1), "hook_ms": round(report.hook_ms, 3)})
 
     def restore(self, member: CriuMember, directory: str) -> Restored:
-        stop_tree(member.pid)
-        clear_orphan_sockets(member.netns)
-        if member.ip:
-            take_identity(member)
-        restore_ms = restore(member, directory, leave_stopped=True)
-        return Restored(restore_ms, switch_port_of(member), {"pid": member.pid})
+        where = self.locate(member)
+        if where.pid is not None:
+            stop_tree(where.pid)
+        clear_orphan_sockets(where.netns)
+        identity = {}
+        try:
+            with open(os.path.join(directory, IDENTITY)) as handle:
+                identity = json.load(handle)
+        except (OSError, ValueError):
+            pass
+        mac, ip = identity.get("mac") or where.mac, member.ip or identity.get("ip")
+        if mac and (mac != where.mac or (member.ip and member.ip != where.details.get("ip"))):
+            take_identity(where, mac, ip)  # restored away from home: its MAC and address come along
+        restore_ms = restore(ProcessMember(member.name, where.netns, where.pid or 0, member.workdir, where.mntns), directory,
+                             leave_stopped=True)
+        now = self.locate(member)
+        return Restored(restore_ms, switch_port_of(now), {"pid": now.pid})
 
     def resume(self, member: CriuMember) -> None:
-        forget_unresolved_neighbours(member)
+        where = self.locate(member)
+        forget_unresolved_neighbours(where)
+        if where.pid is None:
+            raise RuntimeError("member %s is not running (%s)" % (member.name, member.describe()))
         try:
-            os.killpg(member.pid, signal.SIGCONT)
+            os.killpg(where.pid, signal.SIGCONT)
         except ProcessLookupError:
-            raise RuntimeError("member %s (pid %d) is not running" % (member.name, member.pid)) from None
+            raise RuntimeError("member %s (pid %d) is not running" % (member.name, where.pid)) from None
 
     def stop(self, member: CriuMember) -> None:
-        stop_tree(member.pid)
-        clear_orphan_sockets(member.netns)
-        in_netns(member.netns, "ip", "link", "set", member.iface, "down")  # its MAC and IP live elsewhere now
+        where = self.locate(member)
+        if where.pid is not None:
+            stop_tree(where.pid)
+        clear_orphan_sockets(where.netns)
+        in_netns(where.netns, "ip", "link", "set", where.iface, "down")  # its MAC and IP live elsewhere now
+
+    def forget(self, member: CriuMember) -> None:
+        """The member was removed from this helper."""
+        self.kept.forget(member.name)

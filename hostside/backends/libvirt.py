@@ -44,8 +44,8 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from hostside.backends.base import Backend, ImageReport, Restored, register
-from violin_core.schema import Field, Schema, unicast_mac
+from hostside.backends.base import Backend, ImageReport, Located, Restored, register
+from violin_core.schema import Field, Schema
 
 SAVE_MAGIC = b"LibvirtQemudSave"
 SAVE_VERSION = 2
@@ -402,12 +402,13 @@ class Libvirt:
         digest, counted, outcome = hashlib.sha256(), [0], {}
         header = save_header(xml)
 
-        buffered: "queue.Queue" = queue.Queue()
+        from hostside.store.spool import Spool
+        buffered = Spool()  # 32 MiB in memory at most, the rest spooled to a temp file on local disk
         buffered.put(header)
 
         def pump():
-            """Drain QEMU's pipe into memory at once: a sink stalled by disk or network must never
-            stall QEMU's final writes, which it makes with the guest paused."""
+            """Drain QEMU's pipe at once (into a bounded spool): a sink stalled by disk or network must
+            never stall QEMU's final writes, which it makes with the guest paused."""
             try:
                 for chunk in iter(lambda: os.read(reader_fd, CHUNK), b""):
                     buffered.put(chunk)
@@ -627,10 +628,25 @@ VM_IMAGE = "vm.save"  # a libvirt save file: header, migratable XML, QEMU's migr
 
 @dataclass
 class VmMember:
+    """A VM member of the helper config, by its libvirt domain name; its tap and MAC come from the
+    domain's XML (``LibvirtBackend.locate``)."""
     name: str
     domain: str
-    iface: str  # the VM's tap: itself the switch port
-    mac: str
+    tap: Optional[str] = None  # the tap its NIC goes on when restored on this host (default: the XML's)
+
+    def describe(self) -> str:
+        return "domain %s" % self.domain
+
+
+def nic_of(domain_xml: str) -> tuple:
+    """(MAC, tap) of the domain's one network interface, from its XML; VmError unless there is one."""
+    nics = ElementTree.fromstring(domain_xml).findall("./devices/interface")
+    if len(nics) != 1:
+        raise VmError("the domain has %d network interfaces; a member has one" % len(nics))
+    mac, target = nics[0].find("mac"), nics[0].find("target")
+    if mac is None or not mac.get("address"):
+        raise VmError("the domain's network interface has no MAC address")
+    return mac.get("address").lower(), (target.get("dev") if target is not None else None)
 
 
 @register
@@ -641,9 +657,9 @@ class LibvirtBackend(Backend):
     restores_paused = True  # comes back paused, its clock stopped until resume
     Spec = VmMember
     SCHEMA = Schema({
-        "domain": Field(str, help="the libvirt domain"),
-        "iface": Field(str, help="the VM's tap (an Open vSwitch port)"),
-        "mac": Field(str, check=unicast_mac, help="the MAC of the VM's NIC on that tap"),
+        "domain": Field(str, check=lambda v: None if v else "a libvirt domain name", help="the libvirt domain"),
+        "tap": Field((str, type(None)), None, help="the tap its NIC goes on when it is restored on this host "
+                                                   "(default: the one in the domain's XML)"),
     }, allow_none=False)
 
     def __init__(self, settings):
@@ -659,9 +675,25 @@ class LibvirtBackend(Backend):
                 self._libvirt = Libvirt(self.settings.libvirt_uri)
             return self._libvirt
 
+    def locate(self, member: VmMember) -> Located:
+        """The running domain's NIC (MAC and tap, which is also its switch port), from its XML now."""
+        dom = self.libvirt.domain(member.domain)
+        try:
+            mac, tap = nic_of(dom.XMLDesc(0))
+            uuid, active = dom.UUIDString(), bool(dom.isActive())
+        except self.libvirt.libvirt.libvirtError as error:
+            raise VmError("cannot locate %s: %s" % (member.domain, error)) from None
+        except VmError as error:
+            raise VmError("cannot locate %s: domain %s: %s" % (member.name, member.domain, error)) from None
+        return Located(mac=mac, iface=tap, port=tap, pid=None,
+                       details={"domain": member.domain, "uuid": uuid, "running": active, "handle": member.describe()})
+
     @contextlib.contextmanager
     def quiet_proof(self, member: VmMember, snapshot: str):
-        yield lambda: wait_tap_drained(member.iface)
+        where = self.locate(member)
+        if not where.iface:
+            raise VmError("domain %s has no tap to prove drained" % member.domain)
+        yield lambda: wait_tap_drained(where.iface)
 
     def snapshot(self, member: VmMember, sink, at_cut, prepare=None) -> ImageReport:
         report = self.libvirt.migrate_out(member.domain, lambda reader: sink.put_stream(VM_IMAGE, reader), at_cut,
@@ -695,9 +727,16 @@ class LibvirtBackend(Backend):
         return files
 
     def restore(self, member: VmMember, directory: str) -> Restored:
-        restore_ms = self.libvirt.restore(os.path.join(directory, VM_IMAGE), member.domain, tap=member.iface,
-                                          mac=member.mac, disks=staged_disks(directory))
-        return Restored(restore_ms, member.iface, {"domain": member.domain})
+        save = os.path.join(directory, VM_IMAGE)
+        try:  # the domain running here now, else the one in the image (destroyed, or restored elsewhere)
+            where = self.locate(member)
+            mac, tap = where.mac, where.iface
+        except VmError:
+            with open(save, "rb") as handle:
+                mac, tap = nic_of(read_save_header(handle.read(1 << 20)))
+        tap = member.tap or tap
+        restore_ms = self.libvirt.restore(save, member.domain, tap=tap, mac=mac, disks=staged_disks(directory))
+        return Restored(restore_ms, tap, {"domain": member.domain})
 
     def resume(self, member: VmMember) -> None:
         self.libvirt.resume(member.domain)

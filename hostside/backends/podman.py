@@ -450,25 +450,25 @@ class PodmanBackend(Backend):
         except (OSError, ValueError) as error:
             raise PodmanError("the image has no readable %s: %s" % (IDENTITY, error)) from None
 
-    def _link(self, member: ContainerMember, netns: str, identity: dict) -> criu.CriuMember:
-        """The member's link here, as criu.py's helpers take it."""
+    def _link(self, member: ContainerMember, netns: str, identity: dict):
+        """The member's link here (as criu.py's helpers take it) and the address it takes there."""
         links = json.loads(criu.in_netns(netns, "ip", "-j", "addr", "show") or "[]")
         iface = pick_iface(links, member.iface or (identity["iface"] if any(
             l.get("ifname") == identity["iface"] for l in links) else None))["ifname"]
         ip = member.ip or (identity["addresses"][0] if identity.get("addresses") else None)
-        return criu.CriuMember(member.name, 0, netns, iface, identity["mac"], ip=ip)
+        return Located(mac=identity["mac"], iface=iface, netns=netns), ip
 
     def restore(self, member: ContainerMember, directory: str) -> Restored:
         started = time.monotonic()
         identity = self._identity(directory)
         netns = member.netns or identity["netns"]
-        link = self._link(member, netns, identity)
+        link, ip = self._link(member, netns, identity)
         self._remove(member.container_name)
         if identity.get("volumes"):  # podman's import brings them back, as they were at the cut
             self.podman([PODMAN, "volume", "rm", "--force"] + identity["volumes"], check=False, timeout=60)
         criu.clear_orphan_sockets(netns)
-        if link.ip:  # away from home, or back after a stop there: its MAC and address on this interface
-            criu.take_identity(link)
+        if ip:  # away from home, or back after a stop there: its MAC and address on this interface
+            criu.take_identity(link, link.mac, ip)
         archive = os.path.join(directory, ARCHIVE)
         if netns != identity["netns"]:  # restored into another namespace: the archive's spec names it
             with tarfile.open(archive) as tar:
@@ -497,7 +497,7 @@ class PodmanBackend(Backend):
 
     def resume(self, member: ContainerMember) -> None:
         where = self.running(member)
-        criu.forget_unresolved_neighbours(criu.CriuMember(member.name, 0, where.netns, where.iface, where.mac))
+        criu.forget_unresolved_neighbours(where)
         for pid in cgroup_tasks(where.pid):
             try:
                 os.kill(pid, signal.SIGCONT)

@@ -1,16 +1,18 @@
 """Where snapshot images live: the snapshot server (``server``), its client (``client``) and the
 ``Store`` interface (``base``) behind the server, with its implementations chosen by name.
 
-``--store file:/srv/images`` picks ``FileStore`` (``files``); a chunk store registers here under its
-own scheme and the server, its HTTP API and the helpers stay as they are.
+``--store file:/srv/images`` picks ``FileStore`` (``files``: one plain file per image file);
+``--store chunks:/srv/images`` picks ``ChunkStore`` (``chunks``: content-defined chunks, each stored
+once, compressed, images as manifests; it also reads a FileStore's layout in the same directory).
 """
 
 from typing import Dict, Type
 
 from .base import Store
+from .chunks import ChunkStore
 from .files import FileStore
 
-STORES: Dict[str, Type[Store]] = {FileStore.scheme: FileStore}
+STORES: Dict[str, Type[Store]] = {FileStore.scheme: FileStore, ChunkStore.scheme: ChunkStore}
 
 
 def store_class(spec: str):

@@ -1,16 +1,32 @@
-"""Client of ``violin-snapshot-server``: stream image files up with their checksum, fetch them back verified."""
+"""Client of ``violin-snapshot-server``: stream image files up with their checksum, fetch them back verified.
+
+Against a chunk store (``--store chunks:DIR``) a file is cut into chunks here (``chunking.py``), the
+server is asked which of them it lacks (one call per batch of ~8 MiB), only those are sent, and the
+file's manifest is committed last; memory stays bounded by one batch whatever the file's size.
+Against a store of whole files (``file:``, or an older server: the chunk calls answer 404 or 405)
+the whole file is PUT, as before. Every upload answers its ``logical_bytes`` (the file's size),
+``stored_bytes`` (what the server newly stored for it, compressed) and ``sent_bytes`` (what went
+over the wire). Downloads check every chunk's hash and every file's sha256.
+"""
 
 import hashlib
 import http.client
+import io
 import json
 import os
+import queue
+import threading
 import urllib.parse
 from typing import Dict, List
 
 from violin_client import tls
 from violin_core.errors import reason_of
 
+from . import chunking
 from .base import CHUNK
+
+FETCH_CHUNKS = 128  # chunks per fetch request (~8 MiB of content on average, 32 MiB at most)
+PIPELINE = 1  # batches cut ahead of the one being sent
 
 
 class StorageError(RuntimeError):
@@ -19,6 +35,10 @@ class StorageError(RuntimeError):
 
 class ChecksumError(StorageError):
     """A fetched file does not match the checksum the server stored with it."""
+
+
+class ChunksLost(StorageError):
+    """The manifest's commit found chunks gone that the server had said it held (collected meanwhile)."""
 
 
 def sha256_file(path: str) -> str:
@@ -40,6 +60,7 @@ class ImageServer:
         self.url, self.host = url.rstrip("/"), parsed.hostname
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.token, self.timeout = token, timeout
+        self.chunked = None  # whether the server takes chunks (asked once, on the first upload)
         try:
             self._context = tls.client_context(ca_file) if parsed.scheme == "https" else None
         except tls.TlsError as error:
@@ -81,21 +102,129 @@ class ImageServer:
     def _refused(self, name, status, answer) -> StorageError:
         return StorageError("snapshot server %s refused %s: %s %s" % (self.url, name, status, reason_of(answer)))
 
+    # --- chunks -------------------------------------------------------------------------------
+
+    def takes_chunks(self, name: str = "/chunks/missing") -> bool:
+        """Whether the server keeps chunks (asked once): an empty ``missing`` call answers 200."""
+        if self.chunked is None:
+            status, answer = self._call("POST", "/chunks/missing", json.dumps({"chunks": []}).encode(),
+                                        {"Content-Type": "application/json"})
+            if status not in (200, 404, 405):
+                raise self._refused(name, status, answer)
+            self.chunked = status == 200
+        return self.chunked
+
+    def _post_json(self, path: str, body: dict, what: str):
+        data = json.dumps(body).encode()
+        status, answer = self._call("POST", path, data, {"Content-Type": "application/json"})
+        if status != 200:
+            raise self._refused(what, status, answer)
+        return answer, len(data)
+
+    def upload_chunks(self, snapshot: str, member: str, name: str, reader) -> Dict:
+        """Cut what ``reader.read(n)`` gives into chunks, send those the server lacks, commit the manifest."""
+        digest, totals = hashlib.sha256(), {"logical_bytes": 0, "stored_bytes": 0, "sent_bytes": 0,
+                                            "chunks": 0, "new_chunks": 0}
+
+        class Hashing:
+            @staticmethod
+            def read(size):
+                data = reader.read(size)
+                digest.update(data)
+                totals["logical_bytes"] += len(data)
+                return data
+
+        entries, known = [], set()  # known: ids this upload already asked about (and sent if lacking)
+        packer = chunking.packer_for(name)
+
+        def send(group):
+            ask = [cid for cid in dict.fromkeys(p.id for p in group) if cid not in known]
+            known.update(ask)
+            answer, size = self._post_json("/chunks/missing", {"chunks": ask}, "/chunks/missing")
+            totals["sent_bytes"] += size
+            lacking = set(answer.get("missing", []))  # only these are compressed and sent
+            frames = b"".join(chunking.frame(sender_packer.compress(p)) for p in
+                              {p.id: p for p in group if p.id in lacking}.values())
+            if frames:
+                status, stored = self._call("POST", "/chunks/upload", frames,
+                                            {"Content-Type": "application/octet-stream",
+                                             "Content-Length": str(len(frames))})
+                if status != 200:
+                    raise self._refused("chunks of %s" % name, status, stored)
+                totals["sent_bytes"] += len(frames)
+                totals["stored_bytes"] += stored.get("stored_bytes", 0)
+                totals["new_chunks"] += stored.get("stored", 0)
+
+        # Cutting and hashing here while the previous batch is asked about, compressed and sent in a
+        # second thread: at most PIPELINE batches in memory (the queue, and the one being sent).
+        sender_packer = chunking.packer_for(name)
+        pipeline, failure = queue.Queue(PIPELINE), []
+
+        def sender():
+            while True:
+                group = pipeline.get()
+                if group is None:
+                    return
+                if not failure:
+                    try:
+                        send(group)
+                    except BaseException as error:  # noqa: B902 - handed to the cutting thread
+                        failure.append(error)
+
+        thread = threading.Thread(target=sender, name="chunk-sender", daemon=True)
+        thread.start()
+        try:
+            for group in chunking.batches(packer.pieces(Hashing)):
+                entries.extend([p.id, len(p.data)] for p in group)
+                if failure:
+                    break
+                pipeline.put(group)
+        finally:
+            pipeline.put(None)
+            thread.join()
+        if failure:
+            raise failure[0]
+        totals["chunks"] = len(entries)
+        body = json.dumps({"bytes": totals["logical_bytes"], "sha256": digest.hexdigest(), "chunks": entries}).encode()
+        status, answer = self._call("PUT", "/manifests/%s/%s/%s" % (snapshot, member, name), body,
+                                    {"Content-Type": "application/json"})
+        totals["sent_bytes"] += len(body)
+        if status == 409:  # a chunk it said it had was collected meanwhile (its snapshot deleted)
+            raise ChunksLost("snapshot server %s lost %d chunks of %s during the upload (deleted meanwhile): %s"
+                             % (self.url, len(answer.get("missing", [])), name, reason_of(answer)))
+        if status != 201:
+            raise self._refused(name, status, answer)
+        if answer.get("sha256") != digest.hexdigest():
+            raise StorageError("snapshot server %s stored %s with sha256 %s, we sent %s" % (
+                self.url, name, answer.get("sha256"), digest.hexdigest()))
+        return dict(answer, **totals)
+
+    # --- whole files ----------------------------------------------------------------------------
+
     def upload(self, snapshot: str, member: str, path: str, name: str = None) -> Dict:
         """Stream one file; the server checks the checksum we computed first."""
         name = name or os.path.basename(path)
+        if self.takes_chunks(name):
+            try:
+                with open(path, "rb") as handle:
+                    return self.upload_chunks(snapshot, member, name, handle)
+            except ChunksLost:  # a file can be read again: once more, now that the server knows it lacks them
+                with open(path, "rb") as handle:
+                    return self.upload_chunks(snapshot, member, name, handle)
         size, checksum = os.path.getsize(path), sha256_file(path)
         with open(path, "rb") as handle:
             status, answer = self._call("PUT", "/images/%s/%s/%s" % (snapshot, member, name), body=handle,
                                         headers={"Content-Length": str(size), "X-Sha256": checksum})
         if status != 201:
             raise self._refused(name, status, answer)
-        return answer
+        return dict(answer, logical_bytes=size, stored_bytes=size, sent_bytes=size)
 
     def upload_stream(self, snapshot: str, member: str, name: str, reader) -> Dict:
         """Stream a file of unknown size (chunked) from ``reader.read(n)`` until it returns b"".
 
         The server's checksum must equal ours, or the upload counts as failed."""
+        if self.takes_chunks(name):
+            return self.upload_chunks(snapshot, member, name, reader)
         digest = hashlib.sha256()
 
         def chunks():
@@ -132,7 +261,7 @@ class ImageServer:
         if stored != digest.hexdigest():
             raise StorageError("snapshot server %s stored %s with sha256 %s, we sent %s" % (
                 self.url, name, stored, digest.hexdigest()))
-        return answer
+        return dict(answer, logical_bytes=answer["bytes"], stored_bytes=answer["bytes"], sent_bytes=answer["bytes"])
 
     def upload_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
         return [self.upload(snapshot, member, os.path.join(directory, name))
@@ -152,11 +281,106 @@ class ImageServer:
                 self.url, snapshot, member, status, reason_of(answer)))
         return answer
 
+    def manifest(self, snapshot: str, member: str, name: str):
+        """A file's chunk manifest, or None (a store of whole files, or a file of the old layout)."""
+        if not self.takes_chunks():
+            return None
+        status, answer = self._call("GET", "/manifests/%s/%s/%s" % (snapshot, member, name))
+        if status == 404:
+            return None
+        if status != 200:
+            raise self._refused("the manifest of %s/%s/%s" % (snapshot, member, name), status, answer)
+        return answer
+
+    def _fetch_group(self, group, where: str) -> bytes:
+        """The frames of ``group``'s chunks, as the server sent them (checked by the caller)."""
+        body = json.dumps({"chunks": [cid for cid, _ in group]}).encode()
+        response, connection = self._request("POST", "/chunks/fetch", body, {"Content-Type": "application/json"})
+        try:
+            if response.status != 200:
+                answer = read_answer(response)
+                missing = answer.get("missing") if isinstance(answer, dict) else None
+                raise StorageError("snapshot server %s: %s%s" % (
+                    self.url, "chunk %s is missing" % missing[0] if missing else
+                    "%s %s" % (response.status, reason_of(answer)), where))
+            return response.read()
+        except (OSError, http.client.HTTPException) as error:
+            raise StorageError("snapshot server %s: fetching chunks%s failed: %s" % (
+                self.url, where, self._failure(error))) from None
+        finally:
+            connection.close()
+
+    def _checked_group(self, group, where: str) -> List[bytes]:
+        """The contents of ``group``'s chunks, fetched, each decompressed and checked against its id."""
+        frames, contents = chunking.read_frames(io.BytesIO(self._fetch_group(group, where))), []
+        for cid, size in group:
+            try:
+                got = next(frames, None)
+            except chunking.ChunkError as error:
+                raise StorageError("snapshot server %s: bad chunk frames%s: %s" % (self.url, where, error)) from None
+            if got is None:
+                raise StorageError("snapshot server %s: the chunks ended before chunk %s%s" % (self.url, cid, where))
+            if got.id != cid:
+                raise ChecksumError("snapshot server %s sent chunk %s for chunk %s%s" % (self.url, got.id, cid, where))
+            try:
+                contents.append(chunking.unpack(cid, size, got.packed, where))
+            except chunking.ChunkError as error:
+                raise ChecksumError(str(error)) from None
+        return contents
+
+    def _download_chunks(self, snapshot: str, member: str, manifest: dict, target: str) -> str:
+        """Write a file from its chunks, each checked; its sha256. ChecksumError/StorageError name the chunk.
+
+        A second thread fetches, decompresses and checks the next group of chunks while this one
+        hashes and writes the current one (at most three groups, ~3 x 8 MiB, in memory)."""
+        where = " of image file %s of member %s (snapshot %s)" % (manifest["name"], member, snapshot)
+        digest, chunks = hashlib.sha256(), manifest["chunks"]
+        groups = [chunks[start:start + FETCH_CHUNKS] for start in range(0, len(chunks), FETCH_CHUNKS)]
+        fetched: "queue.Queue" = queue.Queue(1)
+        stop = threading.Event()
+
+        def fetcher():
+            for group in groups:
+                if stop.is_set():
+                    return
+                try:
+                    fetched.put(self._checked_group(group, where))
+                except BaseException as error:  # noqa: B902 - handed to the writing thread
+                    fetched.put(error)
+                    return
+
+        thread = threading.Thread(target=fetcher, name="chunk-fetcher", daemon=True)
+        thread.start()
+        try:
+            with open(target, "wb") as handle:
+                for _ in groups:
+                    contents = fetched.get()
+                    if isinstance(contents, BaseException):
+                        raise contents
+                    for content in contents:
+                        digest.update(content)
+                        handle.write(content)
+        finally:
+            stop.set()
+            while thread.is_alive():  # let a blocked put through, then the thread ends
+                try:
+                    fetched.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+        return digest.hexdigest()
+
     def download_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
-        """Fetch every file of a member's image into ``directory``, each checksum verified."""
+        """Fetch every file of a member's image into ``directory``, each chunk and checksum verified."""
         os.makedirs(directory, exist_ok=True)
         files = self.index(snapshot, member)["files"]
         for entry in files:
+            manifest = self.manifest(snapshot, member, entry["name"])
+            if manifest is not None:
+                checksum = self._download_chunks(snapshot, member, manifest, os.path.join(directory, entry["name"]))
+                if checksum != entry["sha256"]:
+                    raise ChecksumError("image file %s of %s/%s is corrupt: sha256 %s, expected %s" % (
+                        entry["name"], snapshot, member, checksum, entry["sha256"]))
+                continue
             response, connection = self._request("GET", "/images/%s/%s/%s" % (snapshot, member, entry["name"]))
             try:
                 if response.status != 200:

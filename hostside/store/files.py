@@ -98,7 +98,7 @@ class FileStore(Store):
             if not os.path.isdir(path):
                 return False
             shutil.rmtree(path)
-        fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))  # under the lock: a delete of the whole snapshot may follow at once
         return True
 
     def snapshots(self) -> List[str]:

@@ -7,9 +7,20 @@ helpers stream a member's image files here over HTTP as they are produced.
                                                 optional X-Sha256 is checked -> 201
     GET    /images/<snapshot>/<member>/<file>   the file, with X-Sha256
     GET    /images/<snapshot>/<member>          {"snapshot", "member", "files": [{name, bytes, sha256}]}
-    DELETE /images/<snapshot>                   prune a snapshot's images
-    GET    /health
+    DELETE /images/<snapshot>[/<member>]        prune a snapshot's (or one member's) images
+    GET    /health                              {"status", "root", "store", "chunks"}
+    GET    /stats                               the store's totals (a chunk store: stored, logical, chunks)
     GET    /metrics                             Prometheus text exposition (README "Metrics")
+
+A chunk store (``--store chunks:DIR``) also takes the calls by which a client sends only what the
+server lacks (a FileStore answers them 405, and the client falls back to whole-file PUTs):
+
+    POST   /chunks/missing                      {"chunks": [id, ...]} -> {"missing": [id, ...]}
+    POST   /chunks/upload                       body = chunk frames (chunking.py) -> {"received", "stored", "stored_bytes"}
+    POST   /chunks/fetch                        {"chunks": [id, ...]} -> the chunk frames, in that order
+    PUT    /manifests/<snapshot>/<member>/<file>  {"bytes", "sha256", "chunks": [[id, size], ...]} -> 201,
+                                                or 409 {"missing": [...]} naming the chunks to send first
+    GET    /manifests/<snapshot>/<member>/<file>  {"name", "bytes", "sha256", "chunks"}
 
 Every call but /health and /metrics needs ``Authorization: Bearer <token>``. Errors answer
 ``{"error": <name>, "reason": <text>}`` (``violin_core.errors``). This is only the
@@ -19,16 +30,29 @@ see ``hostside.store.base`` for the rules every store keeps, atomic puts first).
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import traceback
 
 from hostside.httpd import JsonHandler, listen, scheme_of, serve
 from hostside.metrics import ServerMetrics
+from violin_core import schema
 from violin_core.errors import error_body
 
-from . import open_store, store_class
+from . import chunking, open_store, store_class
+from .chunks import ChunkStore, MissingChunks
 from .base import CHUNK, NAME_RE, ChecksumMismatch, InvalidName, NotFound, Store
+
+_IDS = schema.ListOf(schema.Field(str, check=lambda v: None if chunking.is_id(v) else "a chunk id: 64 lowercase hex digits"))
+CHUNK_IDS = schema.Schema({"chunks": _IDS}, allow_none=False)
+MANIFEST = schema.Schema({
+    "bytes": schema.Field(int, check=lambda v: None if v >= 0 else "must be >= 0"),
+    "sha256": schema.Field(str, check=schema.matches(r"^[0-9a-fA-F]{64}$", "64 hex digits")),
+    "chunks": schema.ListOf(schema.Field(list, check=lambda v: None if len(v) == 2 and chunking.is_id(v[0])
+                                         and isinstance(v[1], int) else "[id, size]")),
+}, allow_none=False)
+MAX_JSON = 64 << 20  # a manifest of a 1 TiB image is about 100 MiB: more than a member has
 
 ROUTES = "expected /images/<snapshot>[/<member>[/<file>]] with names of letters, digits, _ . -"
 
@@ -71,7 +95,7 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             super().send_response(*args, **kwargs)
 
         def _error(self, status: int, reason: str) -> None:
-            if getattr(self, "command", None) == "PUT":
+            if getattr(self, "command", None) in ("PUT", "POST"):
                 self.close_connection = True  # its body may be unread: the connection cannot carry another request
             self.send_json(status, error_body(status, reason))
 
@@ -85,6 +109,8 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
                     route(parts)
             except NotFound as error:
                 self._error(404, str(error))
+            except MissingChunks as error:
+                self.send_json(409, error_body(409, str(error), missing=error.ids))
             except (ChecksumMismatch, InvalidName, ValueError) as error:
                 self._error(422 if isinstance(error, ChecksumMismatch) else 400, str(error))
             except Exception as error:  # noqa: BLE001 - the answer must stay JSON
@@ -100,7 +126,13 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             if not self.bearer_is(token):
                 self._error(401, "missing or wrong bearer token")
                 return None
+            if self.path == "/stats":
+                return ["@stats"]
             parts = self.path.strip("/").split("/")
+            if parts[0] == "chunks" and len(parts) == 2 and parts[1] in ("missing", "upload", "fetch"):
+                return ["@chunks", parts[1]]
+            if parts[0] == "manifests" and len(parts) == 4 and all(NAME_RE.match(p) for p in parts[1:]):
+                return ["@manifests"] + parts[1:]
             if parts[0] != "images" or not 2 <= len(parts) <= 4 or not all(NAME_RE.match(p) for p in parts[1:]):
                 self._error(404 if parts[0] != "images" else 400, ROUTES)
                 return None
@@ -116,14 +148,86 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             self._answer(self._delete)
 
         def do_POST(self):
-            self._answer(lambda parts: self._error(405, "the snapshot server takes GET, PUT and DELETE"))
+            self._answer(self._post)
+
+        def _body(self):
+            """The request body's pieces (Content-Length or chunked); None after answering 411."""
+            chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
+            if self.headers.get("Content-Length") is None and not chunked:
+                self._error(411, "Content-Length or chunked transfer encoding is required")
+                return None
+            return read_chunked(self.rfile) if chunked else read_exactly(self.rfile, int(self.headers["Content-Length"]))
+
+        def _json_body(self, shape: schema.Schema):
+            body = self._body()
+            if body is None:
+                return None
+            data, size = [], 0
+            for piece in body:
+                size += len(piece)
+                if size > MAX_JSON:
+                    raise ValueError("a JSON body of more than %d bytes" % MAX_JSON)
+                data.append(piece)
+            try:
+                value = json.loads(b"".join(data) or b"null")
+            except ValueError:
+                raise ValueError("the body is not JSON") from None
+            return shape.validate(value)  # a SchemaError is a ValueError: 400 naming the key
+
+        def _chunk_store(self, what: str) -> bool:
+            if isinstance(store, ChunkStore):
+                return True
+            self._error(405, "%s: this server's store (%s:) keeps whole files, not chunks" % (what, store.scheme))
+            return False
+
+        def _post(self, parts):
+            if parts[:1] != ["@chunks"]:
+                return self._error(405, "POST is only for /chunks/missing, /chunks/upload and /chunks/fetch")
+            if not self._chunk_store(self.path):
+                return None
+            if parts[1] == "upload":
+                body = self._body()
+                if body is None:
+                    return None
+                try:
+                    answer = store.store_chunks(chunking.read_frames(chunking.IterReader(body)))
+                except OSError as error:
+                    metrics.refused("storage_error")
+                    self.close_connection = True
+                    return self._error(507, "cannot store chunks: %s" % (error.strerror or error))
+                return self.send_json(200, answer)
+            body = self._json_body(CHUNK_IDS)
+            if body is None:
+                return None
+            ids = body["chunks"]
+            if parts[1] == "missing":
+                return self.send_json(200, {"missing": store.missing(ids)})
+            packed, lacking = store.packed_chunks(ids)  # read before answering: a sweep cannot truncate it
+            if lacking:
+                return self.send_json(404, error_body(404, "%d chunks are missing (first: %s)" % (
+                    len(lacking), lacking[0]), missing=lacking))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(sum(chunking.HEAD_SIZE + len(p) for p in packed)))
+            self.end_headers()
+            self.wfile.write(b"".join(chunking.frame_head(cid, data) + data for cid, data in zip(ids, packed)))
+            return None
 
         def _get(self, parts):
             if parts == ["health"]:
-                return self.send_json(200, {"status": "ok", "root": store.root})
+                return self.send_json(200, {"status": "ok", "root": store.root, "store": store.scheme,
+                                            "chunks": isinstance(store, ChunkStore)})
             if parts == ["metrics"]:
                 content_type, data = metrics.exposition()
                 return self.send_text(200, data, content_type)
+            if parts == ["@stats"]:
+                return self.send_json(200, dict(store.totals(), store=store.scheme))
+            if parts[0] == "@manifests":
+                if not self._chunk_store(self.path):
+                    return None
+                return self.send_json(200, store.manifest(*parts[1:]))
+            if parts[0].startswith("@"):
+                return self._error(405, "%s takes POST" % self.path)
             if len(parts) == 2:
                 files = store.index(*parts)
                 if files is None:
@@ -143,7 +247,20 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
                     self.wfile.write(chunk)
 
         def _put(self, parts):
-            if parts == ["health"] or len(parts) != 3:
+            if parts[0] == "@manifests":
+                if not self._chunk_store(self.path):
+                    return None
+                body = self._json_body(MANIFEST)
+                if body is None:
+                    return None
+                try:
+                    info = store.commit(*parts[1:], body["bytes"], body["sha256"], body["chunks"])
+                except OSError as error:
+                    metrics.refused("storage_error")
+                    return self._error(507, "cannot store %s: %s" % ("/".join(parts[1:]), error.strerror or error))
+                metrics.stored(info.bytes)
+                return self.send_json(201, dict(info.as_dict(), location="/images/" + "/".join(parts[1:])))
+            if parts[0].startswith("@") or parts == ["health"] or len(parts) != 3:
                 return self._error(400, "PUT /images/<snapshot>/<member>/<file>")
             chunked = self.headers.get("Transfer-Encoding", "").lower() == "chunked"
             if self.headers.get("Content-Length") is None and not chunked:
@@ -173,7 +290,7 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             self.send_json(201, dict(info.as_dict(), location="/images/" + "/".join(parts)))
 
         def _delete(self, parts):
-            if parts[:1] in (["health"], ["metrics"]) or len(parts) not in (1, 2):
+            if parts[0].startswith("@") or parts[:1] in (["health"], ["metrics"]) or len(parts) not in (1, 2):
                 return self._error(400, "DELETE /images/<snapshot>[/<member>]")
             if not store.delete(*parts):
                 return self._error(404, "no images for %s" % "/".join(parts))
@@ -187,7 +304,7 @@ def build_args(argv):
     parser.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT (default 127.0.0.1:7070)")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--dir", help="where images are stored (the same as --store file:DIR)")
-    where.add_argument("--store", help="the store, as SCHEME:ARGUMENT (file:DIR)")
+    where.add_argument("--store", help="the store, as SCHEME:ARGUMENT (file:DIR, or chunks:DIR: deduplicated)")
     parser.add_argument("--token", default=os.environ.get("VIOLIN_SERVER_TOKEN"),
                         help="bearer token clients must send (default: $VIOLIN_SERVER_TOKEN)")
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM, chain after it); needs --tls-key")
@@ -209,8 +326,43 @@ def build_args(argv):
     return args
 
 
+def build_tool_args(argv):
+    """``verify`` / ``gc`` of a chunk store (a server may be running on it: both take its lock)."""
+    parser = argparse.ArgumentParser(prog="violin-snapshot-server " + argv[0],
+                                     description="verify: check every manifest, chunk and file checksum "
+                                     "(JSON report, exit 0 when sound, 1 when damaged); gc: free the chunks "
+                                     "no manifest names")
+    parser.add_argument("--store", required=True, help="the store, chunks:DIR")
+    if argv[0] == "gc":
+        parser.add_argument("--min-age", type=float, default=3600.0,
+                            help="keep unreferenced chunks younger than this many seconds (uploads of a "
+                            "running server hold them; default 3600)")
+    args = parser.parse_args(argv[1:])
+    try:
+        cls, _ = store_class(args.store)
+    except ValueError as error:
+        parser.error(str(error))
+    if cls is not ChunkStore:
+        parser.error("%s works on a chunk store (chunks:DIR), not %s" % (argv[0], args.store))
+    if not os.path.isdir(args.store.partition(":")[2]):
+        parser.error("no such directory: %s" % args.store.partition(":")[2])
+    args.command = argv[0]
+    return args
+
+
+def tool(argv) -> int:
+    args = build_tool_args(argv)
+    store = open_store(args.store)
+    report = store.verify() if args.command == "verify" else store.gc(args.min_age)
+    print(json.dumps(report, indent=1, sort_keys=True))
+    return 0 if report.get("ok", True) else 1
+
+
 def main(argv=None) -> int:
-    args = build_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["verify"], ["gc"]):
+        return tool(argv)
+    args = build_args(argv)
     try:
         store = open_store(args.store)
     except OSError as error:

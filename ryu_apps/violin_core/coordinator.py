@@ -149,6 +149,22 @@ class Coordinator(FabricPolicy):
         member.epoch = self.last_epoch
         return self.members.add(member)
 
+    def put_member(self, member: Member) -> Tuple[bool, Member]:
+        """Register ``member`` or update the one of that name (idempotent: a helper registers its members
+        at every start and after a restore); (created, the member). A member in the running snapshot or
+        in a restore's quarantine is not changed meanwhile (409: ask again after it); a MAC of another
+        member is a 409 too."""
+        current = self.members.find(member.name)
+        if current is None:
+            return True, self.add_member(member)
+        if current.same_as(member):
+            return False, current
+        busy = ("running snapshot %s" % self.current.id if self.running() and member.name in self.current.participants
+                else "a restore" if member.name in self.quarantined else None)
+        if busy:
+            raise Refused(409, "member %s takes part in %s; update it after" % (member.name, busy))
+        return False, self.members.update(member)
+
     def remove_member(self, name: str) -> Member:
         self.members.get(name)
         if self.running() and name in self.current.participants:

@@ -33,6 +33,7 @@ MEMBER_SCHEMA = schema.Schema({
     "helper_url": schema.Field((str, type(None)), None, schema.http_url, help="the host helper that snapshots it"),
     "backend": schema.Field(str, "manual", help="what the member is (criu, libvirt, ...), for people"),
     "handle": schema.Field(str, "", help="the helper's handle for it, for people"),
+    "host": schema.Field(str, "", help="the host its helper runs on, for people"),
     "marker": schema.Field(bool, True, help="whether its cut waits for a marker frame unless the helper says"),
 }, allow_none=False)
 
@@ -45,21 +46,31 @@ class Member:
     backend: str = "manual"
     handle: str = ""
     marker: bool = True  # the cut waits for a marker frame from the member's own link
+    host: str = ""  # the host its helper runs on (as the helper registering it says)
     epoch: int = 0
+
+    def same_as(self, other: "Member") -> bool:
+        """Whether ``other`` describes it alike (what a registration can change; not the epoch)."""
+        return all(getattr(self, key) == getattr(other, key) for key in MEMBER_SCHEMA.fields)
 
     def describe(self, hosts: Dict[str, Tuple[int, int]]) -> dict:
         where = [hosts.get(mac) for mac in self.macs]
         return {"name": self.name, "macs": list(self.macs), "helper_url": self.helper_url,
-                "backend": self.backend, "handle": self.handle, "marker": self.marker,
+                "backend": self.backend, "handle": self.handle, "marker": self.marker, "host": self.host,
                 "epoch": self.epoch,
                 "located": all(w is not None for w in where),
                 "attachment": [None if w is None else {"dpid": "%016x" % w[0], "port": w[1]} for w in where]}
 
 
-def parse_member(spec) -> Member:
-    """Validate a member description (REST body or config entry)."""
+def parse_member(spec, name: Optional[str] = None) -> Member:
+    """Validate a member description (REST body or config entry); ``name``: the one of the URL, which the
+    body may leave out but not contradict."""
     if not isinstance(spec, dict):
         raise Refused(400, "a member is a JSON object")
+    if name is not None:
+        if spec.get("name", name) != name:
+            raise Refused(400, "member %s: the body names %r" % (name, spec.get("name")))
+        spec = dict(spec, name=name)
     try:
         return Member(**MEMBER_SCHEMA.validate(spec))
     except schema.SchemaError as error:
@@ -76,12 +87,23 @@ class MemberRegistry:
     def add(self, member: Member) -> Member:
         if member.name in self._by_name:
             raise Refused(409, "member %s exists; delete it first" % member.name)
-        for other in self._by_name.values():
-            shared = set(other.macs) & set(member.macs)
-            if shared:
-                raise Refused(409, "MAC %s already belongs to member %s" % (sorted(shared)[0], other.name))
+        self._check_macs(member)
         self._by_name[member.name] = member
         return member
+
+    def _check_macs(self, member: Member) -> None:
+        for other in self._by_name.values():
+            shared = set(other.macs) & set(member.macs)
+            if shared and other.name != member.name:
+                raise Refused(409, "MAC %s already belongs to member %s" % (sorted(shared)[0], other.name))
+
+    def update(self, member: Member) -> Member:
+        """Describe the existing member ``member.name`` as ``member`` says (its epoch kept)."""
+        current = self.get(member.name)
+        self._check_macs(member)
+        for key in MEMBER_SCHEMA.fields:
+            setattr(current, key, getattr(member, key))
+        return current
 
     def get(self, name: str) -> Member:
         if name not in self._by_name:

@@ -49,6 +49,11 @@ def build_rest_app(controller: ViolinController) -> RestApp:
     def member(_body, name):
         return coordinator.members.get(name).describe(hosts)
 
+    @route("PUT", "/members/{name}")
+    def put_member(body, name):
+        created, member = coordinator.put_member(parse_member(body, name))
+        return (201 if created else 200), member.describe(hosts)
+
     @route("DELETE", "/members/{name}")
     def remove_member(_body, name):
         return coordinator.remove_member(name).describe(hosts)

@@ -1,7 +1,7 @@
 """The three HTTP APIs keep their OpenAPI contracts under fuzzing (schemathesis, GitHub issue 13).
 
 Each test starts a real server on loopback (a ``ryu-manager violin_snapshot`` with no switches,
-a ``violin-helper`` whose member's pid and namespaces do not exist, a ``violin-snapshot-server``
+a ``violin-helper`` whose member's pidfile does not exist, a ``violin-snapshot-server``
 on a temporary directory) and runs schemathesis's CLI from its own environment (``.venv-fuzz``,
 built by scripts/setup.sh) against the document in docs/, authenticated with the server's bearer
 token, with the checks below. Zero failures and zero errors are required; the number of generated
@@ -100,15 +100,14 @@ def test_snapshot_server_api_keeps_its_contract(lab_ready, schemathesis, tmp_pat
 
 
 def test_helper_api_keeps_its_contract(lab_ready, schemathesis, tmp_path):
-    """A helper whose one member does not exist (its pid is above any pid_max): the calls fail, in contract."""
+    """A helper whose one member does not exist (its pidfile neither): the calls fail, in contract."""
     port = lab.free_port()
     url = "http://127.0.0.1:%d" % port
     config = {"listen": "127.0.0.1:%d" % port, "token": slicelab.HELPER_TOKEN, "controller_token": "unused",
               "servers": ["http://127.0.0.1:%d" % lab.free_port()], "server_token": slicelab.SERVER_TOKEN,
               "work_dir": str(tmp_path / "helper"),
-              "members": {"fuzz-member-7f3a": {"backend": "criu", "pid": 99999999, "netns": "/nonexistent/ns/net",
-                                               "workdir": str(tmp_path / "member"), "iface": "fz-eth0",
-                                               "mac": "00:00:00:00:7f:3a"}}}
+              "members": {"fuzz-member-7f3a": {"backend": "criu", "pidfile": str(tmp_path / "none.pid"),
+                                               "workdir": str(tmp_path / "member")}}}
     (tmp_path / "helper.json").write_text(json.dumps(config))
     helper = slicelab.start_daemon([sys.executable, "-m", "hostside.helper", "--config", str(tmp_path / "helper.json")],
                                    url, str(tmp_path / "helper.log"))

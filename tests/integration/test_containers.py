@@ -193,7 +193,7 @@ def test_demo_with_containers_gives_a_bit_identical_image(podman_ready, tmp_path
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
     import demo
     out = tmp_path / "mandelbrot.png"
-    code = demo.main(["--containers", "--width", "120", "--height", "90", "--iterations", "200", "--delay-ms", "200",
+    code = demo.main(["--containers", "--width", "120", "--height", "90", "--iterations", "200", "--delay-ms", "400",
                       "--every", "3", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed

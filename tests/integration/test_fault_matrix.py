@@ -39,9 +39,12 @@ def quick_reconnect(net):
 
 
 def register(controller, net, members):
-    for h in net.hosts:  # members are registered through the API: a restarted controller must be told again
-        status, body = controller.request("POST", "/violin/members", {
-            "name": h.name, "macs": [h.MAC()], "helper_url": members.helper_url, "backend": "criu"})
+    """Members are registered through the API: a restarted controller must be told again. The helper does
+    so itself every 30 s; this tells it at once, as the helper would (PUT is idempotent)."""
+    for h in net.hosts:
+        status, body = controller.request("PUT", "/violin/members/%s" % h.name, {
+            "macs": [h.MAC()], "helper_url": members.helper_url, "backend": "criu", "host": "lab",
+            "handle": "%s: seqstream.py" % h.name})
         assert status in (200, 201), body
 
 
@@ -464,9 +467,9 @@ def test_controller_killed_while_a_vm_waits_at_its_switchover(slice_controller, 
                       % ((time.monotonic() - killed) * 1000))
                 assert time.monotonic() - killed < 5
                 restart_controller(controller, net, members)
-                status, body = controller.request("POST", "/violin/members", {
-                    "name": guest.name, "macs": [guest.mac], "helper_url": members.helper_url,
-                    "backend": "libvirt", "marker": False})
+                status, body = controller.request("PUT", "/violin/members/%s" % guest.name, {
+                    "macs": [guest.mac], "helper_url": members.helper_url, "backend": "libvirt", "marker": False,
+                    "host": "lab", "handle": "domain %s" % guest.name})
                 assert status in (200, 201), body
                 view = controller.get("/violin/snapshots/%s" % snap["id"])[1]
                 assert view["state"] == "aborted" and "restarted" in view["reason"] and not view["restorable"], view

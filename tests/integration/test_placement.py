@@ -19,21 +19,22 @@ def test_a_member_is_restored_on_a_spare_host_and_the_slice_stays_consistent(sli
         h1, h2, h3, spare = net.hosts
         with slicelab.helped_slice(controller, net, str(tmp_path), rate=150, hosts=[h1, h2, h3]) as members:
             # A second helper on the spare host, which can host h3 there: h3's image, the spare's namespace.
+            # Named as users know it (the spare Mininet host, h3's command line); h3's MAC and address come
+            # with its image. It does not run there yet, so this helper does not register it.
             port = lab.free_port()
             spare_url = "http://127.0.0.1:%d" % port
             config = {"listen": "127.0.0.1:%d" % port, "token": slicelab.HELPER_TOKEN,
                       "controller_token": controller.token, "servers": [members.server_url],
                       "server_token": slicelab.SERVER_TOKEN, "work_dir": str(tmp_path / "spare-helper"),
-                      "members": {"%s" % h3.name: {
-                          "pid": members.pids[h3.name], "netns": "/proc/%d/ns/net" % spare.pid,
-                          "mntns": "/proc/%d/ns/mnt" % spare.pid, "workdir": members.member_dir(h3),
-                          "iface": str(spare.defaultIntf()), "mac": h3.MAC(), "ip": "%s/8" % h3.IP()}}}
+                      "controller": controller.url, "host_name": "spare",
+                      "members": {h3.name: slicelab.criu_member(spare, members.member_dir(h3))}}
             (tmp_path / "spare.json").write_text(json.dumps(config))
             spare_helper = slicelab.start_daemon([sys.executable, "-m", "hostside.helper", "--config",
                                                   str(tmp_path / "spare.json")], spare_url,
                                                  str(tmp_path / "spare-helper.log"))
             try:
                 time.sleep(0.6)
+                assert controller.get("/violin/members/%s" % h3.name)[1]["helper_url"] == members.helper_url
                 status, snap = controller.request("POST", "/violin/snapshots", {"label": "before-move"})
                 assert status == 202, snap
                 view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"])
@@ -51,6 +52,11 @@ def test_a_member_is_restored_on_a_spare_host_and_the_slice_stays_consistent(sli
                 assert spare.cmd("cat /sys/class/net/%s/address" % spare.defaultIntf()).strip() == h3.MAC()
                 status, member = controller.get("/violin/members/%s" % h3.name)
                 assert member["helper_url"] == spare_url and member["located"], member
+                # ... and the spare's helper has registered it as its own since (its host name)
+                deadline = time.monotonic() + 10
+                while controller.get("/violin/members/%s" % h3.name)[1]["host"] != "spare":
+                    assert time.monotonic() < deadline, controller.get("/violin/members/%s" % h3.name)
+                    time.sleep(0.1)
                 assert member["attachment"][0]["port"] == spare.defaultIntf().link.intf2.node.ports[
                     spare.defaultIntf().link.intf2]
                 # It keeps talking, and a later snapshot+restore goes through its new helper.

@@ -15,6 +15,11 @@ import pytest
 from violin_client import cli
 
 TOKEN = "good-token"
+HELPER_TOKEN = "helper-token"
+
+
+def path_is_helper(path):
+    return path == "/members" or path.startswith("/members/")
 CREATED = 1790000000.25
 
 
@@ -131,6 +136,18 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(raw) if raw else None
         server = self.server
         server.requests.append((method, self.path, body, self.headers.get("Authorization")))
+        if path_is_helper(self.path):  # the same fake plays a host helper (its own token)
+            if self.headers.get("Authorization") != "Bearer " + HELPER_TOKEN:
+                return self.error(401, "unauthorized", "missing or wrong bearer token")
+            if self.path == "/members" and method == "POST":
+                if body["name"] == "dup":
+                    return self.error(409, "conflict", "this helper hosts a member dup already; remove it first")
+                return self.answer(201, {"name": body["name"], "backend": body.get("backend"), "spec": body,
+                                         "located": {"mac": "00:00:00:00:00:05", "iface": "h5-eth0", "pid": 55},
+                                         "registration": {"registered": False, "reason": "pending"}})
+            if self.path.startswith("/members/") and method == "DELETE":
+                return self.answer(200, {"removed": self.path.rsplit("/", 1)[1], "unregistered": True})
+            return self.error(404, "not_found", "no such resource")
         if method != "GET" and self.headers.get("Authorization") != "Bearer " + TOKEN:
             return self.error(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
         path = self.path
@@ -145,6 +162,9 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(201, dict(body, epoch=0, located=False, attachment=[None]))
         if path == "/violin/members/h1" and method == "DELETE":
             return self.answer(200, server.members[0])
+        known = {m["name"]: m for m in server.members}
+        if path.startswith("/violin/members/") and method == "GET" and path.rsplit("/", 1)[1] in known:
+            return self.answer(200, known[path.rsplit("/", 1)[1]])
         if path.startswith("/violin/members/"):
             return self.error(404, "not_found", "no member %s" % path.rsplit("/", 1)[1])
         if path == "/violin/snapshots" and method == "POST":
@@ -260,6 +280,10 @@ def test_build_args_member_add_restore_schedule():
     ["member"],
     ["member", "add", "h1"],
     ["member", "add", "h1", "--mac", "not-a-mac"],
+    ["member", "add", "h1", "--domain", "vm1"],  # by name: to a helper
+    ["member", "add", "h1", "--domain", "vm1", "--helper", "http://h:7001", "--mac", "00:00:00:00:00:01"],
+    ["member", "add", "h1", "--spec", "no-equals", "--helper", "http://h:7001"],
+    ["member", "add", "h1", "--domain", "vm1", "--spec", "domain=vm2", "--helper", "http://h:7001"],
     ["show"],
     ["snapshot", "--timeout", "-1"],
     ["snapshot", "--members", ","],
@@ -380,6 +404,46 @@ def test_member_add_sends_the_fields_and_the_token(controller, capsys):
     assert (method, path, auth) == ("POST", "/violin/members", "Bearer " + TOKEN)
     assert body == {"name": "h3", "macs": ["00:00:00:00:00:03"], "helper_url": "http://helper3:7000",
                     "backend": "criu", "marker": False}
+
+
+def test_member_add_by_name_goes_to_the_helper_with_its_token(controller, capsys):
+    assert run(controller, "member", "add", "h5", "--helper", controller.url, "--mininet-host", "h5",
+               "--command", "seqstream.py", "--workdir", "/srv/h5", "--spec", "ip=10.0.0.5/8",
+               "--helper-token", HELPER_TOKEN) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("added member h5 (criu) at its helper: 00:00:00:00:00:05 on h5-eth0 (pid 55)"), out
+    method, path, body, auth = controller.requests[-1]
+    assert (method, path, auth) == ("POST", "/members", "Bearer " + HELPER_TOKEN)
+    assert body == {"name": "h5", "backend": "criu", "mininet_host": "h5", "command": "seqstream.py",
+                    "workdir": "/srv/h5", "ip": "10.0.0.5/8"}
+    assert run(controller, "member", "add", "vm3", "--helper", controller.url, "--domain", "vm3",
+               "--helper-token", HELPER_TOKEN) == 0
+    assert controller.requests[-1][2] == {"name": "vm3", "backend": "libvirt", "domain": "vm3"}
+    assert run(controller, "member", "add", "dup", "--helper", controller.url, "--pidfile", "/run/x.pid",
+               "--helper-token", HELPER_TOKEN) == 1
+    assert capsys.readouterr().err.strip() == "violin: this helper hosts a member dup already; remove it first"
+    assert run(controller, "member", "add", "h6", "--helper", controller.url, "--pidfile", "/run/x.pid",
+               "--helper-token", "wrong") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("violin: the helper refused the token") and "Traceback" not in err
+
+
+def test_member_rm_of_a_helper_registered_member_goes_to_its_helper(controller, capsys):
+    controller.members[0].update(host="hv1", helper_url=controller.url)
+    assert run(controller, "member", "rm", "h1", "--helper-token", HELPER_TOKEN) == 0
+    assert capsys.readouterr().out.strip() == "removed member h1 at its helper %s" % controller.url
+    assert controller.requests[-1][:2] == ("DELETE", "/members/h1")
+    assert run(controller, "member", "rm", "h9", "--helper", controller.url, "--helper-token", HELPER_TOKEN) == 0
+    assert controller.requests[-1][:2] == ("DELETE", "/members/h9")
+    capsys.readouterr()
+
+
+def test_members_table_shows_backend_host_and_attachment(controller, capsys):
+    controller.members[0]["host"] = "hv1"
+    assert run(controller, "members") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:6] == ["NAME", "MACS", "HELPER", "BACKEND", "HOST", "MARKER"]
+    assert lines[1].split()[3:5] == ["criu", "hv1"] and lines[2].split()[3:5] == ["manual", "-"]
 
 
 def test_member_rm(controller, capsys):

@@ -15,6 +15,7 @@ import pytest
 import fakebackend
 from hostside import helper, orchestration, ovs
 from hostside.backends import criu
+from hostside.backends.base import Located
 
 CALLBACKS = "http://controller:8080/violin/snapshots/s1/members/f1/"
 SNAPSHOT = {"snapshot": "s1", "member": "f1", "epoch": 1, "prepare_url": CALLBACKS + "prepare",
@@ -107,7 +108,8 @@ def test_a_snapshot_calls_prepare_cut_done_in_order_and_stores_the_image(rig):
     assert rig.reported("done") == [{
         "pause_ms": 1.25, "bytes": 11, "server": "http://store:7070",
         "image": {"backend": "fake", "fake_ms": 2.0, "files": [
-            {"name": "memory", "bytes": 11, "sha256": hashlib.sha256(b"state of f1").hexdigest()}]}}]
+            {"name": "memory", "bytes": 11, "sha256": hashlib.sha256(b"state of f1").hexdigest()}],
+            "storage": {"logical_bytes": 11, "stored_bytes": 11, "sent_bytes": 11}}}]
     assert rig.helper.jobs["s1/f1"]["state"] == "done"
 
 
@@ -272,8 +274,10 @@ class FakeSocket:
 
 @pytest.fixture
 def criu_rig(tmp_path, monkeypatch):
-    rig = Rig(tmp_path, members={"f1": {"pid": 10, "netns": "/proc/9/ns/net", "iface": "h1-eth0",
-                                        "mac": "00:00:00:00:00:01"}})
+    rig = Rig(tmp_path, members={"f1": {"mininet_host": "h1", "command": "seqstream.py"}})
+    rig.located = []
+    rig.backend.locate = lambda member: rig.located.append(member.name) or Located(
+        "00:00:00:00:00:01", "h1-eth0", 10, "/proc/9/ns/net", details={"ip": "10.0.0.1/8"})
     rig.socket = FakeSocket()
     rig.dumps = []
     rig.backend.retry_delay = 0
@@ -305,8 +309,9 @@ def test_criu_dumps_failing_before_the_cut_are_retried(criu_rig, monkeypatch):
     assert criu_rig.reported("cut") == [{"marker": True}] and len(criu_rig.socket.sent) == 1 and criu_rig.socket.closed
     (done,) = criu_rig.reported("done")
     assert done["pause_ms"] == 4.0 and done["image"]["backend"] == "criu" and done["image"]["dump_ms"] == 30.0
-    assert [f["name"] for f in done["image"]["files"]] == ["pages-1.img"]
     assert not os.path.exists(os.path.join(criu_rig.config.work_dir, "s1", "f1"))  # the local copy is gone
+    assert [f["name"] for f in done["image"]["files"]] == ["identity.json", "pages-1.img"]  # its MAC, for elsewhere
+    assert criu_rig.located == ["f1"] * 2  # found afresh: the request, the marker socket (and the dump)
 
 
 def test_criu_dumps_failing_every_time_fail_the_snapshot(criu_rig, monkeypatch):
@@ -435,3 +440,186 @@ def test_http_refusals_of_http_server_itself_are_json_too(served):
         if status == 405:
             assert "POST" in response.getheader("Allow")
         connection.close()
+
+
+# --- registration with the controller, members at runtime ----------------------------------------
+
+class FakeController:
+    """The controller's /violin/members as the registrar calls it: answers, or raises what it is told."""
+
+    def __init__(self):
+        self.members, self.calls, self.fail = {}, [], []  # fail: errors raised by the next calls, in turn
+
+    def __call__(self, method, name, body):
+        self.calls.append((method, name))
+        if self.fail:
+            raise self.fail.pop(0)
+        if method == "PUT":
+            self.members[name] = body
+        else:
+            self.members.pop(name, None)
+        return body
+
+
+@pytest.fixture
+def reg_rig(tmp_path):
+    with fakebackend.registered():
+        controller = FakeController()
+        raw = {"token": "t", "controller_token": "c", "server_token": "s", "servers": ["http://store:7070"],
+               "work_dir": str(tmp_path), "controller": "http://controller:8080", "host_name": "hv1",
+               "listen": "127.0.0.1:7009",
+               "members": {"f1": {"backend": "fake"}, "f2": {"backend": "fake", "mac": "00:00:00:00:00:0b"}}}
+        config = helper.parse_config(raw, environ={})
+        h = helper.Helper(config, post=lambda url, body: {}, store=FakeStore().client, purge=lambda: None,
+                          register=controller, spawn=lambda job: None)  # the registrar is run by hand
+        h.controller, h.fake = controller, config.backends["f1"]
+        yield h
+
+
+def test_the_helper_registers_every_running_member_with_what_locate_found(reg_rig):
+    reg_rig.register_all()
+    assert reg_rig.registrar.run_once() == 0
+    assert reg_rig.controller.members == {
+        "f1": {"name": "f1", "macs": ["00:00:00:00:00:0a"], "helper_url": "http://127.0.0.1:7009", "backend": "fake",
+               "marker": True, "host": "hv1", "handle": "fake f1"},
+        "f2": {"name": "f2", "macs": ["00:00:00:00:00:0b"], "helper_url": "http://127.0.0.1:7009", "backend": "fake",
+               "marker": True, "host": "hv1", "handle": "fake f2"}}
+    assert reg_rig.member_view("f1")["registration"]["registered"] is True
+    # Registering again with nothing changed calls nobody; a restore onto this helper registers it again if changed.
+    reg_rig.registrar.want("f1")
+    reg_rig.registrar.run_once()
+    assert reg_rig.controller.calls.count(("PUT", "f1")) == 1
+
+
+def test_a_controller_not_up_yet_is_asked_again_and_a_member_not_running_here_is_not_claimed(reg_rig):
+    reg_rig.fake.gone = {"f2"}  # e.g. a member this helper could host after a restore elsewhere
+    reg_rig.controller.fail = [orchestration.ControllerError("controller unreachable at http://controller:8080")]
+    reg_rig.register_all()
+    assert reg_rig.registrar.run_once() == 1  # f1 waits for the controller
+    view = reg_rig.member_view("f1")["registration"]
+    assert view["registered"] is False and "unreachable" in view["reason"]
+    assert reg_rig.registrar.run_once() == 0 and set(reg_rig.controller.members) == {"f1"}
+    assert "not running here" in reg_rig.member_view("f2")["registration"]["reason"]
+    assert reg_rig.member_view("f2")["located"]["running"] is False
+
+
+def test_a_409_while_the_member_is_in_a_snapshot_is_retried_in_the_background():
+    calls, waits = [], []
+    answers = [orchestration.ControllerError("controller answered 409 to PUT f1: running snapshot", 409), None]
+
+    def call(method, name, body):
+        calls.append(method)
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+
+    registrar = orchestration.Registrar(call, lambda name: {"name": name, "macs": ["00:00:00:00:00:0a"]},
+                                        spawn=lambda job: None, refresh=None)
+    registrar.want("f1")
+    registrar.wake.wait = lambda seconds: waits.append(seconds)  # the backoff, without waiting
+    registrar._loop()
+    assert calls == ["PUT", "PUT"] and waits == [0.5] and not registrar.running
+
+
+def test_the_registrar_registers_again_now_and_then_for_a_restarted_controller():
+    calls = []
+    registrar = orchestration.Registrar(lambda m, n, b: calls.append((m, n)), lambda name: {"name": name},
+                                        spawn=lambda job: None, refresh=30.0)
+    registrar.want("f1")
+    registrar.run_once()
+    rounds = []
+
+    def wait(seconds):
+        rounds.append(seconds)
+        if len(rounds) > 2:
+            raise StopIteration  # end the worker's loop
+    registrar.wake.wait = wait
+    with pytest.raises(StopIteration):
+        registrar._loop()
+    assert calls == [("PUT", "f1"), ("PUT", "f1"), ("PUT", "f1")] and rounds == [30.0, 30.0, 30.0]
+
+
+def test_members_are_added_and_removed_at_runtime_and_kept_across_restarts(reg_rig, tmp_path):
+    reg_rig.register_all()
+    view = reg_rig.add_member({"name": "f3", "backend": "fake", "mac": "00:00:00:00:00:0c"})
+    assert view["name"] == "f3" and view["located"]["mac"] == "00:00:00:00:00:0c"
+    reg_rig.registrar.run_once()
+    assert reg_rig.controller.members["f3"]["macs"] == ["00:00:00:00:00:0c"]
+    with pytest.raises(orchestration.Conflict, match="f3 already"):
+        reg_rig.add_member({"name": "f3", "backend": "fake"})
+    for bad in ({"name": "x/y", "backend": "fake"}, {"backend": "fake"}, {"name": "f4", "backend": "xen"},
+                {"name": "f4", "backend": "fake", "mac": "zz"}, {"name": "f4"}, ["f4"]):
+        with pytest.raises(orchestration.BadRequest):
+            reg_rig.add_member(bad)
+    assert reg_rig.remove_member("f1") == {"removed": "f1", "unregistered": True}
+    assert "f1" not in reg_rig.controller.members and reg_rig.names() == ["f2", "f3"]
+    with pytest.raises(orchestration.UnknownMember):
+        reg_rig.remove_member("f1")
+    # A helper started again on the same work_dir hosts what was added and not what was removed.
+    again = helper.Helper(reg_rig.config, post=lambda url, body: {}, store=FakeStore().client,
+                          register=FakeController(), spawn=lambda job: None)
+    assert again.names() == ["f2", "f3"] and again.members["f3"][1].mac == "00:00:00:00:00:0c"
+
+
+def test_removing_a_member_the_controller_keeps_is_refused_and_an_unreachable_one_unregistered_later(reg_rig):
+    reg_rig.register_all()
+    reg_rig.registrar.run_once()
+    reg_rig.controller.fail = [orchestration.ControllerError("409: takes part in running snapshot s1", 409)]
+    with pytest.raises(orchestration.Conflict, match="running snapshot"):
+        reg_rig.remove_member("f1")
+    assert "f1" in reg_rig.names() and "f1" in reg_rig.controller.members
+    reg_rig.controller.fail = [orchestration.ControllerError("controller unreachable")]
+    assert reg_rig.remove_member("f1") == {"removed": "f1", "unregistered": False}
+    assert reg_rig.registrar.run_once() == 0 and "f1" not in reg_rig.controller.members
+
+
+def test_a_snapshot_of_a_member_that_cannot_be_located_is_refused_at_once(rig):
+    rig.backend.fail["locate"] = RuntimeError("cannot locate f1: no Mininet host h1 here")
+    with pytest.raises(orchestration.Failed, match="no Mininet host h1"):
+        rig.helper.start_snapshot(SNAPSHOT)
+    assert rig.helper.jobs == {} and rig.timeline == []
+
+
+def test_a_restore_registers_the_member_again_and_a_stop_lets_it_go(reg_rig):
+    reg_rig.register_all()
+    reg_rig.registrar.run_once()
+    reg_rig.fake.calls = []
+    store = FakeStore()
+    reg_rig.store = store.client
+    reg_rig.start_snapshot(dict(SNAPSHOT))  # spawn does nothing: run the job here
+    reg_rig._run_snapshot(orchestration.read_body("snapshot", SNAPSHOT), *reg_rig.members["f1"], "s1/f1")
+    files = [{"name": n, "sha256": hashlib.sha256(d).hexdigest()} for n, d in
+             store.images["http://store:7070"][("s1", "f1")].items()]
+    reg_rig.stage({"snapshot": "s1", "member": "f1", "server": "http://store:7070", "files": files})
+    reg_rig.fake.calls = []
+    reg_rig.members["f1"][1].mac = "00:00:00:00:00:0d"  # e.g. a new interface here
+    reg_rig.restore({"snapshot": "s1", "member": "f1"})
+    reg_rig.registrar.run_once()
+    assert reg_rig.controller.members["f1"]["macs"] == ["00:00:00:00:00:0d"]
+    reg_rig.stop({"snapshot": "s1", "member": "f1"})
+    assert reg_rig.member_view("f1")["registration"]["reason"] == "moved to another helper"
+
+
+def test_http_members_add_list_remove(served):
+    served.helper.factory = served.config.make_member
+    status, answer = call(served, "/members", {"name": "f9", "backend": "fake", "mac": "00:00:00:00:00:09"})
+    assert status == 201 and answer["located"]["mac"] == "00:00:00:00:00:09"
+    assert call(served, "/members", {"name": "f9", "backend": "fake"})[0] == 409
+    assert call(served, "/members", {"name": "f8", "backend": "fake", "colour": 1})[0] == 400
+    request = urllib.request.Request(served.url + "/members", headers={"Authorization": "Bearer t"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert [m["name"] for m in json.loads(response.read())["members"]] == ["f1", "f9"]
+    with urllib.request.urlopen(urllib.request.Request(served.url + "/health"), timeout=10) as response:
+        assert json.loads(response.read())["members"] == ["f1", "f9"]
+
+    def delete(path, token="t"):
+        request = urllib.request.Request(served.url + path, method="DELETE", headers={"Authorization": "Bearer " + token})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    assert delete("/members/f9") == (200, {"removed": "f9", "unregistered": None})
+    assert delete("/members/f9")[0] == 404 and delete("/members/f1", token="x")[0] == 401
+    assert delete("/members/bad%20name")[0] == 400 and delete("/nowhere")[0] == 404

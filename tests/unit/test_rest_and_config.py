@@ -120,3 +120,30 @@ def test_check_config_command(tmp_path, capsys):
     assert cfg.check_config_main([str(tmp_path / "missing.json")]) == 2
     assert cfg.check_config_main([]) == 2
     assert "max_hosts" in capsys.readouterr().err
+
+
+def test_put_member_registers_then_updates_idempotently(tmp_path):
+    controller, app = make_app(tmp=str(tmp_path))
+    spec = {"macs": ["00:00:00:00:00:01"], "helper_url": "http://a:7001", "backend": "criu", "host": "hv1",
+            "handle": "h1: seqstream.py"}
+    status, body = call(app, "/violin/members/h1", "PUT", spec, "s3cret")
+    assert status == 201 and body["host"] == "hv1" and body["backend"] == "criu" and body["name"] == "h1"
+    controller.coordinator.members["h1"].epoch = 4  # an update keeps the member's epoch
+    assert call(app, "/violin/members/h1", "PUT", dict(spec, name="h1"), "s3cret")[0] == 200
+    status, body = call(app, "/violin/members/h1", "PUT", dict(spec, helper_url="http://b:7001", host="hv2"), "s3cret")
+    assert status == 200 and body["helper_url"] == "http://b:7001" and body["host"] == "hv2" and body["epoch"] == 4
+    assert call(app, "/violin/members")[1]["members"][0]["host"] == "hv2"
+
+
+def test_put_member_refuses_another_members_mac_a_contradicting_name_and_no_token(tmp_path):
+    _, app = make_app(tmp=str(tmp_path))
+    assert call(app, "/violin/members/h1", "PUT", {"macs": ["00:00:00:00:00:01"]}, "s3cret")[0] == 201
+    status, body = call(app, "/violin/members/h2", "PUT", {"macs": ["00:00:00:00:00:01"]}, "s3cret")
+    assert status == 409 and "belongs to member h1" in body["reason"]
+    status, body = call(app, "/violin/members/h2", "PUT", {"name": "h3", "macs": ["00:00:00:00:00:02"]}, "s3cret")
+    assert status == 400 and "h3" in body["reason"]
+    assert call(app, "/violin/members/h2", "PUT", {"macs": ["00:00:00:00:00:02"]})[0] == 401
+    assert call(app, "/violin/members/h2", "PUT", {"macs": []}, "s3cret")[0] == 400
+    # the MAC moves from one member to another only when the first lets it go
+    assert call(app, "/violin/members/h1", "PUT", {"macs": ["00:00:00:00:00:03"]}, "s3cret")[0] == 200
+    assert call(app, "/violin/members/h2", "PUT", {"macs": ["00:00:00:00:00:01"]}, "s3cret")[0] == 201

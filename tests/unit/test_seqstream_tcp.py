@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import struct
 import sys
 import time
 
@@ -24,6 +25,19 @@ def start(tmp_path, ident, address, peer, peer_address, *extra):
          "%d=%s" % (peer, peer_address), "--rate", str(RATE), "--progress", str(directory / "member.progress"),
          "--log", str(directory / "member.log")] + list(extra), stdin=subprocess.DEVNULL)
     return process, str(directory)
+
+
+def wait_sending(directory, peer, timeout=15.0):
+    """Until the member has sent to ``peer`` (its SIGTERM handler is in place by then; a busy host is slow)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if seqstream.read_progress(os.path.join(directory, "member.progress"), [peer])[peer][1] > 0:
+                return
+        except (OSError, ValueError, KeyError, IndexError, struct.error):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("member in %s sent nothing in %.0f s" % (directory, timeout))
 
 
 def stop(processes):
@@ -48,7 +62,16 @@ def test_udp_and_tcp_streams_on_loopback_are_exactly_once(tmp_path, loopback_por
     first, dir1 = start(tmp_path, 1, "127.0.0.1", 2, "127.0.0.2")
     time.sleep(0.3)  # member 1 tries to connect to 2 before 2 listens: it retries until 2 is up
     second, dir2 = start(tmp_path, 2, "127.0.0.2", 1, "127.0.0.1")
-    time.sleep(1.5)
+    progress, deadline = os.path.join(dir1, "member.progress"), time.monotonic() + 15
+    while time.monotonic() < deadline:  # until over a second's worth went each way (slower on a busy host)
+        time.sleep(0.25)
+        try:
+            if seqstream.read_progress(progress, [2], tcp=True)[2][1] > RATE + RATE // 4:
+                break
+        except (OSError, ValueError, KeyError, IndexError, struct.error):
+            pass
+    wait_sending(dir2, 1)
+    time.sleep(0.3)
     stop([first, second])
     result = oracle.load([dir1, dir2], margin=RATE // 4)
     assert result["totals"]["streams"] == 4 and result["totals"]["tcp"]["streams"] == 2, result["totals"]
@@ -67,6 +90,8 @@ def test_udp_and_tcp_streams_on_loopback_are_exactly_once(tmp_path, loopback_por
 def test_no_tcp_keeps_a_member_udp_only(tmp_path, loopback_ports_free):
     first, dir1 = start(tmp_path, 1, "127.0.0.1", 2, "127.0.0.2", "--no-tcp")
     second, dir2 = start(tmp_path, 2, "127.0.0.2", 1, "127.0.0.1", "--no-tcp")
+    wait_sending(dir1, 2)
+    wait_sending(dir2, 1)
     time.sleep(0.8)
     stop([first, second])
     result = oracle.load([dir1, dir2], margin=RATE // 4)

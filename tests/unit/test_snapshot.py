@@ -559,3 +559,19 @@ def test_a_batch_the_switches_do_not_confirm_answers_every_cut_in_it(tmp_path):
     assert error.value.status == 504 and "did not confirm the cut of A, B" in error.value.reason
     assert h.controller.flip_results["B"].status == 504
     assert h.coordinator.current.state == "aborted" and h.coordinator.holds == {}
+
+def test_a_registration_that_changes_a_member_waits_for_its_snapshot_to_end(h):
+    """PUT /violin/members/<name> (what helpers call): unchanged is fine at any time; a change to a member
+    of the running snapshot is a 409 (the helper asks again after it)."""
+    from violin_core.errors import Refused
+    same = parse_member({"name": "A", "macs": [A], "marker": False})
+    moved = parse_member({"name": "A", "macs": [A], "marker": False, "helper_url": "http://elsewhere:7001"})
+    sid = h.controller.start_snapshot({})["id"]
+    assert h.coordinator.put_member(same) == (False, h.coordinator.members["A"])
+    with pytest.raises(Refused, match="takes part in running snapshot %s" % sid):
+        h.coordinator.put_member(moved)
+    for name in ("A", "B", "C"):
+        h.controller.cut(sid, name)
+    assert run_to_completion(h, sid)["state"] == "complete" and not h.coordinator.running()
+    created, member = h.coordinator.put_member(moved)
+    assert not created and member.helper_url == "http://elsewhere:7001" and member.epoch == 1

@@ -174,9 +174,10 @@ def test_the_reason_of_a_refusal_reaches_the_client(image_server, tmp_path):
 def test_store_flag_and_dir_flag_name_the_same_store(capsys):
     assert srv.build_args(["--dir", "/tmp/x", "--token", "t"]).store == "file:/tmp/x"
     assert srv.build_args(["--store", "file:/tmp/y", "--token", "t"]).store == "file:/tmp/y"
+    assert srv.build_args(["--store", "chunks:/tmp/y", "--token", "t"]).store == "chunks:/tmp/y"
     with pytest.raises(SystemExit):
-        srv.build_args(["--store", "chunks:/tmp/y", "--token", "t"])
-    assert "scheme one of file" in capsys.readouterr().err
+        srv.build_args(["--store", "blocks:/tmp/y", "--token", "t"])
+    assert "scheme one of chunks, file" in capsys.readouterr().err
 
 
 def test_a_member_image_can_be_deleted_alone(image_server, tmp_path):

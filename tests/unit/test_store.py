@@ -105,10 +105,11 @@ def test_names_that_would_escape_the_layout_are_refused_before_reading(store, wh
 
 
 def test_stores_are_chosen_by_scheme(tmp_path):
-    assert STORES == {"file": FileStore}
-    assert store_class("file:/x") == (FileStore, "/x")
-    for bad in ("/just/a/path", "chunks:/x", "file:"):
-        with pytest.raises(ValueError, match="scheme one of file"):
+    from hostside.store.chunks import ChunkStore
+    assert STORES == {"file": FileStore, "chunks": ChunkStore}
+    assert store_class("file:/x") == (FileStore, "/x") and store_class("chunks:/x") == (ChunkStore, "/x")
+    for bad in ("/just/a/path", "blocks:/x", "file:"):
+        with pytest.raises(ValueError, match="scheme one of chunks, file"):
             store_class(bad)
     assert isinstance(open_store("file:%s" % tmp_path), FileStore)
 

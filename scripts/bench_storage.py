@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Issue 12's storage benchmark: periodic snapshots into a chunk store and a file store, side by side.
+
+Two real ``violin-snapshot-server`` processes on loopback (``--store chunks:DIR`` and ``file:DIR``)
+take the same images from the real client (``hostside.store.client.ImageServer.upload_dir``, what
+the helper's ``StoreSink`` calls). The images are what the CRIU backend stores for a member: its
+working directory as ``workdir.tar`` plus a page image. Members:
+
+- ``db``: a database-like member (``workloads/dbsim.py``): a 128 MiB data directory appended to at
+  a steady rate (``--rate-kib`` KiB/s, ``--interval`` seconds between snapshots), and 16 MiB of
+  process memory of which ``--dirty`` is rewritten between snapshots;
+- ``seq1``, ``seq2``: seqstream-like members: 4 MiB of memory each, 10 % rewritten, a tiny workdir.
+
+Per snapshot it records logical bytes, bytes newly stored (chunk store: its chunk bytes; file store:
+its bytes) and bytes sent, and the db member's upload wall time on each store; then the restore
+(``download_dir``, every chunk and checksum verified) time of the last snapshot on each; and the
+chunk + BLAKE3 + zstd (+ the file's sha256) rate on one core, in-process, in the same run.
+
+Not measured here (say so when quoting): real CRIU dumps and a VM's migration stream (the chunk
+store takes those through the same client calls; ``tests/integration/test_chunk_store_live.py``
+runs a real slice on it).
+
+    python scripts/bench_storage.py [--snapshots 5] [--out docs/bench/bench_storage.json]
+"""
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+import benchkit  # noqa: E402  (puts the repository on sys.path)
+
+from hostside.store import chunking  # noqa: E402
+from hostside.store.client import ImageServer  # noqa: E402
+from lab import lab  # noqa: E402
+from workloads.dbsim import DbSim  # noqa: E402
+
+TOKEN = "bench-token"
+
+
+def start_server(store: str):
+    port = lab.free_port()
+    process = subprocess.Popen([sys.executable, "-m", "hostside.store.server", "--listen", "127.0.0.1:%d" % port,
+                                "--store", store, "--token", TOKEN], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = "http://127.0.0.1:%d" % port
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).read()
+            return process, url
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise benchkit.BenchError("snapshot server %s did not start" % store)
+
+
+def stats(url: str) -> dict:
+    request = urllib.request.Request(url + "/stats", headers={"Authorization": "Bearer " + TOKEN})
+    return json.loads(urllib.request.urlopen(request, timeout=10).read())
+
+
+class Memory:
+    """A process's memory as a page image: ``dirty`` of its 4 KiB pages rewritten per step, in runs
+    of 8 pages (a heap's writes are local; scattered single pages would cost more chunks)."""
+
+    def __init__(self, size: int, seed: int):
+        self.rng = random.Random(seed)
+        self.pages = bytearray(self.rng.randbytes(size // 2) + bytes(size // 2))  # half data, half zero
+
+    def step(self, dirty: float) -> None:
+        runs = len(self.pages) // (8 * 4096)
+        for run in self.rng.sample(range(runs), max(1, int(runs * dirty))):
+            self.pages[run * 8 * 4096:(run + 1) * 8 * 4096] = self.rng.randbytes(8 * 4096)
+
+
+def make_image(directory: str, workdir: str, memory: Memory) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    with tarfile.open(os.path.join(directory, "workdir.tar"), "w") as archive:
+        archive.add(workdir, arcname=".")
+    with open(os.path.join(directory, "pages-1.img"), "wb") as handle:
+        handle.write(memory.pages)
+
+
+def throughput(path: str) -> dict:
+    """On this one thread, in CPU time, over a file's bytes in memory: cutting + BLAKE3 of every chunk
+    (what every snapshot does), zstd of every chunk (what only new chunks cost: all of them in a
+    first snapshot), the three together, and with the file's sha256 too (what the client computes)."""
+    import hashlib
+    with open(path, "rb") as handle:
+        data = handle.read()
+    packer = chunking.Packer()
+    began = time.process_time()
+    pieces = list(packer.pieces(io.BytesIO(data)))
+    cut = time.process_time() - began
+    began = time.process_time()
+    packed = sum(len(packer.compress(p).packed) for p in pieces)
+    squeeze = time.process_time() - began
+    began = time.process_time()
+    hashlib.sha256(data).hexdigest()
+    sha = time.process_time() - began
+    rate = lambda seconds: round(len(data) / seconds / 1e6, 1)  # noqa: E731
+    return {"bytes": len(data), "compressed_bytes": packed, "chunks": len(pieces),
+            "cut_and_hash_mb_s": rate(cut), "compress_mb_s": rate(squeeze),
+            "chunk_hash_compress_mb_s": rate(cut + squeeze), "with_file_sha256_mb_s": rate(cut + squeeze + sha),
+            "later_snapshot_path_mb_s": rate(cut + sha + squeeze * 0.05),
+            "cpu": "one thread, CPU time; later_snapshot_path: cut+hash+sha256 of all, zstd of 5% (new chunks)"}
+
+
+def run(args) -> dict:
+    work = tempfile.mkdtemp(prefix="bench-storage-", dir=args.work)
+    servers = []
+    try:
+        servers.append(start_server("chunks:" + os.path.join(work, "chunks")))
+        servers.append(start_server("file:" + os.path.join(work, "files")))
+        clients = {"chunks": ImageServer(servers[0][1], TOKEN, timeout=120), "file": ImageServer(servers[1][1], TOKEN, timeout=120)}
+        db = DbSim(os.path.join(work, "db-data"), args.db_mib << 20, seed=1, rate=args.rate_kib << 10)
+        db.fill()
+        members = {"db": (db.directory, Memory(16 << 20, 1), args.dirty)}
+        for name, seed in (("seq1", 2), ("seq2", 3)):
+            workdir = os.path.join(work, name + "-work")
+            os.makedirs(workdir)
+            with open(os.path.join(workdir, "seqstream.log"), "w") as handle:
+                handle.write("started\n")
+            members[name] = (workdir, Memory(4 << 20, seed), 0.10)
+        rows = []
+        before = {kind: stats(client.url) for kind, client in clients.items()}
+        for index in range(args.snapshots):
+            if index:
+                db.advance(args.interval)
+                for workdir, memory, dirty in members.values():
+                    memory.step(dirty)
+                for name in ("seq1", "seq2"):
+                    with open(os.path.join(members[name][0], "seqstream.log"), "a") as handle:
+                        handle.write("frames %d\n" % (index * 1000))
+            row = {"snapshot": index + 1, "members": {}}
+            for name, (workdir, memory, _dirty) in members.items():
+                image = os.path.join(work, "image-" + name)
+                make_image(image, workdir, memory)
+                entry = {}
+                for kind, client in clients.items():
+                    began = time.monotonic()
+                    files = client.upload_dir("snap-%d" % (index + 1), name, image)
+                    entry[kind] = {"wall_s": round(time.monotonic() - began, 3),
+                                   "logical_bytes": sum(f["logical_bytes"] for f in files),
+                                   "stored_bytes": sum(f["stored_bytes"] for f in files),
+                                   "sent_bytes": sum(f["sent_bytes"] for f in files)}
+                row["members"][name] = entry
+            after = {kind: stats(client.url) for kind, client in clients.items()}
+            for kind in clients:
+                row[kind] = {
+                    "logical_bytes": sum(m[kind]["logical_bytes"] for m in row["members"].values()),
+                    "stored_bytes": (after[kind]["stored_bytes"] - before[kind].get("stored_bytes", before[kind]["bytes"]))
+                    if kind == "chunks" else after[kind]["bytes"] - before[kind]["bytes"],
+                    "sent_bytes": sum(m[kind]["sent_bytes"] for m in row["members"].values())}
+            before = after
+            rows.append(row)
+            print("snapshot %d: chunks stored %.1f MB sent %.1f MB (db %.2f s); file stored %.1f MB (db %.2f s)" % (
+                index + 1, row["chunks"]["stored_bytes"] / 1e6, row["chunks"]["sent_bytes"] / 1e6,
+                row["members"]["db"]["chunks"]["wall_s"], row["file"]["stored_bytes"] / 1e6,
+                row["members"]["db"]["file"]["wall_s"]), flush=True)
+        restore = {}
+        for kind, client in clients.items():
+            target = os.path.join(work, "restore-" + kind)
+            began = time.monotonic()
+            client.download_dir("snap-%d" % args.snapshots, "db", target)
+            restore[kind] = round(time.monotonic() - began, 3)
+        rate = throughput(os.path.join(work, "image-db", "workdir.tar"))
+        first = rows[0]["chunks"]
+        later = rows[1:]
+        db_chunks = [r["members"]["db"]["chunks"]["wall_s"] for r in later]
+        db_file = [r["members"]["db"]["file"]["wall_s"] for r in rows]
+        summary = {
+            "max_later_stored_fraction": round(max(r["chunks"]["stored_bytes"] for r in later) / first["stored_bytes"], 4),
+            "max_later_sent_fraction": round(max(r["chunks"]["sent_bytes"] for r in later) / first["sent_bytes"], 4),
+            "file_store_growth_per_snapshot_bytes": round(sum(r["file"]["stored_bytes"] for r in rows) / len(rows)),
+            "chunk_store_total_bytes": stats(clients["chunks"].url)["stored_bytes"],
+            "file_store_total_bytes": stats(clients["file"].url)["bytes"],
+            "db_snapshot_wall_s_chunks_later_median": sorted(db_chunks)[len(db_chunks) // 2],
+            "db_snapshot_wall_s_file_median": sorted(db_file)[len(db_file) // 2],
+            "restore_s": restore,
+            "throughput": rate,
+        }
+        db_sent = {kind: sorted(r["members"]["db"][kind]["sent_bytes"] for r in later)[len(later) // 2]
+                   for kind in clients}
+        summary["db_sent_bytes_later_median"] = db_sent
+        summary["db_wire_s_at_1_gbit_computed"] = {kind: round(sent * 8 / 1e9, 3) for kind, sent in db_sent.items()}
+        summary["db_wall_speedup"] = round(summary["db_snapshot_wall_s_file_median"]
+                                           / max(summary["db_snapshot_wall_s_chunks_later_median"], 1e-6), 2)
+        summary["goals"] = {
+            "later_stored_le_15pct": summary["max_later_stored_fraction"] <= 0.15,
+            "later_sent_le_20pct": summary["max_later_sent_fraction"] <= 0.20,
+            "db_wall_3x_shorter": summary["db_wall_speedup"] >= 3,
+            "restore_no_slower": restore["chunks"] <= restore["file"] * 1.1,
+            "cdc_ge_300_mb_s": rate["chunk_hash_compress_mb_s"] >= 300,
+        }
+        return {"machine": benchkit.machine_info(), "when": benchkit.timestamp(),
+                "settings": {"snapshots": args.snapshots, "db_mib": args.db_mib, "rate_kib_s": args.rate_kib,
+                             "interval_s": args.interval, "db_memory_dirty": args.dirty,
+                             "chunk_avg": chunking.AVG, "zstd_level": chunking.LEVEL},
+                "snapshots": rows, "summary": summary}
+    finally:
+        for process, _url in servers:
+            process.terminate()
+            process.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def plot(document: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = document["snapshots"]
+    xs = [r["snapshot"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, key, style in (("file", "stored_bytes", "s-"), ("chunks", "stored_bytes", "o-"), ("chunks", "sent_bytes", "^--")):
+        ax.plot(xs, [r[kind][key] / 1e6 for r in rows], style, label="%s store: %s" % (kind, key.replace("_bytes", "")))
+    ax.set_xlabel("snapshot")
+    ax.set_ylabel("MB per snapshot")
+    ax.set_title("Periodic snapshots of a 128 MiB database-like member + 2 seqstream members")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--snapshots", type=int, default=5)
+    parser.add_argument("--db-mib", type=int, default=128)
+    parser.add_argument("--rate-kib", type=int, default=512, help="db appends, KiB per second")
+    parser.add_argument("--interval", type=float, default=10.0, help="seconds between snapshots (simulated)")
+    parser.add_argument("--dirty", type=float, default=0.05, help="share of the db member's pages rewritten")
+    parser.add_argument("--work", default=None, help="where to keep the stores (default: the temp dir)")
+    parser.add_argument("--out", default=os.path.join(benchkit.ROOT, "docs", "bench", "bench_storage.json"))
+    args = parser.parse_args(argv)
+    if args.snapshots < 2 or args.db_mib < 8:
+        parser.error("--snapshots must be >= 2 and --db-mib >= 8")
+    document = run(args)
+    benchkit.write_json(args.out, document)
+    plot(document, os.path.splitext(args.out)[0] + ".png")
+    print(json.dumps(document["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
