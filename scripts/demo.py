@@ -14,6 +14,10 @@ With ``--vms`` the members are the seed's: four QEMU VMs under libvirt (vm1,
 vm2 on s1; vm3, vm4 on s2) running guest/vmandel.c, snapshotted by a fake
 live migration to the snapshot servers; vm3 and vm4 are destroyed mid-run.
 
+With ``--containers`` the members are podman containers (one in each of h1-h4, joined to the host's
+network namespace, the image of scripts/build_container_image.sh), checkpointed live by podman/runc/CRIU
+with the cut in CRIU's post-dump; the containers of h3 and h4 are killed mid-run.
+
 Every API call goes over HTTPS, verified against the set-up's lab CA
 (scripts/make_tls.sh, in /var/lib/violin-snapshot/tls; made here if missing);
 ``--plain-http`` runs it on HTTP instead.
@@ -105,6 +109,68 @@ class ProcessRun:
 
     def image(self):
         path = os.path.join(self.workdir, "h1", "image.png")
+        for _ in range(50):
+            if os.path.exists(path):
+                break
+            time.sleep(0.1)
+        with open(path, "rb") as handle:
+            return handle.read()
+
+
+class ContainerRun:
+    """The Mandelbrot in four podman containers (one per member host), snapshotted by podman checkpoints."""
+
+    kind = "containers"
+
+    def __init__(self, args, net, get, workdir, processes):
+        from lab import containers
+        self.containers, self.args = containers, args
+        self.members = [get(n) for n in ("h1", "h2", "h3", "h4")]
+        self.started = []
+
+    def volume(self, host):
+        return "%s-data" % host.name
+
+    def start(self):
+        containers, args, master = self.containers, self.args, self.members[0]
+        containers.ensure_image()
+        for i, host in enumerate(self.members, 1):
+            netns = containers.attach_netns(host)
+            self.started.append(host)
+            if i == 1:
+                argv = ["python3", "%s/mandelbrot.py" % containers.WORKLOADS, "master", "--bind", master.IP(),
+                        "--port", "47100", "--width", str(args.width), "--height", str(args.height),
+                        "--iterations", str(args.iterations), "--workers", "3", "--out", "image.png",
+                        "--progress", "progress.json"]
+            else:
+                argv = ["python3", "%s/mandelbrot.py" % containers.WORKLOADS, "worker", "--master",
+                        "%s:47100" % master.IP(), "--id", str(i), "--delay-ms", str(args.delay_ms)]
+            containers.run_container(host.name, netns, argv, self.volume(host))
+        self.master_dir = containers.volume_dir(self.volume(master))
+        return "master in h1, workers in h2-h4 (podman containers in the hosts' namespaces, runc + CRIU)"
+
+    def stop(self):
+        for host in self.started:
+            self.containers.remove_container(host.name, self.volume(host))
+            self.containers.detach_netns(host.name)
+
+    def helper_members(self):
+        return {h.name: {"backend": "podman", "container": h.name} for h in self.members}
+
+    def registrations(self):
+        return [{"name": h.name, "macs": [h.MAC()], "backend": "podman"} for h in self.members]
+
+    def rows_done(self):
+        progress = read_progress(os.path.join(self.master_dir, "progress.json"))
+        return progress.get("rows_done", 0), bool(progress.get("done"))
+
+    def fail(self):
+        for host in self.members[2:]:
+            self.containers.podman("kill", "--signal", "KILL", host.name)
+        return "the containers of h3 and h4 killed"
+
+    def image(self):
+        path = os.path.join(self.master_dir, "image.png")
         for _ in range(50):
             if os.path.exists(path):
                 break
@@ -228,7 +294,8 @@ def run(args, timeline):
                 _wait_health(url, ca_file=ca_file)
             timeline.say("snapshot servers on ss1 and ss2, reached out of band: %s" % ", ".join(servers))
 
-            workload = (VmRun if args.vms else ProcessRun)(args, net, get, workdir, processes)
+            workload = (VmRun if args.vms else ContainerRun if args.containers else ProcessRun)(
+                args, net, get, workdir, processes)
             where = workload.start()
             threading.Thread(target=reap, daemon=True).start()
             helper_port = lab.free_port()
@@ -351,10 +418,14 @@ def main(argv=None):
     parser.add_argument("--out", default="mandelbrot.png", help="where to write the image (default ./mandelbrot.png)")
     parser.add_argument("--vms", action="store_true",
                         help="the seed's shape: four QEMU VMs (libvirt) instead of processes in the hosts")
+    parser.add_argument("--containers", action="store_true",
+                        help="four podman containers (one per member host) instead of processes in the hosts")
     parser.add_argument("--tls-dir", default=TLS_DIR,
                         help="the lab CA and server certificate (default %s; made if missing)" % TLS_DIR)
     parser.add_argument("--plain-http", action="store_true", help="run every API on HTTP instead of HTTPS")
     args = parser.parse_args(argv)
+    if args.vms and args.containers:
+        parser.error("--vms and --containers are two different shapes: choose one")
     if os.geteuid() != 0:
         print("demo: run as root (Mininet, Open vSwitch and CRIU need it)", file=sys.stderr)
         return 2

@@ -1,0 +1,264 @@
+"""The podman backend without podman: member specs, command lines, inspect parsing, the archive rebuilt
+with the files of the cut, the namespace retargeted for a restore elsewhere, a container's tasks."""
+
+import io
+import json
+import os
+import re
+import subprocess
+import tarfile
+
+import pytest
+
+from hostside import backends, helper
+from hostside.backends import podman
+from hostside.backends.base import HostSettings
+
+GOOD = {"listen": "127.0.0.1:7001", "token": "t", "controller_token": "c", "servers": ["http://10.0.0.5:7070"],
+        "server_token": "s"}
+
+INSPECT = {
+    "Id": "c0ffee", "OCIRuntime": "runc",
+    "State": {"Status": "running", "Pid": 4242},
+    "HostConfig": {"NetworkMode": "ns:/run/netns/vabch1"},
+    "Config": {"Annotations": {"org.criu.config": "/run/violin-podman/c1.conf", "other": "x"}},
+    "GraphDriver": {"Name": "overlay", "Data": {"UpperDir": "/var/lib/containers/storage/overlay/ab/diff"}},
+    "Mounts": [{"Type": "volume", "Name": "c1-data", "Source": "/var/lib/containers/storage/volumes/c1-data/_data",
+                "Destination": "/data"},
+               {"Type": "bind", "Source": "/work/workloads", "Destination": "/opt/violin/workloads"}],
+}
+
+
+def test_a_container_member_is_named_and_nothing_else():
+    config = helper.parse_config(dict(GOOD, members={
+        "c1": {"backend": "podman", "container": "lab-c1"},
+        "c2": {"backend": "podman"},
+        "c3": {"backend": "podman", "container": "c3", "netns": "/run/netns/h3", "ip": "10.0.0.3/8", "iface": "h3-eth0"}}),
+        environ={})
+    assert config.backends["c1"].name == "podman" and config.members["c1"].container_name == "lab-c1"
+    assert config.members["c2"].container_name == "c2"  # by default the member's own name
+    assert config.members["c3"].netns == "/run/netns/h3" and config.members["c3"].ip == "10.0.0.3/8"
+    assert "podman" in backends.names() and backends.get("podman").sends_marker
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"pid": 10}, r"members.c1: unknown key\(s\) pid"),
+    ({"container": 5}, "members.c1.container"),
+    ({"container": " c1"}, "members.c1.container"),
+    ({"netns": "h1"}, "members.c1.netns"),
+    ({"ip": "10.0.0.1"}, "members.c1.ip"),
+])
+def test_bad_container_specs_are_refused_with_the_key(spec, needle):
+    with pytest.raises(helper.HelperConfigError, match=needle):
+        helper.parse_config(dict(GOOD, members={"c1": dict(spec, backend="podman")}), environ={})
+
+
+def test_checkpoint_and_restore_command_lines_use_our_criu():
+    argv = podman.checkpoint_argv("c1", "/w/export.tar")
+    assert argv[:3] == [podman.PODMAN, "--runtime-flag", "criu=%s" % podman.criu.CRIU]
+    for flag in ("--leave-running", "--tcp-established", "--file-locks", "--print-stats"):
+        assert flag in argv
+    assert argv[argv.index("--export") + 1] == "/w/export.tar" and argv[-1] == "c1"
+    assert argv[argv.index("--compress") + 1] == "none"
+    restore = podman.restore_argv("/r/container.tar")
+    assert restore[restore.index("--import") + 1] == "/r/container.tar" and "--tcp-established" in restore
+    env = podman.podman_env({"PATH": "/usr/bin"})
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(podman.criu.CRIU)
+
+
+def test_the_criu_config_file_carries_the_hook_or_leave_stopped():
+    dump = podman.criu_config(action_script="/tmp/x/hook.sh")
+    assert "action-script /tmp/x/hook.sh\n" in dump and "leave-stopped" not in dump
+    assert "network-lock nftables" in dump
+    restore = podman.criu_config(leave_stopped=True)
+    assert "leave-stopped\n" in restore and "action-script" not in restore
+
+
+def test_inspect_gives_what_the_backend_needs():
+    found = podman.parse_inspect(INSPECT)
+    assert (found.id, found.state, found.pid, found.netns) == ("c0ffee", "running", 4242, "/run/netns/vabch1")
+    assert found.criu_config == "/run/violin-podman/c1.conf" and found.upper.endswith("/ab/diff")
+    assert found.volumes == {"c1-data": "/var/lib/containers/storage/volumes/c1-data/_data"}
+    assert podman.runnable_problem("c1", found) is None
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"State": {"Status": "exited", "Pid": 0}}, "exited, not running"),
+    ({"HostConfig": {"NetworkMode": "bridge"}}, "network mode 'bridge'.*--network ns:"),
+    ({"Config": {"Annotations": {}}}, "no org.criu.config annotation"),
+    ({"OCIRuntime": "crun"}, "checkpoints need runc"),
+])
+def test_containers_the_backend_cannot_snapshot_are_refused_with_the_reason(change, needle):
+    problem = podman.runnable_problem("c1", podman.parse_inspect(dict(INSPECT, **change)))
+    assert problem and re.search(needle, problem), problem
+
+
+def test_the_pause_is_criu_frozen_time_from_print_stats():
+    stats = {"podman_checkpoint_duration": 345540, "container_statistics": [
+        {"Id": "c0ffee", "runtime_checkpoint_duration": 296143,
+         "criu_statistics": {"freezing_time": 805, "frozen_time": 206370, "memdump_time": 4816}}]}
+    assert podman.frozen_ms_of(json.dumps(stats)) == pytest.approx(206.37)
+    assert podman.frozen_ms_of("not json") is None and podman.frozen_ms_of("{}") is None
+
+
+def test_the_member_interface_is_the_only_one_besides_lo_or_the_named_one():
+    links = [{"ifname": "lo"}, {"ifname": "h1-eth0", "address": "00:00:00:00:00:01",
+                                "addr_info": [{"family": "inet", "local": "10.0.0.1", "prefixlen": 8},
+                                              {"family": "inet6", "local": "fe80::1", "prefixlen": 64}]}]
+    assert podman.pick_iface(links, None)["ifname"] == "h1-eth0"
+    assert podman.addresses_of(podman.pick_iface(links, "h1-eth0")) == ["10.0.0.1/8"]
+    with pytest.raises(podman.PodmanError, match="no interface h9"):
+        podman.pick_iface(links, "h9")
+    with pytest.raises(podman.PodmanError, match="2 interfaces besides lo.*name the member's"):
+        podman.pick_iface(links + [{"ifname": "oob"}], None)
+    with pytest.raises(podman.PodmanError, match="no interfaces"):
+        podman.pick_iface(links[:1], None)
+
+
+def _tar(path, files):
+    with tarfile.open(path, "w") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def _read(path):
+    with tarfile.open(path) as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
+
+
+def test_the_archive_gets_the_files_of_the_cut(tmp_path):
+    _tar(tmp_path / "export.tar", {"config.dump": b"{}", "checkpoint/pages-1.img": b"P" * 100,
+                                   "rootfs-diff.tar": b"late", "deleted.files": b'["/late"]',
+                                   "volumes/data.tar": b"late volume"})
+    podman.replace_in_archive(str(tmp_path / "export.tar"), str(tmp_path / "out.tar"), {
+        "rootfs-diff.tar": b"at the cut", "deleted.files": None, "volumes/data.tar": b"volume at the cut",
+        "volumes/new.tar": b"another"})
+    assert _read(tmp_path / "out.tar") == {
+        "config.dump": b"{}", "checkpoint/pages-1.img": b"P" * 100, "rootfs-diff.tar": b"at the cut",
+        "volumes/data.tar": b"volume at the cut", "volumes/new.tar": b"another"}
+
+
+def test_the_upper_directory_is_captured_as_podmans_rootfs_diff(tmp_path):
+    upper = tmp_path / "diff"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "motd").write_text("changed")
+    (upper / "tmp").mkdir()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        deleted = podman.capture_upper(str(upper), archive)
+    buffer.seek(0)
+    with tarfile.open(fileobj=buffer) as archive:
+        names = archive.getnames()
+        assert archive.extractfile("etc/motd").read() == b"changed"
+    assert sorted(names) == ["etc", "etc/motd", "tmp"] and deleted == []
+    if os.geteuid() == 0:  # a whiteout (char device 0:0) is a deleted file, not content
+        os.mknod(str(upper / "etc" / "gone"), 0o020000 | 0o600, os.makedev(0, 0))
+        with tarfile.open(fileobj=io.BytesIO(), mode="w") as archive:
+            assert podman.capture_upper(str(upper), archive) == ["/etc/gone"]
+
+
+def test_a_restore_elsewhere_retargets_the_network_namespace():
+    spec = {"linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/run/netns/h1"}]},
+            "annotations": {"x": "/run/netns/h1-not"}}
+    config = {"networkMode": "ns:/run/netns/h1", "nested": [{"path": "/run/netns/h1"}]}
+    assert json.loads(podman.retarget_netns(json.dumps(spec).encode(), "/run/netns/h1", "/run/netns/h3")) == {
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/run/netns/h3"}]},
+        "annotations": {"x": "/run/netns/h1-not"}}
+    moved = json.loads(podman.retarget_netns(json.dumps(config).encode(), "/run/netns/h1", "/run/netns/h3"))
+    assert moved == {"networkMode": "ns:/run/netns/h3", "nested": [{"path": "/run/netns/h3"}]}
+
+
+def test_a_containers_tasks_are_its_cgroups(tmp_path):
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "77").mkdir(parents=True)
+    (proc / "77" / "cgroup").write_text("9:name=systemd:/libpod_parent/libpod-ab\n8:pids:/libpod_parent/libpod-ab\n"
+                                        "0::/\n")
+    (cgroups / "pids" / "libpod_parent" / "libpod-ab").mkdir(parents=True)
+    (cgroups / "pids" / "libpod_parent" / "libpod-ab" / "cgroup.procs").write_text("77\n80\n91\n")
+    assert podman.cgroup_tasks(77, str(proc), str(cgroups)) == [77, 80, 91]
+    (proc / "78").mkdir()
+    (proc / "78" / "cgroup").write_text("0::/nowhere\n")
+    assert podman.cgroup_tasks(78, str(proc), str(cgroups)) == [78]  # unreadable: at least the init
+
+
+class FakeRun:
+    def __init__(self, answers):
+        self.answers, self.calls = answers, []
+
+    def __call__(self, argv, **kwargs):
+        self.calls.append(argv)
+        code, out, err = self.answers.get(argv[1:3] == ["container", "inspect"] and "inspect" or argv[-1], (0, "", ""))
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def test_a_missing_container_is_located_as_not_running_and_refused_for_operations():
+    backend = podman.PodmanBackend(HostSettings(), run=FakeRun({"inspect": (125, "", "no such container")}))
+    member = backend.member("c1", {"backend": "podman"})
+    where = backend.locate(member)  # a helper that could host it after a restore elsewhere: not claimed
+    assert where.mac is None and where.details["running"] is False and where.details["handle"] == "c1"
+    with pytest.raises(podman.PodmanError, match="no container c1 on this host"):
+        backend.running(member)
+    with pytest.raises(podman.PodmanError, match="no container c1 on this host"):
+        backend.resume(member)
+
+
+def test_a_container_off_the_topology_is_refused_when_located():
+    doc = dict(INSPECT, HostConfig={"NetworkMode": "slirp4netns"})
+    backend = podman.PodmanBackend(HostSettings(), run=FakeRun({"inspect": (0, json.dumps([doc]), "")}))
+    member = backend.member("c1", {"backend": "podman"})
+    assert backend.locate(member).details["running"] is False
+    with pytest.raises(podman.PodmanError, match="network mode 'slirp4netns'"):
+        backend.running(member)
+
+
+def test_podman_missing_is_a_clear_error():
+    def run(argv, **kwargs):
+        raise FileNotFoundError(argv[0])
+    backend = podman.PodmanBackend(HostSettings(), run=run)
+    with pytest.raises(podman.PodmanError, match="podman is not installed"):
+        backend.podman(["podman", "ps"])
+
+
+def test_a_staged_image_must_be_of_the_member(tmp_path):
+    backend = podman.PodmanBackend(HostSettings(), run=FakeRun({}))
+    member = backend.member("c1", {"backend": "podman"})
+    with pytest.raises(podman.PodmanError, match="no readable member.json"):
+        backend.stage(member, str(tmp_path))
+    (tmp_path / "member.json").write_text(json.dumps({"container": "c9"}))
+    (tmp_path / "container.tar").write_bytes(b"")
+    with pytest.raises(podman.PodmanError, match="container c9, not c1"):
+        backend.stage(member, str(tmp_path))
+    (tmp_path / "member.json").write_text(json.dumps({"container": "c1"}))
+    backend.stage(member, str(tmp_path))
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_post_dump_hook_hands_over_and_answers(fails):
+    """The action script runs on_frozen at post-dump only; an error in it makes the script (so CRIU) fail."""
+    from hostside.backends.handover import frozen_hand_over
+    ran = []
+
+    def on_frozen():
+        ran.append(True)
+        if fails:
+            raise RuntimeError("controller refused the cut")
+
+    with frozen_hand_over(on_frozen, timeout=5) as handover:
+        other = subprocess.run([handover.script], env={"CRTOOLS_SCRIPT_ACTION": "network-lock", "PATH": os.defpath})
+        assert other.returncode == 0 and not ran  # other actions pass through
+        hook = subprocess.run([handover.script], env={"CRTOOLS_SCRIPT_ACTION": "post-dump", "PATH": os.defpath})
+    assert ran and handover.fired and (hook.returncode != 0) == fails
+    if fails:
+        with pytest.raises(RuntimeError, match="refused the cut"):
+            handover.raise_error()
+    else:
+        handover.raise_error()
+
+
+def test_a_hook_that_never_fires_leaves_nothing_waiting():
+    from hostside.backends.handover import frozen_hand_over
+    with frozen_hand_over(lambda: None, timeout=5) as handover:
+        script = handover.script
+    assert not handover.fired and not os.path.exists(script)
