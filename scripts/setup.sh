@@ -15,6 +15,7 @@ APT_PACKAGES=(
     openvswitch-switch mininet iputils-ping iproute2 ethtool iperf3 tcpdump procps psmisc
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config busybox-static
     linux-image-amd64 python3-venv build-essential openssl
+    btrfs-progs  # mkfs.btrfs: the copy-on-write workdir path in a loop file (tests, benchmarks)
 )
 
 TOOL=setup
