@@ -166,7 +166,7 @@ def plot(record, path):
 # Parts of the benchmark besides "flips": each a module scripts/disruption_<part>.py with
 # ``add_arguments(parser)``, ``run(args, log) -> dict`` (its JSON record), ``report(record) -> [lines]``
 # and optionally ``plot(record, path)``. Named here so --parts can list them before importing any.
-PARTS = ["flips"]
+PARTS = ["flips", "pause", "files", "tcp"]
 
 
 def part_module(name):

@@ -43,10 +43,12 @@ WORKDIR_ARCHIVE = workdir.ARCHIVE
 HOOK_TIMEOUT_S = 10  # a helper that died must not leave the member frozen: CRIU then fails and resumes it
 NETWORK_LOCK = "nftables"  # blocks a member's TCP connections during dump/restore; iptables execs per connection
 # The helper's own dumps: the controller's prepare hold is the member's network lock (see CriuBackend.snapshot).
-SNAPSHOT_NETWORK_LOCK = "skip"
-# How many members one helper has frozen at once (VIOLIN_CRIU_FREEZES): on a small host concurrent
-# dumps and hooks compete for the cores and inflate each other's pauses (issue 11: 8 at once on 2 cores).
-FREEZE_SLOTS = max(1, int(os.environ.get("VIOLIN_CRIU_FREEZES", "0")) or (os.cpu_count() or 2) // 2)
+SNAPSHOT_NETWORK_LOCK = os.environ.get("VIOLIN_CRIU_SNAPSHOT_LOCK", "skip")
+# How many members one helper has frozen at once (VIOLIN_CRIU_FREEZES; default: as many as the host has
+# cores). Concurrent dumps and hooks on a small host compete for the cores and inflate each other's
+# pauses (issue 11: 8 at once on 2 cores); one at a time keeps the slice's epochs mixed longer, so more
+# frames travel through the controller (held, recorded) meanwhile. Measured in scripts/disruption_pause.py.
+FREEZE_SLOTS = max(1, int(os.environ.get("VIOLIN_CRIU_FREEZES", "0")) or (os.cpu_count() or 2))
 # Builtins only: nothing is started while the member is frozen but this one shell. Both FIFOs are opened
 # read-write, so neither open blocks whoever is (or is not) at the other end, and ``read -t`` bounds the
 # wait for an answer: a helper that died does not leave the member frozen.
@@ -189,11 +191,13 @@ class PostDumpHook:
             fifo.write(answer + "\n")
 
     def __exit__(self, *_exc) -> None:
-        if self.waiter.is_alive() and not self.fired:  # the hook never fired: release the reader
-            try:
+        deadline = time.monotonic() + 5
+        while self.waiter.is_alive() and not self.fired and time.monotonic() < deadline:
+            try:  # the hook never fired: release the reader (an EOF), once it has the FIFO open
                 os.close(os.open(self.request, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
+            except OSError:  # ENXIO: not opened for reading yet
                 pass
+            self.waiter.join(0.001)
         self.waiter.join(5)
         shutil.rmtree(self.control, ignore_errors=True)
 
