@@ -100,6 +100,9 @@ def test_copy_on_write_on_btrfs_reflinks_and_subvolume_snapshot(criu_ready, netn
     os.makedirs(plain)
     subvolume = os.path.join(btrfs, "subvolume")
     subprocess.run(["btrfs", "subvolume", "create", subvolume], check=True, capture_output=True)
+    for index in range(workdir.REFLINK_MAX_FILES + 1):  # enough files for a snapshot to beat reflinks
+        with open(os.path.join(subvolume, "table-%d" % index), "w") as handle:
+            handle.write("row %d\n" % index)
     for directory, method in ((plain, "reflink"), (subvolume, "btrfs-snapshot")):
         capture, (records, problems) = cut_and_restore(netns, directory, str(tmp_path / method), "clone")
         assert capture.method == method
