@@ -21,6 +21,7 @@ from benchkit import BenchError, pct, summary, timed_snapshot
 from hostside.backends import criu
 from lab import lab, slicelab
 from topologies.lan import LanTopo
+from violin_client.api import ApiError
 
 
 def add_arguments(parser):
@@ -64,7 +65,7 @@ def measure(n, rounds, rate, log):
             for index in range(rounds):
                 try:
                     view, _wall = timed_snapshot(controller, "pause-%d-%d" % (n, index))
-                except BenchError as error:  # counted, not hidden: a loaded host can miss a marker
+                except (BenchError, ApiError) as error:  # counted, not hidden: a loaded host can miss a marker
                     record["aborted"].append(str(error))
                     log("  pause %d members: round %d aborted: %s" % (n, index + 1, error))
                     time.sleep(1.0)

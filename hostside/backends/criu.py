@@ -44,11 +44,13 @@ HOOK_TIMEOUT_S = 10  # a helper that died must not leave the member frozen: CRIU
 NETWORK_LOCK = "nftables"  # blocks a member's TCP connections during dump/restore; iptables execs per connection
 # The helper's own dumps: the controller's prepare hold is the member's network lock (see CriuBackend.snapshot).
 SNAPSHOT_NETWORK_LOCK = os.environ.get("VIOLIN_CRIU_SNAPSHOT_LOCK", "skip")
-# How many members one helper has frozen at once (VIOLIN_CRIU_FREEZES; default: as many as the host has
-# cores). Concurrent dumps and hooks on a small host compete for the cores and inflate each other's
-# pauses (issue 11: 8 at once on 2 cores); one at a time keeps the slice's epochs mixed longer, so more
-# frames travel through the controller (held, recorded) meanwhile. Measured in scripts/disruption_pause.py.
-FREEZE_SLOTS = max(1, int(os.environ.get("VIOLIN_CRIU_FREEZES", "0")) or (os.cpu_count() or 2))
+# How many members one helper may have frozen at once (VIOLIN_CRIU_FREEZES; unset or 0: no bound).
+# Concurrent dumps and hooks on a small host compete for the cores and inflate each other's pauses
+# (issue 11: 8 at once on 2 cores), but a bound keeps the slice's epochs mixed for longer: every frame
+# between a member already cut and one still waiting goes through the controller meanwhile (held or
+# recorded), and with 8 talking members on 2 cores that drowned the controller (markers and barriers
+# late, snapshots aborted; scripts/disruption_pause.py). So no bound unless the host's owner sets one.
+FREEZE_SLOTS = int(os.environ.get("VIOLIN_CRIU_FREEZES", "0") or 0) or 1 << 16
 # Builtins only: nothing is started while the member is frozen but this one shell. Both FIFOs are opened
 # read-write, so neither open blocks whoever is (or is not) at the other end, and ``read -t`` bounds the
 # wait for an answer: a helper that died does not leave the member frozen.

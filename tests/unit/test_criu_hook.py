@@ -108,3 +108,10 @@ def test_freeze_slots_come_from_the_environment(slots):
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, VIOLIN_CRIU_FREEZES=slots),
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == [slots, "skip"], out.stderr
+
+
+def test_freeze_slots_are_unbounded_by_default():
+    code = "from hostside.backends import criu; print(criu.FREEZE_SLOTS >= 1024)"
+    env = {k: v for k, v in os.environ.items() if k != "VIOLIN_CRIU_FREEZES"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
