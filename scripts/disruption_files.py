@@ -165,7 +165,8 @@ def plot(record, path):
             labels.append("%s\n%s" % (key, variant))
             data.append(s["samples"])
     figure, axis = plt.subplots(figsize=(9, 4))
-    axis.boxplot(data, labels=labels)
+    axis.boxplot(data)
+    axis.set_xticks(range(1, len(labels) + 1), labels)
     axis.set_yscale("log")
     axis.set_ylabel("member frozen, ms (log)")
     axis.set_title("A member with %.0f MiB it appends to: pause by how its directory is taken" % record["data_mib"],
