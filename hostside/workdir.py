@@ -22,7 +22,11 @@ round it, chosen per directory by ``capture_for``:
     ``O_APPEND`` and none maps it shared and writable (then the kernel lets its
     writes land only at the end: the bytes already copied cannot have
     changed), and the last ``CANARY`` bytes copied still match (which catches a
-    truncate followed by a regrow). What this cannot see: a process that
+    truncate followed by a regrow). A file the tree maps shared and writable is
+    copied whole at every round and at the freeze (stores through a mapping need
+    not change its timestamps), and so is a file whose timestamps were within
+    ``RACY_NS`` of the last scan (a write in the same timestamp tick would not
+    show). What this cannot see: a process that
     opened the file without ``O_APPEND``, wrote inside it and closed it
     between two scans, or a process outside the member's tree writing into
     its directory. Put such members on btrfs or XFS (the clone has no such
@@ -55,6 +59,7 @@ O_APPEND = os.O_APPEND
 CANARY = 4096  # bytes before a grown file's old end compared before copying only its tail
 PRECOPY_ROUNDS = 4  # rounds after the full copy, at most
 PRECOPY_SMALL = 1 << 20  # a round that copied fewer bytes than this is the last one before the freeze
+RACY_NS = 20_000_000  # timestamps tick coarser than ns (jiffies): within this of a scan, not trusted
 REFLINK_MAX_FILES = 32  # a btrfs subvolume with more files than this is snapshotted rather than reflinked
 
 
@@ -115,12 +120,17 @@ class Delta:
         return not (self.dirs or self.whole or self.tails or self.links or self.remove)
 
 
-def plan_delta(before: Dict[str, Entry], now: Dict[str, Entry], append_only: Set[str] = frozenset()) -> Delta:
+def plan_delta(before: Dict[str, Entry], now: Dict[str, Entry], append_only: Set[str] = frozenset(),
+               always: Set[str] = frozenset(), racy_since: Optional[int] = None) -> Delta:
     """The copy work that turns a copy of ``before`` into one of ``now`` (pure).
 
     ``append_only``: files whose every writer can only append (see the module
     doc); only those may be copied from their old end on, and only if they
-    kept their inode and did not shrink. Anything else that changed is copied whole.
+    kept their inode and did not shrink. Anything else that changed is copied whole. ``always``:
+    files copied whole even if they look unchanged (mapped shared and writable: stores through a
+    mapping need not touch the timestamps). ``racy_since``: when ``before`` was scanned (ns, the
+    timestamps' clock); a file whose mtime or ctime was not older than that may have changed again
+    within the same timestamp tick, so it counts as changed (git's "racily clean" entries).
     """
     delta = Delta()
     for rel in sorted(now, key=lambda p: (p.count(os.sep), p)):
@@ -136,24 +146,30 @@ def plan_delta(before: Dict[str, Entry], now: Dict[str, Entry], append_only: Set
                 delta.links.append(rel)
         elif old is None or old.ino != entry.ino or old.mode != entry.mode:
             delta.whole.append(rel)
+        elif rel in always:
+            delta.whole.append(rel)
         elif (old.size, old.mtime_ns, old.ctime_ns) != (entry.size, entry.mtime_ns, entry.ctime_ns):
             if rel in append_only and entry.size > old.size:
                 delta.tails.append((rel, old.size))
             else:
                 delta.whole.append(rel)
+        elif racy_since is not None and max(old.mtime_ns, old.ctime_ns) >= racy_since - RACY_NS \
+                and rel not in append_only:  # (appending writers only: the same size means no write)
+            delta.whole.append(rel)
     gone = [rel for rel in before if rel not in now]
     delta.remove += sorted(gone, key=lambda p: (-p.count(os.sep), p))
     return delta
 
 
-def writers(pids: Iterable[int], root: str) -> Tuple[Set[Tuple[int, int]], Set[Tuple[int, int]]]:
-    """(append-only writers, other writers) of files: sets of (st_dev, st_ino) the processes ``pids`` hold.
+def writers(pids: Iterable[int], root: str) -> Tuple[Set[Tuple[int, int]], Set[Tuple[int, int]], Set[Tuple[int, int]]]:
+    """(append-only writers, other writers, shared writable mappings) of files: sets of (st_dev,
+    st_ino) the processes ``pids`` hold (a mapped file is among the other writers too).
 
     Read from /proc/PID/fd (what each descriptor is), /proc/PID/fdinfo (its
     flags) and /proc/PID/maps (shared writable mappings count as other writers).
     By device and inode, so the member's own mount namespace does not matter.
     """
-    append, other = set(), set()
+    append, other, mapped = set(), set(), set()
     for pid in pids:
         fd_dir = "/proc/%d/fd" % pid
         try:
@@ -178,9 +194,10 @@ def writers(pids: Iterable[int], root: str) -> Tuple[Set[Tuple[int, int]], Set[T
                     if len(parts) == 6 and "w" in parts[1] and "s" in parts[1] and parts[4] != "0":
                         major, minor = (int(x, 16) for x in parts[3].split(":"))
                         other.add((os.makedev(major, minor), int(parts[4])))
+                        mapped.add((os.makedev(major, minor), int(parts[4])))
         except OSError:
             continue
-    return append - other, other
+    return append - other, other, mapped
 
 
 def tree_pids(root_pid: int) -> List[int]:
@@ -204,12 +221,18 @@ def tree_pids(root_pid: int) -> List[int]:
 
 def append_only_files(scanned: Dict[str, Entry], root: str, pids: Iterable[int]) -> Set[str]:
     """The files of ``scanned`` that the member's tree writes only through O_APPEND descriptors."""
-    append, _other = writers(pids, root)
+    return classify(scanned, root, pids)[0]
+
+
+def classify(scanned: Dict[str, Entry], root: str, pids: Iterable[int]) -> Tuple[Set[str], Set[str]]:
+    """(append-only files, files mapped shared and writable) of ``scanned``, by the member's tree."""
+    append, _other, mapped = writers(pids, root)
     try:
         device = os.stat(root).st_dev
     except OSError:
-        return set()
-    return {rel for rel, entry in scanned.items() if entry.kind == "file" and (device, entry.ino) in append}
+        return set(), set()
+    files = {rel: (device, entry.ino) for rel, entry in scanned.items() if entry.kind == "file"}
+    return {rel for rel, key in files.items() if key in append}, {rel for rel, key in files.items() if key in mapped}
 
 
 # --- copying ---------------------------------------------------------------------------------
@@ -488,20 +511,23 @@ class PrecopyCapture(Capture):
                                            ".violin-copy-%s-%s" % (os.path.basename(workdir), uuid.uuid4().hex[:8]))
         self.rounds, self.small = rounds, small
         self.copied: Dict[str, Entry] = {}
+        self.scanned_at: Optional[int] = None
         self.round_bytes: List[int] = []
 
     def _round(self) -> int:
+        scanned_at = time.time_ns()
         now = scan(self.workdir)
-        append_only = append_only_files(now, self.workdir, self.pids()) if self.copied else set()
-        copied = apply_delta(plan_delta(self.copied, now, append_only), now, self.workdir, self.stage)
-        self.copied = now
+        append_only, mapped = classify(now, self.workdir, self.pids()) if self.copied else (set(), set())
+        delta = plan_delta(self.copied, now, append_only, mapped, self.scanned_at)
+        copied = apply_delta(delta, now, self.workdir, self.stage)
+        self.copied, self.scanned_at = now, scanned_at
         return copied
 
     def prepare(self) -> None:
         began = time.monotonic()
         shutil.rmtree(self.stage, ignore_errors=True)
         os.makedirs(self.stage)
-        self.copied = {}
+        self.copied, self.scanned_at = {}, None
         self.round_bytes = [self._round()]
         while len(self.round_bytes) <= self.rounds and self.round_bytes[-1] >= self.small:
             self.round_bytes.append(self._round())

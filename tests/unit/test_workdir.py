@@ -55,7 +55,7 @@ def test_delta_bytes_count_tails_from_their_offset():
 def test_writers_tell_append_only_descriptors_from_others(tmp_path):
     appended, rewritten = tmp_path / "appended", tmp_path / "rewritten"
     with open(appended, "a") as log, open(rewritten, "r+" if rewritten.exists() else "w") as db:
-        append, other = workdir.writers([os.getpid()], str(tmp_path))
+        append, other, mapped = workdir.writers([os.getpid()], str(tmp_path))
         keys = lambda path: (os.stat(path).st_dev, os.stat(path).st_ino)  # noqa: E731
         assert keys(appended) in append and keys(appended) not in other
         assert keys(rewritten) in other and keys(rewritten) not in append
@@ -69,6 +69,7 @@ def test_precopy_copies_only_the_tail_of_an_appended_file_while_frozen(tmp_path)
     member = tmp_path / "member"
     member.mkdir()
     (member / "static").write_bytes(b"s" * 5000)
+    os.utime(member / "static", ns=(10**9, 10**9))  # long before the scans: not racily clean
     with open(member / "data.log", "ab") as log:
         log.write(b"a" * 300000)
         log.flush()
@@ -170,3 +171,27 @@ def test_btrfs_ioctl_arguments_are_the_kernels_layout():
 
 def test_tree_pids_finds_this_process():
     assert os.getpid() in workdir.tree_pids(os.getpid())
+
+
+def test_mapped_files_are_copied_whole_even_when_they_look_unchanged():
+    before = {"progress": f(64), "log": f(10)}
+    assert plan_delta(before, dict(before), always={"progress"}).whole == ["progress"]
+
+
+def test_racily_clean_files_count_as_changed_unless_only_appended():
+    before, now = {"db": f(64, mtime=1000), "log": f(10, mtime=1000)}, {"db": f(64, mtime=1000), "log": f(10, mtime=1000)}
+    assert plan_delta(before, now, {"log"}, racy_since=1000).whole == ["db"]  # written in the scan's tick
+    assert plan_delta(before, now, {"log"}, racy_since=1000 + 10 * workdir.RACY_NS).empty()
+
+
+def test_a_shared_writable_mapping_is_seen(tmp_path):
+    import mmap
+    path = tmp_path / "progress"
+    path.write_bytes(b"\0" * 4096)
+    with open(path, "r+b") as handle:
+        mapping = mmap.mmap(handle.fileno(), 0)
+        try:
+            scanned = workdir.scan(str(tmp_path))
+            assert workdir.classify(scanned, str(tmp_path), [os.getpid()])[1] == {"progress"}
+        finally:
+            mapping.close()
