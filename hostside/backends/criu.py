@@ -463,6 +463,8 @@ class CriuBackend(Backend):
         once, instead of being dropped by CRIU's lock until CRIU unlocks, and then waiting
         for the sender's retransmission timeout (issue 11, goal 4). The cut stays where it
         was: the image is complete before the post-dump hook, and the flip happens in it.
+        CRIU keeps the method in the image and restores with it (``--network-lock`` at restore is
+        overridden): a restore's quarantine keeps the restored members' frames in and out.
         """
         images = os.path.join(self.settings.work_dir, sink.snapshot, member.name)
         cut_called = []
