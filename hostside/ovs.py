@@ -50,18 +50,20 @@ class Unixctl:
     def _exchange(self, sock: socket.socket, method: str, params) -> dict:
         self.next_id += 1
         sock.sendall(json.dumps({"method": method, "params": list(params), "id": self.next_id}).encode())
-        decoder, data = json.JSONDecoder(), b""
+        decoder, text = json.JSONDecoder(), ""
         while True:
             chunk = sock.recv(65536)
             if not chunk:
                 raise ConnectionError("ovs-vswitchd closed its control socket")
-            data += chunk
-            try:
-                answer, _ = decoder.raw_decode(data.decode("utf-8").lstrip())
-            except ValueError:
-                continue  # not complete yet
-            if answer.get("id") == self.next_id:
-                return answer
+            text += chunk.decode("utf-8")
+            while text.strip():
+                try:
+                    answer, end = decoder.raw_decode(text.lstrip())
+                except ValueError:
+                    break  # not complete yet
+                text = text.lstrip()[end:]
+                if answer.get("id") == self.next_id:
+                    return answer  # (an earlier call's late answer is skipped)
 
     def call(self, method: str, *params: str, timeout: float = 1.0) -> bool:
         """Whether ``method`` ran and answered without an error (False: no daemon, refused, timed out)."""
