@@ -129,7 +129,7 @@ def plan_delta(before: Dict[str, Entry], now: Dict[str, Entry], append_only: Set
     kept their inode and did not shrink. Anything else that changed is copied whole. ``always``:
     files copied whole even if they look unchanged (mapped shared and writable: stores through a
     mapping need not touch the timestamps). ``racy_since``: when ``before`` was scanned (ns, the
-    timestamps' clock); a file whose mtime or ctime was not older than that may have changed again
+    timestamps' clock); a file whose mtime (every write sets it) was not older than that may have changed again
     within the same timestamp tick, so it counts as changed (git's "racily clean" entries).
     """
     delta = Delta()
@@ -153,7 +153,7 @@ def plan_delta(before: Dict[str, Entry], now: Dict[str, Entry], append_only: Set
                 delta.tails.append((rel, old.size))
             else:
                 delta.whole.append(rel)
-        elif racy_since is not None and max(old.mtime_ns, old.ctime_ns) >= racy_since - RACY_NS \
+        elif racy_since is not None and old.mtime_ns >= racy_since - RACY_NS \
                 and rel not in append_only:  # (appending writers only: the same size means no write)
             delta.whole.append(rel)
     gone = [rel for rel in before if rel not in now]

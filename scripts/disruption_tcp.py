@@ -6,9 +6,10 @@ members' own 2 ms tick logs: each member's frozen interval (a gap in its ticks),
 resume, the pre-snapshot throughput (the 0.5 s before the snapshot request), and how long after that
 resume the received rate (20 ms windows, twice in a row) is back to 80 % of it; the goal is within the
 later member's pause + 50 ms. Also the TCP retransmission timeouts (TcpExt TCPTimeouts) both kernels
-counted per snapshot. Two helpers in the same run: the helper's dumps as they are now (no CRIU network
-lock: the controller's prepare hold is the lock) and as they were (``--network-lock nftables``, whose
-rules drop the frames released to a member until CRIU unlocks it after the hook).
+counted per snapshot. Two helpers in the same run: dumps with ``VIOLIN_CRIU_SNAPSHOT_LOCK=skip`` (no CRIU
+network lock: the controller's prepare hold as the lock; opt-in, see criu.SNAPSHOT_NETWORK_LOCK) and with
+the default ``--network-lock nftables``, whose rules drop the frames released to a member until CRIU
+unlocks it after the hook.
 """
 
 import os
@@ -22,7 +23,7 @@ from lab import flows, lab, slicelab
 from topologies.lan import LanTopo
 from workloads import tcpflow
 
-VARIANTS = (("now", "skip"), ("before", "nftables"))
+VARIANTS = (("skip", "skip"), ("nftables", "nftables"))  # the opt-in and the default (criu.SNAPSHOT_NETWORK_LOCK)
 
 
 def stats(values):

@@ -1,8 +1,6 @@
 """A TCP stream between two CRIU members across live snapshots (issue 11, goal 4), on real components.
 
-The helper dumps without CRIU's network lock: the controller's prepare hold keeps every frame away
-from a member while CRIU reads its sockets, and after the flip the frames released to it reach its
-kernel at once. Checked here: every snapshot completes with nothing dropped at the controller, the
+Checked here: every snapshot completes with nothing dropped at the controller, the
 stream carries on (its receiver gets more data after each snapshot), and the figures of its recovery
 (how long after the later member's resume the rate is back) are printed, not asserted: the machine's
 load decides them (scripts/disruption_tcp.py measures them beside the old lock).
