@@ -1,8 +1,14 @@
 """Local Open vSwitch facts a helper needs (the member's edge switch runs on the helper's host)."""
 
+import json
+import os
+import socket
 import subprocess
+import threading
 import time
 from typing import Callable, Optional
+
+RUNDIR = os.environ.get("OVS_RUNDIR", "/var/run/openvswitch")
 
 
 def _appctl(command: str, timeout: float) -> bool:
@@ -14,17 +20,85 @@ def _appctl(command: str, timeout: float) -> bool:
         return False
 
 
-def wait_datapath(timeout: float = 1.0, grace: float = 0.01) -> str:
+class Unixctl:
+    """``ovs-appctl`` without a process: JSON-RPC on ovs-vswitchd's control socket, kept open.
+
+    A purge sits on a member's frozen path twice per snapshot; spawning
+    ``ovs-appctl`` costs a fork, an exec and a Python-free but still whole
+    process start on a busy 2-core host (measured in scripts/disruption_pause.py).
+    The socket is ``RUNDIR/ovs-vswitchd.<pid>.ctl`` of the pid in
+    ``ovs-vswitchd.pid``, as ovs-appctl finds it; a broken connection (ovs-vswitchd
+    restarted) is reopened once per call. Thread-safe: one request at a time.
+    """
+
+    def __init__(self, rundir: str = RUNDIR, target: str = "ovs-vswitchd"):
+        self.rundir, self.target = rundir, target
+        self.sock: Optional[socket.socket] = None
+        self.lock = threading.Lock()
+        self.next_id = 0
+
+    def _path(self) -> str:
+        with open(os.path.join(self.rundir, "%s.pid" % self.target)) as handle:
+            return os.path.join(self.rundir, "%s.%d.ctl" % (self.target, int(handle.read().strip())))
+
+    def _connect(self, timeout: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(self._path())
+        return sock
+
+    def _exchange(self, sock: socket.socket, method: str, params) -> dict:
+        self.next_id += 1
+        sock.sendall(json.dumps({"method": method, "params": list(params), "id": self.next_id}).encode())
+        decoder, text = json.JSONDecoder(), ""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("ovs-vswitchd closed its control socket")
+            text += chunk.decode("utf-8")
+            while text.strip():
+                try:
+                    answer, end = decoder.raw_decode(text.lstrip())
+                except ValueError:
+                    break  # not complete yet
+                text = text.lstrip()[end:]
+                if answer.get("id") == self.next_id:
+                    return answer  # (an earlier call's late answer is skipped)
+
+    def call(self, method: str, *params: str, timeout: float = 1.0) -> bool:
+        """Whether ``method`` ran and answered without an error (False: no daemon, refused, timed out)."""
+        with self.lock:
+            for _attempt in range(2):
+                try:
+                    if self.sock is None:
+                        self.sock = self._connect(timeout)
+                    self.sock.settimeout(timeout)
+                    return self._exchange(self.sock, method, params).get("error") is None
+                except (OSError, ValueError, ConnectionError):
+                    if self.sock is not None:
+                        self.sock.close()
+                    self.sock = None
+            return False
+
+
+_UNIXCTL = Unixctl()
+
+
+def wait_datapath(timeout: float = 1.0, grace: float = 0.01, unixctl: Optional[Unixctl] = None) -> str:
     """Make sure the local datapath forwards by the flow tables as they are now.
 
     An OpenFlow barrier reply says the flow tables changed; the datapath's cached
     flows follow a moment later, when revalidator threads get to them. ``ovs-appctl
     revalidator/purge`` deletes the cached flows synchronously, so every packet
     after it is looked up in the new tables (all bridges of this ovs-vswitchd pay
-    one upcall per flow for it). If that is not possible, ``revalidator/wait``
-    (a full revalidation pass, up to ``max-revalidator`` ms, 500 by default), and
-    failing that a ``grace`` sleep. Returns "purge", "revalidator" or "grace".
+    one upcall per flow for it). It is sent on the daemon's control socket
+    (``Unixctl``, no process spawned); if that fails, through ``ovs-appctl``; then
+    ``revalidator/wait`` (a full revalidation pass, up to ``max-revalidator`` ms,
+    500 by default), and failing that a ``grace`` sleep. Returns "purge",
+    "revalidator" or "grace".
     """
+    if (unixctl or _UNIXCTL).call("revalidator/purge", timeout=timeout):
+        return "purge"
     if _appctl("revalidator/purge", timeout):
         return "purge"
     if _appctl("revalidator/wait", timeout):

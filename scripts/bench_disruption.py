@@ -11,6 +11,10 @@ one barrier). N = 1 is the baseline of the same run; the goal is p50(N) <= 2 x p
 Beside each, N concurrent ``GET /violin/health`` sent the same way: the floor that the REST path
 alone (N connections into the controller's one event loop) puts under N cut calls.
 
+Parts "pause" (goal 1: CRIU members' pause with the cut beside bare ``criu dump``), "files" (goal 2: a
+database-like member's pause by how its directory is taken) and "tcp" (goal 4: a TCP stream's recovery
+after a snapshot) are scripts/disruption_{pause,files,tcp}.py; ``--parts`` picks some.
+
     .venv/bin/python scripts/bench_disruption.py [--out docs/bench/bench_disruption.json]
                                                  [--rounds 12] [--sizes 1,8,32,64] [--plot PNG]
 
@@ -166,7 +170,7 @@ def plot(record, path):
 # Parts of the benchmark besides "flips": each a module scripts/disruption_<part>.py with
 # ``add_arguments(parser)``, ``run(args, log) -> dict`` (its JSON record), ``report(record) -> [lines]``
 # and optionally ``plot(record, path)``. Named here so --parts can list them before importing any.
-PARTS = ["flips", "vm", "restore"]
+PARTS = ["flips", "pause", "files", "tcp", "vm", "restore"]
 
 
 def part_module(name):

@@ -16,6 +16,7 @@ APT_PACKAGES=(
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config busybox-static
     linux-image-amd64 python3-venv build-essential openssl
     podman runc mmdebstrap
+    btrfs-progs  # mkfs.btrfs: the copy-on-write workdir path in a loop file (tests, benchmarks)
 )
 
 TOOL=setup

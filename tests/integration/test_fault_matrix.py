@@ -101,9 +101,33 @@ def processes(under=None):
 
 
 def in_the_hook(helper_pid):
-    """True while a CRIU post-dump hook (criu.HOOK) of this helper waits for the helper's answer."""
-    return any(len(argv) > 3 and argv[2] == b"cat" and argv[3].endswith(b"/reply") and b"violin-criu-" in argv[3]
-               for argv in processes(helper_pid))
+    """True while a CRIU post-dump hook (criu.HOOK, a bash script) of this helper waits for its answer."""
+    for pid in hook_pids(helper_pid):
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as handle:
+                if b"CRTOOLS_SCRIPT_ACTION=post-dump" in handle.read().split(b"\0"):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def hook_pids(helper_pid):
+    """Pids of the hook scripts CRIU runs for this helper's dumps."""
+    found, ours = [], None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"/hook.sh") and b"violin-criu-" in a for a in argv[:3]):
+            ours = list(processes(helper_pid)) if ours is None else ours
+            if argv in ours:
+                found.append(int(entry))
+    return found
 
 
 def member_state(controller, path, wanted):

@@ -287,7 +287,7 @@ def criu_rig(tmp_path, monkeypatch):
 
 def _dumps(rig, outcomes):
     """criu.dump replaced: each call takes the next outcome: "ok", "fail" (before the cut), "cut-fail"."""
-    def dump(member, images, on_frozen):
+    def dump(member, images, on_frozen, **options):
         outcome = outcomes[len(rig.dumps)]
         rig.dumps.append(outcome)
         os.makedirs(images, exist_ok=True)
