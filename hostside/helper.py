@@ -90,7 +90,7 @@ from typing import Callable, Dict, List, Optional
 from hostside import backends, ovs
 from hostside.backends import Backend
 from hostside.httpd import JsonHandler, listen, scheme_of, serve
-from hostside.orchestration import BadRequest, ControllerError, Orchestrator, Registrar, status_of
+from hostside.orchestration import ControllerError, Orchestrator, Registrar, status_of
 from violin_client import tls
 from violin_client.api import ApiClient, ApiError, Unreachable
 from violin_core.catalogue import write_atomic

@@ -224,25 +224,25 @@ class Registrar:
                     return
                 self.wake.wait(self.refresh)
                 if not self.pending:  # say it again now and then: a restarted controller forgot REST registrations
-                    for name in list(self.accepted):
-                        self.pending.setdefault(name, "refresh")
+                    for member in list(self.accepted):
+                        self.pending.setdefault(member, "refresh")
 
     def run_once(self) -> int:
         """Try every pending registration once; how many are still pending."""
         with self.wake:
             work = dict(self.pending)
-        for name, action in work.items():
+        for member, action in work.items():
             try:
-                done = self._do(name, action)
+                done = self._do(member, action)
             except Exception as error:  # noqa: BLE001 - kept and retried; the reason is shown in /members
                 done = False
-                self.status[name] = {"registered": self.accepted.get(name) is not None, "reason": str(error)[:500],
-                                     "at": self.clock()}
-                LOG.warning("registering %s with the controller: %s (will retry)", name, error)
+                self.status[member] = {"registered": self.accepted.get(member) is not None,
+                                       "reason": str(error)[:500], "at": self.clock()}
+                LOG.warning("registering %s with the controller: %s (will retry)", member, error)
             if done:
                 with self.wake:
-                    if self.pending.get(name) == action:
-                        del self.pending[name]
+                    if self.pending.get(member) == action:
+                        del self.pending[member]
         with self.wake:
             return len(self.pending)
 
@@ -344,8 +344,8 @@ class Orchestrator:
     def register_all(self) -> None:
         """At start: register every member that runs here (in the background)."""
         if self.registrar is not None:
-            for name in self.names():
-                self.registrar.want(name)
+            for member in self.names():
+                self.registrar.want(member)
 
     def add_member(self, raw) -> dict:
         """``{"name": ..., "backend": ..., <the backend's spec>}``: host it from now on (and register it)."""

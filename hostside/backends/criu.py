@@ -425,6 +425,76 @@ def scan_proc(root: str = "/proc") -> List[Proc]:
     return [p for p in (read_proc(int(n), root) for n in os.listdir(root) if n.isdigit()) if p is not None]
 
 
+def procs_in_netns(netns_id: str, root: str = "/proc") -> List[Proc]:
+    """The processes whose network namespace is ``netns_id`` (one readlink per process, then only those
+    read in full: a locate costs little on a busy host, where the helper's other jobs need its GIL)."""
+    found = []
+    for entry in os.listdir(root):
+        if entry.isdigit():
+            try:
+                if os.readlink("%s/%s/ns/net" % (root, entry)) != netns_id:
+                    continue
+            except OSError:
+                continue
+            proc = read_proc(int(entry), root)
+            if proc is not None:
+                found.append(proc)
+    return found
+
+
+def _same_namespace(a: str, b: str) -> bool:
+    try:
+        return os.readlink(a) == os.readlink(b)
+    except OSError:  # e.g. a bind-mounted /run/netns/NAME is no symlink
+        return False
+
+
+SIOCGIFHWADDR, SIOCGIFADDR, SIOCGIFNETMASK = 0x8927, 0x8915, 0x891B
+ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
+
+
+def links_in_netns(netns: str) -> List[dict]:
+    """The interfaces of a network namespace as ``ip -j addr`` entries (ifindex, ifname, link_type, address,
+    addr_info with its first IPv4 address), read in-process from a thread that enters it (no fork)."""
+    import fcntl
+    import struct
+    result = {}
+
+    def inside():
+        try:
+            if not _same_namespace(netns, "/proc/thread-self/ns/net"):  # (entering one's own needs root)
+                libc = ctypes.CDLL(None, use_errno=True)
+                with open(netns) as handle:
+                    if libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns %s" % netns)
+            links = []
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                for index, ifname in socket.if_nameindex():
+                    request = struct.pack("256s", ifname.encode()[:15])
+                    hw = fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR, request)
+                    family = struct.unpack_from("H", hw, 16)[0]
+                    link = {"ifindex": index, "ifname": ifname, "address": ":".join("%02x" % b for b in hw[18:24]),
+                            "link_type": {ARPHRD_ETHER: "ether", ARPHRD_LOOPBACK: "loopback"}.get(family, str(family))}
+                    try:
+                        address = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)[20:24])
+                        mask = fcntl.ioctl(sock.fileno(), SIOCGIFNETMASK, request)[20:24]
+                        link["addr_info"] = [{"family": "inet", "local": address,
+                                              "prefixlen": bin(int.from_bytes(mask, "big")).count("1")}]
+                    except OSError:  # no IPv4 address
+                        link["addr_info"] = []
+                    links.append(link)
+            result["links"] = links
+        except OSError as error:
+            result["error"] = error
+
+    thread = threading.Thread(target=inside)  # the thread's namespace dies with it
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise RuntimeError("interfaces of %s: %s" % (netns, result["error"]))
+    return result["links"]
+
+
 def open_marker_socket(netns: str, iface: str) -> socket.socket:
     """An AF_PACKET socket on ``iface`` of another network namespace (opened in a thread there)."""
     result = {}
@@ -602,8 +672,18 @@ class CriuBackend(Backend):
         self.freezes = threading.BoundedSemaphore(FREEZE_SLOTS)
         self.kept = Kept()
         self.proving: Dict[str, Located] = {}  # member -> where its open quiet proof located it
-        self.scan = scan_proc  # seams for unit tests
-        self.links = lambda netns: json.loads(in_netns(netns, "ip", "-j", "addr", "show") or "[]")
+        self.scan, self.procs_in, self.read = scan_proc, procs_in_netns, read_proc  # seams for unit tests
+        self.links = links_in_netns
+        self.shells: Dict[str, int] = {}  # Mininet host -> its shell's pid, checked at every use
+
+    def _shell(self, host: str) -> Proc:
+        """The host's shell: the one seen last if it still is that shell, else found by a scan of /proc."""
+        known = self.shells.get(host)
+        proc = self.read(known) if known else None
+        if proc is None or proc.state == "Z" or not proc.argv or proc.argv[-1] != "mininet:" + host:
+            proc = mininet_shell(host, self.scan())
+            self.shells[host] = proc.pid
+        return proc
 
     def start(self) -> None:
         become_subreaper()
@@ -616,15 +696,14 @@ class CriuBackend(Backend):
         By Mininet host: the host's shell gives the namespaces; the process is the root of the one
         tree in that network namespace whose command line holds ``command``. By pidfile: the pid's
         namespaces (held open, so a member killed for a restore is still found)."""
-        procs = self.scan()
         if member.mininet_host:
             try:
-                shell = mininet_shell(member.mininet_host, procs)
+                shell = self._shell(member.mininet_host)
             except LookupError as error:
                 raise CriuError("cannot locate %s: %s" % (member.name, error)) from None
             netns, mntns = "/proc/%d/ns/net" % shell.pid, "/proc/%d/ns/mnt" % shell.pid
             try:
-                pid = match_process(member.command, [p for p in procs if p.netns == shell.netns], {shell.pid})
+                pid = match_process(member.command, self.procs_in(shell.netns), {shell.pid})
             except LookupError as error:
                 raise CriuError("cannot locate %s in %s: %s" % (member.name, member.mininet_host, error)) from None
             if shell.mntns is not None and shell.mntns == own_namespace("mnt"):
@@ -639,7 +718,7 @@ class CriuBackend(Backend):
                 pid, handle = None, {"pidfile": member.pidfile, "problem": "pidfile %s: %s" % (member.pidfile, why)}
             else:
                 handle = {"pidfile": member.pidfile}
-            proc = read_proc(pid) if pid else None
+            proc = self.read(pid) if pid else None
             if proc is None or proc.state in ("Z", "X"):
                 pid = None
             try:

@@ -81,10 +81,13 @@ LINKS = [{"ifindex": 1, "ifname": "lo", "link_type": "loopback"},
           "addr_info": [{"family": "inet", "local": "10.0.0.1", "prefixlen": 8}]}]
 
 
-def backend(tmp_path, procs, links=LINKS):
+def backend(tmp_path, procs, links=LINKS, real=False):
     b = criu.CriuBackend(HostSettings(str(tmp_path)))
-    b.scan = lambda: procs
     b.links = lambda netns: links
+    if not real:
+        b.scan = lambda: procs
+        b.procs_in = lambda netns: [p for p in procs if p.netns == netns]
+        b.read = lambda pid: next((p for p in procs if p.pid == pid), None)
     return b
 
 
@@ -100,6 +103,14 @@ def test_locate_by_mininet_host_finds_namespaces_process_interface_and_mac(tmp_p
     assert gone.pid is None and gone.netns == "/proc/100/ns/net"
     with pytest.raises(criu.CriuError, match="cannot locate m1: no Mininet host h1"):
         backend(tmp_path, [SHELL_H2]).locate(member)
+    # The shell seen last is checked, not searched for again; one that went away is searched for.
+    b = backend(tmp_path, procs)
+    b.locate(member)
+    b.scan = lambda: []
+    assert b.locate(member).pid == 150
+    b.read = lambda pid: None
+    with pytest.raises(criu.CriuError, match="no Mininet host h1"):
+        b.locate(member)
     with pytest.raises(criu.CriuError, match="cannot locate the interface of m1"):
         backend(tmp_path, procs, links=LINKS[:1]).locate(member)
 
@@ -110,7 +121,7 @@ def test_locate_by_pidfile_holds_the_namespaces_for_when_the_process_is_gone(tmp
         pidfile = tmp_path / "m.pid"
         pidfile.write_text("%d\n" % child.pid)
         member = criu.CriuMember("m2", pidfile=str(pidfile))
-        b = backend(tmp_path, [])
+        b = backend(tmp_path, [], real=True)
         where = b.locate(member)
         assert where.pid == child.pid and where.mac == "00:00:00:00:00:0a"
         assert os.readlink(where.netns) == os.readlink("/proc/%d/ns/net" % child.pid)
@@ -127,6 +138,17 @@ def test_locate_by_pidfile_holds_the_namespaces_for_when_the_process_is_gone(tmp
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_interfaces_of_a_namespace_are_read_in_process():
+    links = criu.links_in_netns("/proc/self/ns/net")
+    lo = next(l for l in links if l["ifname"] == "lo")
+    assert lo["link_type"] == "loopback" and lo["addr_info"][0]["local"] == "127.0.0.1"
+    assert lo["addr_info"][0]["prefixlen"] == 8
+    with pytest.raises(RuntimeError):
+        criu.links_in_netns("/nonexistent/ns/net")
+    mine = criu.procs_in_netns(os.readlink("/proc/self/ns/net"))
+    assert os.getpid() in [p.pid for p in mine]
 
 
 def test_criu_member_specs_name_a_process_one_way():
