@@ -222,7 +222,7 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
     os.makedirs(images, exist_ok=True)
     own_capture = capture is None and bool(member.workdir)
     if own_capture:
-        capture = workdir.capture_for(member.workdir, lambda: workdir.tree_pids(process.pid))
+        capture = workdir.capture_for(member.workdir, lambda: workdir.tree_pids(member.pid))
         capture.prepare()
 
     def frozen():
