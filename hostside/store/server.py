@@ -131,7 +131,11 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             parts = self.path.strip("/").split("/")
             if parts[0] == "chunks" and len(parts) == 2 and parts[1] in ("missing", "upload", "fetch"):
                 return ["@chunks", parts[1]]
-            if parts[0] == "manifests" and len(parts) == 4 and all(NAME_RE.match(p) for p in parts[1:]):
+            if parts[0] == "manifests" and len(parts) == 4:
+                if not all(NAME_RE.match(p) for p in parts[1:]):
+                    self._error(400, "expected /manifests/<snapshot>/<member>/<file> with names of letters, "
+                                     "digits, _ . -")
+                    return None
                 return ["@manifests"] + parts[1:]
             if parts[0] != "images" or not 2 <= len(parts) <= 4 or not all(NAME_RE.match(p) for p in parts[1:]):
                 self._error(404 if parts[0] != "images" else 400, ROUTES)
