@@ -79,9 +79,8 @@ def tcp_slice(controller, net, workdir, rate=20e6, helper_env=None):
         config = {"listen": "127.0.0.1:%d" % helper_port, "token": slicelab.HELPER_TOKEN,
                   "controller_token": controller.token, "servers": [server_url],
                   "server_token": slicelab.SERVER_TOKEN, "work_dir": os.path.join(workdir, "helper"),
-                  "members": {h.name: {"pid": flow.pids[h.name], "netns": "/proc/%d/ns/net" % h.pid,
-                                       "mntns": "/proc/%d/ns/mnt" % h.pid, "workdir": dirs[h.name],
-                                       "iface": str(h.defaultIntf()), "mac": h.MAC()} for h in flow.hosts}}
+                  "members": {h.name: slicelab.criu_member(h, dirs[h.name], command="tcpflow.py")
+                              for h in flow.hosts}}  # by name: the helper locates them (no controller: we register)
         with open(os.path.join(workdir, "helper.json"), "w") as handle:
             json.dump(config, handle)
         flow.helper_log = os.path.join(workdir, "helper.log")

@@ -17,7 +17,7 @@ def test_demo_failure_and_restore_give_a_bit_identical_image(lab_ready, tmp_path
         pytest.skip("CRIU 4.2.1 not installed")
     import demo
     out = tmp_path / "mandelbrot.png"
-    code = demo.main(["--width", "120", "--height", "90", "--iterations", "200", "--delay-ms", "150",
+    code = demo.main(["--width", "120", "--height", "90", "--iterations", "200", "--delay-ms", "300",
                       "--every", "1.5", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -29,7 +29,7 @@ def test_demo_with_vms_gives_a_bit_identical_image(vm_ready, tmp_path, capsys):
     """The seed's shape: four QEMU VMs, fake live migrations, two destroyed, all restored."""
     import demo
     out = tmp_path / "mandelbrot.png"
-    code = demo.main(["--vms", "--width", "120", "--height", "90", "--iterations", "200", "--delay-ms", "200",
+    code = demo.main(["--vms", "--width", "120", "--height", "90", "--iterations", "200", "--delay-ms", "500",
                       "--every", "3", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed

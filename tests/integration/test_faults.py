@@ -45,7 +45,8 @@ def test_helper_killed_during_a_snapshot(slice_controller, tmp_path):
 def test_corrupted_image_fails_the_restore_before_anything_is_stopped(slice_controller, tmp_path):
     controller = slice_controller
     with lab.network(LanTopo(2, prefix=lab.run_prefix()), controller) as net:
-        with slicelab.helped_slice(controller, net, str(tmp_path)) as members:
+        # a file store, whose files can be damaged in place (test_chunk_store_live corrupts a chunk)
+        with slicelab.helped_slice(controller, net, str(tmp_path), store="file") as members:
             time.sleep(0.5)
             _, snap = controller.request("POST", "/violin/snapshots", {})
             view = wait_until_done(controller.api, "/violin/snapshots/%s" % snap["id"])
