@@ -471,10 +471,11 @@ def test_controller_killed_while_a_vm_waits_at_its_switchover(slice_controller, 
         guest = vms.seqstream_guest("%svm1" % prefix, 2, "10.0.0.101/8", "52:54:00:76:00:01", net.switches[0].name,
                                     {1: host.IP()}, VM_RATE)
         with vms.guests([guest]):
-            # vm_hold precopy: the guest is paused at the switchover while the helper's cut call hangs (with
+            # A file store (its .part file shows the stream began) and vm_hold precopy: the guest is paused at the switchover while the helper's cut call hangs (with
             # the default hold at the switchover, a stopped controller blocks the prepare and the guest runs on)
             with slicelab.helped_slice(controller, net, str(tmp_path), rate=VM_RATE, guests=[guest],
-                                       guest_ids={guest.name: 2}, helper_settings={"vm_hold": "precopy"}) as members:
+                                       guest_ids={guest.name: 2}, helper_settings={"vm_hold": "precopy"},
+                                       store="file") as members:  # its .part file shows the stream began
                 quick_reconnect(net)
                 time.sleep(2.0)
                 _, snap = controller.request("POST", "/violin/snapshots", {"label": "before the fault"})

@@ -237,7 +237,8 @@ def test_a_vm_disk_is_taken_at_the_cut_and_comes_back_with_the_memory(slice_cont
             guest = vms.Guest(name, "10.0.0.120/8", "52:54:00:76:01:01", str(net.switches[0].name),
                               ["vdisk", "/dev/vda", "10"], disks=[disk], modules=["virtio_blk"])
             with vms.guests([guest]):
-                with slicelab.helped_slice(controller, net, str(tmp_path), rate=RATE, guests=[guest]):
+                with slicelab.helped_slice(controller, net, str(tmp_path), rate=RATE, guests=[guest],
+                                           store="file"):  # the stored disk is read from the store's directory
                     time.sleep(1.5)
                     assert "vdisk: writing blocks" in vms.console_text(guest), vms.console_text(guest)[-1500:]
                     _, snap = controller.request("POST", "/violin/snapshots", {})
