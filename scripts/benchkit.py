@@ -171,6 +171,15 @@ def summary(values):
             "p99": r(pct(values, 99)), "max": r(max(values)), "mean": r(statistics.fmean(values))}
 
 
+def summary_p95(values):
+    """``summary`` plus p95 (the goals of issue 11 name p50 and p95)."""
+    values = [v for v in values if v is not None]
+    found = summary(values)
+    if values:
+        found["p95"] = round(pct(values, 95), 3)
+    return found
+
+
 def timed_snapshot(controller, label, timeout=180.0):
     """Take a snapshot through the controller; (its complete view, wall ms). BenchError otherwise."""
     import time

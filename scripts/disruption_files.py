@@ -23,7 +23,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 
-from benchkit import ROOT, BenchError, pct, summary
+from benchkit import ROOT, BenchError, summary_p95
 from hostside import workdir
 from hostside.backends import criu
 from lab import lab, loopfs
@@ -34,13 +34,6 @@ def add_arguments(parser):
     parser.add_argument("--files-mib", type=float, default=128.0, help="files: the data file's MiB (default 128)")
     parser.add_argument("--files-rate", type=float, default=500.0, help="files: 4 KiB records/s appended (default 500)")
 
-
-def stats(values):
-    values = [v for v in values if v is not None]
-    found = summary(values)
-    if values:
-        found["p95"] = round(pct(values, 95), 3)
-    return found
 
 
 class Member:
@@ -131,12 +124,12 @@ def run(args, log):
                         time.sleep(0.1)
                 log("  files: round %d/%d" % (index + 1, args.files_rounds))
             for key in plans:
-                base = stats(samples[key]["memory"])
+                base = summary_p95(samples[key]["memory"])
                 entry = {"variants": {}, "details": details[key][-3:],
-                         "workdir_freeze_ms": stats([d.get("freeze_ms") for d in details[key]]),
-                         "frozen_bytes": stats([d.get("frozen_bytes") for d in details[key]])}
+                         "workdir_freeze_ms": summary_p95([d.get("freeze_ms") for d in details[key]]),
+                         "frozen_bytes": summary_p95([d.get("frozen_bytes") for d in details[key]])}
                 for variant, values in samples[key].items():
-                    s = stats(values)
+                    s = summary_p95(values)
                     entry["variants"][variant] = dict(s, samples=values, ratio_p50=round(s["p50"] / base["p50"], 2),
                                                       ratio_p95=round(s["p95"] / base["p95"], 2))
                 record["members"][key] = entry

@@ -17,7 +17,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 
-from benchkit import BenchError, pct, summary, timed_snapshot
+from benchkit import BenchError, summary, summary_p95, timed_snapshot
 from hostside.backends import criu
 from lab import lab, slicelab
 from topologies.lan import LanTopo
@@ -29,13 +29,6 @@ def add_arguments(parser):
     parser.add_argument("--pause-rounds", type=int, default=10, help="pause: snapshots per size (default 10)")
     parser.add_argument("--pause-rate", type=float, default=100.0, help="pause: seqstream datagrams/s per peer")
 
-
-def stats(values):
-    values = [v for v in values if v is not None]
-    found = summary(values)
-    if values:
-        found["p95"] = round(pct(values, 95), 3)
-    return found
 
 
 def bare_dump(name, host_pid, pid, images):
@@ -86,7 +79,7 @@ def measure(n, rounds, rate, log):
                 time.sleep(0.2)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    cut, bare = stats(record["with_cut"]), stats(record["bare"])
+    cut, bare = summary_p95(record["with_cut"]), summary_p95(record["bare"])
     record["summary"] = {"with_cut_ms": cut, "bare_ms": bare,
                          "ratio_p50": round(cut["p50"] / bare["p50"], 2), "ratio_p95": round(cut["p95"] / bare["p95"], 2),
                          "steps_p50": {k: (summary([s[k] for s in record["steps"]]) or {}).get("p50")

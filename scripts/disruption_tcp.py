@@ -12,27 +12,18 @@ the default ``--network-lock nftables``, whose rules drop the frames released to
 unlocks it after the hook.
 """
 
-import os
 import shutil
 import tempfile
 import time
 from contextlib import ExitStack
 
-from benchkit import BenchError, pct, summary, timed_snapshot
+from benchkit import BenchError, summary_p95, timed_snapshot
 from lab import flows, lab, slicelab
 from topologies.lan import LanTopo
 from workloads import tcpflow
 
 VARIANTS = (("skip", "skip"), ("nftables", "nftables"))  # the opt-in and the default (criu.SNAPSHOT_NETWORK_LOCK)
 
-
-def stats(values):
-    """benchkit.summary plus p95."""
-    values = [v for v in values if v is not None]
-    found = summary(values)
-    if values:
-        found["p95"] = round(pct(values, 95), 3)
-    return found
 
 
 def add_arguments(parser):
@@ -97,10 +88,10 @@ def run(args, log):
         recoveries = [r["recovery_ms"] for r in rows if r["recovery_ms"] is not None]
         margins = [r["recovery_ms"] - r["later_pause_ms"] - 50 for r in rows if r["recovery_ms"] is not None]
         record["variants"][name] = {
-            "network_lock": lock, "snapshots": rows, "recovery_ms": stats(recoveries),
-            "later_pause_ms": stats([r["later_pause_ms"] for r in rows]),
+            "network_lock": lock, "snapshots": rows, "recovery_ms": summary_p95(recoveries),
+            "later_pause_ms": summary_p95([r["later_pause_ms"] for r in rows]),
             "not_recovered": sum(1 for r in rows if r["recovery_ms"] is None),
-            "timeouts_per_snapshot": stats([r["timeouts"] for r in rows]),
+            "timeouts_per_snapshot": summary_p95([r["timeouts"] for r in rows]),
             "within_goal": sum(1 for m in margins if m <= 0), "count": len(rows)}
     return record
 
