@@ -121,6 +121,33 @@ class ProcessMembers:
     def progress(self, host):
         return seqstream.read_progress(self._path(host, "progress"), self.peers_of(host))
 
+    def tcp_behind(self) -> Dict[str, int]:
+        """{"a->b/tcp": datagrams sent to b minus TCP records appended for b}: the oracle's
+        ``behind_udp``, now. None for a stream whose connection is not up yet."""
+        found = {}
+        for host in self.hosts:
+            peers = self.peers_of(host)
+            path = self._path(host, "progress")
+            udp, tcp = seqstream.read_progress(path, peers), seqstream.read_progress(path, peers, tcp=True)
+            for peer in peers:
+                if peer in tcp and peer in udp:
+                    found["%d->%d/tcp" % (self.ids[host.name], peer)] = (udp[peer][1] - tcp[peer][0]
+                                                                         if tcp[peer][0] else None)
+        return found
+
+    def wait_tcp_up(self, timeout: float = 30.0) -> Dict[str, int]:
+        """Wait until every TCP stream carries records (connections come up slowly on a busy host);
+        returns ``tcp_behind()`` then, the figure a stream that stays up keeps."""
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = self.tcp_behind()
+            if behind and all(v is not None for v in behind.values()):
+                return behind
+            if time.monotonic() > deadline:
+                raise RuntimeError("TCP streams not up after %.0f s: %s" % (
+                    timeout, sorted(k for k, v in behind.items() if v is None)))
+            time.sleep(0.1)
+
     def cut(self, controller, snapshot_id, host, marker=True, hold_s=0.0):
         """Play the helper for one member: prepare, pause, marker, cut, resume, done.
 

@@ -91,6 +91,17 @@ else
     /usr/share/openvswitch/scripts/ovs-ctl start --system-id=random >/tmp/violin-ovs.log 2>&1 || true
     ovs-vsctl --timeout=5 show >/dev/null 2>&1 || { cat /tmp/violin-ovs.log >&2; die "Open vSwitch did not start"; }
 fi
+# The userspace datapath reads each port through an AF_PACKET socket with the default receive
+# buffer, net.core.rmem_default: 212992 bytes, about 50 frames (each costs ~4 KiB). Whenever
+# ovs-vswitchd falls behind (2 busy cores, a snapshot's packet-ins and releases), the kernel drops
+# what does not fit, and no OVS counter shows it (`ss -0 -m`: skmem d<N>): UDP loss the oracle saw
+# under load. 8 MiB holds ~2000 frames; it applies to ports created afterwards. Never lowered.
+RMEM_WANTED=$((8 * 1024 * 1024))
+if (( $(sysctl -n net.core.rmem_default) < RMEM_WANTED )); then
+    say "raising net.core.rmem_default to $RMEM_WANTED (OVS userspace datapath port sockets)"
+    sysctl -qw net.core.rmem_default=$RMEM_WANTED
+    echo "net.core.rmem_default = $RMEM_WANTED" >/etc/sysctl.d/60-violin-snapshot.conf
+fi
 
 # 5. libvirt's daemons (no systemd: started by hand, each only if its pid file names no live process)
 #    and the VM guest image (scripts/build_guest.sh: nothing to do, ~0.1 s, when it is up to date).

@@ -42,7 +42,8 @@ TCP_MAGIC = b"VTCP"  # TCP records: DATAGRAM with this magic, 16 bytes, no paddi
 SLOT = struct.Struct("<qq")  # per peer: about-to-send seq, last sent seq
 SO_TIMESTAMPNS = 35
 SO_RCVBUFFORCE = 33
-RETRY_S = 0.2  # an outgoing TCP connection is attempted again this often until it is up
+RETRY_S = 0.2  # a refused outgoing TCP connection is attempted again this often until it is up
+PENDING_S = 3.0  # ... and one still handshaking is given this long (round trips reach 300 ms on a busy host)
 
 
 def read_progress(path, peers, tcp=False):
@@ -99,11 +100,11 @@ class TcpOut:
         self.buffer = bytearray()
 
     def connect(self, now):
-        """Start an attempt when due; one still pending after RETRY_S is dropped and started afresh."""
+        """Start an attempt when due: RETRY_S after a refusal, PENDING_S after one that never finished."""
         if self.up or self.broken or now < self.retry_at:
             return
         self.close()
-        self.retry_at = now + RETRY_S
+        self.retry_at = now + PENDING_S
         self.sock = _abortive(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
@@ -115,6 +116,7 @@ class TcpOut:
             self.up = True
         elif error != errno.EINPROGRESS:
             self.close()
+            self.retry_at = now + RETRY_S
 
     def connected(self):
         """The pending connect finished (the socket turned writable): up, or failed until the next retry."""
@@ -122,6 +124,7 @@ class TcpOut:
             self.up = True
         else:
             self.close()
+            self.retry_at = min(self.retry_at, time.monotonic() + RETRY_S)
 
     def flush(self):
         """Write what the kernel takes; the highest record it took completely is "last sent"."""
