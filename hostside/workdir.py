@@ -401,6 +401,14 @@ class Capture:
         self.discard()
         return path
 
+    def finish_tree(self, images: str) -> str:
+        """Instead of writing the tar, point the image at the captured directory (``images/workdir.tar.tree``)
+        for a snapshot server's client to store as that tar without writing it (``hostside.store.tree``);
+        the capture is kept until ``discard``, which must come after the upload. Its path."""
+        from hostside.store import tree  # noqa: PLC0415 - the store's client, only on this path
+        self.timings["archive_ms"] = 0.0
+        return tree.write_pointer(images, ARCHIVE, self.captured(), clone=True)
+
     def discard(self) -> None:
         pass
 

@@ -255,9 +255,10 @@ class ChunkStore(Store):
         raise NotFound("no file %s/%s/%s" % (snapshot, member, name))
 
     def commit(self, snapshot: str, member: str, name: str, size: int, sha256: str,
-               chunks: List[list]) -> FileInfo:
+               chunks: List[list], checksum: Optional[str] = None) -> FileInfo:
         """Make file ``name`` the one made of ``chunks`` ([[id, size], ...], every one already stored);
-        ``MissingChunks`` naming those that are not (nothing changes then)."""
+        ``MissingChunks`` naming those that are not (nothing changes then). ``sha256`` is the content's,
+        or with ``checksum`` ``chunking.LIST_CHECKSUM`` the chunk list's (checked here)."""
         check_names(snapshot, member, name)
         if name == INDEX:
             raise InvalidName("%s is the store's own index, not an image file name" % INDEX)
@@ -271,6 +272,10 @@ class ChunkStore(Store):
             entries.append([item[0], item[1]])
         if sum(s for _, s in entries) != size:
             raise ValueError("the chunks' sizes add up to %d, not %d" % (sum(s for _, s in entries), size))
+        if checksum not in (None, chunking.LIST_CHECKSUM):
+            raise ValueError("checksum must be absent or %r, got %r" % (chunking.LIST_CHECKSUM, checksum))
+        if checksum and chunking.list_checksum(entries) != sha256.lower():
+            raise ChecksumMismatch("the chunk list of %s hashes to %s, not %s" % (name, chunking.list_checksum(entries), sha256))
         info = FileInfo(name, size, sha256.lower())
         directory = self._member_dir(snapshot, member)
         with self.locked():
@@ -284,7 +289,8 @@ class ChunkStore(Store):
             os.makedirs(directory, exist_ok=True)
             fsync_dir(os.path.dirname(directory))
             index = self._read_index(snapshot, member) or {"snapshot": snapshot, "member": member, "files": []}
-            index["files"] = [f for f in index["files"] if f["name"] != name] + [dict(info.as_dict(), chunks=entries)]
+            entry = dict(info.as_dict(), chunks=entries, **({"checksum": checksum} if checksum else {}))
+            index["files"] = [f for f in index["files"] if f["name"] != name] + [entry]
             write_atomic(os.path.join(directory, INDEX), json.dumps(index).encode())
             for cid, _ in entries:  # referenced now: the manifest keeps them
                 self.leases.pop(cid, None)
@@ -464,9 +470,11 @@ class ChunkStore(Store):
                         problem = "chunk"
                         continue
                     digest.update(data)
-                if problem is None and digest.hexdigest() != entry["sha256"]:
+                got = chunking.list_checksum(entry["chunks"]) if entry.get("checksum") == chunking.LIST_CHECKSUM \
+                    else digest.hexdigest()
+                if problem is None and got != entry["sha256"]:
                     damaged.append({"snapshot": snapshot, "member": member, "file": entry["name"],
-                                    "problem": "sha256 %s, expected %s" % (digest.hexdigest(), entry["sha256"])})
+                                    "problem": "%s %s, expected %s" % (entry.get("checksum", "sha256"), got, entry["sha256"])})
         for snapshot in self.legacy.snapshots():
             for member in filter(NAME_RE.match, os.listdir(os.path.join(self.root, snapshot))):
                 for info in self.legacy.index(snapshot, member) or []:
