@@ -281,15 +281,20 @@ def apply_delta(delta: Delta, now: Dict[str, Entry], source: str, target: str) -
             tails.append((rel, offset))
         else:
             delta.whole.append(rel)  # truncated and regrown, or our copy is not what we think: all of it
+    # A copy keeps the mtime the scan saw (what the member's file had when its bytes were taken), as
+    # a clone does: the tar records the member's mtimes, and the store's stat cache (hostside.store.tree)
+    # can tell a file the member left alone from one it wrote since the last snapshot.
     for rel in delta.whole:
         try:
             _copy_range(os.path.join(source, rel), os.path.join(target, rel), 0, now[rel].size)
             os.chmod(os.path.join(target, rel), now[rel].mode)
+            os.utime(os.path.join(target, rel), ns=(now[rel].mtime_ns, now[rel].mtime_ns))
         except FileNotFoundError:  # removed since the scan: the next scan removes it
             continue
         copied += now[rel].size
     for rel, offset in tails:
         _copy_range(os.path.join(source, rel), os.path.join(target, rel), offset, now[rel].size)
+        os.utime(os.path.join(target, rel), ns=(now[rel].mtime_ns, now[rel].mtime_ns))
         copied += now[rel].size - offset
     return copied
 
