@@ -5,7 +5,12 @@ Shared by the chunk store (``chunks.py``, server side) and the client (``client.
 - chunks are cut by content (FastCDC 2020, ``pyfastcdc``; ~64 KiB on average, 16 KiB to 256 KiB), so
   an insertion in a data file or a migration stream moves only the chunks around it;
 - a chunk's id is the BLAKE3 hash of its content (64 hex digits, ``blake3``);
-- a chunk is kept and sent zstd-compressed (``zstandard``, level 1: fast);
+- a chunk is kept and sent zstd-compressed (``zstandard``, level -5 by default: at level 1 the
+  chunks of docs/bench's database-like data come out 1.9x smaller (0.32 of the content vs 0.60),
+  but compressing is ~2.3x and decompressing ~3.6x slower, more than a first snapshot's cutting
+  (>= 300 MB/s on one core) or a restore (no slower than whole files) can afford; the negative
+  levels between differ little in size (-1: 0.55, -3: 0.57); $VIOLIN_CHUNK_LEVEL chooses, and
+  docs/bench/bench_storage.json measures 1, -1, -3 and the default side by side);
 - a batch of chunks travels as frames: 32 bytes of id, the content's size and the compressed size
   (two big-endian u32), then the compressed bytes. The receiver decompresses and hashes every frame,
   so a chunk is never stored or used under a name that is not its content's hash.
@@ -23,7 +28,7 @@ import zstandard
 from pyfastcdc import FastCDC
 
 AVG, MIN, MAX = 64 << 10, 16 << 10, 256 << 10
-LEVEL = 1
+LEVEL = -5  # see the module docstring; VIOLIN_CHUNK_LEVEL overrides
 ID_RE = r"^[0-9a-f]{64}$"
 _HEAD = struct.Struct(">32sII")
 MAX_FRAME = MAX + (MAX >> 4) + 1024  # zstd's worst case for a MAX chunk, with room to spare
@@ -107,9 +112,9 @@ def level_from_env() -> int:
     return level
 
 
-def packer_for(name: str) -> Packer:
+def packer_for(name: str, level: Optional[int] = None) -> Packer:
     """Page images (``pages-*.img``) cut small, everything else (archives, streams) at 64 KiB."""
-    return Packer(small=name.startswith("pages-"))
+    return Packer(level=level, small=name.startswith("pages-"))
 
 
 class IterReader(io.RawIOBase):
@@ -170,6 +175,19 @@ def read_frames(stream) -> Iterator[Chunk]:
         if size > MAX or length > MAX_FRAME:  # (size 0: not given, the reader knows it)
             raise ChunkError("frame of %d bytes (content %d) is larger than any chunk" % (length, size))
         yield Chunk(raw_id.hex(), size, _read(stream, length))
+
+
+def split_frames(data) -> Iterator[Chunk]:
+    """The chunks of a whole frame stream in memory, their ``packed`` views into ``data`` (no copies)."""
+    view, offset = memoryview(data), 0
+    while offset < len(view):
+        if offset + _HEAD.size > len(view):
+            raise ChunkError("the frame stream ended inside a frame")
+        raw_id, size, length = _HEAD.unpack_from(view, offset)
+        if size > MAX or length > MAX_FRAME or offset + _HEAD.size + length > len(view):
+            raise ChunkError("frame of %d bytes (content %d) is larger than any chunk or the stream" % (length, size))
+        yield Chunk(raw_id.hex(), size, view[offset + _HEAD.size:offset + _HEAD.size + length])
+        offset += _HEAD.size + length
 
 
 def scan_pack(path: str) -> Iterator[Tuple[str, int, int, int]]:

@@ -210,6 +210,31 @@ class ChunkStore(Store):
                 handle.close()
         return found, lacking
 
+    def frame_ranges(self, ids: Iterable[str]):
+        """``(handles, ranges)``: the chunk frames of ``ids`` in order as byte ranges ``(handle, offset,
+        length)`` of their packs (adjacent frames of one pack merged), every pack already open (a gc
+        that removes one meanwhile cannot take its bytes from under the reader); None if a chunk is
+        not in the index or its pack is gone (the caller falls back to ``packed_chunks``). Close the handles."""
+        handles, ranges = {}, []
+        try:
+            for cid in ids:
+                spot = self.where.get(cid)
+                if spot is None:
+                    raise FileNotFoundError(cid)
+                if spot[0] not in handles:
+                    handles[spot[0]] = open(os.path.join(self.pack_dir, spot[0]), "rb")
+                start, length = spot[1] - chunking.HEAD_SIZE, chunking.HEAD_SIZE + spot[2]
+                last = ranges[-1] if ranges else None
+                if last is not None and last[0] is handles[spot[0]] and last[1] + last[2] == start:
+                    ranges[-1] = (last[0], last[1], last[2] + length)
+                else:
+                    ranges.append((handles[spot[0]], start, length))
+        except FileNotFoundError:
+            for handle in handles.values():
+                handle.close()
+            return None
+        return list(handles.values()), ranges
+
     def packed_chunk(self, cid: str) -> bytes:
         """A chunk's compressed bytes as stored (not checked: the reader checks); NotFound if none."""
         for attempt in (1, 2):

@@ -13,7 +13,6 @@ import collections
 import concurrent.futures
 import hashlib
 import http.client
-import io
 import json
 import os
 import queue
@@ -56,13 +55,14 @@ class ImageServer:
     """One snapshot server at ``url``: http://HOST:PORT, or https://HOST:PORT verified against ``ca_file``
     (default $VIOLIN_CA_FILE, else the system's CAs)."""
 
-    def __init__(self, url: str, token: str, timeout: float = 30.0, ca_file: str = None):
+    def __init__(self, url: str, token: str, timeout: float = 30.0, ca_file: str = None, level: int = None):
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise StorageError("snapshot server URL must be http(s)://HOST:PORT, got %r" % url)
         self.url, self.host = url.rstrip("/"), parsed.hostname
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.token, self.timeout = token, timeout
+        self.level = level  # zstd's level for the chunks it sends (None: chunking.level_from_env())
         self.chunked = None  # whether the server takes chunks (asked once, on the first upload)
         try:
             self._context = tls.client_context(ca_file) if parsed.scheme == "https" else None
@@ -170,7 +170,7 @@ class ImageServer:
 
         # Cutting and hashing here while the previous batch is asked about, compressed and sent in a
         # second thread: at most PIPELINE batches in memory (the queue, and the one being sent).
-        sender_packer = chunking.packer_for(name)
+        sender_packer = chunking.packer_for(name, self.level)
         pipeline, failure = queue.Queue(PIPELINE), []
 
         def sender():
@@ -365,7 +365,7 @@ class ImageServer:
 
     def _checked_group(self, group, where: str) -> List[bytes]:
         """The contents of ``group``'s chunks, fetched, each decompressed and checked against its id."""
-        frames, contents = chunking.read_frames(io.BytesIO(self._fetch_group(group, where))), []
+        frames, contents = chunking.split_frames(self._fetch_group(group, where)), []
         for cid, size in group:
             try:
                 got = next(frames, None)

@@ -211,3 +211,38 @@ def test_the_chunk_level_comes_from_the_environment_and_bad_values_say_why(monke
         chunking.Packer()
     monkeypatch.delenv("VIOLIN_CHUNK_LEVEL")
     assert chunking.Packer().level == chunking.LEVEL
+
+
+def test_a_precopy_stage_keeps_the_members_mtimes_so_a_later_snapshot_reads_only_what_changed(
+        client, store, tmp_path):  # noqa: F811
+    member = str(tmp_path / "member")
+    make_tree(member)
+    os.unlink(os.path.join(member, "hard"))  # (a pre-copy copies a hard link's files apart)
+
+    def snapshot(label):
+        capture = workdir.PrecopyCapture(member, stage=str(tmp_path / ("stage-" + label)))  # a fresh copy each time
+        capture.prepare()
+        capture.at_freeze()
+        images = tmp_path / ("dump-" + label)
+        images.mkdir()
+        capture.finish_tree(str(images))
+        stage = capture.captured()
+        assert os.stat(os.path.join(stage, "seg-0.dat")).st_mtime_ns == os.stat(os.path.join(member, "seg-0.dat")).st_mtime_ns
+        try:
+            return StoreSink(client, label, "db").client.upload_dir(label, "db", str(images))[0]
+        finally:
+            capture.discard()
+
+    assert snapshot("s1")["files_read"] == 3
+    with open(os.path.join(member, "seg-1.dat"), "ab") as handle:
+        handle.write(b"rows\n" * 1000)
+    os.utime(os.path.join(member, "seg-1.dat"), (OLD + 5, OLD + 5))
+    second = snapshot("s2")
+    assert second["files_read"] == 1 and second["bytes_read"] == os.path.getsize(os.path.join(member, "seg-1.dat"))
+    client.download_dir("s2", "db", str(tmp_path / "out"))
+    with tarfile.open(str(tmp_path / "out" / "workdir.tar")) as archive:
+        archive.extractall(str(tmp_path / "x"))
+    for name in ("seg-0.dat", "seg-1.dat", "sub/small.txt"):  # the member's bytes and mtimes (directories: the stage's)
+        here, there = os.path.join(member, name), str(tmp_path / "x" / name)
+        assert open(here, "rb").read() == open(there, "rb").read()
+        assert int(os.stat(here).st_mtime) == int(os.stat(there).st_mtime)
