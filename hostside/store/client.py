@@ -29,6 +29,7 @@ from .base import CHUNK
 FETCH_CHUNKS = 128  # chunks per fetch request (~8 MiB of content on average, 32 MiB at most)
 PIPELINE = 1  # batches cut ahead of the one being sent
 FETCHERS = 3  # groups of chunks fetched at once by a download (one connection each)
+FILES_AT_ONCE = 2  # files of a directory uploaded at once (each bounded by PIPELINE + 1 batches)
 
 
 class StorageError(RuntimeError):
@@ -305,20 +306,24 @@ class ImageServer:
         return dict(answer, logical_bytes=answer["bytes"], stored_bytes=answer["bytes"], sent_bytes=answer["bytes"])
 
     def upload_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
-        """Every file of ``directory``; a tree pointer (``tree.POINTER``: ``workdir.tar.tree``) is
-        stored as the tar it names (``upload_tree``), under the name without ``.tree``."""
-        stored = []
-        for name in sorted(os.listdir(directory)):
+        """Every file of ``directory`` (in name order), FILES_AT_ONCE at a time (one file's disk and
+        network waits overlap another's cutting); a tree pointer (``tree.POINTER``: ``workdir.tar.tree``)
+        is stored as the tar it names (``upload_tree``), under the name without ``.tree``."""
+        names = [n for n in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, n))]
+
+        def one(name):
             path = os.path.join(directory, name)
-            if not os.path.isfile(path):
-                continue
             pointer = tree.read_pointer(path)
             if pointer is not None:
-                stored.append(self.upload_tree(snapshot, member, name[:-len(tree.POINTER)], pointer["root"],
-                                               clone=pointer["clone"]))
-            else:
-                stored.append(self.upload(snapshot, member, path))
-        return stored
+                return self.upload_tree(snapshot, member, name[:-len(tree.POINTER)], pointer["root"],
+                                        clone=pointer["clone"])
+            return self.upload(snapshot, member, path)
+
+        if len(names) < 2 or FILES_AT_ONCE < 2:
+            return [one(name) for name in names]
+        self.takes_chunks()  # asked once, before the threads
+        with concurrent.futures.ThreadPoolExecutor(FILES_AT_ONCE, thread_name_prefix="image-upload") as pool:
+            return list(pool.map(one, names))
 
     def delete(self, snapshot: str, member: str = None) -> None:
         """Remove a snapshot's images, or one member's (a partial image after a failed upload)."""
