@@ -415,10 +415,10 @@ class ImageServer:
 
     @staticmethod
     def _write_group(contents, handle, digest) -> None:
-        for content in contents:
-            if digest is not None:
+        if digest is not None:
+            for content in contents:
                 digest.update(content)
-            handle.write(content)
+        handle.writelines(contents)
 
     def download_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
         """Fetch every file of a member's image into ``directory``, each chunk and checksum verified."""

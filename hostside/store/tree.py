@@ -217,7 +217,8 @@ def read_pointer(path: str) -> Optional[dict]:
             pointer = json.load(handle)
     except (OSError, ValueError):
         return None
-    if not (isinstance(pointer, dict) and pointer.get("tree") == 1 and isinstance(pointer.get("root"), str)
-            and os.path.isdir(pointer["root"])):
+    if not (isinstance(pointer, dict) and pointer.get("tree") == 1 and isinstance(pointer.get("root"), str)):
         return None
+    if not os.path.isdir(pointer["root"]):  # never stored as the pointer itself: the image would lack its workdir
+        raise TreeChanged("%s names %s, which is not a directory (the capture was discarded?)" % (path, pointer["root"]))
     return {"root": pointer["root"], "clone": bool(pointer.get("clone", True))}

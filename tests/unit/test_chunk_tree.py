@@ -190,6 +190,8 @@ def test_the_capture_points_the_image_at_its_directory_for_the_store_client(clie
         archive.extractall(str(tmp_path / "x"))
     assert (tmp_path / "x" / "seg-0.dat").read_bytes() == open(os.path.join(member, "seg-0.dat"), "rb").read()
     assert tree.read_pointer(str(images / "pages-1.img")) is None
+    with pytest.raises(tree.TreeChanged, match="not a directory"):  # the capture discarded: an error, not a file
+        tree.read_pointer(str(images / "workdir.tar.tree"))
 
 
 def test_a_large_file_downloads_through_parallel_fetches_in_order(client, store, tmp_path, monkeypatch):  # noqa: F811
