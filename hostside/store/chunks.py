@@ -311,8 +311,9 @@ class ChunkStore(Store):
             if lacking:
                 raise MissingChunks("%d chunks of %s/%s/%s are not stored (first: %s)" % (
                     len(lacking), snapshot, member, name, lacking[0]), lacking)
-            os.makedirs(directory, exist_ok=True)
-            fsync_dir(os.path.dirname(directory))
+            if not os.path.isdir(directory):  # (the member's later files: no directory made, none to sync)
+                os.makedirs(directory, exist_ok=True)
+                fsync_dir(os.path.dirname(directory))
             index = self._read_index(snapshot, member) or {"snapshot": snapshot, "member": member, "files": []}
             entry = dict(info.as_dict(), chunks=entries, **({"checksum": checksum} if checksum else {}))
             index["files"] = [f for f in index["files"] if f["name"] != name] + [entry]
