@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Issue 12's storage benchmark: periodic snapshots into a chunk store and a file store, side by side.
+"""Issue 12's storage benchmark: periodic snapshots into chunk stores and a file store, side by side.
 
-Two real ``violin-snapshot-server`` processes on loopback (``--store chunks:DIR`` and ``file:DIR``)
-take the same images from the real client (``hostside.store.client.ImageServer.upload_dir``, what
-the helper's ``StoreSink`` calls). The images are what the CRIU backend stores for a member: its
-working directory as ``workdir.tar`` plus a page image. Members:
+Four real ``violin-snapshot-server`` processes on loopback take the same members' images from the
+real client (``hostside.store.client.ImageServer.upload_dir``, what the helper's ``StoreSink``
+calls), as the CRIU backend stores them (``STORES``): ``chunks``, today's path (the workdir as a tree
+pointer, stored as its tar unwritten: per-file chunks, the stat cache; the default zstd level);
+``file``, a file store (``workdir.tar`` written, then uploaded whole: a snapshot before); ``chunks_level1``,
+today's path at zstd level 1; ``chunks_tar``, the chunk store's old path (the tar written, cut whole,
+level 1). Members:
 
 - ``db``: a database-like member (``workloads/dbsim.py``): a 128 MiB data directory appended to at
   a steady rate (``--rate-kib`` KiB/s, ``--interval`` seconds between snapshots), and 16 MiB of
@@ -12,9 +15,10 @@ working directory as ``workdir.tar`` plus a page image. Members:
 - ``seq1``, ``seq2``: seqstream-like members: 4 MiB of memory each, 10 % rewritten, a tiny workdir.
 
 Per snapshot it records logical bytes, bytes newly stored (chunk store: its chunk bytes; file store:
-its bytes) and bytes sent, and the db member's upload wall time on each store; then the restore
-(``download_dir``, every chunk and checksum verified) time of the last snapshot on each; and the
-chunk + BLAKE3 + zstd (+ the file's sha256) rate on one core, in-process, in the same run.
+its bytes) and bytes sent, and the db member's wall time (making the image + uploading it) on each;
+then ``--restores`` interleaved restores (``download_dir``, every chunk and checksum verified) of the
+last snapshot from each; and the chunk + BLAKE3 + zstd rate on one core at several levels, in-process,
+in the same run.
 
 Not measured here (say so when quoting): real CRIU dumps and a VM's migration stream (the chunk
 store takes those through the same client calls; ``tests/integration/test_chunk_store_live.py``
