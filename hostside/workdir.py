@@ -281,15 +281,20 @@ def apply_delta(delta: Delta, now: Dict[str, Entry], source: str, target: str) -
             tails.append((rel, offset))
         else:
             delta.whole.append(rel)  # truncated and regrown, or our copy is not what we think: all of it
+    # A copy keeps the mtime the scan saw (what the member's file had when its bytes were taken), as
+    # a clone does: the tar records the member's mtimes, and the store's stat cache (hostside.store.tree)
+    # can tell a file the member left alone from one it wrote since the last snapshot.
     for rel in delta.whole:
         try:
             _copy_range(os.path.join(source, rel), os.path.join(target, rel), 0, now[rel].size)
             os.chmod(os.path.join(target, rel), now[rel].mode)
+            os.utime(os.path.join(target, rel), ns=(now[rel].mtime_ns, now[rel].mtime_ns))
         except FileNotFoundError:  # removed since the scan: the next scan removes it
             continue
         copied += now[rel].size
     for rel, offset in tails:
         _copy_range(os.path.join(source, rel), os.path.join(target, rel), offset, now[rel].size)
+        os.utime(os.path.join(target, rel), ns=(now[rel].mtime_ns, now[rel].mtime_ns))
         copied += now[rel].size - offset
     return copied
 
@@ -400,6 +405,14 @@ class Capture:
         self.timings["archive_ms"] = round((time.monotonic() - began) * 1000, 1)
         self.discard()
         return path
+
+    def finish_tree(self, images: str) -> str:
+        """Instead of writing the tar, point the image at the captured directory (``images/workdir.tar.tree``)
+        for a snapshot server's client to store as that tar without writing it (``hostside.store.tree``);
+        the capture is kept until ``discard``, which must come after the upload. Its path."""
+        from hostside.store import tree  # noqa: PLC0415 - the store's client, only on this path
+        self.timings["archive_ms"] = 0.0
+        return tree.write_pointer(images, ARCHIVE, self.captured(), clone=True)
 
     def discard(self) -> None:
         pass

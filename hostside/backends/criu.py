@@ -36,6 +36,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from hostside import workdir
 from hostside.backends.base import Backend, ImageReport, Located, Restored, register
+from hostside.store.client import takes_trees
 from violin_core.packets import build_marker
 from violin_core.schema import Field, Schema, SchemaError
 
@@ -809,8 +810,8 @@ class CriuBackend(Backend):
                     time.sleep(self.retry_delay)
             with open(os.path.join(images, IDENTITY), "w") as handle:  # who it is on the LAN, for a restore elsewhere
                 json.dump({"mac": where.mac, "iface": where.iface, "ip": where.details.get("ip")}, handle)
-            if capture is not None:
-                capture.finish(images)
+            if capture is not None:  # a snapshot server's client stores the capture as the tar, unwritten
+                capture.finish_tree(images) if takes_trees(sink) else capture.finish(images)
             stored = sink.put_dir(images)
         finally:
             if capture is not None:

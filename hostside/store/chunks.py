@@ -210,6 +210,31 @@ class ChunkStore(Store):
                 handle.close()
         return found, lacking
 
+    def frame_ranges(self, ids: Iterable[str]):
+        """``(handles, ranges)``: the chunk frames of ``ids`` in order as byte ranges ``(handle, offset,
+        length)`` of their packs (adjacent frames of one pack merged), every pack already open (a gc
+        that removes one meanwhile cannot take its bytes from under the reader); None if a chunk is
+        not in the index or its pack is gone (the caller falls back to ``packed_chunks``). Close the handles."""
+        handles, ranges = {}, []
+        try:
+            for cid in ids:
+                spot = self.where.get(cid)
+                if spot is None:
+                    raise FileNotFoundError(cid)
+                if spot[0] not in handles:
+                    handles[spot[0]] = open(os.path.join(self.pack_dir, spot[0]), "rb")
+                start, length = spot[1] - chunking.HEAD_SIZE, chunking.HEAD_SIZE + spot[2]
+                last = ranges[-1] if ranges else None
+                if last is not None and last[0] is handles[spot[0]] and last[1] + last[2] == start:
+                    ranges[-1] = (last[0], last[1], last[2] + length)
+                else:
+                    ranges.append((handles[spot[0]], start, length))
+        except FileNotFoundError:
+            for handle in handles.values():
+                handle.close()
+            return None
+        return list(handles.values()), ranges
+
     def packed_chunk(self, cid: str) -> bytes:
         """A chunk's compressed bytes as stored (not checked: the reader checks); NotFound if none."""
         for attempt in (1, 2):
@@ -255,9 +280,10 @@ class ChunkStore(Store):
         raise NotFound("no file %s/%s/%s" % (snapshot, member, name))
 
     def commit(self, snapshot: str, member: str, name: str, size: int, sha256: str,
-               chunks: List[list]) -> FileInfo:
+               chunks: List[list], checksum: Optional[str] = None) -> FileInfo:
         """Make file ``name`` the one made of ``chunks`` ([[id, size], ...], every one already stored);
-        ``MissingChunks`` naming those that are not (nothing changes then)."""
+        ``MissingChunks`` naming those that are not (nothing changes then). ``sha256`` is the content's,
+        or with ``checksum`` ``chunking.LIST_CHECKSUM`` the chunk list's (checked here)."""
         check_names(snapshot, member, name)
         if name == INDEX:
             raise InvalidName("%s is the store's own index, not an image file name" % INDEX)
@@ -271,6 +297,10 @@ class ChunkStore(Store):
             entries.append([item[0], item[1]])
         if sum(s for _, s in entries) != size:
             raise ValueError("the chunks' sizes add up to %d, not %d" % (sum(s for _, s in entries), size))
+        if checksum not in (None, chunking.LIST_CHECKSUM):
+            raise ValueError("checksum must be absent or %r, got %r" % (chunking.LIST_CHECKSUM, checksum))
+        if checksum and chunking.list_checksum(entries) != sha256.lower():
+            raise ChecksumMismatch("the chunk list of %s hashes to %s, not %s" % (name, chunking.list_checksum(entries), sha256))
         info = FileInfo(name, size, sha256.lower())
         directory = self._member_dir(snapshot, member)
         with self.locked():
@@ -281,10 +311,12 @@ class ChunkStore(Store):
             if lacking:
                 raise MissingChunks("%d chunks of %s/%s/%s are not stored (first: %s)" % (
                     len(lacking), snapshot, member, name, lacking[0]), lacking)
-            os.makedirs(directory, exist_ok=True)
-            fsync_dir(os.path.dirname(directory))
+            if not os.path.isdir(directory):  # (the member's later files: no directory made, none to sync)
+                os.makedirs(directory, exist_ok=True)
+                fsync_dir(os.path.dirname(directory))
             index = self._read_index(snapshot, member) or {"snapshot": snapshot, "member": member, "files": []}
-            index["files"] = [f for f in index["files"] if f["name"] != name] + [dict(info.as_dict(), chunks=entries)]
+            entry = dict(info.as_dict(), chunks=entries, **({"checksum": checksum} if checksum else {}))
+            index["files"] = [f for f in index["files"] if f["name"] != name] + [entry]
             write_atomic(os.path.join(directory, INDEX), json.dumps(index).encode())
             for cid, _ in entries:  # referenced now: the manifest keeps them
                 self.leases.pop(cid, None)
@@ -464,9 +496,11 @@ class ChunkStore(Store):
                         problem = "chunk"
                         continue
                     digest.update(data)
-                if problem is None and digest.hexdigest() != entry["sha256"]:
+                got = chunking.list_checksum(entry["chunks"]) if entry.get("checksum") == chunking.LIST_CHECKSUM \
+                    else digest.hexdigest()
+                if problem is None and got != entry["sha256"]:
                     damaged.append({"snapshot": snapshot, "member": member, "file": entry["name"],
-                                    "problem": "sha256 %s, expected %s" % (digest.hexdigest(), entry["sha256"])})
+                                    "problem": "%s %s, expected %s" % (entry.get("checksum", "sha256"), got, entry["sha256"])})
         for snapshot in self.legacy.snapshots():
             for member in filter(NAME_RE.match, os.listdir(os.path.join(self.root, snapshot))):
                 for info in self.legacy.index(snapshot, member) or []:

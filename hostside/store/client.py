@@ -9,9 +9,10 @@ the whole file is PUT, as before. Every upload answers its ``logical_bytes`` (th
 over the wire). Downloads check every chunk's hash and every file's sha256.
 """
 
+import collections
+import concurrent.futures
 import hashlib
 import http.client
-import io
 import json
 import os
 import queue
@@ -22,11 +23,13 @@ from typing import Dict, List
 from violin_client import tls
 from violin_core.errors import reason_of
 
-from . import chunking
+from . import chunking, tree
 from .base import CHUNK
 
 FETCH_CHUNKS = 128  # chunks per fetch request (~8 MiB of content on average, 32 MiB at most)
 PIPELINE = 1  # batches cut ahead of the one being sent
+FETCHERS = 3  # groups of chunks fetched at once by a download (one connection each)
+FILES_AT_ONCE = 2  # files of a directory uploaded at once (each bounded by PIPELINE + 1 batches)
 
 
 class StorageError(RuntimeError):
@@ -53,13 +56,14 @@ class ImageServer:
     """One snapshot server at ``url``: http://HOST:PORT, or https://HOST:PORT verified against ``ca_file``
     (default $VIOLIN_CA_FILE, else the system's CAs)."""
 
-    def __init__(self, url: str, token: str, timeout: float = 30.0, ca_file: str = None):
+    def __init__(self, url: str, token: str, timeout: float = 30.0, ca_file: str = None, level: int = None):
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise StorageError("snapshot server URL must be http(s)://HOST:PORT, got %r" % url)
         self.url, self.host = url.rstrip("/"), parsed.hostname
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.token, self.timeout = token, timeout
+        self.level = level  # zstd's level for the chunks it sends (None: chunking.level_from_env())
         self.chunked = None  # whether the server takes chunks (asked once, on the first upload)
         try:
             self._context = tls.client_context(ca_file) if parsed.scheme == "https" else None
@@ -123,19 +127,25 @@ class ImageServer:
 
     def upload_chunks(self, snapshot: str, member: str, name: str, reader) -> Dict:
         """Cut what ``reader.read(n)`` gives into chunks, send those the server lacks, commit the manifest."""
-        digest, totals = hashlib.sha256(), {"logical_bytes": 0, "stored_bytes": 0, "sent_bytes": 0,
-                                            "chunks": 0, "new_chunks": 0}
+        digest, counted = hashlib.sha256(), [0]
 
         class Hashing:
             @staticmethod
             def read(size):
                 data = reader.read(size)
                 digest.update(data)
-                totals["logical_bytes"] += len(data)
+                counted[0] += len(data)
                 return data
 
+        return self._upload_pieces(snapshot, member, name, chunking.packer_for(name).pieces(Hashing),
+                                   lambda entries: {"sha256": digest.hexdigest()})
+
+    def _upload_pieces(self, snapshot: str, member: str, name: str, pieces, checksum) -> Dict:
+        """Send the chunks of ``pieces`` the server lacks and commit their manifest with ``checksum(entries)``
+        (the manifest's checksum keys). A piece without data (named from a cache) that the server lacks
+        raises ``ChunksLost`` before anything is committed."""
+        totals = {"logical_bytes": 0, "stored_bytes": 0, "sent_bytes": 0, "chunks": 0, "new_chunks": 0}
         entries, known = [], set()  # known: ids this upload already asked about (and sent if lacking)
-        packer = chunking.packer_for(name)
 
         def send(group):
             ask = [cid for cid in dict.fromkeys(p.id for p in group) if cid not in known]
@@ -143,8 +153,12 @@ class ImageServer:
             answer, size = self._post_json("/chunks/missing", {"chunks": ask}, "/chunks/missing")
             totals["sent_bytes"] += size
             lacking = set(answer.get("missing", []))  # only these are compressed and sent
-            frames = b"".join(chunking.frame(sender_packer.compress(p)) for p in
-                              {p.id: p for p in group if p.id in lacking}.values())
+            wanted = {p.id: p for p in group if p.id in lacking}
+            unread = [cid for cid, p in wanted.items() if p.data is None]
+            if unread:
+                raise ChunksLost("snapshot server %s no longer has %d chunks of %s named from the helper's "
+                                 "cache (first: %s)" % (self.url, len(unread), name, unread[0]))
+            frames = b"".join(chunking.frame(sender_packer.compress(p)) for p in wanted.values())
             if frames:
                 status, stored = self._call("POST", "/chunks/upload", frames,
                                             {"Content-Type": "application/octet-stream",
@@ -157,7 +171,7 @@ class ImageServer:
 
         # Cutting and hashing here while the previous batch is asked about, compressed and sent in a
         # second thread: at most PIPELINE batches in memory (the queue, and the one being sent).
-        sender_packer = chunking.packer_for(name)
+        sender_packer = chunking.packer_for(name, self.level)
         pipeline, failure = queue.Queue(PIPELINE), []
 
         def sender():
@@ -174,8 +188,8 @@ class ImageServer:
         thread = threading.Thread(target=sender, name="chunk-sender", daemon=True)
         thread.start()
         try:
-            for group in chunking.batches(packer.pieces(Hashing)):
-                entries.extend([p.id, len(p.data)] for p in group)
+            for group in chunking.batches(pieces):
+                entries.extend([p.id, p.size] for p in group)
                 if failure:
                     break
                 pipeline.put(group)
@@ -185,7 +199,9 @@ class ImageServer:
         if failure:
             raise failure[0]
         totals["chunks"] = len(entries)
-        body = json.dumps({"bytes": totals["logical_bytes"], "sha256": digest.hexdigest(), "chunks": entries}).encode()
+        totals["logical_bytes"] = sum(size for _, size in entries)
+        check = checksum(entries)
+        body = json.dumps(dict(check, bytes=totals["logical_bytes"], chunks=entries)).encode()
         status, answer = self._call("PUT", "/manifests/%s/%s/%s" % (snapshot, member, name), body,
                                     {"Content-Type": "application/json"})
         totals["sent_bytes"] += len(body)
@@ -194,10 +210,36 @@ class ImageServer:
                              % (self.url, len(answer.get("missing", [])), name, reason_of(answer)))
         if status != 201:
             raise self._refused(name, status, answer)
-        if answer.get("sha256") != digest.hexdigest():
+        if answer.get("sha256") != check["sha256"]:
             raise StorageError("snapshot server %s stored %s with sha256 %s, we sent %s" % (
-                self.url, name, answer.get("sha256"), digest.hexdigest()))
+                self.url, name, answer.get("sha256"), check["sha256"]))
         return dict(answer, **totals)
+
+    def upload_tree(self, snapshot: str, member: str, name: str, root: str, clone: bool = False) -> Dict:
+        """Store directory ``root`` as the tar file ``name`` (``tree.TreeTar``: what ``tarfile.add(root,
+        arcname=".")`` writes) without writing the tar. On a chunk store each file is cut on its own and
+        a file whose stat key is the one of this member's last upload is not read (``tree.StatCache``);
+        the manifest's checksum is then the chunk list's (``chunking.list_checksum``). A store of whole
+        files gets the archive streamed, every file read. ``clone``: ``root`` is a fresh copy of the
+        member's directory (inode numbers and ctimes new; see ``tree``)."""
+        if not self.takes_chunks(name):
+            answer = self.upload_stream(snapshot, member, name, chunking.IterReader(tree.tar_bytes(root)))
+            return dict(answer, files_read=None)
+        cache = tree.cache_for(self.url, member, name)
+        for attempt in (1, 2):
+            walk = tree.TreeTar(root, chunking.Packer(), cache, clone, trust=attempt == 1)
+            try:
+                answer = self._upload_pieces(snapshot, member, name, walk.pieces(), lambda entries: {
+                    "sha256": chunking.list_checksum(entries), "checksum": chunking.LIST_CHECKSUM})
+            except ChunksLost:
+                cache.clear()
+                if attempt == 2:
+                    raise
+                continue
+            walk.commit_cache()
+            return dict(answer, files=walk.stats["files"], files_read=walk.stats["files_read"],
+                        bytes_read=walk.stats["bytes_read"])
+        raise AssertionError("unreachable")
 
     # --- whole files ----------------------------------------------------------------------------
 
@@ -264,8 +306,24 @@ class ImageServer:
         return dict(answer, logical_bytes=answer["bytes"], stored_bytes=answer["bytes"], sent_bytes=answer["bytes"])
 
     def upload_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
-        return [self.upload(snapshot, member, os.path.join(directory, name))
-                for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))]
+        """Every file of ``directory`` (in name order), FILES_AT_ONCE at a time (one file's disk and
+        network waits overlap another's cutting); a tree pointer (``tree.POINTER``: ``workdir.tar.tree``)
+        is stored as the tar it names (``upload_tree``), under the name without ``.tree``."""
+        names = [n for n in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, n))]
+
+        def one(name):
+            path = os.path.join(directory, name)
+            pointer = tree.read_pointer(path)
+            if pointer is not None:
+                return self.upload_tree(snapshot, member, name[:-len(tree.POINTER)], pointer["root"],
+                                        clone=pointer["clone"])
+            return self.upload(snapshot, member, path)
+
+        if len(names) < 2 or FILES_AT_ONCE < 2:
+            return [one(name) for name in names]
+        self.takes_chunks()  # asked once, before the threads
+        with concurrent.futures.ThreadPoolExecutor(FILES_AT_ONCE, thread_name_prefix="image-upload") as pool:
+            return list(pool.map(one, names))
 
     def delete(self, snapshot: str, member: str = None) -> None:
         """Remove a snapshot's images, or one member's (a partial image after a failed upload)."""
@@ -312,7 +370,7 @@ class ImageServer:
 
     def _checked_group(self, group, where: str) -> List[bytes]:
         """The contents of ``group``'s chunks, fetched, each decompressed and checked against its id."""
-        frames, contents = chunking.read_frames(io.BytesIO(self._fetch_group(group, where))), []
+        frames, contents = chunking.split_frames(self._fetch_group(group, where)), []
         for cid, size in group:
             try:
                 got = next(frames, None)
@@ -329,45 +387,38 @@ class ImageServer:
         return contents
 
     def _download_chunks(self, snapshot: str, member: str, manifest: dict, target: str) -> str:
-        """Write a file from its chunks, each checked; its sha256. ChecksumError/StorageError name the chunk.
+        """Write a file from its chunks, each checked; its checksum (the content's sha256, or the chunk
+        list's for a manifest whose ``checksum`` is ``chunking.LIST_CHECKSUM``). ChecksumError/StorageError
+        name the chunk.
 
-        A second thread fetches, decompresses and checks the next group of chunks while this one
-        hashes and writes the current one (at most three groups, ~3 x 8 MiB, in memory)."""
+        FETCHERS threads fetch, decompress and check the next groups of chunks (each on its own
+        connection; zstd, BLAKE3 and the sockets release the GIL) while this one writes them in order:
+        at most FETCHERS + 1 groups (~8 MiB each) in memory."""
         where = " of image file %s of member %s (snapshot %s)" % (manifest["name"], member, snapshot)
+        by_list = manifest.get("checksum") == chunking.LIST_CHECKSUM
         digest, chunks = hashlib.sha256(), manifest["chunks"]
         groups = [chunks[start:start + FETCH_CHUNKS] for start in range(0, len(chunks), FETCH_CHUNKS)]
-        fetched: "queue.Queue" = queue.Queue(1)
-        stop = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(FETCHERS, thread_name_prefix="chunk-fetcher") as pool:
+            pending = collections.deque()
+            try:
+                with open(target, "wb") as handle:
+                    for group in groups:
+                        pending.append(pool.submit(self._checked_group, group, where))
+                        if len(pending) > FETCHERS:
+                            self._write_group(pending.popleft().result(), handle, None if by_list else digest)
+                    while pending:
+                        self._write_group(pending.popleft().result(), handle, None if by_list else digest)
+            finally:
+                for future in pending:
+                    future.cancel()
+        return chunking.list_checksum(chunks) if by_list else digest.hexdigest()
 
-        def fetcher():
-            for group in groups:
-                if stop.is_set():
-                    return
-                try:
-                    fetched.put(self._checked_group(group, where))
-                except BaseException as error:  # noqa: B902 - handed to the writing thread
-                    fetched.put(error)
-                    return
-
-        thread = threading.Thread(target=fetcher, name="chunk-fetcher", daemon=True)
-        thread.start()
-        try:
-            with open(target, "wb") as handle:
-                for _ in groups:
-                    contents = fetched.get()
-                    if isinstance(contents, BaseException):
-                        raise contents
-                    for content in contents:
-                        digest.update(content)
-                        handle.write(content)
-        finally:
-            stop.set()
-            while thread.is_alive():  # let a blocked put through, then the thread ends
-                try:
-                    fetched.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-        return digest.hexdigest()
+    @staticmethod
+    def _write_group(contents, handle, digest) -> None:
+        if digest is not None:
+            for content in contents:
+                digest.update(content)
+        handle.writelines(contents)
 
     def download_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
         """Fetch every file of a member's image into ``directory``, each chunk and checksum verified."""
@@ -397,6 +448,12 @@ class ImageServer:
                 raise ChecksumError("image file %s of %s/%s is corrupt: sha256 %s, expected %s" % (
                     entry["name"], snapshot, member, digest.hexdigest(), entry["sha256"]))
         return files
+
+
+def takes_trees(sink) -> bool:
+    """Whether an image sink uploads through this client (``upload_dir``), so that a tree pointer
+    (``tree.write_pointer``) may stand for a directory in its image (the helper's ``StoreSink``)."""
+    return isinstance(getattr(sink, "client", None), ImageServer)
 
 
 def read_answer(response):

@@ -18,8 +18,9 @@ server lacks (a FileStore answers them 405, and the client falls back to whole-f
     POST   /chunks/missing                      {"chunks": [id, ...]} -> {"missing": [id, ...]}
     POST   /chunks/upload                       body = chunk frames (chunking.py) -> {"received", "stored", "stored_bytes"}
     POST   /chunks/fetch                        {"chunks": [id, ...]} -> the chunk frames, in that order
-    PUT    /manifests/<snapshot>/<member>/<file>  {"bytes", "sha256", "chunks": [[id, size], ...]} -> 201,
-                                                or 409 {"missing": [...]} naming the chunks to send first
+    PUT    /manifests/<snapshot>/<member>/<file>  {"bytes", "sha256", "chunks": [[id, size], ...], "checksum"?}
+                                                -> 201, or 409 {"missing": [...]} naming the chunks to send
+                                                first; "checksum": "chunk-list": sha256 is the chunk list's
     GET    /manifests/<snapshot>/<member>/<file>  {"name", "bytes", "sha256", "chunks"}
 
 Every call but /health and /metrics needs ``Authorization: Bearer <token>``. Errors answer
@@ -51,6 +52,8 @@ MANIFEST = schema.Schema({
     "sha256": schema.Field(str, check=schema.matches(r"^[0-9a-fA-F]{64}$", "64 hex digits")),
     "chunks": schema.ListOf(schema.Field(list, check=lambda v: None if len(v) == 2 and chunking.is_id(v[0])
                                          and isinstance(v[1], int) else "[id, size]")),
+    "checksum": schema.Field((str, type(None)), None, check=lambda v: None if v in (None, chunking.LIST_CHECKSUM)
+                             else "absent (sha256 of the content) or %r (of the chunk list)" % chunking.LIST_CHECKSUM),
 }, allow_none=False)
 MAX_JSON = 64 << 20  # a manifest of a 1 TiB image is about 100 MiB: more than a member has
 
@@ -206,6 +209,20 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             ids = body["chunks"]
             if parts[1] == "missing":
                 return self.send_json(200, {"missing": store.missing(ids)})
+            found = store.frame_ranges(ids)
+            if found is not None:  # the frames as the packs hold them, sent by the kernel (sendfile)
+                handles, ranges = found
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(sum(length for _, _, length in ranges)))
+                    self.end_headers()
+                    for handle, offset, length in ranges:
+                        self.connection.sendfile(handle, offset, length)
+                finally:
+                    for handle in handles:
+                        handle.close()
+                return None
             packed, lacking = store.packed_chunks(ids)  # read before answering: a sweep cannot truncate it
             if lacking:
                 return self.send_json(404, error_body(404, "%d chunks are missing (first: %s)" % (
@@ -258,7 +275,8 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
                 if body is None:
                     return None
                 try:
-                    info = store.commit(*parts[1:], body["bytes"], body["sha256"], body["chunks"])
+                    info = store.commit(*parts[1:], body["bytes"], body["sha256"], body["chunks"],
+                                        checksum=body["checksum"])
                 except OSError as error:
                     metrics.refused("storage_error")
                     return self._error(507, "cannot store %s: %s" % ("/".join(parts[1:]), error.strerror or error))
