@@ -162,10 +162,6 @@ class ContainerMembers:
     def helper_members(self) -> Dict[str, dict]:
         return {h.name: {"backend": "podman", "container": h.name} for h in self.hosts}
 
-    def registrations(self, helper_url: str) -> List[dict]:
-        return [{"name": h.name, "macs": [h.MAC()], "helper_url": helper_url, "backend": "podman"}
-                for h in self.hosts]
-
     def outputs(self) -> Dict[str, str]:
         """Each container's state and the tail of its output (for failure messages)."""
         return {h.name: "%s: %s" % (state_of(h.name), podman("logs", "--tail", "15", h.name, check=False).stderr[-1500:])
@@ -187,13 +183,15 @@ class ContainerMembers:
 
 
 def helper_config(controller, port: int, server_url: str, work_dir: str, members: Dict[str, dict]) -> dict:
+    """A helper config for ``members``: it registers them with ``controller`` itself (its ``controller``)."""
     return {"listen": "127.0.0.1:%d" % port, "token": slicelab.HELPER_TOKEN, "controller_token": controller.token,
-            "servers": [server_url], "server_token": slicelab.SERVER_TOKEN, "work_dir": work_dir,
-            "members": members}
+            "controller": controller.url, "host_name": "lab", "servers": [server_url],
+            "server_token": slicelab.SERVER_TOKEN, "work_dir": work_dir, "members": members}
 
 
 def start_helper(controller, workdir: str, server_url: str, members: Dict[str, dict], name: str = "helper"):
-    """A violin-helper for ``members`` (podman specs); (process, url)."""
+    """A violin-helper for ``members`` (any backend's specs), registering those that run here with the
+    controller itself (wait with ``slicelab.wait_registered``); (process, url)."""
     port = lab.free_port()
     config = helper_config(controller, port, server_url, os.path.join(workdir, name), members)
     path = os.path.join(workdir, "%s.json" % name)
@@ -219,7 +217,7 @@ def start_server(workdir: str):
 def container_slice(controller, net, workdir: str, hosts=None, rate: float = 200.0, tcp: bool = True,
                     first_id: int = 1, extra_peers: Optional[Dict[int, str]] = None):
     """seqstream containers in ``hosts`` (default every host of ``net``), a snapshot server and a helper,
-    the members registered; yields the members (with ``server_url``, ``helper_url``, ``helper_log``).
+    the members registered by the helper; yields the members (with ``server_url``, ``helper_url``, ``helper_log``).
     ``first_id`` and ``extra_peers`` (id -> IP) make them peers of other members (e.g. CRIU ones)."""
     os.makedirs(workdir, exist_ok=True)
     members = ContainerMembers(net.hosts if hosts is None else hosts, rate=rate, tcp=tcp, first_id=first_id,
@@ -232,10 +230,7 @@ def container_slice(controller, net, workdir: str, hosts=None, rate: float = 200
         helper, members.helper_url = start_helper(controller, workdir, members.server_url, members.helper_members())
         daemons.append(helper)
         members.helper_log = os.path.join(workdir, "helper.log")
-        for spec in members.registrations(members.helper_url):
-            status, body = controller.request("POST", "/violin/members", spec)
-            if status != 201:
-                raise lab.LabError("registering %s: %s %s" % (spec["name"], status, body))
+        slicelab.wait_registered(controller, [h.name for h in members.hosts], members.helper_url)  # by the helper
         yield members
     finally:
         try:
@@ -244,3 +239,4 @@ def container_slice(controller, net, workdir: str, hosts=None, rate: float = 200
             for daemon in daemons:
                 slicelab.stop_daemon(daemon)
             members.cleanup()
+

@@ -167,6 +167,15 @@ def runnable_problem(name: str, found: Inspected) -> Optional[str]:
     return None
 
 
+def same_netns(a: str, b: str) -> bool:
+    """Whether two namespace paths name the same namespace (the same nsfs inode; else the same path)."""
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.normpath(a) == os.path.normpath(b)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
 def frozen_ms_of(print_stats: str) -> Optional[float]:
     """CRIU's frozen time of a checkpoint, from podman's ``--print-stats`` output (milliseconds)."""
     try:
@@ -326,6 +335,10 @@ class PodmanBackend(Backend):
             return Located(mac=None, details={"running": False, "handle": member.container_name,
                                               "problem": "no container %s on this host" % member.container_name})
         problem = runnable_problem(member.container_name, found)
+        if not problem and member.netns and found.netns and not same_netns(found.netns, member.netns):
+            # A helper that would host it in another namespace (placement) finds it running elsewhere.
+            problem = "container %s runs in %s, not in this helper's %s" % (member.container_name, found.netns,
+                                                                            member.netns)
         if problem:
             return Located(mac=None, pid=found.pid or None, netns=found.netns,
                            details={"running": False, "handle": member.container_name, "id": found.id,

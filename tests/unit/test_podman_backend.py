@@ -213,6 +213,23 @@ def test_a_container_off_the_topology_is_refused_when_located():
         backend.running(member)
 
 
+def test_a_container_in_another_namespace_than_the_members_is_not_claimed(tmp_path):
+    """A placement target's spec names the namespace it would restore into: until then the container runs
+    elsewhere (on this machine's other helper) and this helper must not register it."""
+    here, there = tmp_path / "spare", tmp_path / "h3"
+    here.write_text("")
+    there.write_text("")
+    doc = dict(INSPECT, HostConfig={"NetworkMode": "ns:%s" % there})
+    backend = podman.PodmanBackend(HostSettings(), run=FakeRun({"inspect": (0, json.dumps([doc]), "")}))
+    member = backend.member("c1", {"backend": "podman", "netns": str(here)})
+    where = backend.locate(member)
+    assert where.mac is None and where.details["running"] is False
+    with pytest.raises(podman.PodmanError, match="runs in %s, not in this helper's %s" % (there, here)):
+        backend.running(member)
+    assert podman.same_netns(str(there), str(there)) and not podman.same_netns(str(here), str(there))
+    assert podman.same_netns("/run/netns/none-such/../x", "/run/netns/x")  # not there: by path
+
+
 def test_podman_missing_is_a_clear_error():
     def run(argv, **kwargs):
         raise FileNotFoundError(argv[0])
