@@ -240,3 +240,45 @@ def container_slice(controller, net, workdir: str, hosts=None, rate: float = 200
                 slicelab.stop_daemon(daemon)
             members.cleanup()
 
+
+@contextmanager
+def mixed_slice(controller, net, workdir: str, process_hosts, container_hosts, guests=(), guest_ids=None,
+                rate: float = 100.0):
+    """One slice of every kind, one helper: seqstream as CRIU processes in ``process_hosts`` (ids 1..),
+    in podman containers in ``container_hosts`` (the next ids) and in running VMs ``guests``
+    (lab.vms.Guest, ids ``guest_ids``), each a peer of all the others over UDP and TCP. The helper
+    registers every member itself. Yields (processes, containers): ``containers`` has ``server_url``,
+    ``helper_url``, ``helper_log``."""
+    from lab.members import ProcessMembers
+    os.makedirs(workdir, exist_ok=True)
+    guest_ids = dict(guest_ids or {})
+    process_hosts, container_hosts = list(process_hosts), list(container_hosts)
+    first_container = len(process_hosts) + 1
+    guest_peers = {guest_ids[g.name]: g.address for g in guests}
+    process_peers = {first_container + i: h.IP() for i, h in enumerate(container_hosts)}
+    processes = ProcessMembers(process_hosts, os.path.join(workdir, "slice"), rate=rate,
+                               extra_peers={**process_peers, **guest_peers})
+    members = ContainerMembers(container_hosts, rate=rate, first_id=first_container, extra_peers={
+        **{processes.ids[h.name]: h.IP() for h in process_hosts}, **guest_peers})
+    daemons = []
+    try:
+        server, members.server_url = start_server(workdir)
+        daemons.append(server)
+        processes.start()
+        members.start()
+        specs = {h.name: slicelab.criu_member(h, processes.member_dir(h)) for h in process_hosts}
+        specs.update(members.helper_members())
+        specs.update({g.name: {"backend": "libvirt", "domain": g.name} for g in guests})
+        helper, members.helper_url = start_helper(controller, workdir, members.server_url, specs)
+        daemons.append(helper)
+        members.helper_log = os.path.join(workdir, "helper.log")
+        slicelab.wait_registered(controller, list(specs), members.helper_url)
+        yield processes, members
+    finally:
+        try:
+            members.stop()
+            processes.stop()
+        finally:
+            for daemon in daemons:
+                slicelab.stop_daemon(daemon)
+            members.cleanup()
