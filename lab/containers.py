@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
@@ -25,6 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = os.environ.get("VIOLIN_CONTAINER_IMAGE", "localhost/violin-container") + ":latest"
 CONF_DIR = "/run/violin-podman"  # one CRIU configuration file per container (its org.criu.config)
 WORKLOADS = "/opt/violin/workloads"
+# Open vSwitch coverage counters that say where frames went or died (evidence when a stream has gaps)
+COVERAGE = ("drop", "upcall", "miss", "flow_extra", "netdev_sent", "netdev_received", "queue")
 # Inside this sandbox runc can only set limits within the hard ones (see ENVIRONMENT.md).
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 
@@ -282,3 +285,29 @@ def mixed_slice(controller, net, workdir: str, process_hosts, container_hosts, g
             for daemon in daemons:
                 slicelab.stop_daemon(daemon)
             members.cleanup()
+
+
+def ovs_coverage() -> Dict[str, int]:
+    """Open vSwitch's coverage counters (totals) that say where frames went or died."""
+    out = subprocess.run(["ovs-appctl", "coverage/show"], capture_output=True, text=True).stdout
+    counters = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 2 and any(k in words[0] for k in COVERAGE):
+            try:
+                counters[words[0]] = int(words[-1])
+            except ValueError:
+                pass
+    return counters
+
+
+def frame_metrics(controller):
+    """The controller's frame and snapshot counters (its /violin/metrics exposition, violin_ lines)."""
+    request = urllib.request.Request(controller.url + "/violin/metrics",
+                                     headers={"Authorization": "Bearer " + controller.token})
+    try:
+        text = urllib.request.urlopen(request, timeout=10).read().decode()
+    except OSError as error:
+        return "metrics unreadable: %s" % error
+    return [line for line in text.splitlines() if line.startswith("violin_") and not line.endswith(" 0.0")
+            and ("frame" in line or "snapshot" in line or "drop" in line)][:60]

@@ -10,9 +10,7 @@ place a gap in its cycle), Open vSwitch's drop counters over the run and the con
 import os
 import random
 import signal
-import subprocess
 import time
-import urllib.request
 
 import pytest
 
@@ -24,7 +22,6 @@ from topologies.lan import LanTopo
 CYCLES = int(os.environ.get("VIOLIN_MIXED_CYCLES", 10))
 MOVE_AT = CYCLES // 2  # this cycle's restore puts the second container onto the spare host
 RATE = 100.0
-COVERAGE = ("drop", "upcall", "miss", "flow_extra", "netdev_sent", "netdev_received", "queue")
 
 
 @pytest.fixture(scope="module")
@@ -37,31 +34,6 @@ def podman_ready(lab_ready):
             pytest.fail("CI must test mixed slices: %s" % reason)
     if reason:
         pytest.skip(reason)
-
-
-def coverage():
-    """Open vSwitch's coverage counters (totals) that say where frames went or died."""
-    out = subprocess.run(["ovs-appctl", "coverage/show"], capture_output=True, text=True).stdout
-    counters = {}
-    for line in out.splitlines():
-        words = line.split()
-        if len(words) >= 2 and any(k in words[0] for k in COVERAGE):
-            try:
-                counters[words[0]] = int(words[-1])
-            except ValueError:
-                pass
-    return counters
-
-
-def frame_metrics(controller):
-    """The controller's frame and snapshot counters (its /metrics exposition, violin_ lines)."""
-    request = urllib.request.Request(controller.url + "/metrics", headers={"Authorization": "Bearer " + controller.token})
-    try:
-        text = urllib.request.urlopen(request, timeout=10).read().decode()
-    except OSError as error:
-        return "metrics unreadable: %s" % error
-    return [line for line in text.splitlines() if line.startswith("violin_") and not line.endswith(" 0.0")
-            and ("frame" in line or "snapshot" in line or "drop" in line)][:60]
 
 
 def sent(processes, members):
@@ -121,7 +93,7 @@ def test_containers_processes_and_a_vm_in_one_slice_restore_consistently(slice_c
                                "ip": "%s/8" % h3.IP()}}, name="spare-helper")
                 try:
                     time.sleep(2.0)  # TCP streams connect (the VM's too)
-                    ovs_before, evidence = coverage(), []
+                    ovs_before, evidence = containers.ovs_coverage(), []
                     for cycle in range(CYCLES):
                         time.sleep(rng.uniform(0.1, 0.8))  # random cut timing
                         at_snapshot = sent(processes, members)
@@ -150,7 +122,7 @@ def test_containers_processes_and_a_vm_in_one_slice_restore_consistently(slice_c
                     time.sleep(6.0)  # TCP streams in retransmission backoff catch up
                     stop_all(net, processes, members, [guest])
                     result = judge(net, processes, members, [guest], guest_ids)
-                    ovs_after = coverage()
+                    ovs_after = containers.ovs_coverage()
                 finally:
                     slicelab.stop_daemon(spare_helper)
                     containers.detach_netns(spare.name)
@@ -163,4 +135,5 @@ def test_containers_processes_and_a_vm_in_one_slice_restore_consistently(slice_c
         pytest.fail("mixed slice inconsistent: %s\nstreams: %s\ncycles: %s\nOVS coverage over the run: %s\n"
                     "controller: %s" % (result["totals"], bad, evidence,
                                         {k: ovs_after[k] - ovs_before.get(k, 0) for k in ovs_after
-                                         if ovs_after[k] != ovs_before.get(k, 0)}, frame_metrics(controller)))
+                                         if ovs_after[k] != ovs_before.get(k, 0)},
+                                        containers.frame_metrics(controller)))
