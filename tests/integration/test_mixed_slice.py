@@ -82,7 +82,7 @@ def test_containers_processes_and_a_vm_in_one_slice_restore_consistently(slice_c
         guest_ids = {"%svm1" % prefix: 4}
         guest = vms.seqstream_guest("%svm1" % prefix, 4, "10.0.0.101/8", "52:54:00:76:0e:01",
                                     str(net.switches[0].name), {1: h1.IP(), 2: h2.IP(), 3: h3.IP()}, RATE)
-        with vms.guests([guest]):
+        with vms.guests([guest], ready_timeout=180):  # TCG boots slowly on a loaded machine
             with containers.mixed_slice(controller, net, str(tmp_path), [h1], [h2, h3], [guest], guest_ids,
                                         rate=RATE) as (processes, members):
                 log = lambda: open(members.helper_log).read()[-2500:]  # noqa: E731
