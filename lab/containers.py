@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
@@ -25,6 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = os.environ.get("VIOLIN_CONTAINER_IMAGE", "localhost/violin-container") + ":latest"
 CONF_DIR = "/run/violin-podman"  # one CRIU configuration file per container (its org.criu.config)
 WORKLOADS = "/opt/violin/workloads"
+# Open vSwitch coverage counters that say where frames went or died (evidence when a stream has gaps)
+COVERAGE = ("drop", "upcall", "miss", "flow_extra", "netdev_sent", "netdev_received", "queue")
 # Inside this sandbox runc can only set limits within the hard ones (see ENVIRONMENT.md).
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 
@@ -162,10 +165,6 @@ class ContainerMembers:
     def helper_members(self) -> Dict[str, dict]:
         return {h.name: {"backend": "podman", "container": h.name} for h in self.hosts}
 
-    def registrations(self, helper_url: str) -> List[dict]:
-        return [{"name": h.name, "macs": [h.MAC()], "helper_url": helper_url, "backend": "podman"}
-                for h in self.hosts]
-
     def outputs(self) -> Dict[str, str]:
         """Each container's state and the tail of its output (for failure messages)."""
         return {h.name: "%s: %s" % (state_of(h.name), podman("logs", "--tail", "15", h.name, check=False).stderr[-1500:])
@@ -187,13 +186,15 @@ class ContainerMembers:
 
 
 def helper_config(controller, port: int, server_url: str, work_dir: str, members: Dict[str, dict]) -> dict:
+    """A helper config for ``members``: it registers them with ``controller`` itself (its ``controller``)."""
     return {"listen": "127.0.0.1:%d" % port, "token": slicelab.HELPER_TOKEN, "controller_token": controller.token,
-            "servers": [server_url], "server_token": slicelab.SERVER_TOKEN, "work_dir": work_dir,
-            "members": members}
+            "controller": controller.url, "host_name": "lab", "servers": [server_url],
+            "server_token": slicelab.SERVER_TOKEN, "work_dir": work_dir, "members": members}
 
 
 def start_helper(controller, workdir: str, server_url: str, members: Dict[str, dict], name: str = "helper"):
-    """A violin-helper for ``members`` (podman specs); (process, url)."""
+    """A violin-helper for ``members`` (any backend's specs), registering those that run here with the
+    controller itself (wait with ``slicelab.wait_registered``); (process, url)."""
     port = lab.free_port()
     config = helper_config(controller, port, server_url, os.path.join(workdir, name), members)
     path = os.path.join(workdir, "%s.json" % name)
@@ -219,7 +220,7 @@ def start_server(workdir: str):
 def container_slice(controller, net, workdir: str, hosts=None, rate: float = 200.0, tcp: bool = True,
                     first_id: int = 1, extra_peers: Optional[Dict[int, str]] = None):
     """seqstream containers in ``hosts`` (default every host of ``net``), a snapshot server and a helper,
-    the members registered; yields the members (with ``server_url``, ``helper_url``, ``helper_log``).
+    the members registered by the helper; yields the members (with ``server_url``, ``helper_url``, ``helper_log``).
     ``first_id`` and ``extra_peers`` (id -> IP) make them peers of other members (e.g. CRIU ones)."""
     os.makedirs(workdir, exist_ok=True)
     members = ContainerMembers(net.hosts if hosts is None else hosts, rate=rate, tcp=tcp, first_id=first_id,
@@ -232,10 +233,7 @@ def container_slice(controller, net, workdir: str, hosts=None, rate: float = 200
         helper, members.helper_url = start_helper(controller, workdir, members.server_url, members.helper_members())
         daemons.append(helper)
         members.helper_log = os.path.join(workdir, "helper.log")
-        for spec in members.registrations(members.helper_url):
-            status, body = controller.request("POST", "/violin/members", spec)
-            if status != 201:
-                raise lab.LabError("registering %s: %s %s" % (spec["name"], status, body))
+        slicelab.wait_registered(controller, [h.name for h in members.hosts], members.helper_url)  # by the helper
         yield members
     finally:
         try:
@@ -244,3 +242,72 @@ def container_slice(controller, net, workdir: str, hosts=None, rate: float = 200
             for daemon in daemons:
                 slicelab.stop_daemon(daemon)
             members.cleanup()
+
+
+@contextmanager
+def mixed_slice(controller, net, workdir: str, process_hosts, container_hosts, guests=(), guest_ids=None,
+                rate: float = 100.0):
+    """One slice of every kind, one helper: seqstream as CRIU processes in ``process_hosts`` (ids 1..),
+    in podman containers in ``container_hosts`` (the next ids) and in running VMs ``guests``
+    (lab.vms.Guest, ids ``guest_ids``), each a peer of all the others over UDP and TCP. The helper
+    registers every member itself. Yields (processes, containers): ``containers`` has ``server_url``,
+    ``helper_url``, ``helper_log``."""
+    from lab.members import ProcessMembers
+    os.makedirs(workdir, exist_ok=True)
+    guest_ids = dict(guest_ids or {})
+    process_hosts, container_hosts = list(process_hosts), list(container_hosts)
+    first_container = len(process_hosts) + 1
+    guest_peers = {guest_ids[g.name]: g.address for g in guests}
+    process_peers = {first_container + i: h.IP() for i, h in enumerate(container_hosts)}
+    processes = ProcessMembers(process_hosts, os.path.join(workdir, "slice"), rate=rate,
+                               extra_peers={**process_peers, **guest_peers})
+    members = ContainerMembers(container_hosts, rate=rate, first_id=first_container, extra_peers={
+        **{processes.ids[h.name]: h.IP() for h in process_hosts}, **guest_peers})
+    daemons = []
+    try:
+        server, members.server_url = start_server(workdir)
+        daemons.append(server)
+        processes.start()
+        members.start()
+        specs = {h.name: slicelab.criu_member(h, processes.member_dir(h)) for h in process_hosts}
+        specs.update(members.helper_members())
+        specs.update({g.name: {"backend": "libvirt", "domain": g.name} for g in guests})
+        helper, members.helper_url = start_helper(controller, workdir, members.server_url, specs)
+        daemons.append(helper)
+        members.helper_log = os.path.join(workdir, "helper.log")
+        slicelab.wait_registered(controller, list(specs), members.helper_url)
+        yield processes, members
+    finally:
+        try:
+            members.stop()
+            processes.stop()
+        finally:
+            for daemon in daemons:
+                slicelab.stop_daemon(daemon)
+            members.cleanup()
+
+
+def ovs_coverage() -> Dict[str, int]:
+    """Open vSwitch's coverage counters (totals) that say where frames went or died."""
+    out = subprocess.run(["ovs-appctl", "coverage/show"], capture_output=True, text=True).stdout
+    counters = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 2 and any(k in words[0] for k in COVERAGE):
+            try:
+                counters[words[0]] = int(words[-1])
+            except ValueError:
+                pass
+    return counters
+
+
+def frame_metrics(controller):
+    """The controller's frame and snapshot counters (its /violin/metrics exposition, violin_ lines)."""
+    request = urllib.request.Request(controller.url + "/violin/metrics",
+                                     headers={"Authorization": "Bearer " + controller.token})
+    try:
+        text = urllib.request.urlopen(request, timeout=10).read().decode()
+    except OSError as error:
+        return "metrics unreadable: %s" % error
+    return [line for line in text.splitlines() if line.startswith("violin_") and not line.endswith(" 0.0")
+            and ("frame" in line or "snapshot" in line or "drop" in line)][:60]

@@ -2,20 +2,27 @@
 """Container members: pause with the cut versus podman's bare live checkpoint, and snapshot/restore times.
 
 For each container (a Python loop writing a file in its volume, in a network namespace of its own with a
-veth, as a topology's host would give it), alternately, in the same run:
+veth, as a topology's host would give it), in the same run, the arms rotated round by round:
 
-  * ``cut``: the podman backend's snapshot (hostside/backends/podman.py): the CRIU post-dump hand-over,
-    the container's files copied while frozen, the marker sent down its interface, a cut callback (an
-    HTTP round trip to a local server standing in for the controller's cut), the archive rebuilt and
-    stored (a local sink);
+  * ``cut``: the podman backend's snapshot (hostside/backends/podman.py): the CRIU post-dump hand-over
+    (the compiled action script), the container's files copied while frozen, the marker sent down its
+    interface, a cut callback (an HTTP round trip to a local server standing in for the controller's
+    cut), the archive rebuilt and stored (a local sink);
+  * ``cut_bash_hook``: the same with the bash action script it had before (criu.HOOK);
   * ``bare``: ``podman container checkpoint --leave-running --tcp-established --export`` of the same
     container with the same CRIU options (``network-lock nftables`` in its CRIU file), nothing else.
     (With CRIU's default iptables network lock a bare checkpoint freezes about 50 ms longer here.)
+  * ``handover`` / ``handover_bash_hook``: the bare checkpoint with the hand-over and an empty cut: what
+    the action script costs inside the freeze (CRIU runs it at network-lock, post-dump and network-unlock).
 
-The pause is CRIU's frozen time (podman --print-stats) in both. Then the snapshot and restore wall times of
-1 and of 4 containers at once (threads, as the helper runs its jobs). Writes docs/bench/bench_containers.json.
+and, interleaved, single runs of each action script by itself (fork, exec, its action filter, exit, wait).
 
-    .venv/bin/python scripts/bench_containers.py [--rounds 8] [--out docs/bench/bench_containers.json]
+The pause is CRIU's frozen time (podman --print-stats) in every arm. Then the snapshot and restore wall times of
+1 and of 4 containers at once (threads, as the helper runs its jobs). Everything runs at ``--nice`` (default
+-15): the arms alike, and less at the mercy of whatever else loads the machine. Writes docs/bench/bench_containers.json
+and the plot beside it (.png).
+
+    .venv/bin/python scripts/bench_containers.py [--rounds 10] [--out docs/bench/bench_containers.json]
 """
 
 import argparse
@@ -80,7 +87,11 @@ def median(values):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=8, help="cut/bare pairs per container")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of every arm (on the containers in turn)")
+    parser.add_argument("--spawns", type=int, default=200, help="timed runs of each action script by itself")
+    parser.add_argument("--nice", type=int, default=-15,
+                        help="run every arm at this niceness (children inherit it): on a machine others load, "
+                             "the scheduler's waits would drown the differences measured (0: as is)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "bench",
                                                       "bench_containers.json"))
     args = parser.parse_args(argv)
@@ -88,6 +99,8 @@ def main(argv=None):
         print("bench_containers: run as root", file=sys.stderr)
         return 2
     containers.ensure_image()
+    if args.nice:
+        os.nice(args.nice)
     prefix = lab.run_prefix()
     work = tempfile.mkdtemp(prefix="violin-bench-containers-")
     code = os.path.join(work, "loop.py")
@@ -137,22 +150,73 @@ def main(argv=None):
             os.unlink(export)
             return podman.frozen_ms_of(result.stdout), wall
 
+        def handover(member, label, native):
+            # Where the cut's extra freeze goes: the bare checkpoint with the backend's hand-over and an
+            # empty cut (every action script CRIU runs while frozen, the FIFO round trip, no work).
+            export = os.path.join(work, "handover-%s-%s.tar" % (label, member.name))
+            conf = os.path.join(containers.CONF_DIR, "%s.conf" % member.container_name)
+            with podman.frozen_hand_over(lambda: None, native=native) as hand:
+                podman.write_atomically(conf, podman.criu_config(action_script=hand.script))
+                try:
+                    result = backend.podman(podman.checkpoint_argv(member.container_name, export))
+                finally:
+                    podman.write_atomically(conf, "")
+            os.unlink(export)
+            assert hand.fired and hand.native == native, (hand.fired, hand.native)
+            return podman.frozen_ms_of(result.stdout)
+
+        def cut(member, label, native):
+            backend.native_hook = native
+            try:
+                report, wall = snapshot(member, label)
+            finally:
+                backend.native_hook = True
+            assert report.details["hook_script"] == ("native" if native else "bash"), report.details
+            return {"pause_ms": report.pause_ms, "hook_ms": report.details["hook_ms"],
+                    "files_ms": report.details["files_ms"], "wall_ms": round(wall, 1)}
+
+        arms = {  # name -> one checkpoint of member: its figures
+            "cut": lambda m, label: cut(m, label, True),
+            "cut_bash_hook": lambda m, label: cut(m, label, False),  # before: the bash action script
+            "bare": lambda m, label: dict(zip(("pause_ms", "wall_ms"), bare(m, label))),
+            "handover": lambda m, label: {"pause_ms": handover(m, label, True)},
+            "handover_bash_hook": lambda m, label: {"pause_ms": handover(m, label, False)},
+        }
+        kinds = list(arms)
         pairs = []
         for round_ in range(args.rounds):
             member = members[round_ % len(members)]
-            order = ("cut", "bare") if round_ % 2 == 0 else ("bare", "cut")
+            shift = round_ % len(kinds)
             pair = {"container": member.name}
-            for kind in order:
-                if kind == "cut":
-                    report, wall = snapshot(member, "pair-%d" % round_)
-                    pair.update(cut_pause_ms=report.pause_ms, cut_hook_ms=report.details["hook_ms"],
-                                cut_wall_ms=round(wall, 1))
-                else:
-                    frozen, wall = bare(member, "pair-%d" % round_)
-                    pair.update(bare_pause_ms=frozen, bare_wall_ms=round(wall, 1))
+            for kind in kinds[shift:] + kinds[:shift]:  # each arm in every position in turn
+                for key, value in arms[kind](member, "r%d-%s" % (round_, kind)).items():
+                    pair["%s_%s" % (kind, key)] = value
             pairs.append(pair)
-            print("round %d %s: cut %.0f ms (hook %.0f) vs bare %.0f ms" % (
-                round_, member.name, pair["cut_pause_ms"], pair["cut_hook_ms"], pair["bare_pause_ms"]), flush=True)
+            print("round %d %s: %s" % (round_, member.name, ", ".join(
+                "%s %.0f" % (k, pair["%s_pause_ms" % k] or -1) for k in kinds)), flush=True)
+
+        # What each of CRIU's action-script runs inside the freeze costs by itself: fork, exec, the action
+        # filter, exit, wait (as CRIU's cr_system does), bash hook vs compiled hook, interleaved.
+        spawns = {"bash": [], "native": []}
+        with podman.frozen_hand_over(lambda: None, native=False) as bash_hook, \
+                podman.frozen_hand_over(lambda: None, native=True) as native_hook:
+            scripts = {"bash": bash_hook.script, "native": native_hook.script}
+            env = dict(os.environ, CRTOOLS_SCRIPT_ACTION="network-lock")
+            for _ in range(args.spawns):
+                for kind, script in scripts.items():
+                    began = time.monotonic()
+                    pid = os.fork()
+                    if pid == 0:
+                        try:
+                            os.execve(script, [script], env)
+                        finally:
+                            os._exit(127)
+                    _, status = os.waitpid(pid, 0)
+                    assert status == 0, (kind, status)
+                    spawns[kind].append((time.monotonic() - began) * 1000)
+        spawn_ms = {kind: {"median": round(statistics.median(v), 2), "p90": round(sorted(v)[int(len(v) * 0.9)], 2)}
+                    for kind, v in spawns.items()}
+        print("one action-script run: %s" % spawn_ms, flush=True)
 
         def together(fn, group):
             results, threads = {}, []
@@ -175,20 +239,30 @@ def main(argv=None):
             restore_ms, _ = together(lambda m: (backend.restore(m, staged[m.name]), backend.resume(m)), group)
             walls[str(count)] = {"snapshot_ms": snap_ms, "restore_ms": restore_ms}
             print("%d container(s): snapshot %.0f ms, restore %.0f ms (wall, together)" % (count, snap_ms, restore_ms))
-        cut = [p["cut_pause_ms"] for p in pairs]
-        plain = [p["bare_pause_ms"] for p in pairs if p["bare_pause_ms"] is not None]
-        ratios = [p["cut_pause_ms"] / p["bare_pause_ms"] for p in pairs if p["bare_pause_ms"]]
+        def pauses(kind):
+            return [p["%s_pause_ms" % kind] for p in pairs if p.get("%s_pause_ms" % kind) is not None]
+
+        def ratio(kind):
+            per_pair = [p["%s_pause_ms" % kind] / p["bare_pause_ms"] for p in pairs
+                        if p.get("%s_pause_ms" % kind) and p.get("bare_pause_ms")]
+            return {"median_ms": median(pauses(kind)),
+                    "ratio_of_medians": round(median(pauses(kind)) / median(pauses("bare")), 3),
+                    "ratio_median_per_pair": round(statistics.median(per_pair), 3) if per_pair else None}
+
         doc = {"what": "podman container members: CRIU frozen time with the cut (hand-over, files, marker, cut "
-                       "round trip) vs podman's bare live checkpoint, same containers, alternating, one run; "
-                       "snapshot/restore wall times of 1 and 4 containers at once",
+                       "round trip; compiled action script, and the bash one it replaced) vs podman's bare live "
+                       "checkpoint and vs the bare checkpoint with an empty hand-over (each action script), same "
+                       "containers, arms rotated, one run; snapshot/restore wall times of 1 and 4 containers "
+                       "at once",
                "podman": subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip(),
                "runtime": subprocess.run(["runc", "--version"], capture_output=True, text=True).stdout.split("\n")[0],
-               "criu": podman.criu.CRIU, "rounds": args.rounds,
-               "pause_ms": {"cut_median": median(cut), "bare_median": median(plain),
-                            "ratio_of_medians": round(median(cut) / median(plain), 3) if plain else None,
-                            "ratio_median_per_pair": round(statistics.median(ratios), 3) if ratios else None,
-                            "goal_ratio": 1.10},
+               "criu": podman.criu.CRIU, "rounds": args.rounds, "nice": os.nice(0),
+               "pause_ms": dict({"cut_median": median(pauses("cut")), "bare_median": median(pauses("bare")),
+                                 "goal_ratio": 1.10}, **{k: v for k, v in ratio("cut").items() if k != "median_ms"}),
+               "arms": {kind: ratio(kind) for kind in kinds if kind != "bare"},
+               "action_script_run_ms": dict(spawn_ms, runs=args.spawns, inside_each_freeze=3),
                "hook_ms_median": median([p["cut_hook_ms"] for p in pairs]),
+               "files_ms_median": median([p["cut_files_ms"] for p in pairs]),
                "wall_ms": walls, "pairs": pairs, "load_1min": os.getloadavg()[0]}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp = args.out + ".tmp"
@@ -197,7 +271,8 @@ def main(argv=None):
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, args.out)
-        print(json.dumps(doc["pause_ms"]), json.dumps(walls))
+        plot(doc, os.path.splitext(args.out)[0] + ".png")
+        print(json.dumps(doc["pause_ms"]), json.dumps(doc["arms"]), json.dumps(walls))
         return 0
     finally:
         server.shutdown()
@@ -206,6 +281,30 @@ def main(argv=None):
             subprocess.run(["ip", "link", "del", "%s-p" % name], capture_output=True)
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def plot(doc, path):
+    """The pause of every arm, each round's points joined (docs/bench/bench_containers.png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    kinds = ["bare", "handover", "handover_bash_hook", "cut", "cut_bash_hook"]
+    labels = ["bare\ncheckpoint", "+ empty\nhand-over", "+ empty\nhand-over\n(bash hook)", "with the cut",
+              "with the cut\n(bash hook)"]
+    figure, axes = plt.subplots(figsize=(8, 4.2))
+    for pair in doc["pairs"]:
+        axes.plot(range(len(kinds)), [pair.get("%s_pause_ms" % k) for k in kinds], color="0.8", lw=0.8, zorder=1)
+    for i, kind in enumerate(kinds):
+        values = [p["%s_pause_ms" % kind] for p in doc["pairs"] if p.get("%s_pause_ms" % kind) is not None]
+        axes.scatter([i] * len(values), values, s=14, zorder=2)
+        axes.hlines(statistics.median(values), i - 0.3, i + 0.3, color="k", zorder=3)
+    axes.set_xticks(range(len(kinds)))
+    axes.set_xticklabels(labels, fontsize=8)
+    axes.set_ylabel("CRIU frozen time (ms)")
+    axes.set_title("container pause, %d rounds, arms rotated (load %.0f); bar: median" % (
+        doc["rounds"], doc["load_1min"]), fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 def _run(name, code):

@@ -34,7 +34,9 @@ criu=...``, and it first on PATH for podman's own check) rather than Debian's
 the container's ``org.criu.config`` annotation names (set at ``podman run``;
 one file per container, rewritten by the backend around each operation), so
 the action script of ``handover.frozen_hand_over`` runs at CRIU's post-dump,
-while the container's tasks are frozen. There the backend copies the
+while the container's tasks are frozen (a small compiled program where a C
+compiler is at hand: CRIU runs it at two more actions inside the freeze, and
+bash's start there cost about 10 ms each under load). There the backend copies the
 container's filesystem changes (its overlay upper directory) and its named
 volumes, sends the marker and calls the cut. Podman itself tars those after
 the checkpoint, with the container running again: the stored archive carries
@@ -63,7 +65,7 @@ from typing import Dict, List, Optional
 
 from hostside.backends import criu
 from hostside.backends.base import Backend, ImageReport, Located, Restored, register
-from hostside.backends.handover import frozen_hand_over
+from hostside.backends.handover import frozen_hand_over, native_hook
 from violin_core.packets import build_marker
 from violin_core.schema import Field, Schema, matches
 
@@ -165,6 +167,15 @@ def runnable_problem(name: str, found: Inspected) -> Optional[str]:
     if found.runtime and found.runtime != "runc":
         return "container %s runs under %s: checkpoints need runc (podman run --runtime runc)" % (name, found.runtime)
     return None
+
+
+def same_netns(a: str, b: str) -> bool:
+    """Whether two namespace paths name the same namespace (the same nsfs inode; else the same path)."""
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.normpath(a) == os.path.normpath(b)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def frozen_ms_of(print_stats: str) -> Optional[float]:
@@ -287,6 +298,7 @@ class PodmanBackend(Backend):
             help="address/prefix to take when restored here (default: the one it had)"),
     }, allow_none=False)
     retry_delay = 0.05
+    native_hook = True  # the compiled action script (handover.native_hook) where it can be built; else bash
 
     def __init__(self, settings, run=subprocess.run):
         super().__init__(settings)
@@ -294,6 +306,8 @@ class PodmanBackend(Backend):
 
     def start(self) -> None:
         criu.become_subreaper()  # conmon re-parents to us when podman exits; its exit is ours to reap
+        if self.native_hook:
+            native_hook()  # built now (once, cached), not in a snapshot's time
 
     # -- podman --
 
@@ -326,6 +340,10 @@ class PodmanBackend(Backend):
             return Located(mac=None, details={"running": False, "handle": member.container_name,
                                               "problem": "no container %s on this host" % member.container_name})
         problem = runnable_problem(member.container_name, found)
+        if not problem and member.netns and found.netns and not same_netns(found.netns, member.netns):
+            # A helper that would host it in another namespace (placement) finds it running elsewhere.
+            problem = "container %s runs in %s, not in this helper's %s" % (member.container_name, found.netns,
+                                                                            member.netns)
         if problem:
             return Located(mac=None, pid=found.pid or None, netns=found.netns,
                            details={"running": False, "handle": member.container_name, "id": found.id,
@@ -407,7 +425,7 @@ class PodmanBackend(Backend):
             at_cut()
 
         started = time.monotonic()
-        with frozen_hand_over(on_frozen) as handover:
+        with frozen_hand_over(on_frozen, native=self.native_hook) as handover:
             write_atomically(conf, criu_config(action_script=handover.script))
             try:
                 result = self.podman(checkpoint_argv(member.container_name, export), check=False)
@@ -430,6 +448,7 @@ class PodmanBackend(Backend):
         return {"pause_ms": frozen_ms if frozen_ms is not None else hook_ms, "hook_ms": round(hook_ms, 3),
                 "podman_checkpoint_ms": _stat(result.stdout, "podman_checkpoint_duration"),
                 "files_ms": round(files_ms, 3), "checkpoint_ms": round(checkpoint_ms, 1),
+                "hook_script": "native" if handover.native else "bash",
                 "rebuild_ms": round((time.monotonic() - started) * 1000, 1)}
 
     # -- restore --

@@ -37,11 +37,13 @@ def _oracle(members):
     return oracle.load([members.member_dir(h) for h in members.hosts], margin=int(members.rate // 2))
 
 
-def _assert_consistent(result, members):
+def _assert_consistent(result, members, evidence=None):
     pairs = len(members.hosts) * (len(members.hosts) - 1)
     assert result["totals"]["streams"] == 2 * pairs and result["totals"]["tcp"]["streams"] == pairs, result["totals"]
-    assert result["consistent"], (result["totals"], {k: v for k, v in result["streams"].items()
-                                                     if v["gaps"] or v["duplicates"]})
+    if not result["consistent"]:  # everything that places the gaps, untruncated
+        pytest.fail("inconsistent: %s\nstreams: %s\n%s" % (
+            result["totals"], {k: v for k, v in result["streams"].items() if v["gaps"] or v["duplicates"]},
+            "\n".join("%s: %s" % item for item in (evidence or {}).items())))
     tcp = {k: (v["judged_upto"], v["behind_udp"]) for k, v in result["streams"].items() if k.endswith("/tcp")}
     assert all(upto > members.rate for upto, _behind in tcp.values()), tcp
 
@@ -65,9 +67,12 @@ def test_container_snapshots_restore_consistently_also_onto_another_host(slice_c
         h1, h2, h3, spare = net.hosts
         with containers.container_slice(controller, net, str(tmp_path), hosts=[h1, h2, h3], rate=150) as members:
             log = lambda: (open(members.helper_log).read()[-2500:], members.outputs())  # noqa: E731
+            sent = lambda: {h.name: {p: v[1] for p, v in members.progress(h).items()} for h in members.hosts}  # noqa
+            cycles, ovs_before = [], containers.ovs_coverage()
             time.sleep(0.8)
             for cycle in range(CYCLES):
                 time.sleep(rng.uniform(0.05, 0.4))
+                at_snapshot = sent()
                 view = _snapshot(controller, "containers-%d" % cycle)
                 assert view["state"] == "complete", (view.get("reason"), log())
                 for entry in view["members"]:
@@ -75,12 +80,15 @@ def test_container_snapshots_restore_consistently_also_onto_another_host(slice_c
                     assert entry["image"]["backend"] == "podman", entry
                     assert {f["name"] for f in entry["image"]["files"]} == {"container.tar", "member.json"}
                 time.sleep(rng.uniform(0.05, 0.4))
-                before = members.progress(h1)
+                at_restore, before = sent(), members.progress(h1)
                 job = _restore(controller, view["id"])
                 assert job["state"] == "complete", (job.get("reason"), job.get("members"), log())
                 after = members.progress(h1)
                 peer = next(iter(after))
                 assert after[peer][1] <= before[peer][1]  # back at the snapshot
+                cycles.append({"cycle": cycle, "counts": view["counts"], "sent_at_snapshot": at_snapshot,
+                               "sent_at_restore": at_restore,
+                               "restore_ms": job.get("timings_ms"), "load": os.getloadavg()[0]})
             # h3's container restored onto the spare host: another helper there, h3's image, the spare's namespace.
             spare_netns = containers.attach_netns(spare)
             spare_helper, spare_url = containers.start_helper(
@@ -88,8 +96,10 @@ def test_container_snapshots_restore_consistently_also_onto_another_host(slice_c
                 {h3.name: {"backend": "podman", "container": h3.name, "netns": spare_netns, "ip": "%s/8" % h3.IP()}},
                 name="spare-helper")
             try:
+                cycles.append({"before-move snapshot, sent": sent()})
                 view = _snapshot(controller, "before-move")
                 assert view["state"] == "complete", (view.get("reason"), log())
+                cycles.append({"move restore, sent": sent(), "counts": view["counts"]})
                 job = _restore(controller, view["id"], {"placement": {h3.name: spare_url}})
                 assert job["state"] == "complete", (job.get("reason"), job.get("members"),
                                                     (tmp_path / "spare-helper.log").read_text()[-2500:])
@@ -97,13 +107,15 @@ def test_container_snapshots_restore_consistently_also_onto_another_host(slice_c
                 pid = int(containers.podman("inspect", "-f", "{{.State.Pid}}", h3.name).stdout)
                 assert os.readlink("/proc/%d/ns/net" % pid) == os.readlink("/proc/%d/ns/net" % spare.pid)
                 assert spare.cmd("cat /sys/class/net/%s/address" % spare.defaultIntf()).strip() == h3.MAC()
-                status, member = controller.get("/violin/members/%s" % h3.name)
-                assert member["helper_url"] == spare_url, member
+                slicelab.wait_registered(controller, [h3.name], spare_url)  # the spare's helper registers it
                 time.sleep(0.5)
+                cycles.append({"after-move snapshot, sent": sent(), "restore_ms": job.get("timings_ms")})
                 view = _snapshot(controller, "after-move")  # later snapshots go through the new helper
                 assert view["state"] == "complete", (view.get("reason"), log())
+                cycles.append({"after-move restore, sent": sent(), "counts": view["counts"]})
                 job = _restore(controller, view["id"])
                 assert job["state"] == "complete", (job.get("reason"), job.get("members"))
+                cycles.append({"after the last restore, sent": sent(), "restore_ms": job.get("timings_ms")})
                 # Every TCP connection is up and moving: restoring containers takes seconds here (podman and
                 # runc around CRIU), the restored sockets' retransmissions back off in the quarantine
                 # meanwhile, so a stream may lag behind its UDP twin for a while, but never stops.
@@ -119,8 +131,12 @@ def test_container_snapshots_restore_consistently_also_onto_another_host(slice_c
                 containers.slicelab.stop_daemon(spare_helper)
                 containers.detach_netns(spare.name)
             result = _oracle(members)
+            ovs_after = containers.ovs_coverage()
+            evidence = {"cycles": cycles, "ovs coverage over the run": {
+                k: ovs_after[k] - ovs_before.get(k, 0) for k in ovs_after if ovs_after[k] != ovs_before.get(k, 0)},
+                "controller": containers.frame_metrics(controller)}
     print("oracle over containers after %d restores and a move: %s" % (CYCLES + 2, result["totals"]))
-    _assert_consistent(result, members)
+    _assert_consistent(result, members, evidence)
 
 
 def _poll(predicate, timeout=30.0, every=0.005):

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import tarfile
+import time
 
 import pytest
 
@@ -213,6 +214,23 @@ def test_a_container_off_the_topology_is_refused_when_located():
         backend.running(member)
 
 
+def test_a_container_in_another_namespace_than_the_members_is_not_claimed(tmp_path):
+    """A placement target's spec names the namespace it would restore into: until then the container runs
+    elsewhere (on this machine's other helper) and this helper must not register it."""
+    here, there = tmp_path / "spare", tmp_path / "h3"
+    here.write_text("")
+    there.write_text("")
+    doc = dict(INSPECT, HostConfig={"NetworkMode": "ns:%s" % there})
+    backend = podman.PodmanBackend(HostSettings(), run=FakeRun({"inspect": (0, json.dumps([doc]), "")}))
+    member = backend.member("c1", {"backend": "podman", "netns": str(here)})
+    where = backend.locate(member)
+    assert where.mac is None and where.details["running"] is False
+    with pytest.raises(podman.PodmanError, match="runs in %s, not in this helper's %s" % (there, here)):
+        backend.running(member)
+    assert podman.same_netns(str(there), str(there)) and not podman.same_netns(str(here), str(there))
+    assert podman.same_netns("/run/netns/none-such/../x", "/run/netns/x")  # not there: by path
+
+
 def test_podman_missing_is_a_clear_error():
     def run(argv, **kwargs):
         raise FileNotFoundError(argv[0])
@@ -234,10 +252,22 @@ def test_a_staged_image_must_be_of_the_member(tmp_path):
     backend.stage(member, str(tmp_path))
 
 
+@pytest.fixture
+def hook_cache(tmp_path, monkeypatch):
+    from hostside.backends import handover
+    monkeypatch.setattr(handover, "CACHE", str(tmp_path / "hook-cache"))
+    return str(tmp_path / "hook-cache")
+
+
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("fails", [False, True])
-def test_the_post_dump_hook_hands_over_and_answers(fails):
-    """The action script runs on_frozen at post-dump only; an error in it makes the script (so CRIU) fail."""
-    from hostside.backends.handover import frozen_hand_over
+def test_the_post_dump_hook_hands_over_and_answers(fails, native, hook_cache):
+    """The action script (compiled, or bash) runs on_frozen at post-dump only; an error in it makes the
+    script (so CRIU) fail."""
+    from hostside.backends import handover as handovers
+    frozen_hand_over = handovers.frozen_hand_over
+    if native and handovers.native_hook(5, hook_cache) is None:
+        pytest.skip("no C compiler here: the bash hook serves")
     ran = []
 
     def on_frozen():
@@ -245,7 +275,8 @@ def test_the_post_dump_hook_hands_over_and_answers(fails):
         if fails:
             raise RuntimeError("controller refused the cut")
 
-    with frozen_hand_over(on_frozen, timeout=5) as handover:
+    with frozen_hand_over(on_frozen, timeout=5, native=native) as handover:
+        assert handover.native == native and os.access(handover.script, os.X_OK)
         other = subprocess.run([handover.script], env={"CRTOOLS_SCRIPT_ACTION": "network-lock", "PATH": os.defpath})
         assert other.returncode == 0 and not ran  # other actions pass through
         hook = subprocess.run([handover.script], env={"CRTOOLS_SCRIPT_ACTION": "post-dump", "PATH": os.defpath})
@@ -255,6 +286,33 @@ def test_the_post_dump_hook_hands_over_and_answers(fails):
             handover.raise_error()
     else:
         handover.raise_error()
+
+
+def test_the_compiled_hook_gives_up_when_nobody_answers(tmp_path, hook_cache):
+    """A helper that died never leaves a member frozen: no answer within the timeout, the hook fails."""
+    from hostside.backends import handover
+    binary = handover.native_hook(1, hook_cache)
+    if binary is None:
+        pytest.skip("no C compiler here: the bash hook serves")
+    control = tmp_path / "control"
+    control.mkdir()
+    os.mkfifo(str(control / "request"))
+    os.mkfifo(str(control / "reply"))
+    os.symlink(binary, str(control / "posthook"))
+    started = time.monotonic()
+    gave_up = subprocess.run([str(control / "posthook")], env={"CRTOOLS_SCRIPT_ACTION": "post-dump"}, timeout=10)
+    assert gave_up.returncode == 1 and 0.9 < time.monotonic() - started < 5
+    assert handover.native_hook(1, hook_cache) == binary  # built once
+
+
+def test_no_place_to_build_the_hook_means_the_bash_one(tmp_path, monkeypatch):
+    from hostside.backends import handover
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert handover.native_hook(3, str(blocked / "cache")) is None
+    monkeypatch.setattr(handover, "CACHE", str(blocked / "cache"))
+    with handover.frozen_hand_over(lambda: None, timeout=3) as hand:
+        assert not hand.native and open(hand.script).read().startswith("#!/bin/bash")
 
 
 def test_a_hook_that_never_fires_leaves_nothing_waiting():
