@@ -772,9 +772,9 @@ class CriuBackend(Backend):
         ``nftables``). ``skip`` would leave the lock's job to the controller's prepare hold
         (nothing reaches the member from its prepare, before CRIU starts, to its flip) so that
         the frames released to it after the flip reach its kernel at once instead of meeting the
-        lock's drop rules until CRIU unlocks (issue 11, goal 4); it is not the default because
-        the oracle's ring-of-3 lost UDP datagrams with it (see README, Benchmarks). CRIU keeps
-        the method in the image and restores with it.
+        lock's drop rules until CRIU unlocks (issue 11, goal 4). It is not safe: the oracle's
+        ring-of-3 saw UDP duplicates with it, with no frame dropped anywhere (README, Host side).
+        CRIU keeps the method in the image and restores with it.
         """
         where = self.proving.get(member.name) or self.locate(member)
         process = self._process(member, where)
