@@ -77,7 +77,10 @@ def host_udp(host) -> Dict[str, int]:
 
 
 def host_links(host) -> Dict[str, int]:
-    """Receive and transmit drops of a Mininet host's interfaces (/proc/net/dev in its namespace)."""
+    """Receive and transmit drops of a Mininet host's interfaces (/proc/net/dev in its namespace).
+    rx_drop also counts frames of protocols the host does not speak (the same few hundred at every
+    host of a run: broadcasts such as the controller's link discovery), so only a difference between
+    hosts, or a tx_drop, points at loss."""
     found = {}
     for line in host.cmd("cat /proc/net/dev").splitlines()[2:]:
         name, _, fields = line.partition(":")
