@@ -346,6 +346,12 @@ class HubIO(ControllerIO):
     def sleep(self, seconds):
         self._unlocked(hub.sleep, seconds)
 
+    def new_event(self):
+        return hub.Event()
+
+    def wait_event(self, event, timeout):
+        return event.is_set() or bool(self._unlocked(event.wait, timeout))
+
     def spawn(self, function, *args):
         def guarded():
             try:
