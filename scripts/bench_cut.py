@@ -990,6 +990,14 @@ def run_scale(sizes, rounds, baseline, log):
                                  for n, s in series.items()},
             "health_ratio_p50_to_one": {n: round(s["health_get_rtt_ms"]["p50"] / one["health_get_rtt_ms"]["p50"], 2)
                                         for n, s in series.items()}}
+        top = series[str(sizes[-1])]
+        goal = 2 * one["cut_rtt_ms"]["p50"]
+        record["variants"][name]["floor"] = {  # what N separate HTTP calls cost before any flip
+            "goal_p50_ms": round(goal, 3), "members": sizes[-1],
+            "health_gets_at_once_p50_ms": top["health_get_rtt_ms"]["p50"],
+            "controller_cpu_ms_for_n_gets": round(sizes[-1] * top["controller_cpu_ms_per_get"], 3),
+            "met": top["cut_rtt_ms"]["p50"] <= goal,
+            "rest_floor_above_goal": top["health_get_rtt_ms"]["p50"] > goal}
     return record
 
 
@@ -999,7 +1007,7 @@ def plot_scale(record, path):
     import matplotlib.pyplot as plt
     sizes = [str(n) for n in record["sizes"]]
     names = list(record["variants"])
-    figure, axis = plt.subplots(figsize=(8, 4.2))
+    figure, axis = plt.subplots(figsize=(8, 4.6))
     colours = {"this": "#9ecae1", "baseline": "#fdae6b"}
     width = 0.8 / (len(names) + 1)
     handles, labels = [], []
@@ -1016,7 +1024,8 @@ def plot_scale(record, path):
     axis.legend(handles, labels, fontsize=8, loc="upper left")
     axis.set_xticks(range(1, len(sizes) + 1), ["%s at once" % n for n in sizes])
     axis.set_ylabel("call wall time, ms")
-    axis.set_title("Cuts at once, %s; p50 ratio to one: %s" % (record["topology"], "; ".join(
+    axis.set_yscale("log")
+    axis.set_title("Cuts at once, %s; p50 ratio to one:\n%s" % (record["topology"], "\n".join(
         "%s %s" % (name, ", ".join("%s: %.1fx" % kv for kv in record["variants"][name]["ratio_p50_to_one"].items()))
         for name in names)), fontsize=8)
     axis.grid(axis="y", alpha=0.3)
