@@ -439,14 +439,16 @@ class ViolinController:
         """Write the running snapshot's manifest in the background, once for any number of asks meanwhile.
 
         Its cuts' progress is news for a reader, not for the cut: a controller that stops before the
-        write finds the snapshot running at restart and aborts it as it would anyway."""
+        write finds the snapshot running at restart and aborts it as it would anyway. A snapshot that
+        ended meanwhile was written when it ended (with its channel state): that write stands."""
         if self.persist_pending or self.io is None:
             return
         self.persist_pending = True
 
         def write():
             self.persist_pending = False
-            self._persist()
+            if self.coordinator.running():
+                self._persist()
         self.background(write, on_failure=lambda why: LOG.warning("manifest not written: %s", why))
 
     def _persist(self) -> None:

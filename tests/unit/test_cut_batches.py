@@ -202,3 +202,24 @@ def test_a_cut_call_while_the_same_member_waits_is_refused(tmp_path):
         with pytest.raises(Refused) as error:
             h.controller.cut(sid, "m11")
         assert error.value.status == 409 and "already under way" in error.value.reason
+
+
+def test_the_manifest_is_written_after_the_answers_once_and_not_over_the_completed_one(tmp_path):
+    """Cuts and dones ask for one background write (no fsync before a cut's answer); it writes the running
+    snapshot's progress, and skips a snapshot that ended meanwhile (its end wrote the final manifest)."""
+    h = make_harness(tmp_path)
+    with h.io.lock:
+        sid = h.controller.start_snapshot({"members": ["m11", "m21"]})["id"]
+        h.controller.cut(sid, "m11")
+        stored = h.controller.catalogue.get(sid)
+        assert {m["name"]: m["state"] for m in stored["members"]}["m11"] == "pending"  # not yet written
+        h.controller.cut(sid, "m21")
+        h.controller.done(sid, "m11", {})
+        assert len(h.io.spawned) == 1  # one queued write for two cuts and a done
+        h.run_spawned()
+        assert {m["name"]: m["state"] for m in h.controller.catalogue.get(sid)["members"]} == {
+            "m11": "done", "m21": "cut"}
+        h.controller.done(sid, "m21", {})  # the last done: drain queued, then a write
+        h.run_spawned()
+        final = h.controller.catalogue.get(sid)
+        assert final["state"] == "complete" and "channel" in final  # the write after it did not replace it
