@@ -346,6 +346,14 @@ class HubIO(ControllerIO):
     def sleep(self, seconds):
         self._unlocked(hub.sleep, seconds)
 
+    def new_event(self):
+        # os-ken's native hub.Event never times out (its Timeout cannot interrupt the wait): real threads
+        # there, a real event; under eventlet (threading not patched) only the hub's event lets others run.
+        return threading.Event() if getattr(hub, "HUB_TYPE", "eventlet") == "native" else hub.Event()
+
+    def wait_event(self, event, timeout):
+        return event.is_set() or bool(self._unlocked(event.wait, timeout))
+
     def spawn(self, function, *args):
         def guarded():
             try:

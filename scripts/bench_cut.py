@@ -859,6 +859,193 @@ def run_capacity(rates, hold_s, log, keep_dir=None):
     return record
 
 
+# --- part 3: cuts at once (issue 11, goal 5) ---------------------------------------------
+
+SCALE_SIZES = [1, 8, 32, 64]
+SCALE_SWITCHES, SCALE_PER_SWITCH = 4, 16
+DEFAULT_SCALE_OUT = os.path.join(ROOT, "docs", "bench", "bench_cut_scale.json")
+DEFAULT_SCALE_PLOT = os.path.join(ROOT, "docs", "bench", "bench_cut_scale.png")
+
+
+def export_code(revision, workdir):
+    """``revision``'s ryu_apps and violin_client in ``workdir`` (a baseline controller runs from there)."""
+    import subprocess
+    archive = subprocess.run(["git", "-C", ROOT, "archive", revision, "ryu_apps", "violin_client"],
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise BenchError("git archive %s failed: %s" % (revision, archive.stderr.decode(errors="replace")[:300]))
+    subprocess.run(["tar", "-x", "-C", workdir], input=archive.stdout, check=True)
+    return {"PYTHONPATH": "%s:%s" % (os.path.join(workdir, "ryu_apps"), workdir)}
+
+
+def scale_round(controller, names, label):
+    """One snapshot of ``names`` cut by as many concurrent calls; ([(rtt, flip, batch)], controller CPU ms).
+
+    The CPU is the controller process's user+system time from the first call to the last answer."""
+    status, snap = controller.request("POST", "/violin/snapshots", {"members": names, "label": label})
+    if status != 202:
+        raise BenchError("snapshot refused: %s %s" % (status, snap))
+    sid, gate, results = snap["id"], threading.Barrier(len(names) + 1), {}
+
+    def cut(name):
+        gate.wait(10)
+        began = time.perf_counter()
+        status, answer = controller.request("POST", "/violin/snapshots/%s/members/%s/cut" % (sid, name), {})
+        results[name] = (status, answer, (time.perf_counter() - began) * 1000.0)
+    threads = [threading.Thread(target=cut, args=(n,), daemon=True) for n in names]
+    for thread in threads:
+        thread.start()
+    cpu_before = cpu_seconds(controller.process.pid)
+    gate.wait(10)
+    for thread in threads:
+        thread.join(60)
+    cpu_ms = (cpu_seconds(controller.process.pid) - cpu_before) * 1000.0
+    bad = {n: r[:2] for n, r in results.items() if r[0] != 200}
+    if bad or len(results) != len(names):
+        raise BenchError("cuts of %s failed: %r" % (sid, bad or "some did not answer"))
+    for name in names:
+        status, answer = controller.request("POST", "/violin/snapshots/%s/members/%s/done" % (sid, name),
+                                            {"note": "bench_cut scale"})
+        if status != 200:
+            raise BenchError("done of %s: %s %s" % (name, status, answer))
+    try:
+        view = wait_until_done(controller.api, "/violin/snapshots/%s" % sid, 30, poll=0.02)
+    except ApiError as error:
+        raise BenchError("snapshot %s: %s" % (sid, error)) from None
+    if view["state"] != "complete":
+        raise BenchError("snapshot %s %s: %s" % (sid, view["state"], view.get("reason")))
+    return [(r[2], r[1]["flip_ms"], r[1].get("batch", 1)) for r in results.values()], cpu_ms
+
+
+def scale_gets(controller, count):
+    """``count`` concurrent GET /violin/health sent as the cuts are: ([wall ms], controller CPU ms)."""
+    gate, times = threading.Barrier(count + 1), []
+
+    def get():
+        gate.wait(10)
+        began = time.perf_counter()
+        controller.request("GET", "/violin/health")
+        times.append((time.perf_counter() - began) * 1000.0)
+    threads = [threading.Thread(target=get, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    cpu_before = cpu_seconds(controller.process.pid)
+    gate.wait(10)
+    for thread in threads:
+        thread.join(60)
+    return times, (cpu_seconds(controller.process.pid) - cpu_before) * 1000.0
+
+
+def run_scale(sizes, rounds, baseline, log):
+    """The cuts-at-once series on LineTopo(4,16), for this tree's controller and, side by side in the same
+    run (rounds interleaved, a network each), for ``baseline``'s."""
+    from bench_disruption import locate_all, register
+    variants = [("this", None)] + ([("baseline", baseline)] if baseline else [])
+    record = {"topology": "LineTopo(%d,%d)" % (SCALE_SWITCHES, SCALE_PER_SWITCH), "sizes": sizes,
+              "rounds": rounds, "variants": {}}
+    workdir = tempfile.mkdtemp(prefix="bench-cut-scale-")
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, True)
+        setups = []
+        for name, revision in variants:
+            env = export_code(revision, tempfile.mkdtemp(dir=workdir)) if revision else {}
+            controller = ControllerProcess(extra_env=env)
+            STARTED_CONTROLLERS.append(controller)
+            stack.callback(controller.stop)
+            topo = LineTopo(SCALE_SWITCHES, SCALE_PER_SWITCH, prefix=run_prefix())
+            net = bring_up(stack, controller, topo, "%s %s" % (name, record["topology"]))
+            hosts = sorted(net.hosts, key=lambda h: h.name)
+            locate_all(net, controller, hosts)
+            register(controller, hosts)
+            setups.append((name, revision, controller, [h.name for h in hosts]))
+        samples = {name: {n: {"cuts": [], "cpu": [], "gets": [], "gets_cpu": []} for n in sizes}
+                   for name, *_ in setups}
+        for index in range(rounds):  # sizes and variants interleaved: drift and load hit all alike
+            for size in sizes:
+                for name, _rev, controller, names in setups:
+                    cuts, cpu_ms = scale_round(controller, names[:size], "scale-%d-%d" % (size, index))
+                    gets, gets_cpu = scale_gets(controller, size)
+                    cell = samples[name][size]
+                    cell["cuts"] += cuts
+                    cell["cpu"].append(cpu_ms)
+                    cell["gets"] += gets
+                    cell["gets_cpu"].append(gets_cpu)
+            log("scale round %d/%d done" % (index + 1, rounds))
+    for name, revision, controller, _names in setups:
+        series = {}
+        for size in sizes:
+            cell = samples[name][size]
+            rtt, flip, batch = zip(*cell["cuts"])
+            series[str(size)] = {
+                "cut_rtt_ms": summary(list(rtt)), "flip_ms": summary(list(flip)),
+                # CPU time is counted in clock ticks (10 ms): per call over every round, not per round
+                "batch": summary(list(batch)), "controller_cpu_ms_per_cut": round(sum(cell["cpu"]) / len(rtt), 3),
+                "health_get_rtt_ms": summary(cell["gets"]),
+                "controller_cpu_ms_per_get": round(sum(cell["gets_cpu"]) / len(cell["gets"]), 3),
+                "rtt_samples": [round(v, 3) for v in rtt], "health_samples": [round(v, 3) for v in cell["gets"]]}
+        one = series[str(sizes[0])]
+        record["variants"][name] = {
+            "code": revision or "worktree", "series": series,
+            "ratio_p50_to_one": {n: round(s["cut_rtt_ms"]["p50"] / one["cut_rtt_ms"]["p50"], 2)
+                                 for n, s in series.items()},
+            "health_ratio_p50_to_one": {n: round(s["health_get_rtt_ms"]["p50"] / one["health_get_rtt_ms"]["p50"], 2)
+                                        for n, s in series.items()}}
+        top = series[str(sizes[-1])]
+        goal = 2 * one["cut_rtt_ms"]["p50"]
+        record["variants"][name]["floor"] = {  # what N separate HTTP calls cost before any flip
+            "goal_p50_ms": round(goal, 3), "members": sizes[-1],
+            "health_gets_at_once_p50_ms": top["health_get_rtt_ms"]["p50"],
+            "controller_cpu_ms_for_n_gets": round(sizes[-1] * top["controller_cpu_ms_per_get"], 3),
+            "met": top["cut_rtt_ms"]["p50"] <= goal,
+            "rest_floor_above_goal": top["health_get_rtt_ms"]["p50"] > goal}
+    return record
+
+
+def plot_scale(record, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sizes = [str(n) for n in record["sizes"]]
+    names = list(record["variants"])
+    figure, axis = plt.subplots(figsize=(8, 4.6))
+    colours = {"this": "#9ecae1", "baseline": "#fdae6b"}
+    width = 0.8 / (len(names) + 1)
+    handles, labels = [], []
+    for slot, name in enumerate(names + ["health"]):
+        variant = record["variants"][names[0] if name == "health" else name]
+        key = "health_samples" if name == "health" else "rtt_samples"
+        where = [i + 1 + (slot - len(names) / 2) * width for i in range(len(sizes))]
+        boxes = axis.boxplot([variant["series"][n][key] for n in sizes], positions=where, widths=width * 0.9,
+                             patch_artist=True, showfliers=False,
+                             boxprops={"facecolor": colours.get(name, "#d9d9d9")})
+        handles.append(boxes["boxes"][0])
+        labels.append("GET /violin/health, N at once (REST floor)" if name == "health" else
+                      "POST .../cut, N at once (%s: %s)" % (name, variant["code"][:12]))
+    axis.legend(handles, labels, fontsize=8, loc="upper left")
+    axis.set_xticks(range(1, len(sizes) + 1), ["%s at once" % n for n in sizes])
+    axis.set_ylabel("call wall time, ms")
+    axis.set_yscale("log")
+    axis.set_title("Cuts at once, %s; p50 ratio to one:\n%s" % (record["topology"], "\n".join(
+        "%s %s" % (name, ", ".join("%s: %.1fx" % kv for kv in record["variants"][name]["ratio_p50_to_one"].items()))
+        for name in names)), fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def print_scale(record):
+    print()
+    print("cuts at once, %s: p50 ms (ratio to one) / controller CPU ms per call" % record["topology"])
+    for name, variant in record["variants"].items():
+        for size, series in variant["series"].items():
+            print("  %-8s %3s at once: cut %7.1f (%5.2fx) p90 %7.1f flip %6.1f batch p50 %4s cpu/cut %5.2f | "
+                  "health %6.1f (%5.2fx) cpu/get %5.2f" % (
+                      name, size, series["cut_rtt_ms"]["p50"], variant["ratio_p50_to_one"][size],
+                      series["cut_rtt_ms"]["p90"], series["flip_ms"]["p50"], series["batch"]["p50"],
+                      series["controller_cpu_ms_per_cut"], series["health_get_rtt_ms"]["p50"],
+                      variant["health_ratio_p50_to_one"][size], series["controller_cpu_ms_per_get"]))
+
+
 # --- main ------------------------------------------------------------------------------
 
 
@@ -915,15 +1102,75 @@ def parse_args(argv):
     parser.add_argument("--bg-rate", type=float, default=100.0,
                         help="background datagrams/s from every member to every other (default 100)")
     parser.add_argument("--keep", metavar="DIR", help="copy logs and channel state of failing capacity steps here")
+    parser.add_argument("--scale", action="store_true",
+                        help="only part 3, cuts at once (issue 11 goal 5): JSON to --out "
+                             "(default docs/bench/bench_cut_scale.json) and a PNG (--plot)")
+    parser.add_argument("--sizes", default=",".join(map(str, SCALE_SIZES)),
+                        help="--scale: members cut at once (default 1,8,32,64; the first is the baseline)")
+    parser.add_argument("--rounds", type=int, default=12, help="--scale: snapshots per member count (default 12)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="--scale: also run REV's controller side by side (rounds interleaved), e.g. main")
+    parser.add_argument("--plot", default=DEFAULT_SCALE_PLOT, help="--scale: PNG of the distributions")
     parser.add_argument("--skip-overhead", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-capacity", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        args.sizes = [int(n) for n in args.sizes.split(",")]
+    except ValueError:
+        parser.error("--sizes: comma-separated member counts, got %r" % args.sizes)
+    if not args.sizes or min(args.sizes) < 1 or max(args.sizes) > SCALE_SWITCHES * SCALE_PER_SWITCH:
+        parser.error("--sizes: counts between 1 and %d" % (SCALE_SWITCHES * SCALE_PER_SWITCH))
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
+    if args.scale and args.out == DEFAULT_OUT:
+        args.out = DEFAULT_SCALE_OUT
     check_host(parser, ("ovs-vsctl", "ovs-appctl", "mnexec"))
     return args
 
 
+def main_scale(args):
+    """``--scale``: part 3 alone, its own JSON and plot."""
+    handle_signals()
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    document = {
+        "timestamp": timestamp(),
+        "machine": machine_info(cpu_model=True, other_ryu_controllers_at_start=other_controllers()),
+        "code": code_version(),
+        "parameters": {
+            "setup": "N manual members (marker false, no dump, no helper) of LineTopo(4,16); each round starts a "
+                     "snapshot of N and sends their N cut calls at once (threads released by one barrier), "
+                     "then every member done and the snapshot sealed; then N concurrent GET /violin/health",
+            "cut_rtt_ms": "client: wall time of POST .../cut (new TCP connection per request)",
+            "flip_ms": "controller: cut request -> barrier replies (answer field flip_ms)",
+            "batch": "cuts flipped in the same flow-table pass and barrier (answer field batch)",
+            "controller_cpu_ms_per_cut": "controller process user+system CPU from the first call to the last "
+                                         "answer, summed over the rounds and divided by the calls",
+            "goal": "cut_rtt_ms p50 at 64 <= 2 x p50 at 1 (issue 11 goal 5)",
+            "percentiles": "linear interpolation",
+        },
+        "out": args.out,
+    }
+
+    def body():
+        document["scale"] = run_scale(args.sizes, args.rounds, args.baseline, log)
+
+    began = time.monotonic()
+    error, code = run_guarded(body)
+    document["elapsed_s"] = round(time.monotonic() - began, 1)
+    document["loadavg_at_end"] = list(os.getloadavg())
+    document["error"] = error
+    status = save("bench_cut", args.out, document, error, code)
+    if status == 0:
+        plot_scale(document["scale"], args.plot)
+        print_scale(document["scale"])
+        print("results: %s, plot %s" % (args.out, args.plot))
+    return status
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.scale:
+        return main_scale(args)
     os.chdir(ROOT)  # the members run ``python -m hostside.marker`` from here
     counts = QUICK if args.quick else FULL
     handle_signals()

@@ -251,7 +251,8 @@ class Coordinator(FabricPolicy):
         entries = []
         trunks = sorted(p for (d, p) in tree if d == dpid)
         edges = fabric.edge_ports(dpid, now)
-        special = [p for p in edges if self._participants_on(dpid, p)]
+        served = {p for mac, (d, p) in fabric.hosts.items() if d == dpid and self.participant(mac) is not None}
+        special = [p for p in edges if p in served]  # one pass over the hosts, not one per port
         direct = [p for p in edges if p not in special]
         for epoch in (self.current.epoch - 1, self.current.epoch):
             colour = self.colour(epoch)

@@ -78,6 +78,7 @@ class Fabric:
         self.last_probe_round: Optional[float] = None
         self.counters = {"packet_in": 0, "learned": 0, "moved": 0, "ignored": 0, "hosts_over_limit": 0}
         self._graph_cache = None
+        self._routes_cache: Dict[object, object] = {}  # the flood tree and next hops of the cached graph
         self.policy = policy or FabricPolicy(Vids(settings.tag_vid))  # colours and cut rules
 
     def use_policy(self, policy: FabricPolicy) -> None:
@@ -126,7 +127,14 @@ class Fabric:
 
     def tree_ports(self) -> Set[PortRef]:
         """Trunk ports on the flood tree: a BFS tree per component from its lowest dpid."""
-        graph, ports = self.graph(), set()
+        graph = self.graph()
+        if "tree" not in self._routes_cache:
+            self._routes_cache["tree"] = self._tree_ports(graph)
+        return self._routes_cache["tree"]
+
+    @staticmethod
+    def _tree_ports(graph: nx.Graph) -> Set[PortRef]:
+        ports = set()
         for component in nx.connected_components(graph):
             root = min(component)
             for a, b in nx.bfs_edges(graph, root, sort_neighbors=sorted):
@@ -138,6 +146,12 @@ class Fabric:
     def next_hops(self, target: int) -> Dict[int, int]:
         """For every switch that can reach ``target``, its output port toward it."""
         graph = self.graph()
+        if ("hops", target) not in self._routes_cache:
+            self._routes_cache[("hops", target)] = self._next_hops(graph, target)
+        return self._routes_cache[("hops", target)]
+
+    @staticmethod
+    def _next_hops(graph: nx.Graph, target: int) -> Dict[int, int]:
         if target not in graph:
             return {}
         hops = {}
@@ -148,6 +162,7 @@ class Fabric:
 
     def _topology_changed(self) -> None:
         self._graph_cache = None
+        self._routes_cache = {}
 
     # --- the flow plan --------------------------------------------------------
 
