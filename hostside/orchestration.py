@@ -45,6 +45,10 @@ from hostside.metrics import HelperMetrics
 from violin_core.schema import Field, ListOf, Schema, SchemaError, matches, name
 
 LOG = logging.getLogger("violin-helper")
+# Members one helper stages or restores at once (the controller asks for all of them together): enough
+# for 3 VMs, whose restores mostly wait on QEMU, while 8 CRIU members' downloads (Python threads under
+# one GIL) and restores do not all contend for 2 cores at the same moment.
+RESTORE_WORKERS = 4
 
 
 class HelperError(Exception):
@@ -286,8 +290,10 @@ class Orchestrator:
                  clock: Callable[[], float] = time.time, spawn: Callable[[Callable[[], None]], None] = spawn_thread,
                  metrics: Optional[HelperMetrics] = None,
                  factory: Optional[Callable[[str, dict], Tuple[Backend, object]]] = None,
-                 registrar: Optional[Registrar] = None, on_change: Optional[Callable[[str, Optional[dict]], None]] = None):
+                 registrar: Optional[Registrar] = None, on_change: Optional[Callable[[str, Optional[dict]], None]] = None,
+                 workers: int = RESTORE_WORKERS):
         self.members, self.servers, self.work_dir = dict(members), servers, work_dir
+        self.workers = threading.BoundedSemaphore(workers)  # members staged or restored at once (see stage)
         self.metrics = HelperMetrics() if metrics is None else metrics  # its own registry unless given
         self.post, self.store, self.purge, self.attachment = post, store, purge, attachment
         self.clock, self.spawn = clock, spawn
@@ -508,13 +514,14 @@ class Orchestrator:
         body = read_body("stage", raw)
         backend, member = self._member(body["member"])
         target = self._restore_dir(body)
-        shutil.rmtree(target, ignore_errors=True)
-        files = self.store(body["server"]).download_dir(body["snapshot"], body["member"], target)
-        expected = {(f.get("name"), f.get("sha256")) for f in body["files"]}
-        if {(f["name"], f["sha256"]) for f in files} != expected:
-            raise Failed("the server's image of %s/%s is not the one the snapshot recorded"
-                         % (body["snapshot"], body["member"]))
-        backend.stage(member, target)
+        with self.workers:  # the controller asks for every member at once; this helper takes a few at a time
+            shutil.rmtree(target, ignore_errors=True)
+            files = self.store(body["server"]).download_dir(body["snapshot"], body["member"], target)
+            expected = {(f.get("name"), f.get("sha256")) for f in body["files"]}
+            if {(f["name"], f["sha256"]) for f in files} != expected:
+                raise Failed("the server's image of %s/%s is not the one the snapshot recorded"
+                             % (body["snapshot"], body["member"]))
+            backend.stage(member, target)
         return {"staged": body["member"], "files": len(files), "restores_paused": backend.restores_paused}
 
     def restore(self, raw: dict) -> dict:
@@ -524,7 +531,8 @@ class Orchestrator:
         images = self._restore_dir(body)
         if not os.path.isdir(images):
             raise UnknownMember("%s/%s is not staged" % (body["snapshot"], body["member"]))
-        restored = backend.restore(member, images)
+        with self.workers:
+            restored = backend.restore(member, images)
         if self.registrar is not None:  # restored onto this helper: the controller knows it here (if it changed)
             self.registrar.want(body["member"])
         return dict(restored.details, restored=body["member"], iface=restored.port,
