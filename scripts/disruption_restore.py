@@ -21,6 +21,8 @@ def add_arguments(parser):
     parser.add_argument("--restore-rounds", type=int, default=3, help="restore: restores per slice (default 3)")
     parser.add_argument("--restore-vms", default="1,3", help="restore: VM slice sizes (default 1,3; empty: none)")
     parser.add_argument("--restore-criu", default="1,8", help="restore: CRIU slice sizes (default 1,8; empty: none)")
+    parser.add_argument("--restore-rate", type=float, default=100.0,
+                        help="restore: datagrams/s each CRIU member sends (default 100)")
 
 
 SNAPSHOT_ATTEMPTS = 3  # the part measures restores: a snapshot aborted on a loaded host is taken again
@@ -42,7 +44,7 @@ def snapshot_to_restore(controller, record, log):
             time.sleep(2.0)
 
 
-def measure(kind, n, rounds, log):
+def measure(kind, n, rounds, log, rate=100.0):
     controller = lab.ControllerProcess(config=slicelab.controller_config())
     workdir = tempfile.mkdtemp(prefix="bench-drs-")
     record = {"kind": kind, "members": n, "restores": []}
@@ -62,7 +64,7 @@ def measure(kind, n, rounds, log):
                 stack.enter_context(slicelab.helped_slice(controller, net, workdir, hosts=[], guests=guests))
             else:
                 net = stack.enter_context(lab.network(LanTopo(max(n, 2), prefix=prefix), controller))
-                stack.enter_context(slicelab.helped_slice(controller, net, workdir, rate=100, hosts=net.hosts[:n]))
+                stack.enter_context(slicelab.helped_slice(controller, net, workdir, rate=rate, hosts=net.hosts[:n]))
             time.sleep(2.0)
             view = snapshot_to_restore(controller, record, log)
             record["image_bytes"] = sum(m.get("bytes", 0) for m in view["members"])
@@ -92,7 +94,7 @@ def run(args, log):
             raise RuntimeError(reason)
     lab.ensure_ovs()
     from disruption_vm import _each
-    series = _each({"%s-%d" % (kind, n): (lambda kind=kind, n=n: measure(kind, n, args.restore_rounds, log))
+    series = _each({"%s-%d" % (kind, n): (lambda kind=kind, n=n: measure(kind, n, args.restore_rounds, log, args.restore_rate))
                     for kind, n in plan}, log)
     ratios = {}
     for key, entry in series.items():
@@ -101,7 +103,7 @@ def run(args, log):
         single = series.get("%s-1" % entry["kind"])
         if single and "error" not in single and entry["members"] > 1:
             ratios[key] = round(entry["summary"]["restore_wall_ms"]["p50"] / single["summary"]["restore_wall_ms"]["p50"], 3)
-    return {"parameters": {"rounds": args.restore_rounds, "plan": ["%s-%d" % p for p in plan]},
+    return {"parameters": {"rounds": args.restore_rounds, "rate": args.restore_rate, "plan": ["%s-%d" % p for p in plan]},
             "series": series, "ratio_p50_to_one": ratios}
 
 
