@@ -626,13 +626,13 @@ def test_http_members_add_list_remove(served):
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
-def test_members_asked_for_at_once_are_staged_and_restored_a_few_at_a_time(tmp_path, workers):
-    """The controller asks for every member together; the helper works on ``restore_workers`` at most at
-    once (the rest wait their turn, none is refused) and every one is staged and restored."""
+def test_members_asked_for_at_once_are_staged_in_turn_and_restored_all_together(tmp_path, workers):
+    """The controller asks for every member together; the helper stages ``stage_workers`` at most at
+    once (the rest wait their turn, none is refused), then restores all of them at once."""
     names = ["f%d" % i for i in range(1, 7)]
     with fakebackend.registered():
         rig = Rig(tmp_path, members={n: {"backend": "fake"} for n in names})
-        rig.helper.workers = threading.BoundedSemaphore(workers)
+        rig.helper.staging = threading.BoundedSemaphore(workers)
         done = {}
         for name in names:
             rig.helper.start_snapshot(dict(SNAPSHOT, member=name))
@@ -659,20 +659,20 @@ def test_members_asked_for_at_once_are_staged_and_restored_a_few_at_a_time(tmp_p
             for thread in threads:
                 thread.start()
             deadline = time.monotonic() + 5
-            while busy[0] < workers and time.monotonic() < deadline:
+            while busy[0] < (workers if action == "stage" else len(names)) and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(0.05)  # would more than ``workers`` get in?
             release.set()
             for thread in threads:
                 thread.join(10)
-            assert peak[0] == workers, action
+            assert peak[0] == (workers if action == "stage" else len(names)), action
             assert sorted(answers) == names, action
 
 
-def test_restore_workers_is_a_helper_setting(tmp_path):
+def test_stage_workers_is_a_helper_setting(tmp_path):
     raw = {"token": "t", "controller_token": "c", "server_token": "s", "servers": ["http://store:7070"],
            "work_dir": str(tmp_path), "members": {}}
-    assert helper.parse_config(raw, environ={}).restore_workers == orchestration.RESTORE_WORKERS
-    assert helper.parse_config(dict(raw, restore_workers=2), environ={}).restore_workers == 2
-    with pytest.raises(helper.HelperConfigError, match="restore_workers"):
-        helper.parse_config(dict(raw, restore_workers=0), environ={})
+    assert helper.parse_config(raw, environ={}).stage_workers == orchestration.STAGE_WORKERS
+    assert helper.parse_config(dict(raw, stage_workers=2), environ={}).stage_workers == 2
+    with pytest.raises(helper.HelperConfigError, match="stage_workers"):
+        helper.parse_config(dict(raw, stage_workers=0), environ={})
