@@ -90,7 +90,7 @@ from typing import Callable, Dict, List, Optional
 from hostside import backends, ovs
 from hostside.backends import Backend
 from hostside.httpd import JsonHandler, listen, scheme_of, serve
-from hostside.orchestration import ControllerError, Orchestrator, Registrar, status_of
+from hostside.orchestration import STAGE_WORKERS, ControllerError, Orchestrator, Registrar, status_of
 from violin_client import tls
 from violin_client.api import ApiClient, ApiError, Unreachable
 from violin_core.catalogue import write_atomic
@@ -123,6 +123,7 @@ class HelperConfig:
     host_name: str = ""  # shown with the members it registers
     settings: Optional[object] = None  # the backends' HostSettings
     instances: Dict[str, Backend] = field(default_factory=dict)  # backend name -> the one instance
+    stage_workers: int = STAGE_WORKERS  # members staged at once
 
     def make_member(self, member: str, spec: dict):
         """(backend, member spec object) of a member spec (the config's ``members.<name>`` shape),
@@ -159,6 +160,8 @@ def config_schema() -> Schema:
         "vm_hold": Field(str, "switchover", check=lambda v: None if v in ("switchover", "precopy")
                          else "switchover or precopy", help="when frames to a VM begin to be held: just before "
                          "its switchover (deaf about its pause) or before its pre-copy (deaf through it)"),
+        "stage_workers": Field(int, STAGE_WORKERS, check=lambda v: None if 1 <= v <= 64 else "from 1 to 64",
+                                 help="members this helper stages (fetches and checks) at once; restores all run at once"),
         "members": MapOf(backends.member_schema(), key_check=name),
         "tls_cert": _PATH, "tls_key": _PATH, "ca_file": _PATH,
         "controller": Field((str, type(None)), None, check=http_url,
@@ -202,7 +205,8 @@ def parse_config(raw, environ=os.environ) -> HelperConfig:
                         values["vm_max_bandwidth"],
                         {member: instances[spec["backend"]] for member, spec in values["members"].items()},
                         values["tls_cert"], values["tls_key"], values["ca_file"], values["controller"],
-                        advertise.rstrip("/"), values["host_name"] or socket.gethostname(), settings, instances)
+                        advertise.rstrip("/"), values["host_name"] or socket.gethostname(), settings, instances,
+                        values["stage_workers"])
 
 
 def controller_poster(token: str, timeout: float = 30.0,
@@ -269,7 +273,8 @@ class Helper(Orchestrator):
                          config.servers, config.work_dir,
                          post or controller_poster(config.controller_token, ca_file=config.ca_file),
                          store or image_server_factory(config.server_token, config.ca_file), purge, attachment,
-                         factory=config.make_member, registrar=registrar, on_change=self._changed, **seams)
+                         factory=config.make_member, registrar=registrar, on_change=self._changed,
+                         stage_workers=config.stage_workers, **seams)
         self._load_runtime()
 
     def _load_runtime(self) -> None:

@@ -12,6 +12,9 @@ class JsonHandler(BaseHTTPRequestHandler):
     """A quiet HTTP/1.1 handler that answers JSON."""
 
     protocol_version = "HTTP/1.1"
+    # An answer is written as headers, then body: on a kept-alive connection Nagle held the body until the
+    # client's delayed ACK of the headers, 40 ms per request (a staging's 38 requests per member: 1.8 s).
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass

@@ -12,7 +12,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 
-from benchkit import summary, timed_restore, timed_snapshot
+from benchkit import BenchError, summary, timed_restore, timed_snapshot
 from lab import lab, slicelab, vms
 from topologies.lan import LanTopo
 
@@ -21,9 +21,30 @@ def add_arguments(parser):
     parser.add_argument("--restore-rounds", type=int, default=3, help="restore: restores per slice (default 3)")
     parser.add_argument("--restore-vms", default="1,3", help="restore: VM slice sizes (default 1,3; empty: none)")
     parser.add_argument("--restore-criu", default="1,8", help="restore: CRIU slice sizes (default 1,8; empty: none)")
+    parser.add_argument("--restore-rate", type=float, default=100.0,
+                        help="restore: datagrams/s each CRIU member sends (default 100)")
 
 
-def measure(kind, n, rounds, log):
+SNAPSHOT_ATTEMPTS = 3  # the part measures restores: a snapshot aborted on a loaded host is taken again
+
+
+def snapshot_to_restore(controller, record, log):
+    """The one snapshot the slice is restored from; one that aborts (e.g. a cut marker late behind thousands
+    of held frames on a loaded host) is taken again, each abort kept in ``record["snapshot_aborts"]``."""
+    record["snapshot_aborts"] = []
+    for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
+        try:
+            view, _ = timed_snapshot(controller, "drs")
+            return view
+        except BenchError as error:
+            record["snapshot_aborts"].append(str(error))
+            log("  snapshot %d/%d: %s" % (attempt, SNAPSHOT_ATTEMPTS, error))
+            if attempt == SNAPSHOT_ATTEMPTS:
+                raise
+            time.sleep(2.0)
+
+
+def measure(kind, n, rounds, log, rate=100.0):
     controller = lab.ControllerProcess(config=slicelab.controller_config())
     workdir = tempfile.mkdtemp(prefix="bench-drs-")
     record = {"kind": kind, "members": n, "restores": []}
@@ -43,9 +64,9 @@ def measure(kind, n, rounds, log):
                 stack.enter_context(slicelab.helped_slice(controller, net, workdir, hosts=[], guests=guests))
             else:
                 net = stack.enter_context(lab.network(LanTopo(max(n, 2), prefix=prefix), controller))
-                stack.enter_context(slicelab.helped_slice(controller, net, workdir, rate=100, hosts=net.hosts[:n]))
+                stack.enter_context(slicelab.helped_slice(controller, net, workdir, rate=rate, hosts=net.hosts[:n]))
             time.sleep(2.0)
-            view, _ = timed_snapshot(controller, "drs")
+            view = snapshot_to_restore(controller, record, log)
             record["image_bytes"] = sum(m.get("bytes", 0) for m in view["members"])
             for i in range(rounds):
                 job, wall_ms = timed_restore(controller, view["id"])
@@ -73,7 +94,7 @@ def run(args, log):
             raise RuntimeError(reason)
     lab.ensure_ovs()
     from disruption_vm import _each
-    series = _each({"%s-%d" % (kind, n): (lambda kind=kind, n=n: measure(kind, n, args.restore_rounds, log))
+    series = _each({"%s-%d" % (kind, n): (lambda kind=kind, n=n: measure(kind, n, args.restore_rounds, log, args.restore_rate))
                     for kind, n in plan}, log)
     ratios = {}
     for key, entry in series.items():
@@ -82,7 +103,7 @@ def run(args, log):
         single = series.get("%s-1" % entry["kind"])
         if single and "error" not in single and entry["members"] > 1:
             ratios[key] = round(entry["summary"]["restore_wall_ms"]["p50"] / single["summary"]["restore_wall_ms"]["p50"], 3)
-    return {"parameters": {"rounds": args.restore_rounds, "plan": ["%s-%d" % p for p in plan]},
+    return {"parameters": {"rounds": args.restore_rounds, "rate": args.restore_rate, "plan": ["%s-%d" % p for p in plan]},
             "series": series, "ratio_p50_to_one": ratios}
 
 

@@ -15,7 +15,7 @@ import pytest
 import fakebackend
 from hostside import helper, orchestration, ovs
 from hostside.backends import criu
-from hostside.backends.base import Located
+from hostside.backends.base import Located, Restored
 
 CALLBACKS = "http://controller:8080/violin/snapshots/s1/members/f1/"
 SNAPSHOT = {"snapshot": "s1", "member": "f1", "epoch": 1, "prepare_url": CALLBACKS + "prepare",
@@ -623,3 +623,56 @@ def test_http_members_add_list_remove(served):
     assert delete("/members/f9") == (200, {"removed": "f9", "unregistered": None})
     assert delete("/members/f9")[0] == 404 and delete("/members/f1", token="x")[0] == 401
     assert delete("/members/bad%20name")[0] == 400 and delete("/nowhere")[0] == 404
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_members_asked_for_at_once_are_staged_in_turn_and_restored_all_together(tmp_path, workers):
+    """The controller asks for every member together; the helper stages ``stage_workers`` at most at
+    once (the rest wait their turn, none is refused), then restores all of them at once."""
+    names = ["f%d" % i for i in range(1, 7)]
+    with fakebackend.registered():
+        rig = Rig(tmp_path, members={n: {"backend": "fake"} for n in names})
+        rig.helper.staging = threading.BoundedSemaphore(workers)
+        done = {}
+        for name in names:
+            rig.helper.start_snapshot(dict(SNAPSHOT, member=name))
+            done[name] = rig.reported("done")[-1]
+        busy, peak, lock, release = [0], [0], threading.Lock(), threading.Event()
+
+        def step(*_args):
+            with lock:
+                busy[0] += 1
+                peak[0] = max(peak[0], busy[0])
+            release.wait(5)
+            with lock:
+                busy[0] -= 1
+
+        rig.backend.stage = lambda member, directory: step()
+        rig.backend.restore = lambda member, directory: (step(), Restored(1.0, member.iface, {}))[1]
+        for action, body in (("stage", lambda n: {"snapshot": "s1", "member": n, "server": done[n]["server"],
+                                                   "files": done[n]["image"]["files"]}),
+                             ("restore", lambda n: {"snapshot": "s1", "member": n})):
+            peak[0], answers = 0, {}
+            release.clear()
+            threads = [threading.Thread(target=lambda n=n: answers.__setitem__(n, getattr(rig.helper, action)(body(n))))
+                       for n in names]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 5
+            while busy[0] < (workers if action == "stage" else len(names)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)  # would more than ``workers`` get in?
+            release.set()
+            for thread in threads:
+                thread.join(10)
+            assert peak[0] == (workers if action == "stage" else len(names)), action
+            assert sorted(answers) == names, action
+
+
+def test_stage_workers_is_a_helper_setting(tmp_path):
+    raw = {"token": "t", "controller_token": "c", "server_token": "s", "servers": ["http://store:7070"],
+           "work_dir": str(tmp_path), "members": {}}
+    assert helper.parse_config(raw, environ={}).stage_workers == orchestration.STAGE_WORKERS
+    assert helper.parse_config(dict(raw, stage_workers=2), environ={}).stage_workers == 2
+    with pytest.raises(helper.HelperConfigError, match="stage_workers"):
+        helper.parse_config(dict(raw, stage_workers=0), environ={})

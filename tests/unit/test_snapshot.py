@@ -407,6 +407,24 @@ def test_restore_brings_members_that_restore_paused_back_first(tmp_path):
     assert h.io.gathered == [3, 1, 2, 3]  # all staged at once, the paused one restored, then the rest, all resumed
 
 
+def test_restore_stages_every_member_at_once_even_on_one_helper(tmp_path):
+    """Members of one helper are asked for together too: the helper bounds how many it stages at once."""
+    h = make_harness(tmp_path, members=())
+    for name, mac in (("a", A), ("b", B), ("c", C)):
+        h.coordinator.add_member(parse_member({"name": name, "macs": [mac], "marker": False,
+                                               "helper_url": "http://helper-one"}))
+    sid = h.controller.start_snapshot({})["id"]
+    for name in ("a", "b", "c"):
+        h.controller.cut(sid, name)
+        h.controller.done(sid, name, {"server": "http://srv", "image": {"files": [{"name": "f", "sha256": "x"}]}})
+    h.run_spawned()
+    h.io.gathered.clear()
+    job = h.controller.restorer.start(sid, {})
+    h.run_spawned()
+    assert h.controller.restorer.jobs[job["id"]].view()["state"] == "complete"
+    assert h.io.gathered == [3, 3, 3]  # staged, restored (none paused), resumed: three at once each time
+
+
 def test_restore_of_an_aborted_snapshot_is_refused(h):
     sid = h.controller.start_snapshot({})["id"]
     h.controller.abort(sid, {})
