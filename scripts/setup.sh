@@ -99,8 +99,11 @@ fi
 RMEM_WANTED=$((8 * 1024 * 1024))
 if (( $(sysctl -n net.core.rmem_default) < RMEM_WANTED )); then
     say "raising net.core.rmem_default to $RMEM_WANTED (OVS userspace datapath port sockets)"
-    sysctl -qw net.core.rmem_default=$RMEM_WANTED
-    echo "net.core.rmem_default = $RMEM_WANTED" >/etc/sysctl.d/60-violin-snapshot.conf
+    if sysctl -qw net.core.rmem_default=$RMEM_WANTED; then
+        mkdir -p /etc/sysctl.d && echo "net.core.rmem_default = $RMEM_WANTED" >/etc/sysctl.d/60-violin-snapshot.conf || true
+    else
+        say "could not raise net.core.rmem_default: a busy host may drop frames at OVS's ports (README, Topologies)"
+    fi
 fi
 
 # 5. libvirt's daemons (no systemd: started by hand, each only if its pid file names no live process)
