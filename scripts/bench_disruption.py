@@ -30,11 +30,10 @@ import threading
 import time
 from contextlib import ExitStack
 
-from benchkit import (ROOT, BenchError, bring_up, check_host, handle_signals, machine_info,  # sets sys.path
+from benchkit import (ROOT, BenchError, bring_up, finish_manual_snapshot, check_host, handle_signals, machine_info,  # sets sys.path
                       run_guarded, save, summary, timestamp)
 from lab.lab import ControllerProcess, run_prefix
 from topologies.tree import LineTopo
-from violin_client.api import ApiError, wait_until_done
 
 DEFAULT_OUT = os.path.join(ROOT, "docs", "bench", "bench_disruption.json")
 DEFAULT_PLOT = os.path.join(ROOT, "docs", "bench", "bench_disruption_flips.png")
@@ -82,17 +81,7 @@ def cut_round(controller, names, label):
     bad = {n: r[:2] for n, r in results.items() if r[0] != 200}
     if bad or len(results) != len(names):
         raise BenchError("cuts of %s failed: %r" % (sid, bad or "some did not answer"))
-    for name in names:
-        status, answer = controller.request("POST", "/violin/snapshots/%s/members/%s/done" % (sid, name),
-                                            {"note": "bench_disruption"})
-        if status != 200:
-            raise BenchError("done of %s: %s %s" % (name, status, answer))
-    try:
-        view = wait_until_done(controller.api, "/violin/snapshots/%s" % sid, 30, poll=0.02)
-    except ApiError as error:
-        raise BenchError("snapshot %s: %s" % (sid, error)) from None
-    if view["state"] != "complete":
-        raise BenchError("snapshot %s %s: %s" % (sid, view["state"], view.get("reason")))
+    finish_manual_snapshot(controller, sid, names, "bench_disruption")
     return [(r[2], r[1]["flip_ms"], r[1].get("batch", 1)) for r in results.values()]
 
 

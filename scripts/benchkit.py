@@ -194,6 +194,24 @@ def timed_snapshot(controller, label, timeout=180.0):
     return view, (time.monotonic() - began) * 1000
 
 
+def finish_manual_snapshot(controller, snapshot_id, names, note, timeout=30.0):
+    """Report every (manual) member of ``snapshot_id`` done and wait for the snapshot to complete; its
+    view. BenchError for a refused done or a snapshot that did not complete."""
+    from violin_client.api import ApiError, wait_until_done
+    for name in names:
+        status, answer = controller.request("POST", "/violin/snapshots/%s/members/%s/done" % (snapshot_id, name),
+                                            {"note": note})
+        if status != 200:
+            raise BenchError("done of %s: %s %s" % (name, status, answer))
+    try:
+        view = wait_until_done(controller.api, "/violin/snapshots/%s" % snapshot_id, timeout, poll=0.02)
+    except ApiError as error:
+        raise BenchError("snapshot %s: %s" % (snapshot_id, error)) from None
+    if view["state"] != "complete":
+        raise BenchError("snapshot %s %s: %s" % (snapshot_id, view["state"], view.get("reason")))
+    return view
+
+
 def timed_restore(controller, snapshot_id, timeout=180.0):
     """Restore the whole slice from ``snapshot_id``; (the finished job, wall ms). BenchError otherwise."""
     import time

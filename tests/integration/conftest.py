@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from hostside.backends import criu
-from lab import lab, slicelab, vms
+from lab import containers, lab, slicelab, vms
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +52,19 @@ def vm_ready(lab_ready):
     if reason:
         if os.environ.get("CI"):
             pytest.fail("CI must test VMs: %s" % reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def podman_ready(lab_ready):
+    """podman, its runtime and the base image (built here in CI if set-up has not yet)."""
+    reason = containers.podman_available()
+    if reason and os.environ.get("CI"):
+        containers.ensure_image()
+        reason = containers.podman_available()
+        if reason:
+            pytest.fail("CI must test containers: %s" % reason)
+    if reason:
         pytest.skip(reason)
 
 

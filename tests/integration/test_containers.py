@@ -21,17 +21,6 @@ from topologies.lan import LanTopo
 CYCLES = int(os.environ.get("VIOLIN_CONTAINER_CYCLES", 3))
 
 
-@pytest.fixture(scope="module")
-def podman_ready(lab_ready):
-    reason = containers.podman_available()
-    if reason and os.environ.get("CI"):
-        containers.ensure_image()
-        reason = containers.podman_available()
-        if reason:
-            pytest.fail("CI must test containers: %s" % reason)
-    if reason:
-        pytest.skip(reason)
-
 
 def _oracle(members):
     return oracle.load([members.member_dir(h) for h in members.hosts], margin=int(members.rate // 2))

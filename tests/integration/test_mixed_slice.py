@@ -24,17 +24,6 @@ MOVE_AT = CYCLES // 2  # this cycle's restore puts the second container onto the
 RATE = 100.0
 
 
-@pytest.fixture(scope="module")
-def podman_ready(lab_ready):
-    reason = containers.podman_available()
-    if reason and os.environ.get("CI"):
-        containers.ensure_image()
-        reason = containers.podman_available()
-        if reason:
-            pytest.fail("CI must test mixed slices: %s" % reason)
-    if reason:
-        pytest.skip(reason)
-
 
 def sent(processes, members):
     """Where every sender we can read is: {sender: {peer id: last sent}} (UDP)."""
