@@ -101,7 +101,7 @@ def processes(under=None):
 
 
 def in_the_hook(helper_pid):
-    """True while a CRIU post-dump hook (criu.HOOK, a bash script) of this helper waits for its answer."""
+    """True while a CRIU post-dump hook of this helper (the compiled one, or criu.HOOK in bash) waits for its answer."""
     for pid in hook_pids(helper_pid):
         try:
             with open("/proc/%d/environ" % pid, "rb") as handle:
@@ -123,7 +123,7 @@ def hook_pids(helper_pid):
                 argv = handle.read().split(b"\0")
         except OSError:
             continue
-        if any(a.endswith(b"/hook.sh") and b"violin-criu-" in a for a in argv[:3]):
+        if any(a.endswith((b"/hook.sh", b"/posthook")) and b"violin-criu-" in a for a in argv[:3]):
             ours = list(processes(helper_pid)) if ours is None else ours
             if argv in ours:
                 found.append(int(entry))
