@@ -137,7 +137,9 @@ class ProcessMembers:
 
     def wait_tcp_up(self, timeout: float = 30.0) -> Dict[str, int]:
         """Wait until every TCP stream carries records (connections come up slowly on a busy host);
-        returns ``tcp_behind()`` then, the figure a stream that stays up keeps."""
+        returns ``tcp_behind()`` then, the figure a stream that stays up keeps ({} without TCP)."""
+        if not self.tcp:
+            return {}
         deadline = time.monotonic() + timeout
         while True:
             behind = self.tcp_behind()
