@@ -878,6 +878,24 @@ def export_code(revision, workdir):
     return {"PYTHONPATH": "%s:%s" % (os.path.join(workdir, "ryu_apps"), workdir)}
 
 
+def released_together(controller, calls):
+    """Run ``calls`` in threads released at once by one barrier; the controller process's user+system
+    CPU ms from the release to the last return."""
+    gate = threading.Barrier(len(calls) + 1)
+
+    def run(call):
+        gate.wait(10)
+        call()
+    threads = [threading.Thread(target=run, args=(call,), daemon=True) for call in calls]
+    for thread in threads:
+        thread.start()
+    cpu_before = cpu_seconds(controller.process.pid)
+    gate.wait(10)
+    for thread in threads:
+        thread.join(60)
+    return (cpu_seconds(controller.process.pid) - cpu_before) * 1000.0
+
+
 def scale_round(controller, names, label):
     """One snapshot of ``names`` cut by as many concurrent calls; ([(rtt, flip, batch)], controller CPU ms).
 
@@ -885,21 +903,13 @@ def scale_round(controller, names, label):
     status, snap = controller.request("POST", "/violin/snapshots", {"members": names, "label": label})
     if status != 202:
         raise BenchError("snapshot refused: %s %s" % (status, snap))
-    sid, gate, results = snap["id"], threading.Barrier(len(names) + 1), {}
+    sid, results = snap["id"], {}
 
     def cut(name):
-        gate.wait(10)
         began = time.perf_counter()
         status, answer = controller.request("POST", "/violin/snapshots/%s/members/%s/cut" % (sid, name), {})
         results[name] = (status, answer, (time.perf_counter() - began) * 1000.0)
-    threads = [threading.Thread(target=cut, args=(n,), daemon=True) for n in names]
-    for thread in threads:
-        thread.start()
-    cpu_before = cpu_seconds(controller.process.pid)
-    gate.wait(10)
-    for thread in threads:
-        thread.join(60)
-    cpu_ms = (cpu_seconds(controller.process.pid) - cpu_before) * 1000.0
+    cpu_ms = released_together(controller, [lambda n=n: cut(n) for n in names])
     bad = {n: r[:2] for n, r in results.items() if r[0] != 200}
     if bad or len(results) != len(names):
         raise BenchError("cuts of %s failed: %r" % (sid, bad or "some did not answer"))
@@ -909,21 +919,13 @@ def scale_round(controller, names, label):
 
 def scale_gets(controller, count):
     """``count`` concurrent GET /violin/health sent as the cuts are: ([wall ms], controller CPU ms)."""
-    gate, times = threading.Barrier(count + 1), []
+    times = []
 
     def get():
-        gate.wait(10)
         began = time.perf_counter()
         controller.request("GET", "/violin/health")
         times.append((time.perf_counter() - began) * 1000.0)
-    threads = [threading.Thread(target=get, daemon=True) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    cpu_before = cpu_seconds(controller.process.pid)
-    gate.wait(10)
-    for thread in threads:
-        thread.join(60)
-    return times, (cpu_seconds(controller.process.pid) - cpu_before) * 1000.0
+    return times, released_together(controller, [get] * count)
 
 
 def run_scale(sizes, rounds, baseline, log):
@@ -1118,28 +1120,29 @@ def parse_args(argv):
     return args
 
 
+def new_document(args, parameters, **more):
+    """The JSON record's head: when, on what machine, which code, with which parameters."""
+    return {"timestamp": timestamp(),
+            "machine": machine_info(cpu_model=True, other_ryu_controllers_at_start=other_controllers()),
+            "code": code_version(), "parameters": parameters, **more, "out": args.out}
+
+
 def main_scale(args):
     """``--scale``: part 3 alone, its own JSON and plot."""
     handle_signals()
     log = lambda text: print(text, flush=True)  # noqa: E731
-    document = {
-        "timestamp": timestamp(),
-        "machine": machine_info(cpu_model=True, other_ryu_controllers_at_start=other_controllers()),
-        "code": code_version(),
-        "parameters": {
-            "setup": "N manual members (marker false, no dump, no helper) of LineTopo(4,16); each round starts a "
-                     "snapshot of N and sends their N cut calls at once (threads released by one barrier), "
-                     "then every member done and the snapshot sealed; then N concurrent GET /violin/health",
-            "cut_rtt_ms": "client: wall time of POST .../cut (new TCP connection per request)",
-            "flip_ms": "controller: cut request -> barrier replies (answer field flip_ms)",
-            "batch": "cuts flipped in the same flow-table pass and barrier (answer field batch)",
-            "controller_cpu_ms_per_cut": "controller process user+system CPU from the first call to the last "
-                                         "answer, summed over the rounds and divided by the calls",
-            "goal": "cut_rtt_ms p50 at 64 <= 2 x p50 at 1 (issue 11 goal 5)",
-            "percentiles": "linear interpolation",
-        },
-        "out": args.out,
-    }
+    document = new_document(args, {
+        "setup": "N manual members (marker false, no dump, no helper) of LineTopo(4,16); each round starts a "
+                 "snapshot of N and sends their N cut calls at once (threads released by one barrier), "
+                 "then every member done and the snapshot sealed; then N concurrent GET /violin/health",
+        "cut_rtt_ms": "client: wall time of POST .../cut (new TCP connection per request)",
+        "flip_ms": "controller: cut request -> barrier replies (answer field flip_ms)",
+        "batch": "cuts flipped in the same flow-table pass and barrier (answer field batch)",
+        "controller_cpu_ms_per_cut": "controller process user+system CPU from the first call to the last "
+                                     "answer, summed over the rounds and divided by the calls",
+        "goal": "cut_rtt_ms p50 at 64 <= 2 x p50 at 1 (issue 11 goal 5)",
+        "percentiles": "linear interpolation",
+    })
 
     def body():
         document["scale"] = run_scale(args.sizes, args.rounds, args.baseline, log)
@@ -1165,40 +1168,32 @@ def main(argv=None):
     counts = QUICK if args.quick else FULL
     handle_signals()
     log = lambda text: print(text, flush=True)  # noqa: E731
-    document = {
-        "timestamp": timestamp(),
-        "machine": machine_info(cpu_model=True, other_ryu_controllers_at_start=other_controllers()),
-        "code": code_version(),
-        "parameters": {
-            "quick": args.quick,
-            "snapshots": {k: counts[k] for k in ("one_at_a_time", "all_at_once", "with_markers", "helper")},
-            "series": {
-                "one_at_a_time": "marker false; each member in turn: SIGSTOP, POST cut, SIGCONT, POST done",
-                "all_at_once": "marker false; all 8 SIGSTOPped, 8 concurrent POST cut (threads), SIGCONT, done",
-                "markers_no_datapath_wait": "marker true; each member in turn: SIGSTOP, marker frame, POST cut, "
-                                            "SIGCONT, done (no prepare, no datapath wait)",
-                "helper": "marker true; each member in turn through lab.members.ProcessMembers.cut as it is in "
-                          "the tree (prepare, wait_datapath, SIGSTOP, marker, cut, wait_datapath, SIGCONT, done)",
-            },
-            "members": 8, "background_rate_per_peer": args.bg_rate,
-            "topologies": ["LanTopo(8): 8 hosts on 1 switch", "LineTopo(4, 2): 4 switches in a line, 2 hosts each"],
-            "capacity_rates": counts["rates"], "capacity_hold_s": counts["hold_s"],
-            "capacity_setup": "LanTopo(2); h1<->h2 seqstream at R/s per direction, 120-byte datagrams; cut h1 "
-                              "(helper path, marker), hold, cut h2, complete",
-            "capacity_pass": "no datagram lost or duplicated in either direction, counts.dropped 0, held == "
-                             "released, and every pre-cut h2->h1 datagram reaching h1 more than %d ms after h1's "
-                             "flip is in channel.pcapng; misses within %d ms of the flip and cut-check problems "
-                             "are reported as flip_race (strict_pass excludes them)" % (BOUNDARY_MS, BOUNDARY_MS),
-            "flip_ms": "controller: cut request -> barrier replies (response field flip_ms)",
-            "rtt_ms": "client: wall time of POST .../cut (new TCP connection per request)",
-            "pause_ms": "SIGSTOP -> SIGCONT of the member (markers series: includes the marker; helper: as "
-                        "ProcessMembers.cut reports it, includes its datapath wait before SIGCONT)",
-            "percentiles": "linear interpolation",
+    document = new_document(args, {
+        "quick": args.quick,
+        "snapshots": {k: counts[k] for k in ("one_at_a_time", "all_at_once", "with_markers", "helper")},
+        "series": {
+            "one_at_a_time": "marker false; each member in turn: SIGSTOP, POST cut, SIGCONT, POST done",
+            "all_at_once": "marker false; all 8 SIGSTOPped, 8 concurrent POST cut (threads), SIGCONT, done",
+            "markers_no_datapath_wait": "marker true; each member in turn: SIGSTOP, marker frame, POST cut, "
+                                        "SIGCONT, done (no prepare, no datapath wait)",
+            "helper": "marker true; each member in turn through lab.members.ProcessMembers.cut as it is in "
+                      "the tree (prepare, wait_datapath, SIGSTOP, marker, cut, wait_datapath, SIGCONT, done)",
         },
-        "overhead": [],
-        "capacity": None,
-        "out": args.out,
-    }
+        "members": 8, "background_rate_per_peer": args.bg_rate,
+        "topologies": ["LanTopo(8): 8 hosts on 1 switch", "LineTopo(4, 2): 4 switches in a line, 2 hosts each"],
+        "capacity_rates": counts["rates"], "capacity_hold_s": counts["hold_s"],
+        "capacity_setup": "LanTopo(2); h1<->h2 seqstream at R/s per direction, 120-byte datagrams; cut h1 "
+                          "(helper path, marker), hold, cut h2, complete",
+        "capacity_pass": "no datagram lost or duplicated in either direction, counts.dropped 0, held == "
+                         "released, and every pre-cut h2->h1 datagram reaching h1 more than %d ms after h1's "
+                         "flip is in channel.pcapng; misses within %d ms of the flip and cut-check problems "
+                         "are reported as flip_race (strict_pass excludes them)" % (BOUNDARY_MS, BOUNDARY_MS),
+        "flip_ms": "controller: cut request -> barrier replies (response field flip_ms)",
+        "rtt_ms": "client: wall time of POST .../cut (new TCP connection per request)",
+        "pause_ms": "SIGSTOP -> SIGCONT of the member (markers series: includes the marker; helper: as "
+                    "ProcessMembers.cut reports it, includes its datapath wait before SIGCONT)",
+        "percentiles": "linear interpolation",
+    }, overhead=[], capacity=None)
 
     def parts():
         if not args.skip_overhead:
