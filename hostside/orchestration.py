@@ -9,6 +9,12 @@ Snapshot (in the background, one job per snapshot and member)::
            quiet proof (marker sent / tap drained) -> controller cut {"marker": sends_marker}
            -> purge the datapath
        and the backend stores the image through the sink (a snapshot server)
+       An asynchronous cut (a backend that ``cuts_async``, the default ``VIOLIN_CUT=async``): prepare
+       asks {"divert": true} (until its flip the member's own frames go to the controller, coloured by
+       its marker), at_cut only sends the marker and waits for the switch to send it back, and once
+       the member runs again (``resumed``) the cut call flips it and the datapath is purged: the
+       member is frozen for no controller round trip, and frames held for it are released only
+       once CRIU's network lock is gone.
     -> controller done {pause_ms, bytes, server, image{backend, files, storage{logical_bytes,
        stored_bytes, sent_bytes}, ...}}
     or, on any failure at any step, controller failed {reason} and the job "failed" with it.
@@ -50,6 +56,9 @@ LOG = logging.getLogger("violin-helper")
 # another (16:39, 8 CRIU members 4 at a time: staging 3148 ms where one took 170). Restores are not
 # bounded: their work is in CRIU's or QEMU's own processes (8 at once: 2.4x one; 3 VMs: 1.29x).
 STAGE_WORKERS = 1
+# "async" (default): backends that can (cuts_async) take the cut off the member's frozen path; "sync": the
+# cut call is made while the member is frozen, as for every backend that cannot (VMs).
+CUT_MODE = os.environ.get("VIOLIN_CUT", "async")
 
 
 class HelperError(Exception):
@@ -465,12 +474,15 @@ class Orchestrator:
         prepare_url = body["prepare_url"] or body["cut_url"].rsplit("/", 1)[0] + "/prepare"
         server = self.server_for(body["member"])
         sink = StoreSink(self.store(server), body["snapshot"], body["member"])
+        wants_async = bool(backend.cuts_async) and CUT_MODE != "sync"
         with backend.quiet_proof(member, body["snapshot"]) as prove_quiet:
-            prepared = []
+            prepared, cut = [], {}
 
             def prepare():
                 if not prepared:  # frames to the member are held from here on: as late as the backend can
-                    self.post(prepare_url, {})
+                    answer = self.post(prepare_url, {"divert": True} if wants_async else {})
+                    # An older controller answers without "divert": then the cut is made while frozen.
+                    cut["async"] = wants_async and isinstance(answer, dict) and answer.get("divert") is True
                     self.purge()
                     prepared.append(True)
 
@@ -479,14 +491,24 @@ class Orchestrator:
 
             def at_cut():
                 prepare()
+                if cut["async"]:  # the marker is in the switch's hands: the member may run on
+                    cut["marked"] = True
+                    return prove_quiet(confirm=True)
                 proof = prove_quiet()
                 self.post(body["cut_url"], {"marker": backend.sends_marker})
                 self.purge()
                 return proof
 
+            def resumed():
+                if cut.get("marked") and "answer" not in cut:
+                    cut["answer"] = self.post(body["cut_url"], {"marker": True})
+                    self.purge()  # the diverting flows the datapath still caches are right, only slower
+
             began = self.clock()
             try:
-                report = backend.snapshot(member, sink, at_cut, prepare)
+                report = backend.snapshot(member, sink, at_cut, prepare, resumed) if wants_async else \
+                    backend.snapshot(member, sink, at_cut, prepare)
+                resumed()  # a backend that did not say so: it runs again now
             except BaseException:  # e.g. the server's disk filled up: never leave part of an image offered
                 self._discard(sink, body)
                 raise
@@ -494,7 +516,8 @@ class Orchestrator:
         try:
             self.post(body["done_url"], {
                 "pause_ms": report.pause_ms, "bytes": report.bytes, "server": server,
-                "image": dict(report.details, backend=backend.name, files=report.files, storage=sink.storage())})
+                "image": dict(report.details, backend=backend.name, files=report.files, storage=sink.storage(),
+                              cut="async" if cut.get("async") else "sync")})
         except ControllerError as error:
             if error.status is not None and 400 <= error.status < 500:  # refused (aborted meanwhile): unused
                 self._discard(sink, body)

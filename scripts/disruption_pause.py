@@ -5,7 +5,10 @@ For 1, 2 and 8 CRIU members of one violin-helper (seqstream, UDP and a TCP strea
 the controller and the helper, then a bare ``criu dump --leave-running --tcp-established --file-locks``
 of each member, one after another, with CRIU's own network lock (``nftables``) and no action script:
 the bare mechanism. A pause is CRIU's own frozen time (stats-dump ``frozen_time``) either way. The
-goal: p50 with the cut <= 1.10x bare, p95 <= 1.25x. Beside it, what the helper's steps took (from the
+goal: p50 with the cut <= 1.10x bare, p95 <= 1.25x. Each size runs twice, once per cut mode of the
+helper (``VIOLIN_CUT``): ``async`` (the default: only the marker's round trip through the switch while
+frozen, the cut call once the member runs) and ``sync`` (the cut call while frozen), each beside its
+own bare dumps. Beside it, what the helper's steps took (from the
 done report: prepare, the hook's hold, the cut call inside it, the workdir's part) and how many
 members the helper froze at once (``FREEZE_SLOTS``).
 """
@@ -28,6 +31,7 @@ def add_arguments(parser):
     parser.add_argument("--pause-sizes", default="1,2,8", help="pause: CRIU members per helper (default 1,2,8)")
     parser.add_argument("--pause-rounds", type=int, default=10, help="pause: snapshots per size (default 10)")
     parser.add_argument("--pause-rate", type=float, default=100.0, help="pause: seqstream datagrams/s per peer")
+    parser.add_argument("--pause-modes", default="async,sync", help="pause: the helper's cut modes (default async,sync)")
 
 
 
@@ -43,10 +47,17 @@ def bare_dump(name, host_pid, pid, images):
     return criu.read_dump_stats(images).get("frozen_time", 0) / 1000.0
 
 
-def measure(n, rounds, rate, log):
+STEPS = ("prepare_ms", "hook_ms", "cut_ms", "workdir_freeze_ms", "flip_ms", "held_ms", "resumed_after_ms",
+         "dump_ms")
+
+
+def measure(n, rounds, rate, log, mode="async"):
     controller = lab.ControllerProcess(config=slicelab.controller_config())
     workdir = tempfile.mkdtemp(prefix="bench-pause-")
-    record = {"members": n, "freeze_slots": criu.FREEZE_SLOTS, "with_cut": [], "bare": [], "steps": []}
+    record = {"members": n, "freeze_slots": criu.FREEZE_SLOTS, "cut_mode": mode, "with_cut": [], "bare": [],
+              "steps": [], "diverted": []}
+    before = os.environ.get("VIOLIN_CUT")
+    os.environ["VIOLIN_CUT"] = mode  # the helper started below inherits it
     try:
         with ExitStack() as stack:
             stack.callback(controller.stop)
@@ -63,12 +74,16 @@ def measure(n, rounds, rate, log):
                     log("  pause %d members: round %d aborted: %s" % (n, index + 1, error))
                     time.sleep(1.0)
                     continue
+                record["diverted"].append(view["counts"].get("diverted", 0))
                 for entry in view["members"]:
                     record["with_cut"].append(entry.get("pause_ms"))
                     image = entry.get("image", {})
-                    record["steps"].append({k: image.get(k) for k in ("prepare_ms", "hook_ms", "cut_ms", "dump_ms")}
+                    if image.get("cut") != mode:
+                        raise BenchError("%s took a %s cut, not %s" % (entry["name"], image.get("cut"), mode))
+                    record["steps"].append({k: image.get(k) for k in ("prepare_ms", "hook_ms", "cut_ms", "dump_ms",
+                                                                      "resumed_after_ms")}
                                            | {"workdir_freeze_ms": (image.get("workdir") or {}).get("freeze_ms"),
-                                              "flip_ms": entry.get("flip_ms")})
+                                              "flip_ms": entry.get("flip_ms"), "held_ms": entry.get("held_ms")})
                 time.sleep(0.2)
                 for host in net.hosts:
                     images = os.path.join(workdir, "bare-%s-%d" % (host.name, index))
@@ -79,12 +94,15 @@ def measure(n, rounds, rate, log):
                 time.sleep(0.2)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if before is None:
+            os.environ.pop("VIOLIN_CUT", None)
+        else:
+            os.environ["VIOLIN_CUT"] = before
     cut, bare = summary_p95(record["with_cut"]), summary_p95(record["bare"])
     record["summary"] = {"with_cut_ms": cut, "bare_ms": bare,
                          "ratio_p50": round(cut["p50"] / bare["p50"], 2), "ratio_p95": round(cut["p95"] / bare["p95"], 2),
-                         "steps_p50": {k: (summary([s[k] for s in record["steps"]]) or {}).get("p50")
-                                       for k in ("prepare_ms", "hook_ms", "cut_ms", "workdir_freeze_ms", "flip_ms",
-                                                 "dump_ms")}}
+                         "steps_p50": {k: (summary([s[k] for s in record["steps"]]) or {}).get("p50") for k in STEPS},
+                         "diverted_frames_per_snapshot_p50": (summary(record["diverted"]) or {}).get("p50")}
     return record
 
 
@@ -93,17 +111,29 @@ def run(args, log):
         sizes = [int(x) for x in args.pause_sizes.split(",")]
     except ValueError:
         raise BenchError("--pause-sizes takes numbers, e.g. 1,2,8") from None
-    return {"series": {str(n): measure(n, args.pause_rounds, args.pause_rate, log) for n in sizes},
-            "load_note": "one run, sizes one after another; bare dumps interleaved with the snapshots"}
+    modes = [m for m in args.pause_modes.split(",") if m]
+    if not modes or set(modes) - {"async", "sync"}:
+        raise BenchError("--pause-modes takes async and/or sync")
+    result = {"load_note": "one run, sizes one after another, each size once per cut mode; bare dumps "
+                           "interleaved with the snapshots of each"}
+    for mode in modes:
+        key = "series" if mode == modes[0] else "series_" + mode
+        result[key] = {str(n): measure(n, args.pause_rounds, args.pause_rate, log, mode) for n in sizes}
+    return result
+
+
+def _all_series(record):
+    return [record[key] for key in ("series", "series_sync", "series_async") if key in record]
 
 
 def report(record):
     lines = []
-    for n, entry in record["series"].items():
+    for n, entry in ((n, e) for series in _all_series(record) for n, e in series.items()):
         s = entry["summary"]
-        lines.append("%s members (freeze slots %s, %d snapshots aborted): pause with cut p50 %.1f / p95 %.1f ms vs bare criu dump %.1f / "
+        lines.append("%s members, %s cut (freeze slots %s, %d snapshots aborted): pause with cut p50 %.1f / p95 %.1f ms vs bare criu dump %.1f / "
                      "%.1f ms: %.2fx / %.2fx (goal 1.10x / 1.25x); steps p50 %s" % (
-                         n, entry["freeze_slots"], len(entry.get("aborted", [])), s["with_cut_ms"]["p50"], s["with_cut_ms"]["p95"],
+                         n, entry.get("cut_mode", "sync"), entry["freeze_slots"], len(entry.get("aborted", [])),
+                         s["with_cut_ms"]["p50"], s["with_cut_ms"]["p95"],
                          s["bare_ms"]["p50"], s["bare_ms"]["p95"], s["ratio_p50"], s["ratio_p95"], s["steps_p50"]))
     return lines
 
@@ -113,14 +143,21 @@ def plot(record, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sizes = list(record["series"])
+    boxes = [(record["series"], "with_cut", "cut %s (helper)" % record["series"][sizes[0]].get("cut_mode", "async"),
+              "#9ecae1")]
+    if "series_sync" in record:
+        boxes.append((record["series_sync"], "with_cut", "cut sync (helper, cut call while frozen)", "#fdae6b"))
+    boxes.append((record["series"], "bare", "bare criu dump --leave-running", "#d9d9d9"))
     figure, axis = plt.subplots(figsize=(7.5, 4))
-    where = range(1, len(sizes) + 1)
-    cut = axis.boxplot([record["series"][n]["with_cut"] for n in sizes], positions=[x - 0.18 for x in where],
-                       widths=0.3, patch_artist=True, boxprops={"facecolor": "#9ecae1"})
-    bare = axis.boxplot([record["series"][n]["bare"] for n in sizes], positions=[x + 0.18 for x in where],
-                        widths=0.3, patch_artist=True, boxprops={"facecolor": "#d9d9d9"})
-    axis.legend([cut["boxes"][0], bare["boxes"][0]], ["snapshot with cut (helper)", "bare criu dump --leave-running"],
-                fontsize=8, loc="upper left")
+    where, width = range(1, len(sizes) + 1), 0.8 / len(boxes)
+    handles = []
+    for index, (series, key, label, colour) in enumerate(boxes):
+        offset = (index - (len(boxes) - 1) / 2) * width
+        drawn = axis.boxplot([series[n][key] for n in sizes if n in series], widths=width * 0.85, patch_artist=True,
+                             positions=[x + offset for x, n in zip(where, sizes) if n in series],
+                             boxprops={"facecolor": colour})
+        handles.append((drawn["boxes"][0], label))
+    axis.legend([h for h, _ in handles], [l for _, l in handles], fontsize=8, loc="upper left")
     axis.set_xticks(list(where), ["%s per helper" % n for n in sizes])
     axis.set_ylabel("member frozen, ms (CRIU stats-dump)")
     axis.set_title("CRIU pause with the cut vs bare (p50 ratio: %s)" % ", ".join(

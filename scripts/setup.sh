@@ -106,6 +106,10 @@ if (( $(sysctl -n net.core.rmem_default) < RMEM_WANTED )); then
     fi
 fi
 
+# CRIU keeps its kernel-features cache only on a tmpfs (scripts/install_criu.sh): without one every
+# dump and restore probes the kernel first (~60 ms, frames held meanwhile). The helper mounts it too.
+PYTHONPATH="$REPO:$REPO/ryu_apps" "$VENV/bin/python" -c 'from hostside.backends import criu; print("[setup] CRIU kdat cache: " + criu.ensure_kdat_cache())' || true
+
 # 5. libvirt's daemons (no systemd: started by hand, each only if its pid file names no live process)
 #    and the VM guest image (scripts/build_guest.sh: nothing to do, ~0.1 s, when it is up to date).
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }

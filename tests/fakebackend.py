@@ -49,14 +49,17 @@ class FakeBackend(Backend):
     def quiet_proof(self, member, snapshot):
         self._step("quiet_open", member.name, snapshot)
         try:
-            yield lambda: self._step("quiet", member.name) or 0.5
+            yield lambda confirm=False: self._step("quiet_confirmed" if confirm else "quiet", member.name) or 0.5
         finally:
             self.calls.append(("quiet_close", member.name))
 
-    def snapshot(self, member, sink, at_cut, prepare=None):
+    def snapshot(self, member, sink, at_cut, prepare=None, resumed=None):
         self._step("before_cut", member.name)
         proof = at_cut()
         self._step("after_cut", member.name, proof)
+        if resumed is not None and self.cuts_async:
+            resumed()
+            self._step("resumed", member.name)
         directory = os.path.join(self.settings.work_dir, "fake", member.name)
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "memory"), "wb") as handle:
@@ -78,11 +81,19 @@ class FakeBackend(Backend):
         self._step("stop", member.name)
 
 
+class FakeAsyncBackend(FakeBackend):
+    """The fake backend, cutting asynchronously (as CRIU and podman members do)."""
+    name = "fake-async"
+    cuts_async = True
+
+
 @contextlib.contextmanager
 def registered():
     """The fake backend in the registry for the duration (so a helper config can name it)."""
     register(FakeBackend)
+    register(FakeAsyncBackend)
     try:
         yield FakeBackend
     finally:
         unregister(FakeBackend.name)
+        unregister(FakeAsyncBackend.name)

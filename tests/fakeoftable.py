@@ -182,7 +182,9 @@ class FakeNetwork:
     def _act(self, action, frame, in_port):
         outs = []
         if isinstance(action, of.Output):
-            if action.port != in_port:
+            if action.port == of.OFPP_IN_PORT:
+                outs.append((in_port, frame))
+            elif action.port != in_port:
                 outs.append((action.port, frame))
         elif isinstance(action, of.PushVlan):
             frame = push_vlan(frame, action.ethertype)

@@ -26,6 +26,10 @@ What a backend must provide:
                       to drain), run at the cut while the member is stopped
 ``snapshot``          capture the member into an ``ImageSink``, calling
                       ``at_cut()`` exactly once while it is stopped, and resume it
+``cuts_async``        True if ``snapshot`` also calls ``resumed()`` once the member
+                      runs again after ``at_cut`` (before its image is stored):
+                      the helper then asks for an asynchronous cut (its marker
+                      confirmed at the cut, the flip after the member resumed)
 ``prepares_itself``   False (default): the helper calls the controller's prepare
                       (frames to the member held from then on) before
                       ``snapshot``; True: the backend calls ``prepare()`` itself,
@@ -104,6 +108,7 @@ class Backend(abc.ABC):
     sends_marker: ClassVar[bool]
     restores_paused: ClassVar[bool]
     prepares_itself: ClassVar[bool] = False
+    cuts_async: ClassVar[bool] = False
     SCHEMA: ClassVar[Schema]
     Spec: ClassVar[type]
 
@@ -128,11 +133,12 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def snapshot(self, member, sink: ImageSink, at_cut: Callable[[], Any],
-                 prepare: Callable[[], None] = lambda: None) -> ImageReport:
+                 prepare: Callable[[], None] = lambda: None, resumed: Optional[Callable[[], None]] = None) -> ImageReport:
         """Capture ``member`` into ``sink``; ``at_cut()`` runs once while it is stopped (if it raises,
         the snapshot fails and the member runs on). The member runs again when this returns.
         ``prepare()`` (idempotent) is for backends that set ``prepares_itself``: call it before the
-        member stops; ``at_cut`` calls it too if it was not."""
+        member stops; ``at_cut`` calls it too if it was not. A backend that ``cuts_async`` calls
+        ``resumed()`` (if given) as soon as the member runs again after its cut (raising what it raises)."""
 
     def stage(self, member, directory: str) -> None:
         """Check a downloaded image in ``directory`` (checksums are already verified)."""

@@ -3,10 +3,12 @@
 Snapshot is a live dump (``criu dump --leave-running --tcp-established``) run
 inside the member's network namespace. CRIU freezes the tree, dumps it, then
 runs the ``post-dump`` action script while the tasks are still frozen; our
-script hands control back to the helper (two FIFOs), which copies the working
-directory (the member's files belong to the same instant), sends the cut
-marker, calls the controller's cut endpoint and only then lets CRIU resume the
-tasks. Restore puts the working directory back and runs ``criu restore``
+script hands control back to the helper (two FIFOs), which takes the working
+directory (the member's files belong to the same instant) and sends the cut
+marker. In an asynchronous cut (the default) it waits only for the switch to
+send the marker back (``MarkerLink``), lets CRIU resume the tasks and calls the
+controller's cut endpoint once they run (``PostDumpHook(on_resumed=...)``);
+in a synchronous one it calls the cut endpoint before letting CRIU resume them. Restore puts the working directory back and runs ``criu restore``
 inside the namespace (restored sockets land in the namespace CRIU runs in).
 
 ``CriuBackend`` (registered as ``criu``) is the helper's side of it: the
@@ -20,6 +22,7 @@ the interface here.
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,12 +40,15 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 from hostside import workdir
 from hostside.backends.base import Backend, ImageReport, Located, Restored, register
 from hostside.store.client import takes_trees
-from violin_core.packets import build_marker
+from violin_core.packets import PROBE_ETH_TYPE, build_marker
 from violin_core.schema import Field, Schema, SchemaError
 
 CRIU = os.environ.get("VIOLIN_CRIU", "/usr/local/sbin/criu")
+LOG = logging.getLogger("violin-helper.criu")
 WORKDIR_ARCHIVE = workdir.ARCHIVE
 HOOK_TIMEOUT_S = 10  # a helper that died must not leave the member frozen: CRIU then fails and resumes it
+MARKER_CONFIRM_S = 2.0  # an asynchronous cut waits this long, frozen, for its marker to come back
+RESUME_WATCH_S = 10.0  # how long the hand-over watches for CRIU to let the tasks go after the cut
 NETWORK_LOCK = "nftables"  # blocks a member's TCP connections during dump/restore; iptables execs per connection
 # The helper's own dumps (VIOLIN_CRIU_SNAPSHOT_LOCK). "skip" (the controller's prepare hold as the lock, so
 # frames released after the flip are not dropped by CRIU's lock) lost UDP datagrams in the oracle's
@@ -88,6 +94,7 @@ class DumpReport:
     hook_ms: float  # of that, the time our post-dump hook held them (copy, marker, cut)
     dump_ms: float  # the whole criu dump command
     bytes: int
+    resumed_after_ms: Optional[float] = None  # hook answered -> the tasks seen running again
 
 
 def _varint(data: bytes, offset: int):
@@ -162,10 +169,16 @@ class PostDumpHook:
     ``hook.hook_ms`` how long it held the tasks. Two FIFOs in a private directory carry it.
     """
 
-    def __init__(self, on_frozen: Callable[[], None], timeout: float = HOOK_TIMEOUT_S):
+    def __init__(self, on_frozen: Callable[[], None], timeout: float = HOOK_TIMEOUT_S,
+                 on_resumed: Optional[Callable[[], None]] = None, watch_pid: Optional[int] = None):
         self.on_frozen, self.timeout = on_frozen, timeout
+        self.on_resumed, self.watch_pid = on_resumed, watch_pid
         self.error: Optional[BaseException] = None
         self.fired, self.hook_ms = False, 0.0
+        self.resumed_lock = threading.Lock()
+        self.resumed_ran = False
+        self.resumed_error: Optional[BaseException] = None
+        self.resumed_after_ms: Optional[float] = None  # hook answered -> CRIU let the tasks go (as watched)
 
     def __enter__(self) -> "PostDumpHook":
         self.control = tempfile.mkdtemp(prefix="violin-criu-")
@@ -195,6 +208,26 @@ class PostDumpHook:
         self.hook_ms = (time.monotonic() - frozen_at) * 1000
         with open(self.reply, "w") as fifo:  # the hook holds it open: never blocks
             fifo.write(answer + "\n")
+        if answer == "ok" and self.on_resumed is not None:
+            answered = time.monotonic()
+            if self.watch_pid:  # CRIU unlocks the network, then lets the tasks go (ptrace detach)
+                deadline = answered + RESUME_WATCH_S
+                while tracer_of(self.watch_pid) not in (0, None) and time.monotonic() < deadline:
+                    time.sleep(0.0002)
+            self.resumed_after_ms = (time.monotonic() - answered) * 1000
+            self.run_resumed()
+
+    def run_resumed(self) -> None:
+        """``on_resumed()``, once (from the watch, or by the caller once CRIU has returned); its error is
+        kept in ``resumed_error``."""
+        with self.resumed_lock:
+            if self.resumed_ran or self.on_resumed is None or not self.fired or self.error is not None:
+                return
+            self.resumed_ran = True
+            try:
+                self.on_resumed()
+            except BaseException as error:  # noqa: B902 - the caller raises it
+                self.resumed_error = error
 
     def __exit__(self, *_exc) -> None:
         deadline = time.monotonic() + 5
@@ -204,13 +237,16 @@ class PostDumpHook:
             except OSError:  # ENXIO: not opened for reading yet
                 pass
             self.waiter.join(0.001)
-        self.waiter.join(5)
+        self.waiter.join(5 + (RESUME_WATCH_S if self.on_resumed is not None else 0))
+        self.run_resumed()  # CRIU has returned: the tasks run (or are gone) whatever the watch saw
         shutil.rmtree(self.control, ignore_errors=True)
 
 
 def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], timeout: float = 60.0,
-         network_lock: str = NETWORK_LOCK, capture: Optional["workdir.Capture"] = None) -> DumpReport:
-    """Live-dump ``member`` into ``images``; ``on_frozen`` runs while its tasks are frozen.
+         network_lock: str = NETWORK_LOCK, capture: Optional["workdir.Capture"] = None,
+         on_resumed: Optional[Callable[[], None]] = None) -> DumpReport:
+    """Live-dump ``member`` into ``images``; ``on_frozen`` runs while its tasks are frozen, ``on_resumed``
+    (if given) once CRIU has let them run again (``frozen_hand_over``).
 
     If ``on_frozen`` raises, CRIU is told to fail: the tasks resume unharmed and
     the error is raised here. The member's ``workdir`` is taken at the freeze by
@@ -238,7 +274,7 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
 
         # The compiled hook where a C compiler is at hand: CRIU runs the script at three actions
         # inside the freeze, and bash's start was most of each (issue 11's pause; see handover.py).
-        with frozen_hand_over(frozen) as hook:
+        with frozen_hand_over(frozen, on_resumed=on_resumed, watch_pid=member.pid) as hook:
             try:
                 result = subprocess.run(
                     _nsenter(member) + [CRIU, "dump", "-t", str(member.pid), "-D", images, "-o", "dump.log", "-v2",
@@ -261,7 +297,8 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
         frozen_ms = read_dump_stats(images).get("frozen_time", 0) / 1000.0
     except (OSError, IndexError, ValueError):
         frozen_ms = None
-    return DumpReport(images, frozen_ms, hook.outcome.get("hook_ms", 0.0), dump_ms, _dir_bytes(images))
+    return DumpReport(images, frozen_ms, hook.outcome.get("hook_ms", 0.0), dump_ms, _dir_bytes(images),
+                      hook.outcome.get("resumed_after_ms"))
 
 
 def restore(member: ProcessMember, images: str, timeout: float = 60.0, leave_stopped: bool = False) -> float:
@@ -500,7 +537,8 @@ def links_in_netns(netns: str) -> List[dict]:
 
 
 def open_marker_socket(netns: str, iface: str) -> socket.socket:
-    """An AF_PACKET socket on ``iface`` of another network namespace (opened in a thread there)."""
+    """An AF_PACKET socket on ``iface`` of another network namespace (opened in a thread there); it
+    receives the frames of the marker's ethertype that come in on that interface (``MarkerLink``)."""
     result = {}
 
     def inside():
@@ -509,8 +547,8 @@ def open_marker_socket(netns: str, iface: str) -> socket.socket:
             with open(netns) as handle:
                 if libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), "setns %s" % netns)
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-            sock.bind((iface, 0))
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(PROBE_ETH_TYPE))
+            sock.bind((iface, PROBE_ETH_TYPE))
             result["socket"] = sock
         except OSError as error:
             result["error"] = error
@@ -521,6 +559,93 @@ def open_marker_socket(netns: str, iface: str) -> socket.socket:
     if "error" in result:
         raise result["error"]
     return result["socket"]
+
+
+class MarkerLink:
+    """A member's cut marker, sent down its own link; ``prove(confirm=True)`` also waits until the
+    switch sends it back (the controller's marker rule), i.e. until the switch has taken the marker and
+    queued its packet-in ahead of anything the member sends after: what an asynchronous cut needs
+    before the member may run on. The frames of the same ethertype that come in meanwhile (link
+    probes, earlier markers) are skipped."""
+
+    def __init__(self, sock: socket.socket, frame: bytes, timeout: float = None):
+        self.sock, self.frame = sock, frame
+        self.timeout = MARKER_CONFIRM_S if timeout is None else timeout
+        self.confirm_ms: Optional[float] = None
+
+    def prove(self, confirm: bool = False) -> None:
+        if confirm:
+            self.sock.setblocking(False)
+            try:
+                while True:  # whatever came in before is not our answer
+                    self.sock.recv(2048)
+            except (BlockingIOError, InterruptedError):
+                pass
+        sent = time.monotonic()
+        self.sock.send(self.frame)
+        if not confirm:
+            return
+        deadline = sent + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CriuError("the switch did not send the cut marker back within %.1f s (is the controller's "
+                                "marker rule on the member's switch?)" % self.timeout)
+            self.sock.settimeout(left)
+            try:
+                data, address = self.sock.recvfrom(2048)
+            except socket.timeout:
+                continue
+            if address[2] != socket.PACKET_OUTGOING and data[:len(self.frame)] == self.frame:
+                self.confirm_ms = (time.monotonic() - sent) * 1000
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def tracer_of(pid: int) -> Optional[int]:
+    """The pid tracing ``pid`` (0: none), None when it is gone."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as handle:
+            for line in handle:
+                if line.startswith(b"TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+KDAT_DIR = "/run/criu-kdat"  # CRIU's RUNDIR (scripts/install_criu.sh): where it keeps criu.kdat
+TMPFS_MAGIC = 0x01021994
+
+
+def ensure_kdat_cache(directory: str = KDAT_DIR) -> str:
+    """Give CRIU a tmpfs to keep its kernel-features cache in (it writes ``criu.kdat`` only to one).
+
+    Without it every dump and restore probes the kernel again first: ~60 ms on this kind of
+    machine, while the member's frames are already held. Mounts a 1 MiB tmpfs on ``directory``
+    unless it already is one; returns "tmpfs", "mounted" or why not (nothing fails for it)."""
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        if _fs_type(directory) == TMPFS_MAGIC:
+            return "tmpfs"
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "violin-criu-kdat", directory],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return "not mounted: %s" % error
+    if result.returncode != 0:
+        return "not mounted: %s" % (result.stderr.strip() or result.returncode)
+    return "mounted"
+
+
+def _fs_type(path: str) -> int:
+    class StatFs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+    buf = StatFs()
+    if ctypes.CDLL(None, use_errno=True).statfs(path.encode(), ctypes.byref(buf)) != 0:
+        raise OSError(ctypes.get_errno(), "statfs %s" % path)
+    return buf.f_type
 
 
 def become_subreaper() -> None:
@@ -656,6 +781,7 @@ class CriuBackend(Backend):
     """Process trees in their own network namespace, live-dumped by CRIU."""
     name = "criu"
     sends_marker = True  # the marker goes down the member's veth while its tasks are frozen
+    cuts_async = True  # the marker confirmed (sent back by the switch), the tasks run on before the flip
     restores_paused = False  # restored stopped (SIGSTOP), its clock runs on
     Spec = CriuMember
     SCHEMA = Schema({
@@ -690,6 +816,9 @@ class CriuBackend(Backend):
 
     def start(self) -> None:
         become_subreaper()
+        kdat = ensure_kdat_cache()
+        if kdat.startswith("not"):
+            LOG.warning("CRIU's kernel-features cache (%s): %s; every dump probes the kernel first", KDAT_DIR, kdat)
 
     # --- where the member is, found afresh for every operation ---------------------------------
 
@@ -755,15 +884,16 @@ class CriuBackend(Backend):
     @contextlib.contextmanager
     def quiet_proof(self, member: CriuMember, snapshot: str):
         where = self.locate(member)
-        marker = open_marker_socket(where.netns, where.iface)  # before any pause: sending is one send()
+        marker = MarkerLink(open_marker_socket(where.netns, where.iface),  # before any pause: one send()
+                            build_marker(where.mac, snapshot, member.name))
         self.proving[member.name] = where  # the snapshot inside this proof dumps what the marker speaks for
         try:
-            yield lambda: marker.send(build_marker(where.mac, snapshot, member.name))
+            yield marker.prove
         finally:
             self.proving.pop(member.name, None)
             marker.close()
 
-    def snapshot(self, member: CriuMember, sink, at_cut, prepare=lambda: None) -> ImageReport:
+    def snapshot(self, member: CriuMember, sink, at_cut, prepare=lambda: None, resumed=None) -> ImageReport:
         """Pre-copy the member's directory while it runs, then, holding one of the helper's
         ``FREEZE_SLOTS``: prepare (frames for it held from now on), dump; the image goes to ``sink``.
 
@@ -800,7 +930,7 @@ class CriuBackend(Backend):
                         prepare()
                         timings["prepare_ms"] = round((time.monotonic() - waited) * 1000, 3)
                         report = dump(process, images, on_frozen, network_lock=SNAPSHOT_NETWORK_LOCK,
-                                      capture=capture or _NO_CAPTURE)
+                                      capture=capture or _NO_CAPTURE, on_resumed=resumed)
                     break
                 except CriuError:
                     # A dump that failed before its cut left the member running and its frames held:
@@ -820,6 +950,8 @@ class CriuBackend(Backend):
                 capture.discard()
             shutil.rmtree(images, ignore_errors=True)
         details = {"dump_ms": round(report.dump_ms, 1), "hook_ms": round(report.hook_ms, 3), **timings}
+        if report.resumed_after_ms is not None:
+            details["resumed_after_ms"] = report.resumed_after_ms
         if capture is not None:
             details["workdir"] = capture.details()
         return ImageReport(

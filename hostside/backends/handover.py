@@ -82,26 +82,35 @@ class HandOver:
 
     @property
     def outcome(self) -> Dict[str, object]:
-        """``hook_ms`` once the hook answered, ``error`` if on_frozen raised."""
+        """``hook_ms`` once the hook answered, ``error`` if on_frozen raised, ``resumed_after_ms`` when
+        the tasks were seen to run again after it."""
         outcome: Dict[str, object] = {}
         if self.fired:
             outcome["hook_ms"] = self._hook.hook_ms
         if self._hook.error is not None:
             outcome["error"] = self._hook.error
+        if self._hook.resumed_after_ms is not None:
+            outcome["resumed_after_ms"] = round(self._hook.resumed_after_ms, 3)
         return outcome
 
     def raise_error(self) -> None:
+        """Re-raise what on_frozen raised, else what on_resumed raised (call after the block)."""
         if self._hook.error is not None:
             raise self._hook.error
+        if self._hook.resumed_error is not None:
+            raise self._hook.resumed_error
 
 
 @contextlib.contextmanager
 def frozen_hand_over(on_frozen: Callable[[], None], timeout: float = HOOK_TIMEOUT_S,
-                     native: bool = True) -> Iterator[HandOver]:
+                     native: bool = True, on_resumed: Optional[Callable[[], None]] = None,
+                     watch_pid: Optional[int] = None) -> Iterator[HandOver]:
     """Within the block, run CRIU with ``handover.script``; ``on_frozen`` runs while the tasks are frozen.
-    After the block, ``handover.outcome`` says what happened (``raise_error()`` re-raises on_frozen's error).
+    ``on_resumed`` (if given) runs once they run again after a successful hook: as soon as CRIU has let
+    ``watch_pid`` go (its tracer gone), at the latest when the block ends. After the block,
+    ``handover.outcome`` says what happened (``raise_error()`` re-raises on_frozen's or on_resumed's error).
     ``native``: the compiled hook if it can be had (``handover.native`` says), else the bash one."""
-    with PostDumpHook(on_frozen, timeout) as hook:
+    with PostDumpHook(on_frozen, timeout, on_resumed, watch_pid) as hook:
         binary = native_hook(int(timeout)) if native else None
         script = None
         if binary:  # it finds the FIFOs beside the path CRIU runs it by

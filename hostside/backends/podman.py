@@ -284,6 +284,7 @@ class PodmanBackend(Backend):
     """Containers in a network namespace of the topology, checkpointed by podman/runc/CRIU."""
     name = "podman"
     sends_marker = True  # the marker goes down the namespace's interface while the tasks are frozen
+    cuts_async = True  # as for CRIU members: the tasks run on once the switch sent the marker back
     restores_paused = False  # restored with its tasks stopped (CRIU leave-stopped); its clock runs on
     Spec = ContainerMember
     SCHEMA = Schema({
@@ -366,13 +367,14 @@ class PodmanBackend(Backend):
     @contextlib.contextmanager
     def quiet_proof(self, member: ContainerMember, snapshot: str):
         where = self.running(member)
-        marker = criu.open_marker_socket(where.netns, where.iface)  # before any pause: sending is one send()
+        marker = criu.MarkerLink(criu.open_marker_socket(where.netns, where.iface),  # before any pause
+                                 build_marker(where.mac, snapshot, member.name))
         try:
-            yield lambda: marker.send(build_marker(where.mac, snapshot, member.name))
+            yield marker.prove
         finally:
             marker.close()
 
-    def snapshot(self, member: ContainerMember, sink, at_cut, prepare=None) -> ImageReport:
+    def snapshot(self, member: ContainerMember, sink, at_cut, prepare=None, resumed=None) -> ImageReport:
         work = os.path.join(self.settings.work_dir, sink.snapshot, member.name)
         cut_called = []
         try:
@@ -381,7 +383,7 @@ class PodmanBackend(Backend):
                 os.makedirs(work)
                 where = self.running(member)
                 try:
-                    report = self._checkpoint(member, where, work, at_cut, cut_called)
+                    report = self._checkpoint(member, where, work, at_cut, cut_called, resumed)
                     break
                 except PodmanError:
                     # As for CRIU members: a checkpoint that failed before its cut left the container
@@ -400,7 +402,8 @@ class PodmanBackend(Backend):
         return ImageReport(pause_ms=round(report["pause_ms"], 3), bytes=sum(f["bytes"] for f in stored),
                            files=stored, details={k: v for k, v in report.items() if k != "pause_ms"})
 
-    def _checkpoint(self, member: ContainerMember, where: Located, work: str, at_cut, cut_called) -> dict:
+    def _checkpoint(self, member: ContainerMember, where: Located, work: str, at_cut, cut_called,
+                    resumed=None) -> dict:
         """One ``podman container checkpoint``: the cut in CRIU's post-dump, the archive rebuilt with
         the files as they were then; returns the timings."""
         cut_dir = os.path.join(work, "cut")
@@ -425,7 +428,7 @@ class PodmanBackend(Backend):
             at_cut()
 
         started = time.monotonic()
-        with frozen_hand_over(on_frozen, native=self.native_hook) as handover:
+        with frozen_hand_over(on_frozen, native=self.native_hook, on_resumed=resumed, watch_pid=where.pid) as handover:
             write_atomically(conf, criu_config(action_script=handover.script))
             try:
                 result = self.podman(checkpoint_argv(member.container_name, export), check=False)
@@ -449,6 +452,8 @@ class PodmanBackend(Backend):
                 "podman_checkpoint_ms": _stat(result.stdout, "podman_checkpoint_duration"),
                 "files_ms": round(files_ms, 3), "checkpoint_ms": round(checkpoint_ms, 1),
                 "hook_script": "native" if handover.native else "bash",
+                **({"resumed_after_ms": handover.outcome["resumed_after_ms"]}
+                   if "resumed_after_ms" in handover.outcome else {}),
                 "rebuild_ms": round((time.monotonic() - started) * 1000, 1)}
 
     # -- restore --

@@ -27,7 +27,7 @@ from .restore import Restorer
 from .schedule import SCHEDULE_LABEL, Scheduler
 
 LOG = logging.getLogger("violin.controller")
-SNAPSHOT_ROLES = (of.ROLE_MARKER, of.ROLE_HOLD, of.ROLE_RECORD, of.ROLE_FLOOD_CUT)
+SNAPSHOT_ROLES = (of.ROLE_MARKER, of.ROLE_HOLD, of.ROLE_RECORD, of.ROLE_FLOOD_CUT, of.ROLE_DIVERT)
 DEFAULT_ADVERTISE_URL = "http://127.0.0.1:8080"
 
 SNAPSHOT_BODY = schema.Schema({
@@ -36,6 +36,11 @@ SNAPSHOT_BODY = schema.Schema({
     "label": schema.Field(str, "", lambda v: None if len(v) <= 200 else "at most 200 characters"),
     "timeout_s": schema.Field((float, type(None)), None, lambda v: None if 0 < v <= 86400
                               else "seconds in (0, 86400]"),
+}, allow_none=False)
+PREPARE_BODY = schema.Schema({
+    "divert": schema.Field((bool, type(None)), None, help="an asynchronous cut: until its flip, the member's own "
+                           "frames come to the controller, which colours them by its marker; the member may run "
+                           "on once its marker came back down its link"),
 }, allow_none=False)
 CUT_BODY = schema.Schema({
     "marker": schema.Field((bool, type(None)), None, help="whether the helper sent a marker frame before this call"),
@@ -196,15 +201,17 @@ class ViolinController:
                                 on_failure=self._abort_snapshot(snapshot.id))
         return self.snapshot_view(snapshot.id)
 
-    def prepare(self, snapshot_id: str, name: str) -> dict:
-        """The helper is about to pause the member: answer once frames for it are held."""
+    def prepare(self, snapshot_id: str, name: str, body: Optional[dict] = None) -> dict:
+        """The helper is about to pause the member: answer once frames for it are held (and, with
+        ``{"divert": true}``, its own frames come here until its flip)."""
+        divert = bool(schema.request_body(PREPARE_BODY, body or {})["divert"])
         member = self.coordinator.members.get(name)
-        messages = self.coordinator.prepare(self.clock(), snapshot_id, name)
+        messages = self.coordinator.prepare(self.clock(), snapshot_id, name, divert)
         if not self.io.send_and_barrier(messages, self.coordinator.switches_of(member),
                                         self.config.snapshot.barrier_timeout):
             self._abort("the switch did not confirm holding frames for %s" % name)
             raise Refused(504, self.coordinator.current.reason)
-        return {"snapshot": snapshot_id, "member": name, "state": CutState.PREPARED}
+        return {"snapshot": snapshot_id, "member": name, "state": CutState.PREPARED, "divert": divert}
 
     def cut(self, snapshot_id: str, name: str, body: Optional[dict] = None) -> dict:
         """A helper's member is paused: flip it once its marker is in; answer when rules are in force.

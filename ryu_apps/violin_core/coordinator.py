@@ -19,6 +19,15 @@ receivers need a cut rule, and are replicated per destination under the same
 rules (``ROLE_FLOOD_CUT``). Frames of non-members, and of members outside the
 snapshot's subset, carry the neutral colour and are always delivered.
 
+An asynchronous cut (``prepare(divert=True)``) lets a member run on before its
+flip. From its prepare every frame entering its port comes to the controller
+(``ROLE_DIVERT``), which colours it: the old colour until the member's marker
+came in that same stream, the new one after it. The helper lets the member
+resume only once the switch has sent the marker back down its link, i.e. once
+the marker's packet-in is queued ahead of anything the member sends next; the
+packet-ins of one switch reach the controller in order, so the colouring is
+exact without the member waiting, frozen, for the flip's barrier.
+
 The coordinator is the ``FabricPolicy`` the ``Fabric`` consults when it derives flows; its
 handlers take times and events and return OpenFlow messages. Blocking work
 (barriers, flow statistics, helpers) is the caller's (``controller.py``).
@@ -34,7 +43,7 @@ from . import of
 from .errors import Refused
 from .fabric import EGRESS_TABLE, FLOOD_TABLE, INGRESS_TABLE, TAG_PRESENT, Fabric
 from .members import Member, MemberRegistry
-from .packets import parse_eth, parse_marker, strip_outer_tag
+from .packets import is_multicast, parse_eth, parse_marker, strip_outer_tag
 from .policy import FabricPolicy, Vids
 
 
@@ -84,6 +93,7 @@ class MemberCut:
     name: str
     state: CutState = CutState.PENDING
     marker_seen: bool = False
+    diverted: bool = False  # its frames come to the controller from its prepare to its flip (asynchronous cut)
     cut_time: Optional[float] = None  # wall clock when its rules were in force
     flip_ms: Optional[float] = None  # cut request -> barrier replies
     prepared_at: Optional[float] = None  # monotonic: its prepare began, every frame for it held from then on
@@ -106,7 +116,7 @@ class Snapshot:
     completed: Optional[float] = None
     cuts: Dict[str, MemberCut] = field(default_factory=dict)
     counts: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("held", "released", "recorded", "recorded_bytes", "dropped", "late_released"), 0))
+        ("held", "released", "recorded", "recorded_bytes", "dropped", "late_released", "diverted"), 0))
     drain: dict = field(default_factory=dict)
     last_flip: Optional[float] = None  # monotonic
 
@@ -201,10 +211,20 @@ class Coordinator(FabricPolicy):
         return member if member is not None and member.name in self.quarantined else None
 
     def ingress_entries(self, dpid: int, mac: str, port_no: int) -> List[of.FlowEntry]:
-        """While a restore replaces a member, nothing it (or its dying predecessor) sends gets in."""
-        if self.quarantined_member(mac) is None:
-            return []
-        return [of.FlowEntry(INGRESS_TABLE, 600, of.match(in_port=port_no, eth_src=mac))]
+        """While a restore replaces a member, nothing it (or its dying predecessor) sends gets in; while
+        a member's cut is asynchronous, everything entering its port goes to the controller (below the
+        marker and probe rules, above everything else on the port)."""
+        if self.quarantined_member(mac) is not None:
+            return [of.FlowEntry(INGRESS_TABLE, 600, of.match(in_port=port_no, eth_src=mac))]
+        member = self.participant(mac)
+        if member is not None and self.diverting(member):
+            return [of.FlowEntry(INGRESS_TABLE, 950, of.match(in_port=port_no), (of.Output(of.OFPP_CONTROLLER),),
+                                 role=of.ROLE_DIVERT)]
+        return []
+
+    def diverting(self, member: Member) -> bool:
+        cut = self.current.cuts[member.name]
+        return cut.diverted and cut.state == CutState.PREPARED
 
     def cut_entries(self, dpid: int, mac: str, port_no: int) -> List[of.FlowEntry]:
         if self.quarantined_member(mac) is not None:  # ... and nothing reaches it
@@ -343,17 +363,19 @@ class Coordinator(FabricPolicy):
             raise Refused(404, "%s takes no part in snapshot %s" % (name, snapshot_id))
         return self.current, self.current.cuts[name]
 
-    def prepare(self, now: float, snapshot_id: str, name: str) -> List[of.Message]:
+    def prepare(self, now: float, snapshot_id: str, name: str, divert: bool = False) -> List[of.Message]:
         """The helper is about to pause the member: hold every frame for it until its flip.
 
         Frames that reach a paused member's link are not in its image (they wait in
         a tap or socket queue), so none may arrive between its pause and its flip;
-        the pre-snapshot ones among them become channel state at the flip.
+        the pre-snapshot ones among them become channel state at the flip. With
+        ``divert`` its own frames come to the controller too until its flip, coloured
+        by its marker (``diverted_in``): the member may then run on before its flip.
         """
         _, cut = self.require(snapshot_id, name)
         if cut.state != CutState.PENDING:
             raise Refused(409, "%s is %s in snapshot %s, not pending" % (name, cut.state, snapshot_id))
-        cut.state, cut.prepared_at = CutState.PREPARED, now
+        cut.state, cut.prepared_at, cut.diverted = CutState.PREPARED, now, bool(divert)
         return self.fabric.reconcile(now, self.switches_of(self.members[name]))
 
     def marker_in(self, dpid: int, in_port: int, frame: bytes) -> None:
@@ -468,6 +490,8 @@ class Coordinator(FabricPolicy):
         if role == of.ROLE_MARKER:
             self.marker_in(dpid, in_port, frame)
             return []
+        if role == of.ROLE_DIVERT:
+            return self.diverted_in(now, wall, dpid, in_port, frame)
         if not self.running():
             # A late hold/flood packet-in after completion or abort: deliver, never lose it.
             return self._deliver_late(now, dpid, in_port, frame, role)
@@ -489,6 +513,46 @@ class Coordinator(FabricPolicy):
                     messages += self._apply_cut(wall, receivers[0], (dpid, port_no), colour, guest, flood=True)
             return messages
         return []
+
+    def diverted_in(self, now: float, wall: float, dpid: int, in_port: int, frame: bytes) -> List[of.Message]:
+        """A frame that entered a diverted port: coloured here and delivered under the cut rules.
+
+        Its sender's colour is the old one until that sender's marker came in (markers
+        are not diverted, but they come from the same port and the switch passes its
+        packet-ins on in order), the new one after. Once the snapshot has ended, the
+        frame goes through the switch's tables as they are now."""
+        header = parse_eth(frame)
+        if header is None:
+            return []
+        if not self.running():
+            return [of.PacketOut(dpid, in_port, (of.Output(of.OFPP_TABLE),), frame)]
+        self.current.counts["diverted"] += 1
+        sender = self.participant(header.src)
+        if sender is None:
+            colour = self.ingress_vid(header.src)
+        else:
+            post = self.current.cuts[sender.name].marker_seen or self.is_post(sender)
+            colour = self.colour(self.current.epoch if post else self.current.epoch - 1)
+        unicast = not is_multicast(header.dst) and header.dst in self.fabric.hosts
+        if unicast:
+            targets = [self.fabric.hosts[header.dst]]
+        else:  # a flood: every edge port this switch's frames can reach
+            component = self.fabric.component_of(dpid)
+            targets = [(d, p) for d in sorted(component) for p in self.fabric.edge_ports(d, now)]
+        messages: List[of.Message] = []
+        for where in targets:
+            if where == (dpid, in_port):
+                continue
+            if unicast:
+                receiver = self.participant(header.dst)
+            else:
+                receivers = self._participants_on(*where)
+                receiver = receivers[0] if receivers else None
+            if receiver is None:
+                messages.append(_packet_out(where, frame))
+            else:
+                messages += self._apply_cut(wall, receiver, where, colour, frame, flood=True)
+        return messages
 
     def _record(self, receiver: str, wall: float, guest: bytes) -> None:
         snapshot = self.current

@@ -125,6 +125,15 @@ class Fabric:
         self._graph_cache = graph
         return graph
 
+    def component_of(self, dpid: int) -> Set[int]:
+        """The switches ``dpid`` is connected to (itself included)."""
+        graph = self.graph()
+        if dpid not in graph:
+            return set()
+        if ("component", dpid) not in self._routes_cache:
+            self._routes_cache[("component", dpid)] = set(nx.node_connected_component(graph, dpid))
+        return self._routes_cache[("component", dpid)]
+
     def tree_ports(self) -> Set[PortRef]:
         """Trunk ports on the flood tree: a BFS tree per component from its lowest dpid."""
         graph = self.graph()
@@ -204,8 +213,10 @@ class Fabric:
         entries = [
             of.FlowEntry(INGRESS_TABLE, 1000, of.match(eth_type=PROBE_ETH_TYPE, eth_dst=PROBE_DST),
                          (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_PROBE),
+            # A marker goes to the controller and back down its own link: a helper that sees it come
+            # back knows the switch has taken it, and its packet-in, before anything the member sends next.
             of.FlowEntry(INGRESS_TABLE, 1000, of.match(eth_type=PROBE_ETH_TYPE, eth_dst=MARKER_DST),
-                         (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_MARKER),
+                         (of.Output(of.OFPP_CONTROLLER), of.Output(of.OFPP_IN_PORT)), role=of.ROLE_MARKER),
             of.FlowEntry(INGRESS_TABLE, 0, of.match(), (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_LEARN),
             of.FlowEntry(FORWARD_TABLE, 0, of.match(), goto=FLOOD_TABLE),
             of.FlowEntry(EGRESS_TABLE, 0, of.match()),

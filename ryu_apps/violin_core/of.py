@@ -77,6 +77,7 @@ ROLE_MARKER = 3  # a member's cut marker
 ROLE_HOLD = 4  # post-snapshot frame for a pre-snapshot receiver
 ROLE_RECORD = 5  # pre-snapshot frame delivered to a post-snapshot receiver
 ROLE_FLOOD_CUT = 6  # a flood some of whose receivers need the cut rules
+ROLE_DIVERT = 7  # a frame of a prepared member whose cut is asynchronous: coloured by the controller
 
 
 @dataclass(frozen=True)

@@ -107,8 +107,8 @@ def build_rest_app(controller: ViolinController) -> RestApp:
         return controller.abort(snapshot_id, body)
 
     @route("POST", "/snapshots/{snapshot_id}/members/{name}/prepare")
-    def prepare(_body, snapshot_id, name):
-        return controller.prepare(snapshot_id, name)
+    def prepare(body, snapshot_id, name):
+        return controller.prepare(snapshot_id, name, body)
 
     @route("POST", "/snapshots/{snapshot_id}/members/{name}/cut")
     def cut(body, snapshot_id, name):

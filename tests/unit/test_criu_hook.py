@@ -115,3 +115,80 @@ def test_freeze_slots_are_unbounded_by_default():
     env = {k: v for k, v in os.environ.items() if k != "VIOLIN_CRIU_FREEZES"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_on_resumed_runs_once_after_the_answer_and_its_error_is_raised_after_the_block():
+    events = []
+    with criu.PostDumpHook(lambda: events.append("frozen"), on_resumed=lambda: events.append("resumed"),
+                           watch_pid=os.getpid()) as hook:  # untraced: it runs again at once
+        assert run_script(hook) == 0
+        hook.waiter.join(5)
+    assert events == ["frozen", "resumed"] and hook.resumed_after_ms is not None
+
+    def refuse():
+        raise RuntimeError("the cut was refused")
+    with criu.PostDumpHook(lambda: None, on_resumed=refuse) as hook:
+        assert run_script(hook) == 0  # the member is running again: nothing to undo in CRIU
+    assert isinstance(hook.resumed_error, RuntimeError)
+
+
+def test_on_resumed_never_runs_when_the_cut_failed_or_never_came():
+    called = []
+
+    def refuse():
+        raise RuntimeError("no marker")
+    with criu.PostDumpHook(refuse, on_resumed=lambda: called.append(True)) as hook:
+        assert run_script(hook) == 1
+    with criu.PostDumpHook(lambda: None, on_resumed=lambda: called.append(True)):
+        pass
+    assert called == []
+
+
+def test_tracer_of_reads_the_tracer_and_says_none_for_a_gone_process():
+    assert criu.tracer_of(os.getpid()) == 0
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert criu.tracer_of(child.pid) is None
+
+
+class FakePacketSocket:
+    """What MarkerLink needs of an AF_PACKET socket: ``before`` is queued already (recv drains it),
+    ``after`` comes in once a frame was sent, as (frame, pkttype)."""
+
+    def __init__(self, before=(), after=()):
+        self.sent, self.before, self.after = [], list(before), list(after)
+
+    def setblocking(self, _flag):
+        pass
+
+    def settimeout(self, _timeout):
+        pass
+
+    def recv(self, _size):
+        if self.before:
+            return self.before.pop(0)
+        raise BlockingIOError()
+
+    def recvfrom(self, _size):
+        if not self.sent or not self.after:
+            raise socket.timeout()
+        data, kind = self.after.pop(0)
+        return data, ("veth0", 0x88B5, kind, 1, b"")
+
+    def send(self, frame):
+        self.sent.append(frame)
+
+
+def test_a_confirmed_marker_waits_for_its_own_frame_to_come_back():
+    marker = b"M" * 60
+    sock = FakePacketSocket(before=[marker], after=[(b"probe" * 12, 0), (marker, socket.PACKET_OUTGOING),
+                                                    (marker + b"\0" * 4, 0), (b"later", 0)])
+    link = criu.MarkerLink(sock, marker, timeout=1.0)
+    link.prove(confirm=True)  # the stale copy before it was sent, a probe and its own send are not the answer
+    assert sock.sent == [marker] and sock.before == [] and sock.after == [(b"later", 0)]
+    assert link.confirm_ms is not None
+    with pytest.raises(criu.CriuError, match="did not send the cut marker back"):
+        criu.MarkerLink(FakePacketSocket(), marker, timeout=0.05).prove(confirm=True)
+    plain = FakePacketSocket(after=[(marker, 0)])
+    criu.MarkerLink(plain, marker).prove()  # the synchronous cut only sends it
+    assert plain.sent == [marker] and plain.after == [(marker, 0)]

@@ -97,6 +97,29 @@ def rig(tmp_path):
         yield Rig(tmp_path)
 
 
+def test_an_asynchronous_cut_confirms_the_marker_frozen_and_calls_the_cut_once_the_member_runs(tmp_path):
+    with fakebackend.registered():
+        rig = Rig(tmp_path, members={"f1": {"backend": "fake-async"}})
+        answers = {"prepare": {"divert": True}}
+        rig.post = lambda url, body: rig.timeline.append((url.rsplit("/", 1)[-1], body)) or answers.get(
+            url.rsplit("/", 1)[-1], {})
+        rig.helper.post = rig.post
+        rig.helper.start_snapshot(SNAPSHOT)
+    assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet_confirmed", "after_cut", "cut",
+                           "purge", "resumed", "quiet_close", "done"]
+    assert rig.reported("prepare") == [{"divert": True}] and rig.reported("cut") == [{"marker": True}]
+    assert rig.reported("done")[0]["image"]["cut"] == "async"
+
+
+def test_an_older_controller_that_does_not_divert_gets_the_cut_while_frozen(tmp_path):
+    with fakebackend.registered():
+        rig = Rig(tmp_path, members={"f1": {"backend": "fake-async"}})
+        rig.helper.start_snapshot(SNAPSHOT)
+    assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet", "cut", "purge", "after_cut",
+                           "resumed", "quiet_close", "done"]  # resumed: nothing left to do
+    assert rig.reported("prepare") == [{"divert": True}] and rig.reported("done")[0]["image"]["cut"] == "sync"
+
+
 def test_a_snapshot_calls_prepare_cut_done_in_order_and_stores_the_image(rig):
     assert rig.helper.start_snapshot(SNAPSHOT) == {"accepted": "s1/f1"}
     assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet", "cut", "purge", "after_cut",
@@ -109,7 +132,7 @@ def test_a_snapshot_calls_prepare_cut_done_in_order_and_stores_the_image(rig):
         "pause_ms": 1.25, "bytes": 11, "server": "http://store:7070",
         "image": {"backend": "fake", "fake_ms": 2.0, "files": [
             {"name": "memory", "bytes": 11, "sha256": hashlib.sha256(b"state of f1").hexdigest()}],
-            "storage": {"logical_bytes": 11, "stored_bytes": 11, "sent_bytes": 11}}}]
+            "storage": {"logical_bytes": 11, "stored_bytes": 11, "sent_bytes": 11}, "cut": "sync"}}]
     assert rig.helper.jobs["s1/f1"]["state"] == "done"
 
 

@@ -609,3 +609,82 @@ def test_deaf_time_runs_from_a_members_prepare_to_the_release_of_its_frames(h):
     assert members["B"]["held_ms"] is None
     assert h.controller.metrics.value("violin_member_held_seconds_sum", member="A") == pytest.approx(0.0375)
     assert h.controller.metrics.value("violin_member_held_seconds_count", member="B") is None
+
+
+# --- the asynchronous cut: a prepared member's own frames coloured by the controller, by its marker ---
+
+def marker_of(h, sid, name, mac):
+    return h.send(*WHERE[mac], build_marker(mac, sid, name))
+
+
+def test_a_diverted_member_frames_take_the_old_colour_until_its_marker_and_the_new_after(h):
+    sid = h.controller.start_snapshot({})["id"]
+    assert h.controller.prepare(sid, "A", {"divert": True})["divert"] is True
+    h.controller.cut(sid, "C")  # C is post: a pre frame reaching it is channel state
+    assert received(h, C, send(h, A, C, 1)) == [b"seq000001"]  # A before its marker: pre -> post, recorded
+    assert received(h, B, send(h, A, B, 2)) == [b"seq000002"]  # pre -> pre: delivered now
+    bounced = marker_of(h, sid, "A", A)
+    assert [(d, p) for d, p, _ in bounced.delivered] == [WHERE[A]]  # the marker comes back down A's own link
+    assert h.coordinator.current.cuts["A"].marker_seen
+    # A runs on before its flip: its frames are post now, though the switch still sends them up.
+    assert send(h, A, B, 3) == []  # post -> pre: held for B
+    assert received(h, C, send(h, A, C, 4)) == [b"seq000004"]  # post -> post: delivered, not recorded
+    assert [(r.receiver, r.frame[14:23]) for r in h.coordinator.recorded] == [("C", b"seq000001")]
+    assert h.coordinator.current.counts["diverted"] == 4
+    h.controller.cut(sid, "A", {"marker": True})
+    assert not [e for t in h.net.switch(1).tables.values() for e in t.values() if e.role == of.ROLE_DIVERT]
+    # After the flip the switch colours A's frames itself, with the new colour.
+    h.controller_log.clear()
+    assert send(h, A, B, 5) == []  # still post -> pre: held by B's egress rule
+    assert [role for *_, role in h.controller_log] == [of.ROLE_HOLD]
+    h.deliveries.clear()
+    h.controller.cut(sid, "B")
+    assert received(h, B) == [b"seq000003", b"seq000005"]
+    assert [(r.receiver, r.frame[14:23]) for r in h.coordinator.recorded] == [("C", b"seq000001")]
+
+
+def test_a_diverted_member_hears_nothing_until_its_flip_and_its_floods_follow_the_cut_rules(h):
+    sid = h.controller.start_snapshot({})["id"]
+    h.controller.prepare(sid, "A", {"divert": True})
+    assert send(h, B, A, 1) == []  # held for A, as for any prepared member
+    out = send(h, A, BCAST, 2)  # pre flood from A: B and C are pre, D is no member: all get it now
+    assert sorted((d, p) for d, p, _ in out) == sorted([WHERE[B], WHERE[C], WHERE[D]])
+    marker_of(h, sid, "A", A)
+    out = send(h, A, BCAST, 3)  # post flood: held for the pre members, delivered to D
+    assert sorted((d, p) for d, p, _ in out) == [WHERE[D]]
+    h.deliveries.clear()
+    h.controller.cut(sid, "A", {"marker": True})
+    assert received(h, A) == [b"seq000001"]
+    assert [(r.receiver, r.frame[14:23]) for r in h.coordinator.recorded] == [("A", b"seq000001")]
+    h.deliveries.clear()
+    h.controller.cut(sid, "B")
+    assert received(h, B) == [b"seq000003"]
+
+
+def test_a_diverted_frame_after_the_snapshot_ended_goes_through_the_tables_as_they_are(h):
+    sid = h.controller.start_snapshot({})["id"]
+    h.controller.prepare(sid, "A", {"divert": True})
+    h.controller.abort(sid, {"reason": "test"})
+    late = frame(B, A, 9)
+    h.deliveries.clear()
+    h.run(h.controller.packet_in(1, 1, late, of.ROLE_DIVERT))
+    assert received(h, B) == [b"seq000009"]
+    assert not [e for t in h.net.switch(1).tables.values() for e in t.values() if e.role == of.ROLE_DIVERT]
+
+
+def test_a_lost_marker_aborts_an_asynchronous_cut(h):
+    sid = h.controller.start_snapshot({})["id"]
+    h.controller.prepare(sid, "A", {"divert": True})
+    send(h, A, B, 1)  # coloured pre: without a marker nobody can tell where A's cut was
+    with pytest.raises(Refused) as error:
+        h.controller.cut(sid, "A", {"marker": True})
+    assert error.value.status == 409 and "no cut marker from A" in error.value.reason
+    assert h.coordinator.current.state == "aborted"
+
+
+def test_prepare_body_is_validated(h):
+    sid = h.controller.start_snapshot({})["id"]
+    with pytest.raises(Refused) as error:
+        h.controller.prepare(sid, "A", {"divert": "yes"})
+    assert error.value.status == 400 and "divert" in error.value.reason
+    assert h.controller.prepare(sid, "A", {})["divert"] is False
