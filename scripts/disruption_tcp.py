@@ -6,10 +6,11 @@ members' own 2 ms tick logs: each member's frozen interval (a gap in its ticks),
 resume, the pre-snapshot throughput (the 0.5 s before the snapshot request), and how long after that
 resume the received rate (20 ms windows, twice in a row) is back to 80 % of it; the goal is within the
 later member's pause + 50 ms. Also the TCP retransmission timeouts (TcpExt TCPTimeouts) both kernels
-counted per snapshot. Two helpers in the same run: dumps with ``VIOLIN_CRIU_SNAPSHOT_LOCK=skip`` (no CRIU
-network lock: the controller's prepare hold as the lock; opt-in, see criu.SNAPSHOT_NETWORK_LOCK) and with
-the default ``--network-lock nftables``, whose rules drop the frames released to a member until CRIU
-unlocks it after the hook.
+counted per snapshot. Two helpers in the same run, both with CRIU's default ``--network-lock nftables``
+(whose rules drop what reaches a member's dumped connections until CRIU unlocks them): the asynchronous
+cut (``VIOLIN_CUT=async``, the default: the cut call, and with it the release of the frames held for the
+member, once CRIU has let the tasks go) and the synchronous one (``VIOLIN_CUT=sync``: the cut call
+while frozen, so the released frames met the lock).
 """
 
 import shutil
@@ -22,7 +23,7 @@ from lab import flows, lab, slicelab
 from topologies.lan import LanTopo
 from workloads import tcpflow
 
-VARIANTS = (("skip", "skip"), ("nftables", "nftables"))  # the opt-in and the default (criu.SNAPSHOT_NETWORK_LOCK)
+VARIANTS = (("async", {"VIOLIN_CUT": "async"}), ("sync", {"VIOLIN_CUT": "sync"}))  # the default, and before
 
 
 
@@ -50,7 +51,7 @@ def analyse(flow, requested, settled):
             "recovery_ms": None if recovered is None else round(recovered * 1000, 1)}
 
 
-def run_variant(lock, snapshots, rate, log):
+def run_variant(name, env, snapshots, rate, log):
     controller = lab.ControllerProcess(config=slicelab.controller_config())
     workdir = tempfile.mkdtemp(prefix="bench-tcp-")
     rows = []
@@ -60,20 +61,21 @@ def run_variant(lock, snapshots, rate, log):
             controller.start()
             net = stack.enter_context(lab.network(LanTopo(2, prefix=lab.run_prefix()), controller))
             flow = stack.enter_context(flows.tcp_slice(controller, net, workdir, rate,
-                                                       helper_env={"VIOLIN_CRIU_SNAPSHOT_LOCK": lock}))
+                                                       helper_env=env))
             time.sleep(1.0)
             for index in range(snapshots):
                 timeouts = flow.timeouts()
                 requested = time.time()
-                view, wall_ms = timed_snapshot(controller, "tcp-%s-%d" % (lock, index))
+                view, wall_ms = timed_snapshot(controller, "tcp-%s-%d" % (name, index))
                 time.sleep(1.0)
                 row = analyse(flow, requested, time.time())
                 row.update(timeouts=flow.timeouts() - timeouts, snapshot_wall_ms=round(wall_ms, 1),
                            counts={k: view["counts"].get(k) for k in ("held", "released", "dropped", "recorded")},
-                           pause_ms=[m.get("pause_ms") for m in view["members"]])
+                           pause_ms=[m.get("pause_ms") for m in view["members"]],
+                           cut=[(m.get("image") or {}).get("cut") for m in view["members"]])
                 rows.append(row)
                 log("  tcp %s: snapshot %d/%d recovery %s ms after the later resume (pause %s ms), "
-                    "%d timeouts" % (lock, index + 1, snapshots, row["recovery_ms"], row["later_pause_ms"],
+                    "%d timeouts" % (name, index + 1, snapshots, row["recovery_ms"], row["later_pause_ms"],
                                      row["timeouts"]))
                 time.sleep(0.5)
     finally:
@@ -83,12 +85,12 @@ def run_variant(lock, snapshots, rate, log):
 
 def run(args, log):
     record = {"topology": "LanTopo(2)", "rate_bytes_s": args.tcp_rate, "variants": {}}
-    for name, lock in VARIANTS:
-        rows = run_variant(lock, args.tcp_snapshots, args.tcp_rate, log)
+    for name, env in VARIANTS:
+        rows = run_variant(name, env, args.tcp_snapshots, args.tcp_rate, log)
         recoveries = [r["recovery_ms"] for r in rows if r["recovery_ms"] is not None]
         margins = [r["recovery_ms"] - r["later_pause_ms"] - 50 for r in rows if r["recovery_ms"] is not None]
         record["variants"][name] = {
-            "network_lock": lock, "snapshots": rows, "recovery_ms": summary_p95(recoveries),
+            "network_lock": "nftables", "cut": name, "snapshots": rows, "recovery_ms": summary_p95(recoveries),
             "later_pause_ms": summary_p95([r["later_pause_ms"] for r in rows]),
             "not_recovered": sum(1 for r in rows if r["recovery_ms"] is None),
             "timeouts_per_snapshot": summary_p95([r["timeouts"] for r in rows]),
@@ -99,7 +101,7 @@ def run(args, log):
 def report(record):
     lines = []
     for name, v in record["variants"].items():
-        lines.append("%s (--network-lock %s): recovery after the later resume p50 %s ms p95 %s ms (later pause "
+        lines.append("%s cut (--network-lock %s): recovery after the later resume p50 %s ms p95 %s ms (later pause "
                      "p50 %s ms; goal pause + 50 ms met in %d of %d), retransmission timeouts per snapshot p50 %s" % (
                          name, v["network_lock"], v["recovery_ms"].get("p50"), v["recovery_ms"].get("p95"),
                          v["later_pause_ms"].get("p50"), v["within_goal"], v["count"],

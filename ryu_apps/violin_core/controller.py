@@ -211,7 +211,8 @@ class ViolinController:
                                         self.config.snapshot.barrier_timeout):
             self._abort("the switch did not confirm holding frames for %s" % name)
             raise Refused(504, self.coordinator.current.reason)
-        return {"snapshot": snapshot_id, "member": name, "state": CutState.PREPARED, "divert": divert}
+        return {"snapshot": snapshot_id, "member": name, "state": CutState.PREPARED,
+                "divert": self.coordinator.current.cuts[name].diverted}
 
     def cut(self, snapshot_id: str, name: str, body: Optional[dict] = None) -> dict:
         """A helper's member is paused: flip it once its marker is in; answer when rules are in force.

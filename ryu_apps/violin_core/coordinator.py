@@ -375,8 +375,11 @@ class Coordinator(FabricPolicy):
         _, cut = self.require(snapshot_id, name)
         if cut.state != CutState.PENDING:
             raise Refused(409, "%s is %s in snapshot %s, not pending" % (name, cut.state, snapshot_id))
-        cut.state, cut.prepared_at, cut.diverted = CutState.PREPARED, now, bool(divert)
-        return self.fabric.reconcile(now, self.switches_of(self.members[name]))
+        member = self.members[name]
+        # One marker speaks for one port: a member on several ports is cut while it is paused.
+        ports = {self.fabric.hosts.get(mac) for mac in member.macs}
+        cut.state, cut.prepared_at, cut.diverted = CutState.PREPARED, now, bool(divert) and len(ports) == 1
+        return self.fabric.reconcile(now, self.switches_of(member))
 
     def marker_in(self, dpid: int, in_port: int, frame: bytes) -> None:
         """A member's marker came in on its own link: every earlier frame of it has passed ingress."""

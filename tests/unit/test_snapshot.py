@@ -688,3 +688,11 @@ def test_prepare_body_is_validated(h):
         h.controller.prepare(sid, "A", {"divert": "yes"})
     assert error.value.status == 400 and "divert" in error.value.reason
     assert h.controller.prepare(sid, "A", {})["divert"] is False
+
+
+def test_a_member_on_two_ports_is_not_diverted_one_marker_speaks_for_one_port(tmp_path):
+    h = make_harness(tmp_path, members=())
+    h.coordinator.add_member(parse_member({"name": "AC", "macs": [A, C], "marker": True}))
+    sid = h.controller.start_snapshot({})["id"]
+    assert h.controller.prepare(sid, "AC", {"divert": True})["divert"] is False
+    assert not [e for t in h.net.switch(1).tables.values() for e in t.values() if e.role == of.ROLE_DIVERT]
