@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 
@@ -90,6 +91,17 @@ def measure(n, rounds, rate, log, mode="async"):
                     record["bare"].append(bare_dump(host.name, host.pid, members.pids[host.name], images))
                     shutil.rmtree(images, ignore_errors=True)
                     time.sleep(0.05)
+                if n > 1:  # the same dumps all at once, as the snapshot freezes them: what 2 cores allow
+                    time.sleep(0.2)
+                    together = []
+                    threads = [threading.Thread(target=lambda h=host: together.append(bare_dump(
+                        h.name, h.pid, members.pids[h.name], os.path.join(workdir, "together-%s-%d" % (h.name, index)))))
+                        for host in net.hosts]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
+                    record.setdefault("bare_together", []).extend(together)
                 log("  pause %d members: round %d/%d" % (n, index + 1, rounds))
                 time.sleep(0.2)
     finally:
@@ -103,6 +115,9 @@ def measure(n, rounds, rate, log, mode="async"):
                          "ratio_p50": round(cut["p50"] / bare["p50"], 2), "ratio_p95": round(cut["p95"] / bare["p95"], 2),
                          "steps_p50": {k: (summary([s[k] for s in record["steps"]]) or {}).get("p50") for k in STEPS},
                          "diverted_frames_per_snapshot_p50": (summary(record["diverted"]) or {}).get("p50")}
+    if record.get("bare_together"):
+        together = summary_p95(record["bare_together"])
+        record["summary"].update(bare_together_ms=together, ratio_p50_to_together=round(cut["p50"] / together["p50"], 2))
     return record
 
 
@@ -134,7 +149,9 @@ def report(record):
                      "%.1f ms: %.2fx / %.2fx (goal 1.10x / 1.25x); steps p50 %s" % (
                          n, entry.get("cut_mode", "sync"), entry["freeze_slots"], len(entry.get("aborted", [])),
                          s["with_cut_ms"]["p50"], s["with_cut_ms"]["p95"],
-                         s["bare_ms"]["p50"], s["bare_ms"]["p95"], s["ratio_p50"], s["ratio_p95"], s["steps_p50"]))
+                         s["bare_ms"]["p50"], s["bare_ms"]["p95"], s["ratio_p50"], s["ratio_p95"], s["steps_p50"])
+                     + ("; bare dumps all at once p50 %.1f ms (cut / that %.2fx)" % (
+                         s["bare_together_ms"]["p50"], s["ratio_p50_to_together"]) if "bare_together_ms" in s else ""))
     return lines
 
 

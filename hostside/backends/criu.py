@@ -47,7 +47,7 @@ CRIU = os.environ.get("VIOLIN_CRIU", "/usr/local/sbin/criu")
 LOG = logging.getLogger("violin-helper.criu")
 WORKDIR_ARCHIVE = workdir.ARCHIVE
 HOOK_TIMEOUT_S = 10  # a helper that died must not leave the member frozen: CRIU then fails and resumes it
-MARKER_CONFIRM_S = 2.0  # an asynchronous cut waits this long, frozen, for its marker to come back
+MARKER_CONFIRM_S = 1.0  # an asynchronous cut waits this long, frozen, for its marker to come back (~1 ms)
 RESUME_WATCH_S = 10.0  # how long the hand-over watches for CRIU to let the tasks go after the cut
 NETWORK_LOCK = "nftables"  # blocks a member's TCP connections during dump/restore; iptables execs per connection
 # The helper's own dumps (VIOLIN_CRIU_SNAPSHOT_LOCK). "skip" (the controller's prepare hold as the lock, so
@@ -65,10 +65,11 @@ FREEZE_SLOTS = int(os.environ.get("VIOLIN_CRIU_FREEZES", "0") or 0) or 1 << 16
 # read-write, so neither open blocks whoever is (or is not) at the other end, and ``read -t`` bounds the
 # wait for an answer: a helper that died does not leave the member frozen.
 HOOK = """#!/bin/bash
-# violin-snapshot: on post-dump (tasks still frozen), hand over to the helper and wait for it.
-[ "$CRTOOLS_SCRIPT_ACTION" = "post-dump" ] || exit 0
+# violin-snapshot: on pre-dump (tasks running) and post-dump (tasks still frozen), hand over to the
+# helper and wait for it.
+case "$CRTOOLS_SCRIPT_ACTION" in post-dump) line=frozen ;; pre-dump) line=predump ;; *) exit 0 ;; esac
 exec 3<>"{request}" 4<>"{reply}"
-echo frozen >&3
+echo $line >&3
 read -r -t {timeout} answer <&4 || exit 1
 [ "$answer" = "ok" ]
 """
@@ -167,12 +168,19 @@ class PostDumpHook:
     exception: the script fails, CRIU fails the dump and resumes the tasks). After the block,
     ``hook.error`` is what ``on_frozen`` raised (None if nothing), ``hook.fired`` whether it ran and
     ``hook.hook_ms`` how long it held the tasks. Two FIFOs in a private directory carry it.
+
+    CRIU runs the script at ``pre-dump`` too, just before it freezes the tasks: ``on_predump()`` (if
+    given) runs then, while they still run (the controller's prepare: frames for the member held from
+    then on, as late as can be); if it raises, CRIU fails the dump before freezing anything.
     """
 
     def __init__(self, on_frozen: Callable[[], None], timeout: float = HOOK_TIMEOUT_S,
-                 on_resumed: Optional[Callable[[], None]] = None, watch_pid: Optional[int] = None):
+                 on_resumed: Optional[Callable[[], None]] = None, watch_pid: Optional[int] = None,
+                 on_predump: Optional[Callable[[], None]] = None):
         self.on_frozen, self.timeout = on_frozen, timeout
-        self.on_resumed, self.watch_pid = on_resumed, watch_pid
+        self.on_resumed, self.watch_pid, self.on_predump = on_resumed, watch_pid, on_predump
+        self.predump_error: Optional[BaseException] = None
+        self.closing = False
         self.error: Optional[BaseException] = None
         self.fired, self.hook_ms = False, 0.0
         self.resumed_lock = threading.Lock()
@@ -194,9 +202,24 @@ class PostDumpHook:
         return self
 
     def _hand_over(self) -> None:
-        with open(self.request) as fifo:  # blocks until the hook fires (or __exit__ opens it: EOF)
-            if not fifo.readline():
-                return
+        while True:
+            with open(self.request) as fifo:  # blocks until a hook writes (or __exit__ opens it: EOF)
+                line = fifo.readline().strip()
+            if not line:  # a hook that has answered went away, or __exit__
+                if self.closing:
+                    return
+                continue
+            if line == "predump":
+                answer = "ok"
+                if self.on_predump is not None:
+                    try:
+                        self.on_predump()
+                    except BaseException as error:  # noqa: B902 - CRIU fails the dump; the caller raises it
+                        self.predump_error, answer = error, "fail"
+                with open(self.reply, "w") as reply:  # the hook holds it open: never blocks
+                    reply.write(answer + "\n")
+                continue
+            break
         frozen_at = time.monotonic()
         self.fired = True
         try:
@@ -230,6 +253,7 @@ class PostDumpHook:
                 self.resumed_error = error
 
     def __exit__(self, *_exc) -> None:
+        self.closing = True
         deadline = time.monotonic() + 5
         while self.waiter.is_alive() and not self.fired and time.monotonic() < deadline:
             try:  # the hook never fired: release the reader (an EOF), once it has the FIFO open
@@ -244,9 +268,11 @@ class PostDumpHook:
 
 def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], timeout: float = 60.0,
          network_lock: str = NETWORK_LOCK, capture: Optional["workdir.Capture"] = None,
-         on_resumed: Optional[Callable[[], None]] = None) -> DumpReport:
-    """Live-dump ``member`` into ``images``; ``on_frozen`` runs while its tasks are frozen, ``on_resumed``
-    (if given) once CRIU has let them run again (``frozen_hand_over``).
+         on_resumed: Optional[Callable[[], None]] = None,
+         on_predump: Optional[Callable[[], None]] = None) -> DumpReport:
+    """Live-dump ``member`` into ``images``; ``on_predump`` (if given) runs just before CRIU freezes its
+    tasks, ``on_frozen`` while they are frozen, ``on_resumed`` (if given) once CRIU has let them run
+    again (``frozen_hand_over``).
 
     If ``on_frozen`` raises, CRIU is told to fail: the tasks resume unharmed and
     the error is raised here. The member's ``workdir`` is taken at the freeze by
@@ -274,7 +300,7 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
 
         # The compiled hook where a C compiler is at hand: CRIU runs the script at three actions
         # inside the freeze, and bash's start was most of each (issue 11's pause; see handover.py).
-        with frozen_hand_over(frozen, on_resumed=on_resumed, watch_pid=member.pid) as hook:
+        with frozen_hand_over(frozen, on_resumed=on_resumed, watch_pid=member.pid, on_predump=on_predump) as hook:
             try:
                 result = subprocess.run(
                     _nsenter(member) + [CRIU, "dump", "-t", str(member.pid), "-D", images, "-o", "dump.log", "-v2",
@@ -915,8 +941,13 @@ class CriuBackend(Backend):
         def on_frozen():
             cut_called.append(True)
             began = time.monotonic()
-            at_cut()
+            at_cut()  # (it prepares first if CRIU did not run the hook at pre-dump)
             timings["cut_ms"] = round((time.monotonic() - began) * 1000, 3)
+
+        def timed_prepare():  # at CRIU's pre-dump: the tasks still run and are frozen right after
+            began = time.monotonic()
+            prepare()
+            timings.setdefault("prepare_ms", round((time.monotonic() - began) * 1000, 3))
 
         try:
             if member.workdir:
@@ -926,11 +957,8 @@ class CriuBackend(Backend):
             for attempt in range(1, DUMP_ATTEMPTS + 1):
                 try:
                     with self.freezes:
-                        waited = time.monotonic()
-                        prepare()
-                        timings["prepare_ms"] = round((time.monotonic() - waited) * 1000, 3)
                         report = dump(process, images, on_frozen, network_lock=SNAPSHOT_NETWORK_LOCK,
-                                      capture=capture or _NO_CAPTURE, on_resumed=resumed)
+                                      capture=capture or _NO_CAPTURE, on_resumed=resumed, on_predump=timed_prepare)
                     break
                 except CriuError:
                     # A dump that failed before its cut left the member running and its frames held:

@@ -94,7 +94,10 @@ class HandOver:
         return outcome
 
     def raise_error(self) -> None:
-        """Re-raise what on_frozen raised, else what on_resumed raised (call after the block)."""
+        """Re-raise what on_predump raised, else what on_frozen raised, else what on_resumed raised
+        (call after the block)."""
+        if self._hook.predump_error is not None:
+            raise self._hook.predump_error
         if self._hook.error is not None:
             raise self._hook.error
         if self._hook.resumed_error is not None:
@@ -104,13 +107,14 @@ class HandOver:
 @contextlib.contextmanager
 def frozen_hand_over(on_frozen: Callable[[], None], timeout: float = HOOK_TIMEOUT_S,
                      native: bool = True, on_resumed: Optional[Callable[[], None]] = None,
-                     watch_pid: Optional[int] = None) -> Iterator[HandOver]:
+                     watch_pid: Optional[int] = None, on_predump: Optional[Callable[[], None]] = None) -> Iterator[HandOver]:
     """Within the block, run CRIU with ``handover.script``; ``on_frozen`` runs while the tasks are frozen.
     ``on_resumed`` (if given) runs once they run again after a successful hook: as soon as CRIU has let
-    ``watch_pid`` go (its tracer gone), at the latest when the block ends. After the block,
+    ``watch_pid`` go (its tracer gone), at the latest when the block ends; ``on_predump`` (if given) just
+    before CRIU freezes them (``PostDumpHook``). After the block,
     ``handover.outcome`` says what happened (``raise_error()`` re-raises on_frozen's or on_resumed's error).
     ``native``: the compiled hook if it can be had (``handover.native`` says), else the bash one."""
-    with PostDumpHook(on_frozen, timeout, on_resumed, watch_pid) as hook:
+    with PostDumpHook(on_frozen, timeout, on_resumed, watch_pid, on_predump) as hook:
         binary = native_hook(int(timeout)) if native else None
         script = None
         if binary:  # it finds the FIFOs beside the path CRIU runs it by

@@ -285,6 +285,7 @@ class PodmanBackend(Backend):
     name = "podman"
     sends_marker = True  # the marker goes down the namespace's interface while the tasks are frozen
     cuts_async = True  # as for CRIU members: the tasks run on once the switch sent the marker back
+    prepares_itself = True  # at CRIU's pre-dump, not before podman (and runc, and CRIU) even start
     restores_paused = False  # restored with its tasks stopped (CRIU leave-stopped); its clock runs on
     Spec = ContainerMember
     SCHEMA = Schema({
@@ -383,7 +384,7 @@ class PodmanBackend(Backend):
                 os.makedirs(work)
                 where = self.running(member)
                 try:
-                    report = self._checkpoint(member, where, work, at_cut, cut_called, resumed)
+                    report = self._checkpoint(member, where, work, at_cut, cut_called, resumed, prepare)
                     break
                 except PodmanError:
                     # As for CRIU members: a checkpoint that failed before its cut left the container
@@ -403,7 +404,7 @@ class PodmanBackend(Backend):
                            files=stored, details={k: v for k, v in report.items() if k != "pause_ms"})
 
     def _checkpoint(self, member: ContainerMember, where: Located, work: str, at_cut, cut_called,
-                    resumed=None) -> dict:
+                    resumed=None, prepare=None) -> dict:
         """One ``podman container checkpoint``: the cut in CRIU's post-dump, the archive rebuilt with
         the files as they were then; returns the timings."""
         cut_dir = os.path.join(work, "cut")
@@ -428,7 +429,8 @@ class PodmanBackend(Backend):
             at_cut()
 
         started = time.monotonic()
-        with frozen_hand_over(on_frozen, native=self.native_hook, on_resumed=resumed, watch_pid=where.pid) as handover:
+        with frozen_hand_over(on_frozen, native=self.native_hook, on_resumed=resumed, watch_pid=where.pid,
+                              on_predump=prepare) as handover:
             write_atomically(conf, criu_config(action_script=handover.script))
             try:
                 result = self.podman(checkpoint_argv(member.container_name, export), check=False)

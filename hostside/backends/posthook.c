@@ -2,10 +2,11 @@
  *
  * CRIU runs its action script for every action, three of them (network-lock, post-dump, network-unlock)
  * while the member's tasks are frozen: each run is a fork and exec inside the pause. This program does
- * what criu.HOOK does in bash, without the interpreter: any action but post-dump exits 0 at once; at
- * post-dump it writes "frozen" to the FIFO "request" beside the path it was run by (argv[0], a symlink
- * in the hand-over's private directory), waits up to VIOLIN_HOOK_TIMEOUT_S for a line on "reply" and
- * exits 0 only if that line is "ok" (else CRIU fails the dump and lets the tasks run). */
+ * what criu.HOOK does in bash, without the interpreter: any action but pre-dump and post-dump exits 0
+ * at once; at those two it writes "predump" (the tasks still run: the helper prepares the cut) or
+ * "frozen" (they are frozen: the cut) to the FIFO "request" beside the path it was run by (argv[0], a
+ * symlink in the hand-over's private directory), waits up to VIOLIN_HOOK_TIMEOUT_S for a line on
+ * "reply" and exits 0 only if that line is "ok" (else CRIU fails the dump and lets the tasks run). */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -33,9 +34,14 @@ int main(int argc, char **argv)
 	char *slash;
 	int request, reply;
 	long deadline;
+	const char *line;
 	ssize_t got = 0;
 
-	if (!action || strcmp(action, "post-dump"))
+	if (action && !strcmp(action, "post-dump"))
+		line = "frozen\n";
+	else if (action && !strcmp(action, "pre-dump"))
+		line = "predump\n";
+	else
 		return 0;
 	if (argc < 1 || strlen(argv[0]) >= sizeof(dir))
 		return 1;
@@ -51,7 +57,7 @@ int main(int argc, char **argv)
 	reply = open(path, O_RDWR);
 	if (request < 0 || reply < 0)
 		return 1;
-	if (write(request, "frozen\n", 7) != 7)
+	if (write(request, line, strlen(line)) != (ssize_t)strlen(line))
 		return 1;
 	deadline = now_ms() + VIOLIN_HOOK_TIMEOUT_S * 1000L;
 	while (got < (ssize_t)sizeof(answer) - 1 && !memchr(answer, '\n', got)) {

@@ -100,12 +100,13 @@ def processes(under=None):
             yield argv
 
 
-def in_the_hook(helper_pid):
-    """True while a CRIU post-dump hook of this helper (the compiled one, or criu.HOOK in bash) waits for its answer."""
+def in_the_hook(helper_pid, action="post-dump"):
+    """True while a CRIU hook of this helper (the compiled one, or criu.HOOK in bash) for ``action`` waits
+    for its answer."""
     for pid in hook_pids(helper_pid):
         try:
             with open("/proc/%d/environ" % pid, "rb") as handle:
-                if b"CRTOOLS_SCRIPT_ACTION=post-dump" in handle.read().split(b"\0"):
+                if b"CRTOOLS_SCRIPT_ACTION=" + action.encode() in handle.read().split(b"\0"):
                     return True
         except OSError:
             continue
@@ -235,8 +236,9 @@ def test_controller_killed_mid_snapshot(slice_controller, tmp_path):
             _, snap = controller.request("POST", "/violin/snapshots", {})
             path = "/violin/snapshots/%s" % snap["id"]
             victim = poll(lambda: next((h.name for h in net.hosts if dumping(members.pids[h.name])), None))
-            os.kill(controller.process.pid, signal.SIGSTOP)  # prepared and dumping: its cut call will hang...
-            poll(lambda: in_the_hook(members.helper_process.pid), timeout=10)  # CRIU froze it, runs our hook
+            # CRIU runs: its pre-dump hook asks the controller's prepare, which will hang...
+            os.kill(controller.process.pid, signal.SIGSTOP)
+            poll(lambda: in_the_hook(members.helper_process.pid, "pre-dump"), timeout=10)
             time.sleep(0.3)
             killed = time.monotonic()
             kill_controller(controller)  # ...until the controller is gone for good
@@ -244,13 +246,16 @@ def test_controller_killed_mid_snapshot(slice_controller, tmp_path):
             jobs = poll(lambda: (lambda j: j if all(v["state"] != "running" for v in j.values()) else None)(
                 helper_jobs(members)), timeout=criu.HOOK_TIMEOUT_S + 5, every=0.1)
         frozen, resumed = stalls.longest(victim)
-        print("controller killed: %s frozen %.0f ms in all, resumed %.0f ms after the kill"
+        print("controller killed: %s stalled %.0f ms at most, last stall ended %.0f ms after the kill"
               % (victim, frozen * 1000, (resumed - killed) * 1000))
-        assert resumed - killed < 2.0, (frozen, resumed - killed)  # told to fail at once, not at HOOK_TIMEOUT_S
+        # The member never waits, frozen, for the controller: it is prepared before CRIU freezes it, and an
+        # asynchronous cut runs it on before calling the controller again.
+        assert frozen < 1.0, (frozen, resumed - killed)
         mine = {k: v for k, v in jobs.items() if k.startswith(snap["id"] + "/")}
         print("helper jobs: %s" % {k: (v["state"], v.get("reason", "")[-40:]) for k, v in mine.items()})
         assert mine and all(v["state"] == "failed" and v.get("reason") for v in mine.values()), mine
-        assert "/cut" in mine["%s/%s" % (snap["id"], victim)]["reason"], mine  # it failed in its cut call
+        reason = mine["%s/%s" % (snap["id"], victim)]["reason"]
+        assert "/prepare" in reason or "/cut" in reason, mine  # it failed calling the controller, said so
         restart_controller(controller, net, members)
         view = controller.get(path)[1]
         assert view["state"] == "aborted" and "restarted" in view["reason"] and not view["restorable"], view
@@ -316,10 +321,14 @@ def _switch_lost(controller, tmp_path, fault, what):
         view = wait_until_done(controller.api, path, timeout=30)
         print("%s: %s: %s" % (what, view["state"], view["reason"]))
         assert view["state"] == "aborted" and not view["restorable"], view
-        assert any(why in view["reason"] for why in ("disappeared from the network", "did not confirm")), view
+        assert any(why in view["reason"] for why in ("disappeared from the network", "did not confirm",
+                                                     "did not send the cut marker back")), view
         assert_holds_released(view)
         lab.wait_settled(controller, 1, 0, timeout=20)
         time.sleep(0.5)
+        # A member frozen while its switch went away waits for its marker to come back (at most
+        # criu.MARKER_CONFIRM_S), then CRIU lets it run: the snapshot is aborted either way.
+        poll(lambda: all(slicelab.advancing(members, h, 0.1) for h in net.hosts), criu.MARKER_CONFIRM_S + 3, 0.05)
         assert_slice_runs(net, members)
         restores_and_oracle_clean(controller, net, members, good)
         return view

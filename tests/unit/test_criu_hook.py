@@ -192,3 +192,32 @@ def test_a_confirmed_marker_waits_for_its_own_frame_to_come_back():
     plain = FakePacketSocket(after=[(marker, 0)])
     criu.MarkerLink(plain, marker).prove()  # the synchronous cut only sends it
     assert plain.sent == [marker] and plain.after == [(marker, 0)]
+
+
+def test_the_hook_prepares_at_pre_dump_then_cuts_at_post_dump():
+    events = []
+    with criu.PostDumpHook(lambda: events.append("frozen"), on_predump=lambda: events.append("prepared")) as hook:
+        assert run_script(hook, "network-lock") == 0 and events == []
+        assert run_script(hook, "pre-dump") == 0 and events == ["prepared"]
+        assert run_script(hook) == 0
+    assert events == ["prepared", "frozen"] and hook.predump_error is None
+
+    def refuse():
+        raise RuntimeError("prepare refused")
+    with criu.PostDumpHook(lambda: events.append("never"), on_predump=refuse) as hook:
+        assert run_script(hook, "pre-dump") == 1  # CRIU fails the dump before freezing anything
+    assert isinstance(hook.predump_error, RuntimeError) and "never" not in events
+
+
+def test_the_compiled_hook_prepares_at_pre_dump_too(tmp_path):
+    from hostside.backends import handover
+    binary = handover.native_hook(cache=str(tmp_path / "cache"))
+    if binary is None:
+        pytest.skip("no C compiler here")
+    events = []
+    with handover.frozen_hand_over(lambda: events.append("frozen"), on_predump=lambda: events.append("prepared"),
+                                   native=True) as hand:
+        for action in ("pre-dump", "network-lock", "post-dump"):
+            assert subprocess.run([hand.script], env=dict(os.environ, CRTOOLS_SCRIPT_ACTION=action),
+                                  timeout=20).returncode == 0
+    assert events == ["prepared", "frozen"]

@@ -314,6 +314,8 @@ def _dumps(rig, outcomes):
         outcome = outcomes[len(rig.dumps)]
         rig.dumps.append(outcome)
         os.makedirs(images, exist_ok=True)
+        if options.get("on_predump"):  # CRIU runs the hook at pre-dump, before anything can fail
+            options["on_predump"]()
         if outcome == "fail":
             raise criu.CriuError("criu dump of f1 failed: queue changed")
         on_frozen()
