@@ -34,7 +34,8 @@ What a backend must provide:
                       (frames to the member held from then on) before
                       ``snapshot``; True: the backend calls ``prepare()`` itself,
                       as late as it can but before the member stops (a VM: just
-                      before the migration's switchover, not before its pre-copy)
+                      before the migration's switchover, not before its pre-copy;
+                      CRIU and podman members: at CRIU's pre-dump action)
 ``locate``            where the member is *now* (pid, namespaces, interface,
                       MAC), found afresh for each operation: a restored member's
                       pid or namespace can change
