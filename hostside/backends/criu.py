@@ -630,6 +630,52 @@ class MarkerLink:
         self.sock.close()
 
 
+UDP_DRAIN_S = float(os.environ.get("VIOLIN_UDP_DRAIN_S", "0.25"))  # how long a prepared member may take to read
+# what its UDP sockets hold before CRIU freezes it (CRIU drops a datagram socket's read queue)
+
+
+def udp_queued(pid: int, root: str = "/proc") -> int:
+    """Bytes waiting in the receive queues of the UDP sockets of ``pid``'s network namespace."""
+    total = 0
+    for name in ("udp", "udp6", "udplite", "udplite6"):
+        try:
+            with open("%s/%d/net/%s" % (root, pid, name)) as handle:
+                next(handle, None)  # the header
+                for line in handle:
+                    fields = line.split()
+                    if len(fields) > 4 and ":" in fields[4]:
+                        total += int(fields[4].split(":")[1], 16)
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def wait_udp_drained(pid: int, timeout: float = None, clock=time.monotonic, sleep=time.sleep,
+                     queued=udp_queued) -> Tuple[float, int]:
+    """Wait (bounded) until the member has read what its UDP sockets hold; (ms waited, bytes left).
+
+    CRIU does not dump a datagram socket's read queue ("Read queue is dropped"): a datagram the
+    kernel took for a member before the controller's prepare held its frames, but that the member
+    had not read when CRIU froze it, would be in no image and no channel state, lost to a restore.
+    With the prepare in force nothing new arrives, so a member that reads empties them."""
+    timeout = UDP_DRAIN_S if timeout is None else timeout
+    began = clock()
+    left = queued(pid)
+    while left and clock() - began < timeout:
+        sleep(0.0005)
+        left = queued(pid)
+    return (clock() - began) * 1000, left
+
+
+def dropped_read_queues(images: str) -> int:
+    """How many datagram sockets' read queues CRIU dropped in this dump (its log says so, one line each)."""
+    try:
+        with open(os.path.join(images, "dump.log"), "rb") as handle:
+            return handle.read().count(b"Read queue is dropped for socket")
+    except OSError:
+        return 0
+
+
 def tracer_of(pid: int) -> Optional[int]:
     """The pid tracing ``pid`` (0: none), None when it is gone."""
     try:
@@ -948,6 +994,12 @@ class CriuBackend(Backend):
             began = time.monotonic()
             prepare()
             timings.setdefault("prepare_ms", round((time.monotonic() - began) * 1000, 3))
+            drained_ms, left = wait_udp_drained(process.pid)
+            timings["udp_drain_ms"] = round(drained_ms, 3)
+            if left:
+                timings["udp_unread_bytes"] = left
+                LOG.warning("%s: %d bytes still unread in its UDP sockets after %.0f ms; CRIU drops them",
+                            member.name, left, drained_ms)
 
         try:
             if member.workdir:
@@ -968,6 +1020,11 @@ class CriuBackend(Backend):
                         raise
                     shutil.rmtree(images, ignore_errors=True)
                     time.sleep(self.retry_delay)
+            dropped = dropped_read_queues(images)
+            if dropped:  # datagrams the member had not read at the freeze: in no image, no channel state
+                timings["criu_dropped_udp_queues"] = dropped
+                LOG.warning("%s: CRIU dropped the read queues of %d UDP sockets (unread at the freeze)",
+                            member.name, dropped)
             with open(os.path.join(images, IDENTITY), "w") as handle:  # who it is on the LAN, for a restore elsewhere
                 json.dump({"mac": where.mac, "iface": where.iface, "ip": where.details.get("ip")}, handle)
             if capture is not None:  # a snapshot server's client stores the capture as the tar, unwritten

@@ -429,8 +429,17 @@ class PodmanBackend(Backend):
             at_cut()
 
         started = time.monotonic()
+        drain = {}
+
+        def on_predump():  # just before CRIU freezes the tasks: frames held from here on, sockets read
+            if prepare is not None:
+                prepare()
+            drain["udp_drain_ms"], left = criu.wait_udp_drained(where.pid)
+            if left:
+                drain["udp_unread_bytes"] = left
+
         with frozen_hand_over(on_frozen, native=self.native_hook, on_resumed=resumed, watch_pid=where.pid,
-                              on_predump=prepare) as handover:
+                              on_predump=on_predump) as handover:
             write_atomically(conf, criu_config(action_script=handover.script))
             try:
                 result = self.podman(checkpoint_argv(member.container_name, export), check=False)
@@ -454,6 +463,7 @@ class PodmanBackend(Backend):
                 "podman_checkpoint_ms": _stat(result.stdout, "podman_checkpoint_duration"),
                 "files_ms": round(files_ms, 3), "checkpoint_ms": round(checkpoint_ms, 1),
                 "hook_script": "native" if handover.native else "bash",
+                **{k: round(v, 3) if isinstance(v, float) else v for k, v in drain.items()},
                 **({"resumed_after_ms": handover.outcome["resumed_after_ms"]}
                    if "resumed_after_ms" in handover.outcome else {}),
                 "rebuild_ms": round((time.monotonic() - started) * 1000, 1)}

@@ -1,5 +1,6 @@
 """The consistency oracle over many random snapshot+restore cycles, and the baseline that must fail."""
 
+import json
 import os
 import random
 import signal
@@ -60,6 +61,9 @@ def test_restored_snapshots_lose_and_duplicate_nothing(slice_controller, tmp_pat
           % (shape, restored, result["totals"], counts, drops))
     # On failure: the snapshots' frame counts and every drop counter that grew (OVS ports, packet-in
     # queues, the members' UDP sockets) tell a cut's loss from a network overloaded on 2 cores.
+    if not result["consistent"]:  # in full (an assertion's message is cut short in the report)
+        print("inconsistent streams: %s" % json.dumps({k: v for k, v in result["streams"].items()
+                                                       if v["gaps"] or v["duplicates"]}, default=str))
     assert result["consistent"], (result["totals"], {k: v for k, v in result["streams"].items()
                                                      if v["gaps"] or v["duplicates"]}, counts, drops)
     # Every TCP connection stayed up across the restores: a broken one is never re-opened, so it would

@@ -221,3 +221,26 @@ def test_the_compiled_hook_prepares_at_pre_dump_too(tmp_path):
             assert subprocess.run([hand.script], env=dict(os.environ, CRTOOLS_SCRIPT_ACTION=action),
                                   timeout=20).returncode == 0
     assert events == ["prepared", "frozen"]
+
+
+def test_udp_queued_adds_the_receive_queues_of_the_namespace(tmp_path):
+    net = tmp_path / "7" / "net"
+    net.mkdir(parents=True)
+    (net / "udp").write_text(
+        "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        "  1: 0100000A:1F90 00000000:0000 07 00000000:00000200 00:00000000 00000000     0        0 1\n"
+        "  2: 0100000A:1F91 00000000:0000 07 00000010:00000000 00:00000000 00000000     0        0 2\n")
+    (net / "udp6").write_text("  sl  local_address ...\n  0: 0000:1 0000:0 07 00000000:00000001 00:0 0 0 0 3\n")
+    assert criu.udp_queued(7, root=str(tmp_path)) == 0x200 + 1
+    assert criu.udp_queued(8, root=str(tmp_path)) == 0  # gone: nothing to wait for
+
+
+def test_the_drain_waits_until_the_member_read_its_queues_or_the_bound():
+    now = [0.0]
+    levels = iter([300, 100, 0])
+    waited, left = criu.wait_udp_drained(1, timeout=1.0, clock=lambda: now[0],
+                                         sleep=lambda s: now.__setitem__(0, now[0] + 0.01), queued=lambda pid: next(levels))
+    assert left == 0 and round(waited) == 20
+    waited, left = criu.wait_udp_drained(1, timeout=0.05, clock=lambda: now[0],
+                                         sleep=lambda s: now.__setitem__(0, now[0] + 0.01), queued=lambda pid: 64)
+    assert left == 64 and waited >= 50
