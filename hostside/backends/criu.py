@@ -727,14 +727,16 @@ def become_subreaper() -> None:
 
 def stop_tree(pid: int, timeout: float = 5.0) -> None:
     """Kill a member's process group and wait until its PID is free (reaped, if it is our child)."""
+    killed = False
     for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
         try:
             kill()
+            killed = True
             break
-        except ProcessLookupError:
-            return
-        except PermissionError:
+        except (ProcessLookupError, PermissionError):  # not a group leader: the process itself, then
             continue
+    if not killed and not os.path.exists("/proc/%d" % pid):
+        return  # gone already
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
