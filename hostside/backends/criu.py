@@ -236,7 +236,7 @@ class PostDumpHook:
             if self.watch_pid:  # CRIU unlocks the network, then lets the tasks go (ptrace detach)
                 deadline = answered + RESUME_WATCH_S
                 while tracer_of(self.watch_pid) not in (0, None) and time.monotonic() < deadline:
-                    time.sleep(0.0002)
+                    time.sleep(0.001)  # not faster: this thread would take CPU from CRIU, which still has the tasks
             self.resumed_after_ms = (time.monotonic() - answered) * 1000
             self.run_resumed()
 
@@ -662,7 +662,7 @@ def wait_udp_drained(pid: int, timeout: float = None, clock=time.monotonic, slee
     began = clock()
     left = queued(pid)
     while left and clock() - began < timeout:
-        sleep(0.0005)
+        sleep(0.001)
         left = queued(pid)
     return (clock() - began) * 1000, left
 
@@ -992,10 +992,12 @@ class CriuBackend(Backend):
             at_cut()  # (it prepares first if CRIU did not run the hook at pre-dump)
             timings["cut_ms"] = round((time.monotonic() - began) * 1000, 3)
 
-        def timed_prepare():  # at CRIU's pre-dump: the tasks still run and are frozen right after
+        def timed_prepare():  # before CRIU starts (at its pre-dump the purge's upcalls met the freeze)
             began = time.monotonic()
             prepare()
             timings.setdefault("prepare_ms", round((time.monotonic() - began) * 1000, 3))
+
+        def drain():  # at CRIU's pre-dump: the tasks still run and are frozen right after
             drained_ms, left = wait_udp_drained(process.pid)
             timings["udp_drain_ms"] = round(drained_ms, 3)
             if left:
@@ -1011,8 +1013,9 @@ class CriuBackend(Backend):
             for attempt in range(1, DUMP_ATTEMPTS + 1):
                 try:
                     with self.freezes:
+                        timed_prepare()
                         report = dump(process, images, on_frozen, network_lock=SNAPSHOT_NETWORK_LOCK,
-                                      capture=capture or _NO_CAPTURE, on_resumed=resumed, on_predump=timed_prepare)
+                                      capture=capture or _NO_CAPTURE, on_resumed=resumed, on_predump=drain)
                     break
                 except CriuError:
                     # A dump that failed before its cut left the member running and its frames held:
