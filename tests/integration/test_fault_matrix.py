@@ -100,37 +100,6 @@ def processes(under=None):
             yield argv
 
 
-def in_the_hook(helper_pid, action="post-dump"):
-    """True while a CRIU hook of this helper (the compiled one, or criu.HOOK in bash) for ``action`` waits
-    for its answer."""
-    for pid in hook_pids(helper_pid):
-        try:
-            with open("/proc/%d/environ" % pid, "rb") as handle:
-                if b"CRTOOLS_SCRIPT_ACTION=" + action.encode() in handle.read().split(b"\0"):
-                    return True
-        except OSError:
-            continue
-    return False
-
-
-def hook_pids(helper_pid):
-    """Pids of the hook scripts CRIU runs for this helper's dumps."""
-    found, ours = [], None
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as handle:
-                argv = handle.read().split(b"\0")
-        except OSError:
-            continue
-        if any(a.endswith((b"/hook.sh", b"/posthook")) and b"violin-criu-" in a for a in argv[:3]):
-            ours = list(processes(helper_pid)) if ours is None else ours
-            if argv in ours:
-                found.append(int(entry))
-    return found
-
-
 def member_state(controller, path, wanted):
     """The first member of the snapshot or restore at ``path`` whose state is ``wanted``."""
     def find():
