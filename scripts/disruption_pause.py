@@ -176,7 +176,8 @@ def plot(record, path):
         handles.append((drawn["boxes"][0], label))
     axis.legend([h for h, _ in handles], [l for _, l in handles], fontsize=8, loc="upper left")
     axis.set_xticks(list(where), ["%s per helper" % n for n in sizes])
-    axis.set_ylabel("member frozen, ms (CRIU stats-dump)")
+    axis.set_yscale("log")  # 1-2 members at ~50 ms beside 8 at ~500
+    axis.set_ylabel("member frozen, ms (CRIU stats-dump, log scale)")
     axis.set_title("CRIU pause with the cut vs bare (p50 ratio: %s)" % ", ".join(
         "%s: %.2fx" % (n, record["series"][n]["summary"]["ratio_p50"]) for n in sizes), fontsize=9)
     axis.grid(axis="y", alpha=0.3)
