@@ -170,8 +170,8 @@ class PostDumpHook:
     ``hook.hook_ms`` how long it held the tasks. Two FIFOs in a private directory carry it.
 
     CRIU runs the script at ``pre-dump`` too, just before it freezes the tasks: ``on_predump()`` (if
-    given) runs then, while they still run (the controller's prepare: frames for the member held from
-    then on, as late as can be); if it raises, CRIU fails the dump before freezing anything.
+    given) runs then, while they still run (the UDP drain; for containers the controller's prepare
+    first); if it raises, CRIU fails the dump before freezing anything.
     """
 
     def __init__(self, on_frozen: Callable[[], None], timeout: float = HOOK_TIMEOUT_S,
