@@ -279,6 +279,14 @@ class ChunkStore(Store):
                 return entry
         raise NotFound("no file %s/%s/%s" % (snapshot, member, name))
 
+    def manifests(self, snapshot: str, member: str) -> dict:
+        """Every file's entry of a member's image in one answer: {snapshot, member, files: [entry, ...]};
+        NotFound if the member has no manifests here (none, or only files of the old layout)."""
+        index = self._read_index(snapshot, member)
+        if index is None:
+            raise NotFound("no manifests for %s/%s" % (snapshot, member))
+        return {"snapshot": snapshot, "member": member, "files": index.get("files", [])}
+
     def commit(self, snapshot: str, member: str, name: str, size: int, sha256: str,
                chunks: List[list], checksum: Optional[str] = None) -> FileInfo:
         """Make file ``name`` the one made of ``chunks`` ([[id, size], ...], every one already stored);

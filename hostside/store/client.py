@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 import urllib.parse
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 from violin_client import tls
 from violin_core.errors import reason_of
@@ -392,28 +392,33 @@ class ImageServer:
             raise self._refused("the manifest of %s/%s/%s" % (snapshot, member, name), status, answer)
         return answer
 
-    def _fetch_group(self, group, where: str) -> bytes:
+    def _fetch_group(self, group, where_of: Callable[[int], str]) -> bytes:
         """The frames of ``group``'s chunks, as the server sent them (checked by the caller)."""
-        body = json.dumps({"chunks": [cid for cid, _ in group]}).encode()
+        ids = [cid for cid, _ in group]
+        body = json.dumps({"chunks": ids}).encode()
         response, connection = self._request("POST", "/chunks/fetch", body, {"Content-Type": "application/json"})
         try:
             if response.status != 200:
                 answer = read_answer(response)
                 missing = answer.get("missing") if isinstance(answer, dict) else None
-                raise StorageError("snapshot server %s: %s%s" % (
-                    self.url, "chunk %s is missing" % missing[0] if missing else
-                    "%s %s" % (response.status, reason_of(answer)), where))
+                if missing and missing[0] in ids:
+                    raise StorageError("snapshot server %s: chunk %s is missing%s" % (
+                        self.url, missing[0], where_of(ids.index(missing[0]))))
+                raise StorageError("snapshot server %s: %s %s%s" % (
+                    self.url, response.status, reason_of(answer), where_of(0)))
             return response.read()
         except (OSError, http.client.HTTPException) as error:
             raise StorageError("snapshot server %s: fetching chunks%s failed: %s" % (
-                self.url, where, self._failure(error))) from None
+                self.url, where_of(0), self._failure(error))) from None
         finally:
             self._release(connection, response)
 
-    def _checked_group(self, group, where: str) -> List[bytes]:
-        """The contents of ``group``'s chunks, fetched, each decompressed and checked against its id."""
-        frames, contents = chunking.split_frames(self._fetch_group(group, where)), []
-        for cid, size in group:
+    def _checked_group(self, group, where_of: Callable[[int], str]) -> List[bytes]:
+        """The contents of ``group``'s chunks ([(id, size), ...]), fetched, each decompressed and checked
+        against its id; ``where_of(i)`` names the file of chunk ``i`` in errors."""
+        frames, contents = chunking.split_frames(self._fetch_group(group, where_of)), []
+        for number, (cid, size) in enumerate(group):
+            where = where_of(number)
             try:
                 got = next(frames, None)
             except chunking.ChunkError as error:
@@ -428,39 +433,50 @@ class ImageServer:
                 raise ChecksumError(str(error)) from None
         return contents
 
-    def _download_chunks(self, snapshot: str, member: str, manifest: dict, target: str) -> str:
-        """Write a file from its chunks, each checked; its checksum (the content's sha256, or the chunk
-        list's for a manifest whose ``checksum`` is ``chunking.LIST_CHECKSUM``). ChecksumError/StorageError
-        name the chunk.
+    def manifests(self, snapshot: str, member: str):
+        """Every file's manifest of a member's image, in one call; None when the server cannot answer
+        them so (a store of whole files, an older server, or a member's images of the old layout)."""
+        if not self.takes_chunks():
+            return None
+        status, answer = self._call("GET", "/manifests/%s/%s" % (snapshot, member))
+        if status in (404, 405):
+            return None
+        if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("files"), list):
+            raise self._refused("the manifests of %s/%s" % (snapshot, member), status, answer)
+        return answer["files"]
 
-        FETCHERS threads fetch, decompress and check the next groups of chunks (each on its own
-        connection; zstd, BLAKE3 and the sockets release the GIL) while this one writes them in order:
-        at most FETCHERS + 1 groups (~8 MiB each) in memory."""
-        where = " of image file %s of member %s (snapshot %s)" % (manifest["name"], member, snapshot)
-        by_list = manifest.get("checksum") == chunking.LIST_CHECKSUM
-        digest, chunks = hashlib.sha256(), manifest["chunks"]
-        groups = [chunks[start:start + FETCH_CHUNKS] for start in range(0, len(chunks), FETCH_CHUNKS)]
-        with concurrent.futures.ThreadPoolExecutor(FETCHERS, thread_name_prefix="chunk-fetcher") as pool:
-            pending = collections.deque()
-            try:
-                with open(target, "wb") as handle:
+    def _download_chunks(self, snapshot: str, member: str, manifests: List[dict], directory: str) -> None:
+        """Write every file of ``manifests`` into ``directory`` from its chunks, each chunk checked against
+        its id and each file against its checksum (the content's sha256, or the chunk list's for a
+        manifest whose ``checksum`` is ``chunking.LIST_CHECKSUM``). ChecksumError/StorageError name them.
+
+        The chunks of all the files are fetched in groups of FETCH_CHUNKS that cross file boundaries: a
+        CRIU image is ~40 files, most smaller than one chunk, and a request per file (plus its manifest)
+        was 2-3 ms each, most of a member's staging. FETCHERS threads fetch, decompress and check the next
+        groups (each on its own connection; zstd, BLAKE3 and the sockets release the GIL) while this one
+        writes them in order: at most FETCHERS + 1 groups (~8 MiB each) in memory."""
+        pieces = [(number, cid, size) for number, manifest in enumerate(manifests) for cid, size in manifest["chunks"]]
+        groups = [pieces[start:start + FETCH_CHUNKS] for start in range(0, len(pieces), FETCH_CHUNKS)]
+        writer = _ImageWriter(manifests, directory, " of member %s (snapshot %s)" % (member, snapshot))
+        try:
+            with concurrent.futures.ThreadPoolExecutor(FETCHERS, thread_name_prefix="chunk-fetcher") as pool:
+                pending = collections.deque()
+                try:
                     for group in groups:
-                        pending.append(pool.submit(self._checked_group, group, where))
+                        pending.append((group, pool.submit(self._checked_group, [(c, n) for _, c, n in group],
+                                                           lambda i, group=group: writer.where(group[i][0]))))
                         if len(pending) > FETCHERS:
-                            self._write_group(pending.popleft().result(), handle, None if by_list else digest)
+                            done, future = pending.popleft()
+                            writer.write(done, future.result())
                     while pending:
-                        self._write_group(pending.popleft().result(), handle, None if by_list else digest)
-            finally:
-                for future in pending:
-                    future.cancel()
-        return chunking.list_checksum(chunks) if by_list else digest.hexdigest()
-
-    @staticmethod
-    def _write_group(contents, handle, digest) -> None:
-        if digest is not None:
-            for content in contents:
-                digest.update(content)
-        handle.writelines(contents)
+                        done, future = pending.popleft()
+                        writer.write(done, future.result())
+                finally:
+                    for _, future in pending:
+                        future.cancel()
+            writer.finish()
+        finally:
+            writer.close()
 
     def download_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
         """Fetch every file of a member's image into ``directory``, each chunk and checksum verified."""
@@ -469,15 +485,16 @@ class ImageServer:
 
     def _download_dir(self, snapshot: str, member: str, directory: str) -> List[Dict]:
         os.makedirs(directory, exist_ok=True)
-        files = self.index(snapshot, member)["files"]
-        for entry in files:
-            manifest = self.manifest(snapshot, member, entry["name"])
-            if manifest is not None:
-                checksum = self._download_chunks(snapshot, member, manifest, os.path.join(directory, entry["name"]))
-                if checksum != entry["sha256"]:
-                    raise ChecksumError("image file %s of %s/%s is corrupt: sha256 %s, expected %s" % (
-                        entry["name"], snapshot, member, checksum, entry["sha256"]))
-                continue
+        manifests, whole = self.manifests(snapshot, member), []
+        if manifests is not None:
+            files = [{"name": m["name"], "bytes": m["bytes"], "sha256": m["sha256"]} for m in manifests]
+        else:  # one manifest per file, or whole files
+            files, manifests = self.index(snapshot, member)["files"], []
+            for entry in files:
+                manifest = self.manifest(snapshot, member, entry["name"])
+                (whole if manifest is None else manifests).append(manifest or entry)
+        self._download_chunks(snapshot, member, manifests, directory)
+        for entry in whole:
             response, connection = self._request("GET", "/images/%s/%s/%s" % (snapshot, member, entry["name"]))
             try:
                 if response.status != 200:
@@ -494,6 +511,53 @@ class ImageServer:
                 raise ChecksumError("image file %s of %s/%s is corrupt: sha256 %s, expected %s" % (
                     entry["name"], snapshot, member, digest.hexdigest(), entry["sha256"]))
         return files
+
+
+class _ImageWriter:
+    """Writes the chunks of a download's files in order, one file open at a time, and checks each file
+    against its manifest's checksum as it is closed."""
+
+    def __init__(self, manifests: List[dict], directory: str, where: str):
+        self.manifests, self.directory, self._where = manifests, directory, where
+        self.current, self.handle, self.digest = -1, None, None
+
+    def where(self, number: int) -> str:
+        """Names file ``number`` in an error: " of image file NAME of member M (snapshot S)"."""
+        return " of image file %s%s" % (self.manifests[number]["name"], self._where)
+
+    def write(self, group, contents) -> None:
+        for (number, _, _), content in zip(group, contents):
+            self._advance(number)
+            if self.digest is not None:
+                self.digest.update(content)
+            self.handle.write(content)
+
+    def finish(self) -> None:
+        """Every file written (the empty ones too) and checked."""
+        self._advance(len(self.manifests))
+
+    def _advance(self, number: int) -> None:
+        while self.current < number:
+            if self.handle is not None:
+                self._close_checked()
+            self.current += 1
+            if self.current < len(self.manifests):
+                manifest = self.manifests[self.current]
+                self.handle = open(os.path.join(self.directory, manifest["name"]), "wb")
+                self.digest = None if manifest.get("checksum") == chunking.LIST_CHECKSUM else hashlib.sha256()
+
+    def _close_checked(self) -> None:
+        manifest, handle, self.handle = self.manifests[self.current], self.handle, None
+        handle.close()
+        checksum = chunking.list_checksum(manifest["chunks"]) if self.digest is None else self.digest.hexdigest()
+        if checksum != manifest["sha256"]:
+            raise ChecksumError("image file %s%s is corrupt: sha256 %s, expected %s" % (
+                manifest["name"], self._where, checksum, manifest["sha256"]))
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
 def takes_trees(sink) -> bool:

@@ -22,6 +22,8 @@ server lacks (a FileStore answers them 405, and the client falls back to whole-f
                                                 -> 201, or 409 {"missing": [...]} naming the chunks to send
                                                 first; "checksum": "chunk-list": sha256 is the chunk list's
     GET    /manifests/<snapshot>/<member>/<file>  {"name", "bytes", "sha256", "chunks"}
+    GET    /manifests/<snapshot>/<member>       {"snapshot", "member", "files": [manifest, ...]}: every file's
+                                                at once (a download's one call; 404 for the old layout)
 
 Every call but /health and /metrics needs ``Authorization: Bearer <token>``. Errors answer
 ``{"error": <name>, "reason": <text>}`` (``violin_core.errors``). This is only the
@@ -134,9 +136,9 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             parts = self.path.strip("/").split("/")
             if parts[0] == "chunks" and len(parts) == 2 and parts[1] in ("missing", "upload", "fetch"):
                 return ["@chunks", parts[1]]
-            if parts[0] == "manifests" and len(parts) == 4:
+            if parts[0] == "manifests" and len(parts) in (3, 4):
                 if not all(NAME_RE.match(p) for p in parts[1:]):
-                    self._error(400, "expected /manifests/<snapshot>/<member>/<file> with names of letters, "
+                    self._error(400, "expected /manifests/<snapshot>/<member>[/<file>] with names of letters, "
                                      "digits, _ . -")
                     return None
                 return ["@manifests"] + parts[1:]
@@ -246,6 +248,8 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             if parts[0] == "@manifests":
                 if not self._chunk_store(self.path):
                     return None
+                if len(parts) == 3:
+                    return self.send_json(200, store.manifests(*parts[1:]))
                 return self.send_json(200, store.manifest(*parts[1:]))
             if parts[0].startswith("@"):
                 return self._error(405, "%s takes POST" % self.path)
@@ -269,6 +273,8 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
 
         def _put(self, parts):
             if parts[0] == "@manifests":
+                if len(parts) != 4:
+                    return self._error(400, "PUT /manifests/<snapshot>/<member>/<file>")
                 if not self._chunk_store(self.path):
                     return None
                 body = self._json_body(MANIFEST)

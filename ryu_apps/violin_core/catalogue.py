@@ -95,7 +95,7 @@ class Catalogue:
             return None
 
     def save_extra(self, name: str, document: dict) -> None:
-        write_atomic(os.path.join(self.directory, name), json.dumps(document, indent=1).encode())
+        write_atomic(os.path.join(self.directory, name), json.dumps(document).encode())
 
     def channel_path(self, snapshot_id: str) -> str:
         return os.path.join(self.directory, snapshot_id, CHANNEL)
@@ -106,4 +106,4 @@ class Catalogue:
 
     def _write_manifest(self, manifest: dict) -> None:
         path = os.path.join(self.directory, manifest["id"], MANIFEST)
-        write_atomic(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        write_atomic(path, (json.dumps(manifest, sort_keys=True) + "\n").encode())  # C encoder: not indented

@@ -66,7 +66,9 @@ class RestApp:
             response.body = body.data
             return response
         response = Response(status=status, content_type="application/json", charset="utf-8")
-        response.text = json.dumps(body, indent=1, sort_keys=True) + "\n"
+        # Not indented: with an indent Python's json encodes in Python, 10x slower than its C encoder (a
+        # restore's progress polled every 50 ms cost the controller ~0.4 s of CPU per 8-member restore).
+        response.text = json.dumps(body, sort_keys=True) + "\n"
         return response
 
     def _dispatch(self, request: Request):

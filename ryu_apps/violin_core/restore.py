@@ -67,9 +67,13 @@ class RestoreJob:
     reinjected: int = 0
 
     def view(self) -> dict:
+        """The job as the API shows it and as it is saved: the members' image file lists (40 a CRIU member,
+        in the snapshot's manifest already) left out. With them, saving every job at each member's step
+        (JSON encoded, two fsyncs, on the controller's one event loop) took 0.5 s of an 8-member restore."""
+        members = {name: {k: v for k, v in info.items() if k != "files"} for name, info in self.members.items()}
         return {"id": self.id, "snapshot": self.snapshot, "epoch": self.epoch, "state": self.state,
                 "phase": self.phase, "reason": self.reason, "started": self.started, "finished": self.finished,
-                "members": self.members, "timings_ms": self.timings_ms, "reinjected_frames": self.reinjected}
+                "members": members, "timings_ms": self.timings_ms, "reinjected_frames": self.reinjected}
 
     @classmethod
     def from_view(cls, view: dict) -> "RestoreJob":

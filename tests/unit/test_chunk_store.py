@@ -208,6 +208,62 @@ def test_a_new_client_falls_back_to_whole_files_on_a_file_store_server(tmp_path)
         server.server_close()
 
 
+class CountingRequests(ImageServer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.requests = []
+
+    def _request(self, method, path, body=None, headers=None):
+        self.requests.append((method, path))
+        return super()._request(method, path, body, headers)
+
+
+def test_a_download_asks_for_all_manifests_at_once_and_fetches_small_files_together(client, store, tmp_path):
+    files = {"core-%d.img" % i: data_of(200 + 700 * i, i) for i in range(30)}
+    files.update({"empty.img": b"", "pages-1.img": data_of(900_000, 99)})
+    for name, data in files.items():
+        write(str(tmp_path / "img" / name), data)
+    client.upload_dir("s1", "m1", str(tmp_path / "img"))
+    counting = CountingRequests(client.url, "tok")
+    got = counting.download_dir("s1", "m1", str(tmp_path / "out"))
+    assert {f["name"] for f in got} == set(files)
+    for name, data in files.items():
+        assert (tmp_path / "out" / name).read_bytes() == data
+    fetches = [path for _, path in counting.requests if path == "/chunks/fetch"]
+    assert ("GET", "/manifests/s1/m1") in counting.requests
+    assert len(counting.requests) <= 2 + len(fetches) and len(fetches) <= 2  # was 2 requests a file
+
+
+def test_a_corrupt_chunk_among_small_files_names_its_file(client, store, tmp_path):
+    for i in range(5):
+        store.put("s1", "m1", "f%d.img" % i, [data_of(1000 + i, i)])
+    cid = store.manifest("s1", "m1", "f3.img")["chunks"][0][0]
+    corrupt(store, cid)
+    with pytest.raises(ChecksumError, match="chunk %s.*f3.img.*m1" % cid):
+        client.download_dir("s1", "m1", str(tmp_path / "out"))
+    drop_pack(store, cid)
+    with pytest.raises(StorageError, match="chunk %s is missing.*f3.img.*m1" % cid):
+        client.download_dir("s1", "m1", str(tmp_path / "out2"))
+
+
+def test_a_download_from_a_server_without_the_manifests_call_asks_file_by_file(client, store, tmp_path):
+    for i in range(3):
+        store.put("s1", "m1", "f%d.img" % i, [data_of(5000, i)])
+    counting = CountingRequests(client.url, "tok")
+    real_call = counting._call
+
+    def older_server(method, path, *rest):  # an older server routes /manifests/<s>/<m> nowhere: 404
+        if method == "GET" and path == "/manifests/s1/m1":
+            return 404, {"error": "not_found", "reason": "expected /images/..."}
+        return real_call(method, path, *rest)
+
+    counting._call = older_server
+    got = counting.download_dir("s1", "m1", str(tmp_path / "out"))
+    assert [f["name"] for f in got] == ["f0.img", "f1.img", "f2.img"]
+    assert all((tmp_path / "out" / ("f%d.img" % i)).read_bytes() == data_of(5000, i) for i in range(3))
+    assert ("GET", "/manifests/s1/m1/f2.img") in counting.requests
+
+
 def test_the_chunk_calls_refuse_bad_input_with_json_errors(client, store):
     import http.client
     port = client.port
@@ -230,6 +286,8 @@ def test_the_chunk_calls_refuse_bad_input_with_json_errors(client, store):
     assert status == 409 and answer["missing"] == [chunking.chunk_id(b"a")]
     status, answer = call("POST", "/chunks/fetch", json.dumps({"chunks": [chunking.chunk_id(b"a")]}).encode())
     assert status == 404 and answer["missing"]
+    assert call("GET", "/manifests/nosuch/m1", None)[0] == 404
+    assert call("PUT", "/manifests/s1/m1", b"{}")[0] == 400  # a commit names its file
     status, totals = call("GET", "/stats", None)
     assert status == 200 and {"stored_bytes", "logical_bytes", "chunks"} <= set(totals)
 
@@ -300,6 +358,7 @@ def test_the_documented_chunk_routes_are_served_with_documented_statuses(client,
     calls = [("GET", "/stats", "/stats", None), ("POST", "/chunks/missing", "/chunks/missing", {"chunks": [cid]}),
              ("POST", "/chunks/fetch", "/chunks/fetch", {"chunks": [cid]}),
              ("GET", "/manifests/{snapshot}/{member}/{file}", "/manifests/s1/m1/a.img", None),
+             ("GET", "/manifests/{snapshot}/{member}", "/manifests/s1/m1", None),
              ("PUT", "/manifests/{snapshot}/{member}/{file}", "/manifests/s1/m1/b.img",
               {"bytes": 3, "sha256": hashlib.sha256(b"abc").hexdigest(), "chunks": [[cid, 3]]})]
     for method, template, path, body in calls:

@@ -68,15 +68,15 @@ def test_a_kept_alive_connection_the_server_dropped_is_replaced(url, tmp_path):
     source = image(tmp_path, files=3)
     ImageServer(url, "tok").upload_dir("s1", "m1", str(source))
     client = Counting(url, "tok")
-    real_index = client.index
+    real_call = client._call
 
-    def index_then_drop(snapshot, member):
-        answer = real_index(snapshot, member)
+    def call_then_drop(*args, **kwargs):  # the index, or the manifests, or the store's kind
+        answer = real_call(*args, **kwargs)
         for connection in client._idle:  # as if the server had hung up while the connection was idle
             connection.sock.shutdown(socket.SHUT_RDWR)
         return answer
 
-    client.index = index_then_drop
+    client._call = call_then_drop
     files = client.download_dir("s1", "m1", str(tmp_path / "back"))
     assert {f["name"] for f in files} == {p.name for p in source.iterdir()}
     assert client.connections >= 2  # the dropped one and its replacement
