@@ -27,6 +27,8 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:  # say so: a client must not send its next request on this connection
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 

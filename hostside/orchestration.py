@@ -12,9 +12,11 @@ Snapshot (in the background, one job per snapshot and member)::
        An asynchronous cut (a backend that ``cuts_async``, the default ``VIOLIN_CUT=async``): prepare
        asks {"divert": true} (until its flip the member's own frames go to the controller, coloured by
        its marker), at_cut only sends the marker and waits for the switch to send it back, and once
-       the member runs again (``resumed``) the cut call flips it and the datapath is purged: the
-       member is frozen for no controller round trip, and frames held for it are released only
-       once CRIU's network lock is gone.
+       the member runs again (``resumed``) a cut request frame down its link (``cut_frame`` in the
+       prepare's answer; ``VIOLIN_CUT=async-call``: the cut call, then a purge) has the controller
+       flip it: the member is frozen for no controller round trip, frames held for it are released
+       only once CRIU's network lock is gone, and no HTTP call stands between its resume and that
+       release (its done report flips it if the frame never reached the controller).
     -> controller done {pause_ms, bytes, server, image{backend, files, storage{logical_bytes,
        stored_bytes, sent_bytes}, ...}}
     or, on any failure at any step, controller failed {reason} and the job "failed" with it.
@@ -56,8 +58,10 @@ LOG = logging.getLogger("violin-helper")
 # another (16:39, 8 CRIU members 4 at a time: staging 3148 ms where one took 170). Restores are not
 # bounded: their work is in CRIU's or QEMU's own processes (8 at once: 2.4x one; 3 VMs: 1.29x).
 STAGE_WORKERS = 1
-# "async" (default): backends that can (cuts_async) take the cut off the member's frozen path; "sync": the
-# cut call is made while the member is frozen, as for every backend that cannot (VMs).
+# "async" (default): backends that can (cuts_async) take the cut off the member's frozen path and, once it
+# runs again, ask for its flip by a frame down its link when the controller offers it (``cut_frame``);
+# "async-call": the same with the cut call instead of that frame; "sync": the cut call is made while the
+# member is frozen, as for every backend that cannot (VMs).
 CUT_MODE = os.environ.get("VIOLIN_CUT", "async")
 
 
@@ -474,7 +478,7 @@ class Orchestrator:
         prepare_url = body["prepare_url"] or body["cut_url"].rsplit("/", 1)[0] + "/prepare"
         server = self.server_for(body["member"])
         sink = StoreSink(self.store(server), body["snapshot"], body["member"])
-        wants_async = bool(backend.cuts_async) and CUT_MODE != "sync"
+        wants_async = bool(backend.cuts_async) and CUT_MODE in ("async", "async-call")
         with backend.quiet_proof(member, body["snapshot"]) as prove_quiet:
             prepared, cut = [], {}
 
@@ -483,6 +487,8 @@ class Orchestrator:
                     answer = self.post(prepare_url, {"divert": True} if wants_async else {})
                     # An older controller answers without "divert": then the cut is made while frozen.
                     cut["async"] = wants_async and isinstance(answer, dict) and answer.get("divert") is True
+                    cut["frame"] = cut["async"] and answer.get("cut_frame") is True and CUT_MODE == "async" \
+                        and callable(getattr(prove_quiet, "request_cut", None))
                     self.purge()
                     prepared.append(True)
 
@@ -501,6 +507,10 @@ class Orchestrator:
 
             def resumed():
                 if cut.get("marked") and "answer" not in cut:
+                    if cut.get("frame"):  # in band, behind the marker and what the member sent since
+                        prove_quiet.request_cut()
+                        cut["answer"] = {}
+                        return  # (no purge: a flow the datapath still caches diverts, right, only slower)
                     cut["answer"] = self.post(body["cut_url"], {"marker": True})
                     self.purge()  # the diverting flows the datapath still caches are right, only slower
 
@@ -517,7 +527,7 @@ class Orchestrator:
             self.post(body["done_url"], {
                 "pause_ms": report.pause_ms, "bytes": report.bytes, "server": server,
                 "image": dict(report.details, backend=backend.name, files=report.files, storage=sink.storage(),
-                              cut="async" if cut.get("async") else "sync")})
+                              cut="in-band" if cut.get("frame") else "async" if cut.get("async") else "sync")})
         except ControllerError as error:
             if error.status is not None and 400 <= error.status < 500:  # refused (aborted meanwhile): unused
                 self._discard(sink, body)

@@ -917,6 +917,55 @@ def scale_round(controller, names, label):
     return [(r[2], r[1]["flip_ms"], r[1].get("batch", 1)) for r in results.values()], cpu_ms
 
 
+def scale_round_in_band(controller, hosts, label, timeout=10.0):
+    """One snapshot of ``hosts`` (manual members), each prepared with ``divert`` and its marker sent on its
+    own link, then all cut at once by a cut request frame each (what the helper sends once a member runs
+    again): [(ms from the frame's send to its rules in force, flip ms)], controller CPU ms from the
+    release until every member is cut."""
+    from hostside.backends import criu
+    from violin_core.packets import build_cut_request, build_marker
+    names = [h.name for h in hosts]
+    status, snap = controller.request("POST", "/violin/snapshots", {"members": names, "label": label})
+    if status != 202:
+        raise BenchError("snapshot refused: %s %s" % (status, snap))
+    sid, sockets = snap["id"], {}
+    try:
+        for host in hosts:
+            status, answer = controller.request("POST", "/violin/snapshots/%s/members/%s/prepare" % (sid, host.name),
+                                                {"divert": True})
+            if status != 200 or not answer.get("cut_frame"):
+                raise BenchError("prepare of %s: %s %s" % (host.name, status, answer))
+            sockets[host.name] = criu.open_marker_socket("/proc/%d/ns/net" % host.pid, host.defaultIntf().name)
+            sockets[host.name].send(build_marker(host.MAC(), sid, host.name))
+        deadline = time.monotonic() + timeout
+        while not all(m["marker"] for m in controller.get("/violin/snapshots/%s" % sid)[1]["members"]):
+            if time.monotonic() > deadline:
+                raise BenchError("snapshot %s: not every marker reached the controller" % sid)
+            time.sleep(0.02)
+        sent = {}
+        requests = {h.name: build_cut_request(h.MAC(), sid, h.name) for h in hosts}
+
+        def request(name):
+            sent[name] = time.time()
+            sockets[name].send(requests[name])
+        cpu_before = cpu_seconds(controller.process.pid)
+        released_together(controller, [lambda n=n: request(n) for n in names])
+        while True:
+            view = controller.get("/violin/snapshots/%s" % sid)[1]
+            if all(m["state"] == "cut" for m in view["members"]):
+                break
+            if time.monotonic() > deadline + timeout or view["state"] != "running":
+                raise BenchError("snapshot %s: in-band cuts not all made: %s" % (sid, view.get("reason") or [
+                    m["name"] for m in view["members"] if m["state"] != "cut"]))
+            time.sleep(0.05)
+        cpu_ms = (cpu_seconds(controller.process.pid) - cpu_before) * 1000.0
+    finally:
+        for sock in sockets.values():
+            sock.close()
+    finish_manual_snapshot(controller, sid, names, "bench_cut scale in band")
+    return [((m["cut_time"] - sent[m["name"]]) * 1000.0, m["flip_ms"]) for m in view["members"]], cpu_ms
+
+
 def scale_gets(controller, count):
     """``count`` concurrent GET /violin/health sent as the cuts are: ([wall ms], controller CPU ms)."""
     times = []
@@ -950,8 +999,11 @@ def run_scale(sizes, rounds, baseline, log):
             locate_all(net, controller, hosts)
             register(controller, hosts)
             setups.append((name, revision, controller, [h.name for h in hosts]))
+            if not revision:
+                own = (controller, hosts)  # the in-band cut (this tree's): the baseline's may predate it
         samples = {name: {n: {"cuts": [], "cpu": [], "gets": [], "gets_cpu": []} for n in sizes}
                    for name, *_ in setups}
+        in_band = {n: {"cuts": [], "cpu": []} for n in sizes}
         for index in range(rounds):  # sizes and variants interleaved: drift and load hit all alike
             for size in sizes:
                 for name, _rev, controller, names in setups:
@@ -962,6 +1014,9 @@ def run_scale(sizes, rounds, baseline, log):
                     cell["cpu"].append(cpu_ms)
                     cell["gets"] += gets
                     cell["gets_cpu"].append(gets_cpu)
+                cuts, cpu_ms = scale_round_in_band(own[0], own[1][:size], "scale-frame-%d-%d" % (size, index))
+                in_band[size]["cuts"] += cuts
+                in_band[size]["cpu"].append(cpu_ms)
             log("scale round %d/%d done" % (index + 1, rounds))
     for name, revision, controller, _names in setups:
         series = {}
@@ -990,6 +1045,18 @@ def run_scale(sizes, rounds, baseline, log):
             "controller_cpu_ms_for_n_gets": round(sizes[-1] * top["controller_cpu_ms_per_get"], 3),
             "met": top["cut_rtt_ms"]["p50"] <= goal,
             "rest_floor_above_goal": top["health_get_rtt_ms"]["p50"] > goal}
+    series = {}
+    for size in sizes:
+        latency, flip = zip(*in_band[size]["cuts"])
+        series[str(size)] = {"request_to_rules_ms": summary(list(latency)), "flip_ms": summary(list(flip)),
+                             "controller_cpu_ms_per_cut": round(sum(in_band[size]["cpu"]) / len(latency), 3),
+                             "samples": [round(v, 3) for v in latency]}
+    one = series[str(sizes[0])]["request_to_rules_ms"]["p50"]
+    record["in_band"] = {
+        "what": "cut request frames (what the helper sends once a member runs again), N at once from the "
+                "members' own links: the frame's send -> the member's rules in force (manifest cut_time)",
+        "series": series, "ratio_p50_to_one": {n: round(v["request_to_rules_ms"]["p50"] / one, 2) for n, v in series.items()},
+        "goal_p50_ms": round(2 * one, 3), "met": series[str(sizes[-1])]["request_to_rules_ms"]["p50"] <= 2 * one}
     return record
 
 
@@ -1000,26 +1067,32 @@ def plot_scale(record, path):
     sizes = [str(n) for n in record["sizes"]]
     names = list(record["variants"])
     figure, axis = plt.subplots(figsize=(8, 4.6))
-    colours = {"this": "#9ecae1", "baseline": "#fdae6b"}
-    width = 0.8 / (len(names) + 1)
+    colours = {"this": "#9ecae1", "baseline": "#fdae6b", "in_band": "#a1d99b"}
+    extra = (["in_band"] if record.get("in_band") else []) + ["health"]
+    width = 0.8 / (len(names) + len(extra))
     handles, labels = [], []
-    for slot, name in enumerate(names + ["health"]):
-        variant = record["variants"][names[0] if name == "health" else name]
-        key = "health_samples" if name == "health" else "rtt_samples"
-        where = [i + 1 + (slot - len(names) / 2) * width for i in range(len(sizes))]
-        boxes = axis.boxplot([variant["series"][n][key] for n in sizes], positions=where, widths=width * 0.9,
-                             patch_artist=True, showfliers=False,
+    for slot, name in enumerate(names + extra):
+        variant = record["variants"][names[0] if name in extra else name]
+        if name == "in_band":
+            data = [record["in_band"]["series"][n]["samples"] for n in sizes]
+        else:
+            key = "health_samples" if name == "health" else "rtt_samples"
+            data = [variant["series"][n][key] for n in sizes]
+        where = [i + 1 + (slot - (len(names) + len(extra) - 1) / 2) * width for i in range(len(sizes))]
+        boxes = axis.boxplot(data, positions=where, widths=width * 0.9, patch_artist=True, showfliers=False,
                              boxprops={"facecolor": colours.get(name, "#d9d9d9")})
         handles.append(boxes["boxes"][0])
         labels.append("GET /violin/health, N at once (REST floor)" if name == "health" else
+                      "cut request frames, N at once (frame -> rules in force)" if name == "in_band" else
                       "POST .../cut, N at once (%s: %s)" % (name, variant["code"][:12]))
     axis.legend(handles, labels, fontsize=8, loc="upper left")
     axis.set_xticks(range(1, len(sizes) + 1), ["%s at once" % n for n in sizes])
-    axis.set_ylabel("call wall time, ms")
+    axis.set_ylabel("call wall time (cut request frame: to its rules), ms")
     axis.set_yscale("log")
     axis.set_title("Cuts at once, %s; p50 ratio to one:\n%s" % (record["topology"], "\n".join(
         "%s %s" % (name, ", ".join("%s: %.1fx" % kv for kv in record["variants"][name]["ratio_p50_to_one"].items()))
-        for name in names)), fontsize=8)
+        for name in names) + ("\nin-band %s" % ", ".join("%s: %.1fx" % kv for kv in record["in_band"]["ratio_p50_to_one"].items())
+                               if record.get("in_band") else "")), fontsize=8)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -1027,6 +1100,12 @@ def plot_scale(record, path):
 
 def print_scale(record):
     print()
+    if record.get("in_band"):
+        print("in-band cuts at once, %s: frame -> rules in force, p50 ms (ratio to one)" % record["topology"])
+        for size, series in record["in_band"]["series"].items():
+            print("  %3s at once: %7.1f (%5.2fx) p90 %7.1f flip p50 %6.1f cpu/cut %5.2f" % (
+                size, series["request_to_rules_ms"]["p50"], record["in_band"]["ratio_p50_to_one"][size],
+                series["request_to_rules_ms"]["p90"], series["flip_ms"]["p50"], series["controller_cpu_ms_per_cut"]))
     print("cuts at once, %s: p50 ms (ratio to one) / controller CPU ms per call" % record["topology"])
     for name, variant in record["variants"].items():
         for size, series in variant["series"].items():

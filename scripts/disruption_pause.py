@@ -7,10 +7,11 @@ of each member, one after another, with CRIU's own network lock (``nftables``) a
 the bare mechanism. A pause is CRIU's own frozen time (stats-dump ``frozen_time``) either way. The
 goal: p50 with the cut <= 1.10x bare, p95 <= 1.25x. Each size runs twice, once per cut mode of the
 helper (``VIOLIN_CUT``): ``async`` (the default: only the marker's round trip through the switch while
-frozen, the cut call once the member runs) and ``sync`` (the cut call while frozen), each beside its
-own bare dumps. Beside it, what the helper's steps took (from the
-done report: prepare, the hook's hold, the cut call inside it, the workdir's part) and how many
-members the helper froze at once (``FREEZE_SLOTS``).
+frozen, a cut request frame once the member runs), ``async-call`` (the same with the cut call instead of
+the frame) and ``sync`` (the cut call while frozen), each beside its own bare dumps. Beside it, what
+the helper's steps took (from the done report: prepare, the hook's hold, the cut call inside it, the
+workdir's part), the member's deaf time (``held_ms``: its prepare to the release of the frames held
+for it; goal 3: <= its pause + 10 ms) and how many members the helper froze at once (``FREEZE_SLOTS``).
 """
 
 import os
@@ -32,7 +33,8 @@ def add_arguments(parser):
     parser.add_argument("--pause-sizes", default="1,2,8", help="pause: CRIU members per helper (default 1,2,8)")
     parser.add_argument("--pause-rounds", type=int, default=10, help="pause: snapshots per size (default 10)")
     parser.add_argument("--pause-rate", type=float, default=100.0, help="pause: seqstream datagrams/s per peer")
-    parser.add_argument("--pause-modes", default="async,sync", help="pause: the helper's cut modes (default async,sync)")
+    parser.add_argument("--pause-modes", default="async,async-call,sync",
+                        help="pause: the helper's cut modes (VIOLIN_CUT; default async,async-call,sync)")
 
 
 
@@ -48,8 +50,9 @@ def bare_dump(name, host_pid, pid, images):
     return criu.read_dump_stats(images).get("frozen_time", 0) / 1000.0
 
 
-STEPS = ("prepare_ms", "hook_ms", "cut_ms", "workdir_freeze_ms", "flip_ms", "held_ms", "resumed_after_ms",
-         "dump_ms")
+STEPS = ("prepare_ms", "hook_ms", "cut_ms", "workdir_freeze_ms", "flip_ms", "held_ms", "deaf_minus_pause_ms",
+         "resumed_after_ms", "dump_ms")
+MODES = {"async": "in-band", "async-call": "async", "sync": "sync"}  # VIOLIN_CUT -> the done report's image.cut
 
 
 def measure(n, rounds, rate, log, mode="async"):
@@ -79,12 +82,15 @@ def measure(n, rounds, rate, log, mode="async"):
                 for entry in view["members"]:
                     record["with_cut"].append(entry.get("pause_ms"))
                     image = entry.get("image", {})
-                    if image.get("cut") != mode:
-                        raise BenchError("%s took a %s cut, not %s" % (entry["name"], image.get("cut"), mode))
+                    if image.get("cut") != MODES[mode]:
+                        raise BenchError("%s took a %s cut, not %s" % (entry["name"], image.get("cut"), MODES[mode]))
+                    held, pause = entry.get("held_ms"), entry.get("pause_ms")
                     record["steps"].append({k: image.get(k) for k in ("prepare_ms", "hook_ms", "cut_ms", "dump_ms",
                                                                       "resumed_after_ms")}
                                            | {"workdir_freeze_ms": (image.get("workdir") or {}).get("freeze_ms"),
-                                              "flip_ms": entry.get("flip_ms"), "held_ms": entry.get("held_ms")})
+                                              "flip_ms": entry.get("flip_ms"), "held_ms": held,
+                                              "deaf_minus_pause_ms": None if held is None or pause is None
+                                              else round(held - pause, 3)})
                 time.sleep(0.2)
                 for host in net.hosts:
                     images = os.path.join(workdir, "bare-%s-%d" % (host.name, index))
@@ -127,18 +133,18 @@ def run(args, log):
     except ValueError:
         raise BenchError("--pause-sizes takes numbers, e.g. 1,2,8") from None
     modes = [m for m in args.pause_modes.split(",") if m]
-    if not modes or set(modes) - {"async", "sync"}:
-        raise BenchError("--pause-modes takes async and/or sync")
+    if not modes or set(modes) - set(MODES):
+        raise BenchError("--pause-modes takes some of %s" % ", ".join(MODES))
     result = {"load_note": "one run, sizes one after another, each size once per cut mode; bare dumps "
                            "interleaved with the snapshots of each"}
     for mode in modes:
-        key = "series" if mode == modes[0] else "series_" + mode
+        key = "series" if mode == modes[0] else "series_" + mode.replace("-", "_")
         result[key] = {str(n): measure(n, args.pause_rounds, args.pause_rate, log, mode) for n in sizes}
     return result
 
 
 def _all_series(record):
-    return [record[key] for key in ("series", "series_sync", "series_async") if key in record]
+    return [record[key] for key in ("series", "series_async_call", "series_sync", "series_async") if key in record]
 
 
 def report(record):
@@ -162,6 +168,8 @@ def plot(record, path):
     sizes = list(record["series"])
     boxes = [(record["series"], "with_cut", "cut %s (helper)" % record["series"][sizes[0]].get("cut_mode", "async"),
               "#9ecae1")]
+    if "series_async_call" in record:
+        boxes.append((record["series_async_call"], "with_cut", "cut async-call (cut call once it runs)", "#a1d99b"))
     if "series_sync" in record:
         boxes.append((record["series_sync"], "with_cut", "cut sync (helper, cut call while frozen)", "#fdae6b"))
     boxes.append((record["series"], "bare", "bare criu dump --leave-running", "#d9d9d9"))

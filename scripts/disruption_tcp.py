@@ -8,8 +8,8 @@ resume the received rate (20 ms windows, twice in a row) is back to 80 % of it; 
 later member's pause + 50 ms. Also the TCP retransmission timeouts (TcpExt TCPTimeouts) both kernels
 counted per snapshot. Two helpers in the same run, both with CRIU's default ``--network-lock nftables``
 (whose rules drop what reaches a member's dumped connections until CRIU unlocks them): the asynchronous
-cut (``VIOLIN_CUT=async``, the default: the cut call, and with it the release of the frames held for the
-member, once CRIU has let the tasks go) and the synchronous one (``VIOLIN_CUT=sync``: the cut call
+cut (``VIOLIN_CUT=async``, the default: a cut request frame, and with it the release of the frames held
+for the member, once CRIU has let the tasks go) and the synchronous one (``VIOLIN_CUT=sync``: the cut call
 while frozen, so the released frames met the lock).
 """
 

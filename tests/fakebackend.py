@@ -49,7 +49,7 @@ class FakeBackend(Backend):
     def quiet_proof(self, member, snapshot):
         self._step("quiet_open", member.name, snapshot)
         try:
-            yield lambda confirm=False: self._step("quiet_confirmed" if confirm else "quiet", member.name) or 0.5
+            yield _Proof(self, member.name)
         finally:
             self.calls.append(("quiet_close", member.name))
 
@@ -79,6 +79,19 @@ class FakeBackend(Backend):
 
     def stop(self, member):
         self._step("stop", member.name)
+
+
+class _Proof:
+    """The quiet proof: ``proof(confirm)`` (the marker, waited for with ``confirm``), ``request_cut()``."""
+
+    def __init__(self, backend, name):
+        self.backend, self.name = backend, name
+
+    def __call__(self, confirm=False):
+        return self.backend._step("quiet_confirmed" if confirm else "quiet", self.name) or 0.5
+
+    def request_cut(self):
+        self.backend._step("cut_request", self.name)
 
 
 class FakeAsyncBackend(FakeBackend):

@@ -40,7 +40,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 from hostside import workdir
 from hostside.backends.base import Backend, ImageReport, Located, Restored, register
 from hostside.store.client import takes_trees
-from violin_core.packets import PROBE_ETH_TYPE, build_marker
+from violin_core.packets import PROBE_ETH_TYPE, build_cut_request, build_marker
 from violin_core.schema import Field, Schema, SchemaError
 
 CRIU = os.environ.get("VIOLIN_CRIU", "/usr/local/sbin/criu")
@@ -594,10 +594,18 @@ class MarkerLink:
     before the member may run on. The frames of the same ethertype that come in meanwhile (link
     probes, earlier markers) are skipped."""
 
-    def __init__(self, sock: socket.socket, frame: bytes, timeout: float = None):
-        self.sock, self.frame = sock, frame
+    def __init__(self, sock: socket.socket, frame: bytes, timeout: float = None, cut_request: bytes = None):
+        self.sock, self.frame, self.cut_request = sock, frame, cut_request
         self.timeout = MARKER_CONFIRM_S if timeout is None else timeout
         self.confirm_ms: Optional[float] = None
+
+    def __call__(self, confirm: bool = False) -> None:
+        self.prove(confirm)
+
+    def request_cut(self) -> None:
+        """Ask the controller for the member's flip in band, once it runs again after its marker
+        (``build_cut_request``); nothing is waited for: its done report is the fallback."""
+        self.sock.send(self.cut_request)
 
     def prove(self, confirm: bool = False) -> None:
         if confirm:
@@ -959,10 +967,11 @@ class CriuBackend(Backend):
     def quiet_proof(self, member: CriuMember, snapshot: str):
         where = self.locate(member)
         marker = MarkerLink(open_marker_socket(where.netns, where.iface),  # before any pause: one send()
-                            build_marker(where.mac, snapshot, member.name))
+                            build_marker(where.mac, snapshot, member.name),
+                            cut_request=build_cut_request(where.mac, snapshot, member.name))
         self.proving[member.name] = where  # the snapshot inside this proof dumps what the marker speaks for
         try:
-            yield marker.prove
+            yield marker
         finally:
             self.proving.pop(member.name, None)
             marker.close()

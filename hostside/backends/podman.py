@@ -66,7 +66,7 @@ from typing import Dict, List, Optional
 from hostside.backends import criu
 from hostside.backends.base import Backend, ImageReport, Located, Restored, register
 from hostside.backends.handover import frozen_hand_over, native_hook
-from violin_core.packets import build_marker
+from violin_core.packets import build_cut_request, build_marker
 from violin_core.schema import Field, Schema, matches
 
 PODMAN = os.environ.get("VIOLIN_PODMAN", "podman")
@@ -369,9 +369,10 @@ class PodmanBackend(Backend):
     def quiet_proof(self, member: ContainerMember, snapshot: str):
         where = self.running(member)
         marker = criu.MarkerLink(criu.open_marker_socket(where.netns, where.iface),  # before any pause
-                                 build_marker(where.mac, snapshot, member.name))
+                                 build_marker(where.mac, snapshot, member.name),
+                                 cut_request=build_cut_request(where.mac, snapshot, member.name))
         try:
-            yield marker.prove
+            yield marker
         finally:
             marker.close()
 

@@ -108,6 +108,9 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             """Run ``route(parts)`` on the validated path; a store's refusal or any failure becomes
             a JSON error answer (the traceback goes to our stderr, never to the client)."""
             self.answered = False
+            if self.command in ("GET", "DELETE") and (self.headers.get("Transfer-Encoding")
+                                                      or self.headers.get("Content-Length", "0").strip() != "0"):
+                self.close_connection = True  # a body no route reads would be taken for the next request
             try:
                 parts = self._parts()
                 if parts is not None:

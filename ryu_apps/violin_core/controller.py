@@ -162,6 +162,9 @@ class ViolinController:
             messages = self.coordinator.packet_in(self.clock(), self.wall_clock(), dpid, in_port, data, role)
             if late_record:
                 self._late_record()
+            for name in self.coordinator.take_cut_requests():  # flipped off the packet-in path, together
+                snapshot_id = self.coordinator.current.id
+                self.background(self._cut_in_band, snapshot_id, name, on_failure=self._abort_snapshot(snapshot_id))
             return messages
         return self.fabric.packet_in(self.clock(), dpid, in_port, data)
 
@@ -211,8 +214,11 @@ class ViolinController:
                                         self.config.snapshot.barrier_timeout):
             self._abort("the switch did not confirm holding frames for %s" % name)
             raise Refused(504, self.coordinator.current.reason)
+        diverted = self.coordinator.current.cuts[name].diverted
+        # cut_frame: a diverted member's helper may ask for the flip by a frame down the member's link
+        # once it runs again (no cut call); its done report then flips it if that frame never came.
         return {"snapshot": snapshot_id, "member": name, "state": CutState.PREPARED,
-                "divert": self.coordinator.current.cuts[name].diverted}
+                "divert": diverted, "cut_frame": diverted}
 
     def cut(self, snapshot_id: str, name: str, body: Optional[dict] = None) -> dict:
         """A helper's member is paused: flip it once its marker is in; answer when rules are in force.
@@ -249,6 +255,32 @@ class ViolinController:
         if isinstance(outcome, Refused):
             raise outcome
         return outcome
+
+    def _cut_in_band(self, snapshot_id: str, name: str) -> None:
+        """The cut a helper asked for by a frame on the member's link (its marker came before it)."""
+        try:
+            self.cut(snapshot_id, name, {"marker": True})
+        except Refused as refusal:  # e.g. aborted meanwhile, or its done report flipped it first
+            LOG.info("in-band cut of %s in %s not made: %s", name, snapshot_id, refusal.reason)
+
+    def _cut_before_done(self, snapshot_id: str, name: str) -> None:
+        """A diverted member whose in-band cut request never came in (a packet-in lost) is cut now: its
+        image is stored, so it has run again for long. One whose cut is under way is waited for."""
+        _, cut = self.coordinator.require(snapshot_id, name)
+        if cut.state != CutState.PREPARED or not cut.diverted:
+            return
+        if name in self.flip_queue or name in self.flip_results or self.flipping:
+            self.io.wait_until(lambda: cut.state != CutState.PREPARED or not self.coordinator.running(),
+                               2 * self.config.snapshot.barrier_timeout)
+            self.coordinator.require(snapshot_id, name)
+        if cut.state != CutState.PREPARED:
+            return
+        if not cut.marker_seen:  # never will be: the member ran on long ago
+            self._abort("no cut marker from %s before its done report (is its helper sending one on the "
+                        "member's link?)" % name)
+            raise Refused(409, self.coordinator.current.reason)
+        LOG.warning("%s reported done in %s without its in-band cut request: cut now", name, snapshot_id)
+        self.cut(snapshot_id, name, {"marker": True})
 
     def _flip_batch(self, snapshot_id: str) -> None:
         """Flip every cut waiting now, with one flow-table pass and one barrier per switch.
@@ -310,6 +342,7 @@ class ViolinController:
 
     def done(self, snapshot_id: str, name: str, report: dict) -> dict:
         report = {k: v for k, v in schema.request_body(DONE_REPORT, report).items() if k in report}
+        self._cut_before_done(snapshot_id, name)
         finished = self.coordinator.done(snapshot_id, name, report)
         self.metrics.member_done(name, report)
         if finished:

@@ -26,7 +26,10 @@ came in that same stream, the new one after it. The helper lets the member
 resume only once the switch has sent the marker back down its link, i.e. once
 the marker's packet-in is queued ahead of anything the member sends next; the
 packet-ins of one switch reach the controller in order, so the colouring is
-exact without the member waiting, frozen, for the flip's barrier.
+exact without the member waiting, frozen, for the flip's barrier. Once the member
+runs again the helper asks for its flip in band: a cut request frame down the
+same link (``take_cut_requests``), after the marker in that stream; the
+controller flips every request waiting at that moment together.
 
 The coordinator is the ``FabricPolicy`` the ``Fabric`` consults when it derives flows; its
 handlers take times and events and return OpenFlow messages. Blocking work
@@ -43,7 +46,7 @@ from . import of
 from .errors import Refused
 from .fabric import EGRESS_TABLE, FLOOD_TABLE, INGRESS_TABLE, TAG_PRESENT, Fabric
 from .members import Member, MemberRegistry
-from .packets import is_multicast, parse_eth, parse_marker, strip_outer_tag
+from .packets import is_multicast, parse_cut_request, parse_eth, parse_marker, strip_outer_tag
 from .policy import FabricPolicy, Vids
 
 
@@ -153,6 +156,7 @@ class Coordinator(FabricPolicy):
         self.recorded: List[Recorded] = []
         self.overflowed = False  # channel state over max_channel_bytes: the snapshot must abort
         self.quarantined: Set[str] = set()  # members being replaced by a restore
+        self.cut_requests: List[str] = []  # in-band cut requests not yet taken (take_cut_requests)
 
     # --- membership ---------------------------------------------------------------
 
@@ -347,6 +351,7 @@ class Coordinator(FabricPolicy):
                             timeout, now + timeout)
         snapshot.cuts = {name: MemberCut(name) for name in names}
         self.current = snapshot
+        self.cut_requests = []
         self.holds, self.held_bytes, self.recorded, self.overflowed = {}, {}, [], False
         return snapshot, self.fabric.reconcile(now)
 
@@ -382,16 +387,32 @@ class Coordinator(FabricPolicy):
         return self.fabric.reconcile(now, self.switches_of(member))
 
     def marker_in(self, dpid: int, in_port: int, frame: bytes) -> None:
-        """A member's marker came in on its own link: every earlier frame of it has passed ingress."""
-        parsed = parse_marker(frame)
+        """A member's marker came in on its own link: every earlier frame of it has passed ingress.
+
+        A cut request (``build_cut_request``) on a diverted member's link after its marker asks for its
+        flip: it is queued for ``take_cut_requests``."""
+        marker, request = parse_marker(frame), None
+        if marker is None:
+            request = parse_cut_request(frame)
+        parsed = marker or request
         if parsed is None or not self.running():
             return
         src, snapshot_id, name = parsed
         member = self.members.get(name)
         cut = self.current.cuts.get(name)
-        if (snapshot_id == self.current.id and member is not None and cut is not None and src in member.macs
+        if not (snapshot_id == self.current.id and member is not None and cut is not None and src in member.macs
                 and self.fabric.hosts.get(src) == (dpid, in_port)):
+            return
+        if marker is not None:
             cut.marker_seen = True
+        elif (cut.diverted and cut.marker_seen and cut.state == CutState.PREPARED
+              and name not in self.cut_requests):  # repeated or early requests mean nothing
+            self.cut_requests.append(name)
+
+    def take_cut_requests(self) -> List[str]:
+        """The members whose in-band cut request came in since the last call, in arrival order."""
+        requests, self.cut_requests = self.cut_requests, []
+        return requests
 
     def flip(self, now: float, snapshot_id: str, name: str, wall: float = 0.0) -> Tuple[List[of.Message], List[of.Message]]:
         """Move a paused member to the new epoch (``flip_many`` of one)."""
@@ -435,7 +456,7 @@ class Coordinator(FabricPolicy):
     def done(self, snapshot_id: str, name: str, report: dict) -> bool:
         """The helper has stored the member's image; True when every participant is done."""
         snapshot, cut = self.require(snapshot_id, name)
-        if cut.state == CutState.PENDING:
+        if cut.state in (CutState.PENDING, CutState.PREPARED):
             raise Refused(409, "%s reported done before its cut" % name)
         if cut.state == CutState.DONE:
             raise Refused(409, "%s already reported done" % name)

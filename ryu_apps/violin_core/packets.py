@@ -54,21 +54,41 @@ def build_probe(nonce: bytes, dpid: int, port: int) -> bytes:
 
 
 _MARKER_MAGIC = b"VIOLINMARK1\0"
+_CUT_MAGIC = b"VIOLINCUT01\0"
 _MARKER_BODY = struct.Struct("!12s40s40s")  # magic, snapshot id, member name
 
 
 def build_marker(src_mac: str, snapshot_id: str, member: str) -> bytes:
     """The frame a paused member's helper sends down the member's link (see DESIGN: cut precision)."""
+    return _control_frame(_MARKER_MAGIC, src_mac, snapshot_id, member)
+
+
+def build_cut_request(src_mac: str, snapshot_id: str, member: str) -> bytes:
+    """The frame the helper sends down the member's link once the member runs again after its marker
+    (an asynchronous cut): "flip it and release what is held for it", in band, with no HTTP call."""
+    return _control_frame(_CUT_MAGIC, src_mac, snapshot_id, member)
+
+
+def _control_frame(magic: bytes, src_mac: str, snapshot_id: str, member: str) -> bytes:
     header = mac_to_bytes(MARKER_DST) + mac_to_bytes(src_mac) + struct.pack("!H", PROBE_ETH_TYPE)
-    return header + _MARKER_BODY.pack(_MARKER_MAGIC, snapshot_id.encode(), member.encode())
+    return header + _MARKER_BODY.pack(magic, snapshot_id.encode(), member.encode())
 
 
 def parse_marker(frame: bytes) -> Optional[Tuple[str, str, str]]:
     """(source MAC, snapshot id, member name) of a marker frame, or None."""
+    return _parse_control(frame, _MARKER_MAGIC)
+
+
+def parse_cut_request(frame: bytes) -> Optional[Tuple[str, str, str]]:
+    """(source MAC, snapshot id, member name) of a cut request frame, or None."""
+    return _parse_control(frame, _CUT_MAGIC)
+
+
+def _parse_control(frame: bytes, expected: bytes) -> Optional[Tuple[str, str, str]]:
     if len(frame) < 14 + _MARKER_BODY.size or frame[0:6] != mac_to_bytes(MARKER_DST):
         return None
     magic, snapshot_id, member = _MARKER_BODY.unpack_from(frame, 14)
-    if magic != _MARKER_MAGIC:
+    if magic != expected:
         return None
     return mac_to_str(frame[6:12]), snapshot_id.rstrip(b"\0").decode(), member.rstrip(b"\0").decode()
 

@@ -23,7 +23,8 @@ def test_snapshot_through_the_helper_then_restore_the_slice_twice(slice_controll
             client = ImageServer(members.server_url, slicelab.SERVER_TOKEN)
             for entry in view["members"]:
                 assert entry["state"] == "done" and entry["marker"] and entry["pause_ms"] > 0
-                assert entry["image"]["cut"] == "async"  # the cut was taken off the frozen path
+                assert entry["image"]["cut"] == "in-band"  # off the frozen path, flipped by a frame on its link
+                assert entry["held_ms"] is not None and entry["flip_ms"] is not None
                 assert entry["server"] == members.server_url and entry["image"]["files"]
                 index = client.index(snap["id"], entry["name"])
                 assert {f["sha256"] for f in index["files"]} == {f["sha256"] for f in entry["image"]["files"]}

@@ -194,6 +194,19 @@ def test_a_confirmed_marker_waits_for_its_own_frame_to_come_back():
     assert plain.sent == [marker] and plain.after == [(marker, 0)]
 
 
+def test_the_link_asks_for_the_flip_in_band_without_waiting():
+    from violin_core.packets import build_cut_request, build_marker, parse_cut_request, parse_marker
+    marker, request = build_marker("00:00:00:00:00:0a", "snap-0001-abcdef", "m1"), \
+        build_cut_request("00:00:00:00:00:0a", "snap-0001-abcdef", "m1")
+    assert parse_cut_request(request) == ("00:00:00:00:00:0a", "snap-0001-abcdef", "m1") and parse_marker(request) is None
+    assert parse_marker(marker) is not None and parse_cut_request(marker) is None
+    sock = FakePacketSocket()
+    link = criu.MarkerLink(sock, marker, cut_request=request)
+    link()  # the proof is the link itself: sends the marker
+    link.request_cut()
+    assert sock.sent == [marker, request] and sock.after == []
+
+
 def test_the_hook_prepares_at_pre_dump_then_cuts_at_post_dump():
     events = []
     with criu.PostDumpHook(lambda: events.append("frozen"), on_predump=lambda: events.append("prepared")) as hook:

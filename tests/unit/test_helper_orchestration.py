@@ -97,18 +97,31 @@ def rig(tmp_path):
         yield Rig(tmp_path)
 
 
-def test_an_asynchronous_cut_confirms_the_marker_frozen_and_calls_the_cut_once_the_member_runs(tmp_path):
+def async_rig(tmp_path, prepare_answer):
     with fakebackend.registered():
         rig = Rig(tmp_path, members={"f1": {"backend": "fake-async"}})
-        answers = {"prepare": {"divert": True}}
-        rig.post = lambda url, body: rig.timeline.append((url.rsplit("/", 1)[-1], body)) or answers.get(
-            url.rsplit("/", 1)[-1], {})
+        rig.post = lambda url, body: rig.timeline.append((url.rsplit("/", 1)[-1], body)) or (
+            prepare_answer if url.endswith("/prepare") else {})
         rig.helper.post = rig.post
         rig.helper.start_snapshot(SNAPSHOT)
-    assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet_confirmed", "after_cut", "cut",
-                           "purge", "resumed", "quiet_close", "done"]
-    assert rig.reported("prepare") == [{"divert": True}] and rig.reported("cut") == [{"marker": True}]
-    assert rig.reported("done")[0]["image"]["cut"] == "async"
+    return rig
+
+
+def test_an_asynchronous_cut_confirms_the_marker_frozen_and_asks_for_the_flip_in_band_once_the_member_runs(tmp_path):
+    rig = async_rig(tmp_path, {"divert": True, "cut_frame": True})
+    assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet_confirmed", "after_cut",
+                           "cut_request", "resumed", "quiet_close", "done"]  # no cut call, no purge after it
+    assert rig.reported("prepare") == [{"divert": True}] and rig.reported("done")[0]["image"]["cut"] == "in-band"
+
+
+def test_an_asynchronous_cut_calls_the_cut_once_the_member_runs_without_cut_frames(tmp_path, monkeypatch):
+    for answer, mode in (({"divert": True}, "async"), ({"divert": True, "cut_frame": True}, "async-call")):
+        monkeypatch.setattr(orchestration, "CUT_MODE", mode)  # an older controller, or VIOLIN_CUT=async-call
+        rig = async_rig(tmp_path / mode, answer)
+        assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet_confirmed", "after_cut", "cut",
+                               "purge", "resumed", "quiet_close", "done"]
+        assert rig.reported("prepare") == [{"divert": True}] and rig.reported("cut") == [{"marker": True}]
+        assert rig.reported("done")[0]["image"]["cut"] == "async"
 
 
 def test_an_older_controller_that_does_not_divert_gets_the_cut_while_frozen(tmp_path):

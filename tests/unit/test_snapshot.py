@@ -13,7 +13,7 @@ from violin_core import channel, of
 from violin_core.catalogue import Catalogue
 from violin_core.routes import build_rest_app
 from violin_core.fabric import FabricSettings
-from violin_core.packets import build_marker
+from violin_core.packets import build_cut_request, build_marker
 from violin_core.errors import Refused
 from violin_core.coordinator import SnapshotSettings
 from violin_core.members import parse_member
@@ -680,6 +680,90 @@ def test_a_lost_marker_aborts_an_asynchronous_cut(h):
         h.controller.cut(sid, "A", {"marker": True})
     assert error.value.status == 409 and "no cut marker from A" in error.value.reason
     assert h.coordinator.current.state == "aborted"
+
+
+def cut_request_of(h, sid, name, mac, where=None):
+    return h.send(*(where or WHERE[mac]), build_cut_request(mac, sid, name))
+
+
+def test_an_in_band_cut_request_after_the_marker_flips_the_member_and_releases_what_it_was_held(h):
+    sid = h.controller.start_snapshot({})["id"]
+    answer = h.controller.prepare(sid, "A", {"divert": True})
+    assert answer["divert"] is True and answer["cut_frame"] is True
+    h.now = 10.0
+    assert send(h, B, A, 1) == []  # held for A
+    marker_of(h, sid, "A", A)
+    assert send(h, A, B, 2) == []  # A runs on, post: held for B
+    h.now = 10.02
+    bounced = cut_request_of(h, sid, "A", A)
+    assert [(d, p) for d, p, _ in bounced.delivered] == [WHERE[A]]  # the marker rule sends it back too
+    assert h.coordinator.current.cuts["A"].state == "prepared"  # the flip is off the packet-in path
+    h.deliveries.clear()
+    h.run_spawned()
+    cut = h.coordinator.current.cuts["A"]
+    assert cut.state == "cut" and h.coordinator.members["A"].epoch == 1
+    assert received(h, A) == [b"seq000001"]  # released, and recorded: B (pre) sent it before A's cut
+    assert [(r.receiver, r.frame[14:23]) for r in h.coordinator.recorded] == [("A", b"seq000001")]
+    assert not [e for t in h.net.switch(1).tables.values() for e in t.values() if e.role == of.ROLE_DIVERT]
+    assert cut.held_ms is not None and cut.flip_ms is not None
+    cut_request_of(h, sid, "A", A)  # a repeated request (or one after the flip) asks for nothing
+    assert h.coordinator.take_cut_requests() == [] and not h.io.spawned
+    h.controller.done(sid, "A", {"pause_ms": 1.0})
+    assert h.coordinator.current.cuts["A"].state == "done"
+
+
+def test_cut_requests_before_the_marker_from_another_port_or_snapshot_ask_for_nothing(h):
+    sid = h.controller.start_snapshot({})["id"]
+    h.controller.prepare(sid, "A", {"divert": True})
+    cut_request_of(h, sid, "A", A)  # before its marker: where its cut is is not known yet
+    cut_request_of(h, sid, "A", A, where=WHERE[B])  # A's name from B's port
+    cut_request_of(h, "snap-9999-000000", "A", A)
+    h.controller.prepare(sid, "B")  # not diverted: cut by its call while it is paused
+    marker_of(h, sid, "B", B)
+    cut_request_of(h, sid, "B", B)
+    assert not h.io.spawned and h.coordinator.current.cuts["A"].state == "prepared"
+    assert h.coordinator.current.cuts["B"].state == "prepared"
+
+
+def test_cut_requests_that_come_in_together_are_flipped_in_one_batch(tmp_path):
+    h = make_harness(tmp_path, members=("A", "B", "C"))
+    sid = h.controller.start_snapshot({})["id"]
+    for name, mac in (("A", A), ("B", B)):
+        h.controller.prepare(sid, name, {"divert": True})
+        marker_of(h, sid, name, mac)
+        cut_request_of(h, sid, name, mac)
+    assert len(h.io.spawned) == 2
+    h.run_spawned()
+    members = {m["name"]: m for m in h.controller.snapshot_view(sid)["members"]}
+    assert members["A"]["state"] == members["B"]["state"] == "cut"
+
+
+def test_done_cuts_a_diverted_member_whose_cut_request_never_came_in(h):
+    sid = h.controller.start_snapshot({})["id"]
+    h.controller.prepare(sid, "A", {"divert": True})
+    assert send(h, B, A, 1) == []
+    marker_of(h, sid, "A", A)
+    h.deliveries.clear()
+    h.controller.done(sid, "A", {"pause_ms": 1.0})  # its cut request frame was lost
+    assert h.coordinator.current.cuts["A"].state == "done" and received(h, A) == [b"seq000001"]
+    assert h.coordinator.members["A"].epoch == 1
+
+
+def test_done_of_a_diverted_member_without_its_marker_aborts_the_snapshot(h):
+    sid = h.controller.start_snapshot({})["id"]
+    h.controller.prepare(sid, "A", {"divert": True})
+    with pytest.raises(Refused) as error:
+        h.controller.done(sid, "A", {"pause_ms": 1.0})
+    assert error.value.status == 409 and "no cut marker from A before its done report" in error.value.reason
+    assert h.coordinator.current.state == "aborted"
+
+
+def test_done_of_a_prepared_member_that_was_never_cut_is_refused(h):
+    sid = h.controller.start_snapshot({})["id"]
+    h.controller.prepare(sid, "A")
+    with pytest.raises(Refused) as error:
+        h.controller.done(sid, "A", {"pause_ms": 1.0})
+    assert error.value.status == 409 and "before its cut" in error.value.reason
 
 
 def test_prepare_body_is_validated(h):
