@@ -952,11 +952,11 @@ def scale_round_in_band(controller, hosts, label, timeout=10.0):
         released_together(controller, [lambda n=n: request(n) for n in names])
         while True:
             view = controller.get("/violin/snapshots/%s" % sid)[1]
-            if all(m["state"] == "cut" for m in view["members"]):
+            if all(m["cut_time"] is not None for m in view["members"]):  # (state "cut" comes before the barrier)
                 break
             if time.monotonic() > deadline + timeout or view["state"] != "running":
                 raise BenchError("snapshot %s: in-band cuts not all made: %s" % (sid, view.get("reason") or [
-                    m["name"] for m in view["members"] if m["state"] != "cut"]))
+                    m["name"] for m in view["members"] if m["cut_time"] is None]))
             time.sleep(0.05)
         cpu_ms = (cpu_seconds(controller.process.pid) - cpu_before) * 1000.0
     finally:
