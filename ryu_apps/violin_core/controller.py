@@ -269,7 +269,7 @@ class ViolinController:
         _, cut = self.coordinator.require(snapshot_id, name)
         if cut.state != CutState.PREPARED or not cut.diverted:
             return
-        if name in self.flip_queue or name in self.flip_results or self.flipping:
+        if name in self.flip_queue or name in self.flip_results:
             self.io.wait_until(lambda: cut.state != CutState.PREPARED or not self.coordinator.running(),
                                2 * self.config.snapshot.barrier_timeout)
             self.coordinator.require(snapshot_id, name)
