@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from violin_core.metrics import LONG_BUCKETS, SHORT_BUCKETS, Metrics
 
 SNAPSHOT_RESULTS = ("done", "failed")
-UPLOAD_RESULTS = ("stored", "checksum_mismatch", "bad_request", "storage_error")
+UPLOAD_RESULTS = ("stored", "checksum_mismatch", "bad_request", "storage_error", "conflict")
 
 
 class HelperMetrics(Metrics):
@@ -45,7 +45,7 @@ class ServerMetrics(Metrics):
         super().__init__(registry)
         r = self.registry
         self.uploads = Counter("violin_server_uploads", "image file uploads (PUT), by result (stored, "
-                               "checksum_mismatch, bad_request, storage_error)", ["result"], registry=r)
+                               "checksum_mismatch, bad_request, storage_error, conflict)", ["result"], registry=r)
         self.stored_bytes = Counter("violin_server_stored_bytes", "bytes of image files stored", registry=r)
         self.stored_files = Counter("violin_server_stored_files", "image files stored", registry=r)
         for result in UPLOAD_RESULTS:

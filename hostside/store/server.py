@@ -301,9 +301,11 @@ def make_handler(store: Store, token: str, metrics: ServerMetrics = None):
             try:
                 info = store.put(*parts, body, self.headers.get("X-Sha256"))
             except OSError as error:  # e.g. ENOSPC: answer, then read the rest, so the client sees the answer
-                metrics.refused("storage_error")
+                gone = isinstance(error, FileNotFoundError)  # the snapshot deleted while its file came in
+                metrics.refused("conflict" if gone else "storage_error")
                 self.close_connection = True  # (a close with its data unread would reset the connection first)
-                self._error(507, "cannot store %s: %s" % ("/".join(parts), error.strerror or error))
+                self._error(409 if gone else 507, "cannot store %s: %s" % (
+                    "/".join(parts), "its snapshot was deleted meanwhile" if gone else error.strerror or error))
                 self.wfile.flush()
                 try:
                     for _ in body:

@@ -67,11 +67,18 @@ def test_periodic_snapshots_on_a_chunk_store_dedupe_restore_and_refuse_a_corrupt
                 entry = json.load(handle)["files"][0]
             cid = entry["chunks"][0][0]
             sys.path.insert(0, os.getcwd())
-            from hostside.store.chunks import ChunkStore
-            spot = ChunkStore(root).where[cid]
-            with open(os.path.join(root, ".packs", spot[0]), "r+b") as handle:
-                handle.seek(spot[1])
-                handle.write(bytes(spot[2]))
+            from hostside.store import chunking
+            # Every stored copy: two members uploading the same chunk at once may each have put it in a
+            # pack of its own, and the server reads the one it indexed first.
+            packs = os.path.join(root, ".packs")
+            copies = [(name, offset, length) for name in sorted(os.listdir(packs)) if name.endswith(".pack")
+                      for found, offset, length, _size in chunking.scan_pack(os.path.join(packs, name))
+                      if found == cid]
+            assert copies, cid
+            for name, offset, length in copies:
+                with open(os.path.join(packs, name), "r+b") as handle:
+                    handle.seek(offset)
+                    handle.write(bytes(length))
             before = {h.name: members.progress(h) for h in net.hosts}
             status, job = controller.request("POST", "/violin/snapshots/%s/restore" % views[2]["id"], {})
             assert status == 202, job

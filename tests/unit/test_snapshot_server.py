@@ -203,3 +203,23 @@ def test_a_body_sent_with_a_delete_or_get_is_never_read_as_the_next_request(imag
         assert 400 <= response.status < 500 and json.loads(response.read())["reason"]
         assert response.will_close, method
         connection.close()
+
+
+def test_a_file_whose_snapshot_is_deleted_while_it_comes_in_is_a_409_not_a_full_disk(image_server):
+    """Found by the API fuzz (two workers): a PUT racing a DELETE of its snapshot answered 507."""
+    url, _root = image_server
+    host = url.split("//")[1]
+    call(url, "PUT", "/images/s1/m1/a.img", body=b"first")
+
+    def body():
+        yield b"x" * 1000
+        assert call(url, "DELETE", "/images/s1")[0] == 200  # the snapshot goes while the file comes in
+        yield b"y" * 1000
+    connection = http.client.HTTPConnection(host, timeout=10)
+    connection.request("PUT", "/images/s1/m1/b.img", body=body(), encode_chunked=True,
+                       headers={"Authorization": "Bearer tok"})
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    connection.close()
+    assert response.status == 409 and "deleted meanwhile" in answer["reason"], answer
+    assert call(url, "GET", "/images/s1/m1")[0] == 404
