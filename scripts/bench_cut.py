@@ -54,8 +54,8 @@ import threading
 import time
 from contextlib import ExitStack
 
-from benchkit import (ROOT, BenchError, bring_up, finish_manual_snapshot, check_host, handle_signals, ignore_signals,  # sets sys.path
-                      machine_info, run, run_guarded, save, summary, timestamp)
+from benchkit import (ROOT, BenchError, bring_up, finish_manual_snapshot, check_host, cpu_seconds, handle_signals,  # sets sys.path
+                      ignore_signals, machine_info, run, run_guarded, save, summary, timestamp)
 from lab.lab import ControllerProcess, run_prefix
 from topologies.lan import LanTopo
 import lab.members as members_module
@@ -139,15 +139,6 @@ def udp_errors(host):
     if len(lines) < 2:
         return {}
     return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:]) if k in ("InErrors", "RcvbufErrors", "SndbufErrors")}
-
-
-def cpu_seconds(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def quiesce(controller, timeout=15.0, idle=0.05):

@@ -151,6 +151,17 @@ def save(name, path, document, error, code):
     return 0
 
 
+def cpu_seconds(pid, children=False):
+    """CPU seconds (user + system) of ``pid`` so far, with its waited-for children's when ``children``
+    (a helper's ``criu restore``); None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return sum(int(v) for v in fields[11:15 if children else 13]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def pct(values, q):
     """Linear-interpolated percentile (q in 0..100)."""
     ordered = sorted(values)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 
-from benchkit import BenchError, summary, timed_restore, timed_snapshot
+from benchkit import BenchError, cpu_seconds, summary, timed_restore, timed_snapshot
 from lab import lab, slicelab, vms
 from topologies.lan import LanTopo
 
@@ -32,7 +32,7 @@ def add_arguments(parser):
                         help="restore: datagrams/s each CRIU member sends (default 100)")
 
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc/stat's unit
 
 
 def host_jiffies():
@@ -44,13 +44,9 @@ def host_jiffies():
 
 
 def process_cpu_ms(pid):
-    """CPU ms of ``pid`` so far: utime + stime + the waited-for children's (criu restore, ss, ip...)."""
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            fields = handle.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return sum(int(v) for v in fields[11:15]) * 1000.0 / CLOCK_TICKS
+    """CPU ms of ``pid`` so far: its own and its waited-for children's (criu restore, ss, ip...)."""
+    seconds = cpu_seconds(pid, children=True)
+    return None if seconds is None else seconds * 1000.0
 
 
 def slice_processes(controller, workdir):

@@ -391,10 +391,10 @@ class Coordinator(FabricPolicy):
 
         A cut request (``build_cut_request``) on a diverted member's link after its marker asks for its
         flip: it is queued for ``take_cut_requests``."""
-        marker, request = parse_marker(frame), None
-        if marker is None:
-            request = parse_cut_request(frame)
-        parsed = marker or request
+        parsed = parse_marker(frame)
+        is_marker = parsed is not None
+        if not is_marker:
+            parsed = parse_cut_request(frame)
         if parsed is None or not self.running():
             return
         src, snapshot_id, name = parsed
@@ -403,7 +403,7 @@ class Coordinator(FabricPolicy):
         if not (snapshot_id == self.current.id and member is not None and cut is not None and src in member.macs
                 and self.fabric.hosts.get(src) == (dpid, in_port)):
             return
-        if marker is not None:
+        if is_marker:
             cut.marker_seen = True
         elif (cut.diverted and cut.marker_seen and cut.state == CutState.PREPARED
               and name not in self.cut_requests):  # repeated or early requests mean nothing
