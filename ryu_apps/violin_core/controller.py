@@ -264,23 +264,30 @@ class ViolinController:
             LOG.info("in-band cut of %s in %s not made: %s", name, snapshot_id, refusal.reason)
 
     def _cut_before_done(self, snapshot_id: str, name: str) -> None:
-        """A diverted member whose in-band cut request never came in (a packet-in lost) is cut now: its
-        image is stored, so it has run again for long. One whose cut is under way is waited for."""
+        """A diverted member still prepared at its done report is cut now (its image is stored).
+
+        Its marker and cut request may still be queued behind its diverted frames on the switch's
+        connection (the helper saw the marker's echo, not its packet-in): the report waits for the
+        marker, up to the marker timeout, and for a cut already under way."""
+        settings = self.config.snapshot
         _, cut = self.coordinator.require(snapshot_id, name)
         if cut.state != CutState.PREPARED or not cut.diverted:
             return
-        if name in self.flip_queue or name in self.flip_results:
+        self.io.wait_until(lambda: cut.marker_seen or cut.state != CutState.PREPARED
+                           or not self.coordinator.running(), settings.marker_timeout)
+        self.coordinator.require(snapshot_id, name)
+        if cut.state == CutState.PREPARED and (name in self.flip_queue or name in self.flip_results):
             self.io.wait_until(lambda: cut.state != CutState.PREPARED or not self.coordinator.running(),
-                               2 * self.config.snapshot.barrier_timeout)
+                               2 * settings.barrier_timeout)
             self.coordinator.require(snapshot_id, name)
         if cut.state != CutState.PREPARED:
             return
-        if not cut.marker_seen:  # never will be: the member ran on long ago
-            self._abort("no cut marker from %s before its done report (is its helper sending one on the "
-                        "member's link?)" % name)
+        if not cut.marker_seen:
+            self._abort("no cut marker from %s within %.1f s of its done report (is its helper sending one "
+                        "on the member's link?)" % (name, settings.marker_timeout))
             raise Refused(409, self.coordinator.current.reason)
-        LOG.warning("%s reported done in %s without its in-band cut request: cut now", name, snapshot_id)
-        self.cut(snapshot_id, name, {"marker": True})
+        LOG.info("%s reported done in %s before its in-band cut request came in: cut now", name, snapshot_id)
+        self.cut(snapshot_id, name, {"marker": True})  # no yield since the checks: nothing else took it
 
     def _flip_batch(self, snapshot_id: str) -> None:
         """Flip every cut waiting now, with one flow-table pass and one barrier per switch.
