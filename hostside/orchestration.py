@@ -10,11 +10,10 @@ Snapshot (in the background, one job per snapshot and member)::
            -> purge the datapath
        and the backend stores the image through the sink (a snapshot server)
        An asynchronous cut (a backend that ``cuts_async``, the default ``VIOLIN_CUT=async``): prepare
-       asks {"divert": true} (until its flip the member's own frames go to the controller, coloured by
-       its marker), at_cut only sends the marker and waits for the switch to send it back, and once
-       the member runs again (``resumed``) a cut request frame down its link (``cut_frame`` in the
-       prepare's answer; ``VIOLIN_CUT=async-call``: the cut call, then a purge) has the controller
-       flip it: the member is frozen for no controller round trip, frames held for it are released
+       asks {"divert": true} (the switch learns the member's new colour from its marker), at_cut only
+       sends the marker, waits for the switch to send it back and purges the datapath, and once the
+       member runs again (``resumed``) a cut request frame down its link (``cut_frame`` in the
+       prepare's answer; ``VIOLIN_CUT=async-call``: the cut call) has the controller flip it: the member is frozen for no controller round trip, frames held for it are released
        only once CRIU's network lock is gone, and no HTTP call stands between its resume and that
        release (its done report flips it if the frame never reached the controller).
     -> controller done {pause_ms, bytes, server, image{backend, files, storage{logical_bytes,
@@ -497,9 +496,11 @@ class Orchestrator:
 
             def at_cut():
                 prepare()
-                if cut["async"]:  # the marker is in the switch's hands: the member may run on
+                if cut["async"]:  # the switch took the marker, and learned the port's new colour from it
                     cut["marked"] = True
-                    return prove_quiet(confirm=True)
+                    proof = prove_quiet(confirm=True)
+                    self.purge()  # a flow the datapath still caches would give the member's next frames the old one
+                    return proof
                 proof = prove_quiet()
                 self.post(body["cut_url"], {"marker": backend.sends_marker})
                 self.purge()
@@ -510,9 +511,9 @@ class Orchestrator:
                     if cut.get("frame"):  # in band, behind the marker and what the member sent since
                         prove_quiet.request_cut()
                         cut["answer"] = {}
-                        return  # (no purge: a flow the datapath still caches diverts, right, only slower)
+                        return
+                    # No purge after it: the flows the datapath caches since the marker give the new colour.
                     cut["answer"] = self.post(body["cut_url"], {"marker": True})
-                    self.purge()  # the diverting flows the datapath still caches are right, only slower
 
             began = self.clock()
             try:

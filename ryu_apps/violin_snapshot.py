@@ -418,6 +418,11 @@ def to_ofp(datapath, message):
     if isinstance(message, of.PacketOut):
         return parser.OFPPacketOut(datapath, ofproto.OFP_NO_BUFFER, message.in_port,
                                    [_action(parser, a) for a in message.actions], message.data)
+    if message.command == "delete":  # every flow of this table and role the match covers
+        return parser.OFPFlowMod(datapath, cookie=COOKIE_APP | message.entry.role, cookie_mask=0xFFFFFFFFFFFFFFFF,
+                                 table_id=message.entry.table_id, command=ofproto.OFPFC_DELETE,
+                                 out_port=ofproto.OFPP_ANY, out_group=ofproto.OFPG_ANY,
+                                 match=parser.OFPMatch(**dict(message.entry.match)))
     if message.command == "delete_all":
         return parser.OFPFlowMod(datapath, cookie=COOKIE_APP, cookie_mask=COOKIE_APP_MASK,
                                  table_id=ofproto.OFPTT_ALL, command=ofproto.OFPFC_DELETE,
@@ -445,4 +450,12 @@ def _action(parser, action):
         return parser.OFPActionPopVlan()
     if isinstance(action, of.SetField):
         return parser.OFPActionSetField(**{action.name: action.value})
+    if isinstance(action, of.Resubmit):
+        return parser.NXActionResubmitTable(in_port=0xFFF8, table_id=action.table_id)  # 0xfff8: this packet's port
+    if isinstance(action, of.LearnVid):
+        return parser.NXActionLearn(table_id=action.table_id, priority=action.priority,
+                                    cookie=COOKIE_APP | action.role, specs=[
+                                        parser.NXFlowSpecMatch(src=("in_port", 0), dst=("in_port", 0), n_bits=32),
+                                        parser.NXFlowSpecMatch(src=("reg0", 0), dst=("reg0", 0), n_bits=32),
+                                        parser.NXFlowSpecLoad(src=action.vid, dst=("vlan_vid", 0), n_bits=12)])
     raise TypeError("unknown action %r" % (action,))

@@ -59,7 +59,7 @@ def measure(n, rounds, rate, log, mode="async"):
     controller = lab.ControllerProcess(config=slicelab.controller_config())
     workdir = tempfile.mkdtemp(prefix="bench-pause-")
     record = {"members": n, "freeze_slots": criu.FREEZE_SLOTS, "cut_mode": mode, "with_cut": [], "bare": [],
-              "steps": [], "diverted": []}
+              "steps": [], "cut_frames": []}
     before = os.environ.get("VIOLIN_CUT")
     os.environ["VIOLIN_CUT"] = mode  # the helper started below inherits it
     try:
@@ -78,7 +78,8 @@ def measure(n, rounds, rate, log, mode="async"):
                     log("  pause %d members: round %d aborted: %s" % (n, index + 1, error))
                     time.sleep(1.0)
                     continue
-                record["diverted"].append(view["counts"].get("diverted", 0))
+                # frames the cut brought to the controller (held, recorded): the switch colours the rest
+                record["cut_frames"].append(sum(view["counts"].get(k, 0) for k in ("held", "recorded", "dropped")))
                 for entry in view["members"]:
                     record["with_cut"].append(entry.get("pause_ms"))
                     image = entry.get("image", {})
@@ -120,7 +121,7 @@ def measure(n, rounds, rate, log, mode="async"):
     record["summary"] = {"with_cut_ms": cut, "bare_ms": bare,
                          "ratio_p50": round(cut["p50"] / bare["p50"], 2), "ratio_p95": round(cut["p95"] / bare["p95"], 2),
                          "steps_p50": {k: (summary([s[k] for s in record["steps"]]) or {}).get("p50") for k in STEPS},
-                         "diverted_frames_per_snapshot_p50": (summary(record["diverted"]) or {}).get("p50")}
+                         "cut_frames_per_snapshot_p50": (summary(record["cut_frames"]) or {}).get("p50")}
     if record.get("bare_together"):
         together = summary_p95(record["bare_together"])
         record["summary"].update(bare_together_ms=together, ratio_p50_to_together=round(cut["p50"] / together["p50"], 2))

@@ -78,6 +78,7 @@ class FakeSwitch:
             self.tables.clear()
             return
         check_consistent(mod.entry)
+        assert not (mod.entry.learned and mod.command == "add"), "a learned flow is the switch's to add: %r" % (mod,)
         table = self.tables.setdefault(mod.entry.table_id, {})
         key = (mod.entry.priority, mod.entry.match)
         if mod.command == "add":
@@ -86,6 +87,10 @@ class FakeSwitch:
             table[key] = mod.entry
         elif mod.command == "delete_strict":
             table.pop(key, None)
+        elif mod.command == "delete":  # OFPFC_DELETE: every flow of the role whose match covers the entry's
+            for other_key, other in list(table.items()):
+                if other.role == mod.entry.role and set(mod.entry.match) <= set(other.match):
+                    del table[other_key]
         else:
             raise ValueError(mod.command)
 
@@ -179,8 +184,24 @@ class FakeNetwork:
         else:
             outcome.delivered.append((dpid, port, frame))
 
-    def _act(self, action, frame, in_port):
+    def _act(self, action, frame, in_port, dpid=None, regs=None):
         outs = []
+        regs = {} if regs is None else regs  # the packet's registers: zero at ingress, kept across tables
+        if isinstance(action, of.Resubmit):  # a miss applies nothing; what matches cannot goto on
+            entry = self.switch(dpid).lookup(action.table_id, {**frame_fields(frame, in_port), **regs})
+            for inner in entry.actions if entry is not None else ():
+                assert not isinstance(inner, (of.Resubmit, of.LearnVid)), "nested resubmit/learn not modelled"
+                frame, more = self._act(inner, frame, in_port, dpid, regs)
+                outs.extend(more)
+            return frame, outs
+        if isinstance(action, of.LearnVid):  # OVS adds the flow while it looks the packet up
+            self.switch(dpid).apply(of.add_flow(dpid, of.FlowEntry(
+                action.table_id, action.priority, of.match(in_port=in_port, reg0=regs.get("reg0", 0)),
+                (of.SetField("vlan_vid", action.vid | of.OFPVID_PRESENT),), role=action.role)))
+            return frame, outs
+        if isinstance(action, of.SetField) and action.name.startswith("reg"):
+            regs[action.name] = action.value
+            return frame, outs
         if isinstance(action, of.Output):
             if action.port == of.OFPP_IN_PORT:
                 outs.append((in_port, frame))
@@ -198,9 +219,9 @@ class FakeNetwork:
 
     def _pipeline(self, dpid: int, in_port: int, frame: bytes, outcome: Outcome):
         switch = self.switch(dpid)
-        table_id, outputs = 0, []
+        table_id, outputs, regs = 0, [], {"reg0": 0}
         while table_id is not None:
-            entry = switch.lookup(table_id, frame_fields(frame, in_port))
+            entry = switch.lookup(table_id, {**frame_fields(frame, in_port), **regs})
             if entry is None:
                 outcome.dropped += 1
                 return outputs
@@ -209,7 +230,7 @@ class FakeNetwork:
                 if isinstance(action, of.Output) and action.port == of.OFPP_CONTROLLER:
                     outcome.to_controller.append((dpid, in_port, frame, entry.role))
                     continue
-                frame, outs = self._act(action, frame, in_port)
+                frame, outs = self._act(action, frame, in_port, dpid, regs)
                 outputs.extend(outs)
             if not entry.actions and entry.goto is None:
                 outcome.dropped += 1

@@ -27,7 +27,7 @@ from .restore import Restorer
 from .schedule import SCHEDULE_LABEL, Scheduler
 
 LOG = logging.getLogger("violin.controller")
-SNAPSHOT_ROLES = (of.ROLE_MARKER, of.ROLE_HOLD, of.ROLE_RECORD, of.ROLE_FLOOD_CUT, of.ROLE_DIVERT)
+SNAPSHOT_ROLES = (of.ROLE_MARKER, of.ROLE_HOLD, of.ROLE_RECORD, of.ROLE_FLOOD_CUT)
 DEFAULT_ADVERTISE_URL = "http://127.0.0.1:8080"
 
 SNAPSHOT_BODY = schema.Schema({
@@ -38,9 +38,9 @@ SNAPSHOT_BODY = schema.Schema({
                               else "seconds in (0, 86400]"),
 }, allow_none=False)
 PREPARE_BODY = schema.Schema({
-    "divert": schema.Field((bool, type(None)), None, help="an asynchronous cut: until its flip, the member's own "
-                           "frames come to the controller, which colours them by its marker; the member may run "
-                           "on once its marker came back down its link"),
+    "divert": schema.Field((bool, type(None)), None, help="an asynchronous cut: until its flip, the member's port "
+                           "colours its frames by a flow the switch learns from its marker; the member may run "
+                           "on once its marker came back down its link and the datapath was purged"),
 }, allow_none=False)
 CUT_BODY = schema.Schema({
     "marker": schema.Field((bool, type(None)), None, help="whether the helper sent a marker frame before this call"),
@@ -206,7 +206,7 @@ class ViolinController:
 
     def prepare(self, snapshot_id: str, name: str, body: Optional[dict] = None) -> dict:
         """The helper is about to pause the member: answer once frames for it are held (and, with
-        ``{"divert": true}``, its own frames come here until its flip)."""
+        ``{"divert": true}``, once its port takes the new colour from its marker on)."""
         divert = bool(schema.request_body(PREPARE_BODY, body or {})["divert"])
         member = self.coordinator.members.get(name)
         messages = self.coordinator.prepare(self.clock(), snapshot_id, name, divert)
@@ -215,7 +215,7 @@ class ViolinController:
             self._abort("the switch did not confirm holding frames for %s" % name)
             raise Refused(504, self.coordinator.current.reason)
         diverted = self.coordinator.current.cuts[name].diverted
-        # cut_frame: a diverted member's helper may ask for the flip by a frame down the member's link
+        # cut_frame: an asynchronous member's helper may ask for the flip by a frame down the member's link
         # once it runs again (no cut call); its done report then flips it if that frame never came.
         return {"snapshot": snapshot_id, "member": name, "state": CutState.PREPARED,
                 "divert": diverted, "cut_frame": diverted}
@@ -264,9 +264,9 @@ class ViolinController:
             LOG.info("in-band cut of %s in %s not made: %s", name, snapshot_id, refusal.reason)
 
     def _cut_before_done(self, snapshot_id: str, name: str) -> None:
-        """A diverted member still prepared at its done report is cut now (its image is stored).
+        """A member cut asynchronously, still prepared at its done report, is cut now (its image is stored).
 
-        Its marker and cut request may still be queued behind its diverted frames on the switch's
+        Its marker and cut request may still be queued behind other packet-ins on the switch's
         connection (the helper saw the marker's echo, not its packet-in): the report waits for the
         marker, up to the marker timeout, and for a cut already under way."""
         settings = self.config.snapshot

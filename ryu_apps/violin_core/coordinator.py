@@ -20,16 +20,18 @@ rules (``ROLE_FLOOD_CUT``). Frames of non-members, and of members outside the
 snapshot's subset, carry the neutral colour and are always delivered.
 
 An asynchronous cut (``prepare(divert=True)``) lets a member run on before its
-flip. From its prepare every frame entering its port comes to the controller
-(``ROLE_DIVERT``), which colours it: the old colour until the member's marker
-came in that same stream, the new one after it. The helper lets the member
-resume only once the switch has sent the marker back down its link, i.e. once
-the marker's packet-in is queued ahead of anything the member sends next; the
-packet-ins of one switch reach the controller in order, so the colouring is
-exact without the member waiting, frozen, for the flip's barrier. Once the member
-runs again the helper asks for its flip in band: a cut request frame down the
-same link (``take_cut_requests``), after the marker in that stream; the
-controller flips every request waiting at that moment together.
+flip, its frames coloured by the switch itself: from its prepare, its port's
+ingress rule also looks up ``LEARNED_TABLE`` (``resubmit``), and its marker rule
+carries a ``learn`` action that adds there, as the switch takes the marker, a flow
+giving its port the new colour. The switch takes a port's frames in order, so
+every frame the member sent before its marker keeps the old colour and every
+frame after it gets the new one; the helper lets the member resume once the
+marker came back down its link and the local datapath's cached flows are purged
+(a cached flow would still apply the old colour). Its frames keep the fast path:
+no packet-in for any of them. Once the member runs again the helper asks for its
+flip in band: a cut request frame down the same link (``take_cut_requests``),
+after the marker in that stream; the controller flips every request waiting at
+that moment together, and the learned flow goes after the rules that consult it.
 
 The coordinator is the ``FabricPolicy`` the ``Fabric`` consults when it derives flows; its
 handlers take times and events and return OpenFlow messages. Blocking work
@@ -44,9 +46,9 @@ from typing import Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import of
 from .errors import Refused
-from .fabric import EGRESS_TABLE, FLOOD_TABLE, INGRESS_TABLE, TAG_PRESENT, Fabric
+from .fabric import EGRESS_TABLE, FLOOD_TABLE, FORWARD_TABLE, INGRESS_TABLE, LEARNED_TABLE, TAG_PRESENT, Fabric
 from .members import Member, MemberRegistry
-from .packets import is_multicast, parse_cut_request, parse_eth, parse_marker, strip_outer_tag
+from .packets import MARKER_DST, PROBE_ETH_TYPE, is_multicast, parse_cut_request, parse_eth, parse_marker, strip_outer_tag
 from .policy import FabricPolicy, Vids
 
 
@@ -96,7 +98,7 @@ class MemberCut:
     name: str
     state: CutState = CutState.PENDING
     marker_seen: bool = False
-    diverted: bool = False  # its frames come to the controller from its prepare to its flip (asynchronous cut)
+    diverted: bool = False  # an asynchronous cut: the switch colours its frames by its marker (learned flow)
     cut_time: Optional[float] = None  # wall clock when its rules were in force
     flip_ms: Optional[float] = None  # cut request -> barrier replies
     prepared_at: Optional[float] = None  # monotonic: its prepare began, every frame for it held from then on
@@ -119,7 +121,7 @@ class Snapshot:
     completed: Optional[float] = None
     cuts: Dict[str, MemberCut] = field(default_factory=dict)
     counts: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("held", "released", "recorded", "recorded_bytes", "dropped", "late_released", "diverted"), 0))
+        ("held", "released", "recorded", "recorded_bytes", "dropped", "late_released"), 0))
     drain: dict = field(default_factory=dict)
     last_flip: Optional[float] = None  # monotonic
 
@@ -216,17 +218,32 @@ class Coordinator(FabricPolicy):
 
     def ingress_entries(self, dpid: int, mac: str, port_no: int) -> List[of.FlowEntry]:
         """While a restore replaces a member, nothing it (or its dying predecessor) sends gets in; while
-        a member's cut is asynchronous, everything entering its port goes to the controller (below the
-        marker and probe rules, above everything else on the port)."""
+        a member's cut is asynchronous, its port learns the new colour from its marker (above its plain
+        ingress rule, below the marker and probe rules)."""
         if self.quarantined_member(mac) is not None:
             return [of.FlowEntry(INGRESS_TABLE, 600, of.match(in_port=port_no, eth_src=mac))]
         member = self.participant(mac)
-        if member is not None and self.diverting(member):
-            return [of.FlowEntry(INGRESS_TABLE, 950, of.match(in_port=port_no), (of.Output(of.OFPP_CONTROLLER),),
-                                 role=of.ROLE_DIVERT)]
-        return []
+        if member is None or not self.diverting(member):
+            return []
+        old = self.colour(member.epoch) | of.OFPVID_PRESENT
+        new = self.colour(self.current.epoch)
+        # This snapshot's tag: a learned flow OVS re-adds after an earlier flip (of.LearnVid) has an
+        # earlier one, so it never colours this snapshot's frames (colours repeat every other epoch).
+        tag = of.SetField("reg0", self.current.epoch & 0xFFFFFFFF)
+        return [
+            of.FlowEntry(INGRESS_TABLE, 510, of.match(in_port=port_no, eth_src=mac),
+                         (of.PushVlan(), of.SetField("vlan_vid", old), tag, of.Resubmit(LEARNED_TABLE)),
+                         goto=FORWARD_TABLE),
+            of.FlowEntry(INGRESS_TABLE, 1001, of.match(in_port=port_no, eth_type=PROBE_ETH_TYPE, eth_dst=MARKER_DST),
+                         (tag, of.LearnVid(LEARNED_TABLE, 100, new, of.ROLE_LEARNED), of.Output(of.OFPP_CONTROLLER),
+                          of.Output(of.OFPP_IN_PORT)), role=of.ROLE_MARKER),
+            # What the switch learns, as the fabric knows it: deleted, with any stale copy, at the flip.
+            of.FlowEntry(LEARNED_TABLE, 100, of.match(in_port=port_no),
+                         (of.SetField("vlan_vid", new | of.OFPVID_PRESENT),), role=of.ROLE_LEARNED, learned=True),
+        ]
 
     def diverting(self, member: Member) -> bool:
+        """Whether the member's cut is asynchronous and its flip still to come."""
         cut = self.current.cuts[member.name]
         return cut.diverted and cut.state == CutState.PREPARED
 
@@ -374,8 +391,8 @@ class Coordinator(FabricPolicy):
         Frames that reach a paused member's link are not in its image (they wait in
         a tap or socket queue), so none may arrive between its pause and its flip;
         the pre-snapshot ones among them become channel state at the flip. With
-        ``divert`` its own frames come to the controller too until its flip, coloured
-        by its marker (``diverted_in``): the member may then run on before its flip.
+        ``divert`` the switch colours its own frames by its marker (``ingress_entries``):
+        the member may then run on before its flip.
         """
         _, cut = self.require(snapshot_id, name)
         if cut.state != CutState.PENDING:
@@ -514,8 +531,6 @@ class Coordinator(FabricPolicy):
         if role == of.ROLE_MARKER:
             self.marker_in(dpid, in_port, frame)
             return []
-        if role == of.ROLE_DIVERT:
-            return self.diverted_in(now, wall, dpid, in_port, frame)
         if not self.running():
             # A late hold/flood packet-in after completion or abort: deliver, never lose it.
             return self._deliver_late(now, dpid, in_port, frame, role)
@@ -537,46 +552,6 @@ class Coordinator(FabricPolicy):
                     messages += self._apply_cut(wall, receivers[0], (dpid, port_no), colour, guest, flood=True)
             return messages
         return []
-
-    def diverted_in(self, now: float, wall: float, dpid: int, in_port: int, frame: bytes) -> List[of.Message]:
-        """A frame that entered a diverted port: coloured here and delivered under the cut rules.
-
-        Its sender's colour is the old one until that sender's marker came in (markers
-        are not diverted, but they come from the same port and the switch passes its
-        packet-ins on in order), the new one after. Once the snapshot has ended, the
-        frame goes through the switch's tables as they are now."""
-        header = parse_eth(frame)
-        if header is None:
-            return []
-        if not self.running():
-            return [of.PacketOut(dpid, in_port, (of.Output(of.OFPP_TABLE),), frame)]
-        self.current.counts["diverted"] += 1
-        sender = self.participant(header.src)
-        if sender is None:
-            colour = self.ingress_vid(header.src)
-        else:
-            post = self.current.cuts[sender.name].marker_seen or self.is_post(sender)
-            colour = self.colour(self.current.epoch if post else self.current.epoch - 1)
-        unicast = not is_multicast(header.dst) and header.dst in self.fabric.hosts
-        if unicast:
-            targets = [self.fabric.hosts[header.dst]]
-        else:  # a flood: every edge port this switch's frames can reach
-            component = self.fabric.component_of(dpid)
-            targets = [(d, p) for d in sorted(component) for p in self.fabric.edge_ports(d, now)]
-        messages: List[of.Message] = []
-        for where in targets:
-            if where == (dpid, in_port):
-                continue
-            if unicast:
-                receiver = self.participant(header.dst)
-            else:
-                receivers = self._participants_on(*where)
-                receiver = receivers[0] if receivers else None
-            if receiver is None:
-                messages.append(_packet_out(where, frame))
-            else:
-                messages += self._apply_cut(wall, receiver, where, colour, frame, flood=True)
-        return messages
 
     def _record(self, receiver: str, wall: float, guest: bytes) -> None:
         snapshot = self.current

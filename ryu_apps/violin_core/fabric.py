@@ -31,7 +31,7 @@ from . import of
 from .policy import FabricPolicy, Vids
 from .packets import MARKER_DST, PROBE_DST, PROBE_ETH_TYPE, build_probe, is_multicast, parse_eth, parse_probe
 
-INGRESS_TABLE, FORWARD_TABLE, EGRESS_TABLE, FLOOD_TABLE = 0, 1, 2, 3
+INGRESS_TABLE, FORWARD_TABLE, EGRESS_TABLE, FLOOD_TABLE, LEARNED_TABLE = 0, 1, 2, 3, 4
 TAG_PRESENT = (of.OFPVID_PRESENT, of.OFPVID_PRESENT)  # OVS refuses pop_vlan unless the match implies a tag
 
 PortRef = Tuple[int, int]  # (dpid, port_no)
@@ -265,12 +265,15 @@ class Fabric:
             # Adds before deletes: a switch applies them one by one, and packets between
             # two flow-mods must never meet a table more permissive than before and after
             # (e.g. a hold rule deleted before its replacement record rule is in).
+            # Learned flows (the switch adds them) are never sent, and are deleted last: the flows that
+            # consult them go first, so no packet meets a table that has lost the learned answer early.
             for key, entry in wanted.items():
-                if installed.get(key) != entry:
+                if installed.get(key) != entry and not entry.learned:
                     messages.append(of.add_flow(dpid, entry))
-            for key, entry in installed.items():
-                if key not in wanted:
-                    messages.append(of.delete_flow(dpid, entry))
+            # A learned flow goes with every stale copy of it the switch may have re-added (of.LearnVid).
+            gone = [entry for key, entry in installed.items() if key not in wanted]
+            for entry in sorted(gone, key=lambda e: e.learned):
+                messages.append(of.delete_covered_flows(dpid, entry) if entry.learned else of.delete_flow(dpid, entry))
             self.installed[dpid] = wanted
         return messages
 

@@ -23,7 +23,7 @@ LONG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 6
 FRAME_ACTIONS = ("held", "released", "recorded", "dropped", "late_released")
 ROLE_NAMES = {of.ROLE_FORWARD: "forward", of.ROLE_LEARN: "learn", of.ROLE_PROBE: "probe",
               of.ROLE_MARKER: "marker", of.ROLE_HOLD: "hold", of.ROLE_RECORD: "record",
-              of.ROLE_FLOOD_CUT: "flood_cut", of.ROLE_DIVERT: "divert"}
+              of.ROLE_FLOOD_CUT: "flood_cut", of.ROLE_LEARNED: "learned"}
 
 
 class Metrics:

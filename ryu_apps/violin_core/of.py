@@ -56,7 +56,29 @@ class SetField:
     value: int
 
 
-Action = Union[Output, PushVlan, PopVlan, SetField]
+@dataclass(frozen=True)
+class Resubmit:
+    """Open vSwitch's ``resubmit(,table_id)``: look the packet up in that table too, apply what
+    matches (nothing, on a miss) and go on with the rest of the actions."""
+
+    table_id: int
+
+
+@dataclass(frozen=True)
+class LearnVid:
+    """Open vSwitch's ``learn``: the switch itself adds, in ``table_id``, a flow matching this packet's
+    ``in_port`` and ``reg0`` whose action sets the outer tag's VID (12 bits) to ``vid``; its cookie
+    carries ``role``. It is added while the packet is looked up, before the packet's own outputs go
+    out. OVS may add it again after it was deleted (a cached flow that learned it refreshes it): what
+    consults it sets ``reg0`` to a tag of its own, so a stale one never answers a later lookup."""
+
+    table_id: int
+    priority: int
+    vid: int
+    role: int
+
+
+Action = Union[Output, PushVlan, PopVlan, SetField, Resubmit, LearnVid]
 MatchValue = Union[int, str, Tuple[int, int]]
 Match = Tuple[Tuple[str, MatchValue], ...]
 
@@ -77,12 +99,15 @@ ROLE_MARKER = 3  # a member's cut marker
 ROLE_HOLD = 4  # post-snapshot frame for a pre-snapshot receiver
 ROLE_RECORD = 5  # pre-snapshot frame delivered to a post-snapshot receiver
 ROLE_FLOOD_CUT = 6  # a flood some of whose receivers need the cut rules
-ROLE_DIVERT = 7  # a frame of a prepared member whose cut is asynchronous: coloured by the controller
+ROLE_LEARNED = 8  # a colour the switch learned from a member's marker (asynchronous cut)
 
 
 @dataclass(frozen=True)
 class FlowEntry:
-    """A flow the core wants in a switch table. ``goto`` is a GotoTable id."""
+    """A flow the core wants in a switch table. ``goto`` is a GotoTable id.
+
+    A ``learned`` flow is one the switch may have added itself (``LearnVid``): it is never sent,
+    only deleted once no longer wanted."""
 
     table_id: int
     priority: int
@@ -90,6 +115,7 @@ class FlowEntry:
     actions: Tuple[Action, ...] = ()
     goto: Optional[int] = None
     role: int = ROLE_FORWARD
+    learned: bool = False
 
     @property
     def key(self):
@@ -100,7 +126,7 @@ class FlowEntry:
 @dataclass(frozen=True)
 class FlowMod:
     dpid: int
-    command: str  # 'add', 'delete_strict' or 'delete_all'
+    command: str  # 'add', 'delete_strict', 'delete' (every flow the entry's match covers) or 'delete_all'
     entry: Optional[FlowEntry] = None
 
 
@@ -126,6 +152,11 @@ def add_flow(dpid: int, entry: FlowEntry) -> FlowMod:
 
 def delete_flow(dpid: int, entry: FlowEntry) -> FlowMod:
     return FlowMod(dpid, "delete_strict", entry)
+
+
+def delete_covered_flows(dpid: int, entry: FlowEntry) -> FlowMod:
+    """Delete every flow of the entry's table and role whose match includes the entry's (any priority)."""
+    return FlowMod(dpid, "delete", entry)
 
 
 def delete_all_flows(dpid: int) -> FlowMod:

@@ -6,6 +6,8 @@ bytes to prove the translation from ``violin_core.of`` is well-formed.
 """
 
 import json
+import shutil
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -122,6 +124,28 @@ def test_translation_covers_every_message_kind():
                     of.PacketOut(7, 1, (of.Output(of.OFPP_TABLE),), b"\0" * 60)):
         datapath.send_msg(violin_snapshot.to_ofp(datapath, message))
     assert len(datapath.sent) == 5
+
+
+def test_the_learned_colour_translates_to_open_vswitch_learn_and_resubmit(tmp_path):
+    """The asynchronous cut's flows in Nicira actions; decoded by ``ovs-ofctl ofp-parse`` where it is."""
+    datapath = FakeDatapath(7)
+    marker = of.FlowEntry(0, 1001, of.match(in_port=3, eth_type=0x88B5), (
+        of.SetField("reg0", 3), of.LearnVid(4, 100, 0x65, of.ROLE_LEARNED), of.Output(of.OFPP_CONTROLLER), of.Output(of.OFPP_IN_PORT)),
+        role=of.ROLE_MARKER)
+    ingress = of.FlowEntry(0, 510, of.match(in_port=3, eth_src="00:00:00:00:00:01"), (
+        of.PushVlan(), of.SetField("vlan_vid", 0x1064), of.SetField("reg0", 3), of.Resubmit(4)), goto=1)
+    learned = of.FlowEntry(4, 100, of.match(in_port=3), role=of.ROLE_LEARNED, learned=True)
+    for message in (of.add_flow(7, marker), of.add_flow(7, ingress), of.delete_covered_flows(7, learned)):
+        datapath.send_msg(violin_snapshot.to_ofp(datapath, message))
+    if shutil.which("ovs-ofctl") is None:
+        pytest.skip("no ovs-ofctl to decode the flow-mods with")
+    wire = tmp_path / "flow-mods.bin"
+    wire.write_bytes(b"".join(bytes(msg.buf) for msg in datapath.sent))
+    text = subprocess.run(["ovs-ofctl", "ofp-parse", str(wire)], capture_output=True, text=True, check=True).stdout
+    assert "set_field:0x3->reg0,learn(table=4,priority=100,cookie=0x76696f6c00000008,OXM_OF_IN_PORT[],NXM_NX_REG0[]," \
+        "load:0x65->OXM_OF_VLAN_VID[]),CONTROLLER:65535,IN_PORT" in text, text
+    assert "set_field:4196->vlan_vid,set_field:0x3->reg0,resubmit(,4),goto_table:1" in text, text
+    assert "DEL table:4 in_port=3 cookie:0x76696f6c00000008/0xffffffffffffffff" in text, text
 
 
 def test_paths_no_app_serves_answer_json_and_other_apps_keep_theirs(app):

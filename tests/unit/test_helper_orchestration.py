@@ -109,8 +109,9 @@ def async_rig(tmp_path, prepare_answer):
 
 def test_an_asynchronous_cut_confirms_the_marker_frozen_and_asks_for_the_flip_in_band_once_the_member_runs(tmp_path):
     rig = async_rig(tmp_path, {"divert": True, "cut_frame": True})
-    assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet_confirmed", "after_cut",
-                           "cut_request", "resumed", "quiet_close", "done"]  # no cut call, no purge after it
+    # frozen: the marker confirmed, then the purge (the datapath must forget the old colour); no cut call
+    assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet_confirmed", "purge", "after_cut",
+                           "cut_request", "resumed", "quiet_close", "done"]
     assert rig.reported("prepare") == [{"divert": True}] and rig.reported("done")[0]["image"]["cut"] == "in-band"
 
 
@@ -118,8 +119,8 @@ def test_an_asynchronous_cut_calls_the_cut_once_the_member_runs_without_cut_fram
     for answer, mode in (({"divert": True}, "async"), ({"divert": True, "cut_frame": True}, "async-call")):
         monkeypatch.setattr(orchestration, "CUT_MODE", mode)  # an older controller, or VIOLIN_CUT=async-call
         rig = async_rig(tmp_path / mode, answer)
-        assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet_confirmed", "after_cut", "cut",
-                               "purge", "resumed", "quiet_close", "done"]
+        assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet_confirmed", "purge", "after_cut",
+                               "cut", "resumed", "quiet_close", "done"]
         assert rig.reported("prepare") == [{"divert": True}] and rig.reported("cut") == [{"marker": True}]
         assert rig.reported("done")[0]["image"]["cut"] == "async"
 

@@ -12,7 +12,7 @@ from webob import Request
 from violin_core import channel, of
 from violin_core.catalogue import Catalogue
 from violin_core.routes import build_rest_app
-from violin_core.fabric import FabricSettings
+from violin_core.fabric import LEARNED_TABLE, FabricSettings
 from violin_core.packets import build_cut_request, build_marker
 from violin_core.errors import Refused
 from violin_core.coordinator import SnapshotSettings
@@ -617,23 +617,32 @@ def marker_of(h, sid, name, mac):
     return h.send(*WHERE[mac], build_marker(mac, sid, name))
 
 
-def test_a_diverted_member_frames_take_the_old_colour_until_its_marker_and_the_new_after(h):
+def learned_flows(h, dpid=1):
+    return [e for e in h.net.switch(dpid).tables.get(LEARNED_TABLE, {}).values()]
+
+
+def test_an_asynchronous_member_takes_the_old_colour_until_its_marker_and_the_new_after_in_the_switch(h):
     sid = h.controller.start_snapshot({})["id"]
     assert h.controller.prepare(sid, "A", {"divert": True})["divert"] is True
     h.controller.cut(sid, "C")  # C is post: a pre frame reaching it is channel state
+    h.controller_log.clear()
     assert received(h, C, send(h, A, C, 1)) == [b"seq000001"]  # A before its marker: pre -> post, recorded
-    assert received(h, B, send(h, A, B, 2)) == [b"seq000002"]  # pre -> pre: delivered now
+    assert received(h, B, send(h, A, B, 2)) == [b"seq000002"]  # pre -> pre: the switch delivers it
+    assert [role for *_, role in h.controller_log] == [of.ROLE_RECORD]  # no packet-in for the fast path
+    assert learned_flows(h) == []
     bounced = marker_of(h, sid, "A", A)
     assert [(d, p) for d, p, _ in bounced.delivered] == [WHERE[A]]  # the marker comes back down A's own link
     assert h.coordinator.current.cuts["A"].marker_seen
-    # A runs on before its flip: its frames are post now, though the switch still sends them up.
+    assert [e.match for e in learned_flows(h)] == [of.match(in_port=WHERE[A][1], reg0=1)]  # the switch learned it
+    # A runs on before its flip: its frames are post now, coloured so by the switch.
+    h.controller_log.clear()
     assert send(h, A, B, 3) == []  # post -> pre: held for B
     assert received(h, C, send(h, A, C, 4)) == [b"seq000004"]  # post -> post: delivered, not recorded
+    assert [role for *_, role in h.controller_log] == [of.ROLE_HOLD]
     assert [(r.receiver, r.frame[14:23]) for r in h.coordinator.recorded] == [("C", b"seq000001")]
-    assert h.coordinator.current.counts["diverted"] == 4
-    h.controller.cut(sid, "A", {"marker": True})
-    assert not [e for t in h.net.switch(1).tables.values() for e in t.values() if e.role == of.ROLE_DIVERT]
-    # After the flip the switch colours A's frames itself, with the new colour.
+    flip = h.controller.cut(sid, "A", {"marker": True})
+    assert flip["epoch"] == 1 and learned_flows(h) == []  # the flip's rules replace it, and it goes after them
+    # After the flip the switch colours A's frames by its plain ingress rule, with the new colour.
     h.controller_log.clear()
     assert send(h, A, B, 5) == []  # still post -> pre: held by B's egress rule
     assert [role for *_, role in h.controller_log] == [of.ROLE_HOLD]
@@ -641,6 +650,45 @@ def test_a_diverted_member_frames_take_the_old_colour_until_its_marker_and_the_n
     h.controller.cut(sid, "B")
     assert received(h, B) == [b"seq000003", b"seq000005"]
     assert [(r.receiver, r.frame[14:23]) for r in h.coordinator.recorded] == [("C", b"seq000001")]
+
+
+def test_the_flip_deletes_the_learned_colour_after_the_rules_that_consult_it(h):
+    sid = h.controller.start_snapshot({})["id"]
+    h.controller.prepare(sid, "A", {"divert": True})
+    marker_of(h, sid, "A", A)
+    rules, _ = h.coordinator.flip_many(h.now, sid, ["A"])
+    on_a = [m for m in rules if m.dpid == 1]
+    deletes = [m for m in on_a if m.command.startswith("delete")]
+    assert [m.command for m in deletes if m.entry.learned] == ["delete"]  # with any stale copy of it
+    assert deletes[-1].entry.learned and not any(m.entry.learned for m in on_a if m.command == "add")
+    assert [i for i, m in enumerate(on_a) if m.command == "add"][-1] < on_a.index(deletes[0])
+
+
+def test_a_learned_colour_the_switch_re_adds_after_the_flip_never_colours_a_later_snapshot(h):
+    """OVS re-adds a deleted learned flow when the cached flow that learned it sees packets again (the
+    cut request does): two snapshots on, with the same colours, it must not make pre frames post."""
+    stale = []
+    for _ in range(2):
+        sid = h.controller.start_snapshot({})["id"]
+        h.controller.prepare(sid, "A", {"divert": True})
+        marker_of(h, sid, "A", A)
+        stale += learned_flows(h)
+        for name in ("A", "B", "C"):
+            h.controller.cut(sid, name, {"marker": True} if name == "A" else None)
+            h.controller.done(sid, name, {"pause_ms": 1.0})
+        h.run_spawned()
+        assert h.coordinator.current.state == "complete"
+    first = stale[0]  # learned in epoch 1, re-added as OVS's learn refresh would
+    h.net.switch(1).tables.setdefault(LEARNED_TABLE, {})[(first.priority, first.match)] = first
+    sid = h.controller.start_snapshot({})["id"]  # epoch 3: the colours of epoch 1
+    h.controller.prepare(sid, "A", {"divert": True})
+    assert received(h, B, send(h, A, B, 1)) == [b"seq000001"]  # pre -> pre: delivered, not held as post
+    h.controller.cut(sid, "C")
+    assert received(h, C, send(h, A, C, 2)) == [b"seq000002"]
+    assert [(r.receiver, r.frame[14:23]) for r in h.coordinator.recorded] == [("C", b"seq000002")]
+    marker_of(h, sid, "A", A)
+    h.controller.cut(sid, "A", {"marker": True})
+    assert learned_flows(h) == []  # the flip took the stale copies too
 
 
 def test_a_diverted_member_hears_nothing_until_its_flip_and_its_floods_follow_the_cut_rules(h):
@@ -661,15 +709,16 @@ def test_a_diverted_member_hears_nothing_until_its_flip_and_its_floods_follow_th
     assert received(h, B) == [b"seq000003"]
 
 
-def test_a_diverted_frame_after_the_snapshot_ended_goes_through_the_tables_as_they_are(h):
+def test_an_abort_takes_the_learned_colour_out_of_the_switch(h):
     sid = h.controller.start_snapshot({})["id"]
     h.controller.prepare(sid, "A", {"divert": True})
+    marker_of(h, sid, "A", A)
+    assert learned_flows(h)
     h.controller.abort(sid, {"reason": "test"})
-    late = frame(B, A, 9)
+    assert learned_flows(h) == []
     h.deliveries.clear()
-    h.run(h.controller.packet_in(1, 1, late, of.ROLE_DIVERT))
+    send(h, A, B, 9)
     assert received(h, B) == [b"seq000009"]
-    assert not [e for t in h.net.switch(1).tables.values() for e in t.values() if e.role == of.ROLE_DIVERT]
 
 
 def test_a_lost_marker_aborts_an_asynchronous_cut(h):
@@ -704,7 +753,7 @@ def test_an_in_band_cut_request_after_the_marker_flips_the_member_and_releases_w
     assert cut.state == "cut" and h.coordinator.members["A"].epoch == 1
     assert received(h, A) == [b"seq000001"]  # released, and recorded: B (pre) sent it before A's cut
     assert [(r.receiver, r.frame[14:23]) for r in h.coordinator.recorded] == [("A", b"seq000001")]
-    assert not [e for t in h.net.switch(1).tables.values() for e in t.values() if e.role == of.ROLE_DIVERT]
+    assert learned_flows(h) == []
     assert cut.held_ms is not None and cut.flip_ms is not None
     cut_request_of(h, sid, "A", A)  # a repeated request (or one after the flip) asks for nothing
     assert h.coordinator.take_cut_requests() == [] and not h.io.spawned
@@ -800,4 +849,5 @@ def test_a_member_on_two_ports_is_not_diverted_one_marker_speaks_for_one_port(tm
     h.coordinator.add_member(parse_member({"name": "AC", "macs": [A, C], "marker": True}))
     sid = h.controller.start_snapshot({})["id"]
     assert h.controller.prepare(sid, "AC", {"divert": True})["divert"] is False
-    assert not [e for t in h.net.switch(1).tables.values() for e in t.values() if e.role == of.ROLE_DIVERT]
+    assert not [e for t in h.net.switch(1).tables.values() for e in t.values()
+                if any(isinstance(a, (of.Resubmit, of.LearnVid)) for a in e.actions)]
