@@ -325,16 +325,17 @@ class ViolinController:
                 del batch[name]
         if not batch:
             return
-        rules, releases = self.coordinator.flip_many(self.clock(), snapshot_id, list(batch), self.wall_clock())
+        rules, releases, tidying = self.coordinator.flip_many(self.clock(), snapshot_id, list(batch), self.wall_clock())
         dpids = set().union(*(self.coordinator.switches_of(self.coordinator.members[n]) for n in batch))
         if not self.io.send_and_barrier(rules, dpids, settings.barrier_timeout):
-            self.io.send(releases)
+            self.io.send(tidying + releases)
             self._abort("the switches did not confirm the cut of %s within %.1f s"
                         % (", ".join(sorted(batch)), settings.barrier_timeout))
             raise Refused(504, self.coordinator.current.reason)
         confirmed, cut_wall = self.clock(), self.wall_clock()
         self.io.send(releases)  # queued behind the answer's rules; the members resume meanwhile
         released = self.clock()  # a prepared member's deaf time ends here: its frames flow again
+        self.io.send(tidying)  # off the flip's path: those members' frames have the new colour already
         for name, (began, began_wall) in batch.items():
             flip_ms = (confirmed - began) * 1000.0
             cut = self.coordinator.cut_done(cut_wall, snapshot_id, name, flip_ms, released)

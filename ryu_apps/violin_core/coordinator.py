@@ -431,25 +431,29 @@ class Coordinator(FabricPolicy):
         requests, self.cut_requests = self.cut_requests, []
         return requests
 
-    def flip(self, now: float, snapshot_id: str, name: str, wall: float = 0.0) -> Tuple[List[of.Message], List[of.Message]]:
+    def flip(self, now: float, snapshot_id: str, name: str,
+             wall: float = 0.0) -> Tuple[List[of.Message], List[of.Message], List[of.Message]]:
         """Move a paused member to the new epoch (``flip_many`` of one)."""
         return self.flip_many(now, snapshot_id, [name], wall)
 
     def flip_many(self, now: float, snapshot_id: str, names: List[str],
-                  wall: float = 0.0) -> Tuple[List[of.Message], List[of.Message]]:
+                  wall: float = 0.0) -> Tuple[List[of.Message], List[of.Message], List[of.Message]]:
         """Move paused members to the new epoch, in one flow-table pass over their switches.
 
-        Returns (rule changes, releases). The pre-snapshot frames held for each (while
+        Returns (rule changes, releases, tidying). The pre-snapshot frames held for each (while
         it was prepared) are recorded now; the caller sends the rule changes, waits
         for the barrier, lets the members resume and then sends the releases, so the
         pause does not grow with the backlog. Released frames may therefore reach
-        a member after newer ones the switch delivers directly.
+        a member after newer ones the switch delivers directly. The tidying comes after them,
+        with no barrier: the ingress rules of members cut asynchronously, whose frames already
+        take the new colour from the flow learned from their marker.
         """
         snapshot = self.require(snapshot_id)[0]
         for name in names:
             cut = self.require(snapshot_id, name)[1]
             if cut.state not in (CutState.PENDING, CutState.PREPARED):
                 raise Refused(409, "%s was already cut in snapshot %s" % (name, snapshot_id))
+        learned = [self.members[n] for n in names if self.diverting(self.members[n]) and snapshot.cuts[n].marker_seen]
         releases, switches = [], set()
         for name in names:
             member = self.members[name]
@@ -458,7 +462,18 @@ class Coordinator(FabricPolicy):
             releases += self._release_queue(name, record_colour=self.colour(snapshot.epoch - 1), wall=wall)
             switches |= self.switches_of(member)
         snapshot.last_flip = now
-        return self.fabric.reconcile(now, switches), releases
+        rules = self.fabric.reconcile(now, switches)
+        macs = {mac for member in learned for mac in member.macs}
+        ports = {self.fabric.hosts[mac] for mac in macs if mac in self.fabric.hosts}
+
+        def tidying(message: of.Message) -> bool:
+            entry = message.entry if isinstance(message, of.FlowMod) else None
+            if entry is None or (message.dpid, dict(entry.match).get("in_port")) not in ports:
+                return False
+            fields = dict(entry.match)
+            return entry.table_id == LEARNED_TABLE or entry.table_id == INGRESS_TABLE and (
+                fields.get("eth_src") in macs or fields.get("eth_dst") == MARKER_DST)
+        return [m for m in rules if not tidying(m)], releases, [m for m in rules if tidying(m)]
 
     def cut_done(self, wall: float, snapshot_id: str, name: str, flip_ms: float,
                  released: Optional[float] = None) -> MemberCut:

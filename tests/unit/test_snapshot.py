@@ -656,8 +656,9 @@ def test_the_flip_deletes_the_learned_colour_after_the_rules_that_consult_it(h):
     sid = h.controller.start_snapshot({})["id"]
     h.controller.prepare(sid, "A", {"divert": True})
     marker_of(h, sid, "A", A)
-    rules, _ = h.coordinator.flip_many(h.now, sid, ["A"])
-    on_a = [m for m in rules if m.dpid == 1]
+    rules, _, tidying = h.coordinator.flip_many(h.now, sid, ["A"])
+    assert not [m for m in rules if m.dpid == 1 and m.entry.table_id in (0, LEARNED_TABLE)]  # none on its path
+    on_a = [m for m in tidying if m.dpid == 1]
     deletes = [m for m in on_a if m.command.startswith("delete")]
     assert [m.command for m in deletes if m.entry.learned] == ["delete"]  # with any stale copy of it
     assert deletes[-1].entry.learned and not any(m.entry.learned for m in on_a if m.command == "add")
