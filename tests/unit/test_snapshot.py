@@ -799,7 +799,7 @@ def test_done_cuts_a_diverted_member_whose_cut_request_never_came_in(h):
     assert h.coordinator.members["A"].epoch == 1
 
 
-def test_done_waits_for_a_marker_still_queued_behind_the_members_diverted_frames(h):
+def test_done_waits_for_a_marker_still_queued_behind_other_packet_ins(h):
     """The helper saw the marker's echo; its packet-in may reach the controller after the done report."""
     sid = h.controller.start_snapshot({})["id"]
     h.controller.prepare(sid, "A", {"divert": True})
