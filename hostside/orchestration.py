@@ -13,7 +13,8 @@ Snapshot (in the background, one job per snapshot and member)::
        asks {"divert": true} (the switch learns the member's new colour from its marker), at_cut only
        sends the marker, waits for the switch to send it back and purges the datapath, and once the
        member runs again (``resumed``) a cut request frame down its link (``cut_frame`` in the
-       prepare's answer; ``VIOLIN_CUT=async-call``: the cut call) has the controller flip it: the member is frozen for no controller round trip, frames held for it are released
+       prepare's answer; ``VIOLIN_CUT=async-call``: the cut call) has the controller flip it: the
+       member is frozen for no controller round trip, frames held for it are released
        only once CRIU's network lock is gone, and no HTTP call stands between its resume and that
        release (its done report flips it if the frame never reached the controller).
     -> controller done {pause_ms, bytes, server, image{backend, files, storage{logical_bytes,

@@ -48,7 +48,7 @@ from . import of
 from .errors import Refused
 from .fabric import EGRESS_TABLE, FLOOD_TABLE, FORWARD_TABLE, INGRESS_TABLE, LEARNED_TABLE, TAG_PRESENT, Fabric
 from .members import Member, MemberRegistry
-from .packets import MARKER_DST, PROBE_ETH_TYPE, is_multicast, parse_cut_request, parse_eth, parse_marker, strip_outer_tag
+from .packets import MARKER_DST, PROBE_ETH_TYPE, parse_cut_request, parse_eth, parse_marker, strip_outer_tag
 from .policy import FabricPolicy, Vids
 
 
