@@ -46,6 +46,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from hostside import ovs  # noqa: E402
 from hostside.backends import base, podman  # noqa: E402
 from lab import containers, lab  # noqa: E402
 
@@ -154,9 +155,11 @@ def main(argv=None):
             with backend.quiet_proof(member, label) as prove:
                 def resumed():
                     urllib.request.urlopen(urllib.request.Request(cut_url, b"{}", method="POST"), timeout=10).read()
+                def at_cut():  # as the helper does: the marker back, then the datapath purged, still frozen
+                    prove(confirm=True)
+                    ovs.wait_datapath()
                 report = backend.snapshot(member, DirSink(os.path.join(work, "images", label, member.name),
-                                                          label, member.name), lambda: prove(confirm=True),
-                                          resumed=resumed)
+                                                          label, member.name), at_cut, resumed=resumed)
             return report, (time.monotonic() - started) * 1000
 
         def cut_async(member, label):
