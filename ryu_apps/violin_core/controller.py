@@ -210,11 +210,18 @@ class ViolinController:
         divert = bool(schema.request_body(PREPARE_BODY, body or {})["divert"])
         member = self.coordinator.members.get(name)
         messages = self.coordinator.prepare(self.clock(), snapshot_id, name, divert)
-        if not self.io.send_and_barrier(messages, self.coordinator.switches_of(member),
-                                        self.config.snapshot.barrier_timeout):
+        switches = self.coordinator.switches_of(member)
+        refused_before = sum(self.errors.get(dpid, 0) for dpid in switches)
+        if not self.io.send_and_barrier(messages, switches, self.config.snapshot.barrier_timeout):
             self._abort("the switch did not confirm holding frames for %s" % name)
             raise Refused(504, self.coordinator.current.reason)
         diverted = self.coordinator.current.cuts[name].diverted
+        # A switch answers a refused flow-mod before the barrier after it. A switch without Open vSwitch's
+        # learn and resubmit would leave the member's frames the old colour after its marker: no snapshot.
+        if diverted and sum(self.errors.get(dpid, 0) for dpid in switches) > refused_before:
+            self._abort("the switch refused the rules of %s's asynchronous cut (they need Open vSwitch's learn "
+                        "and resubmit actions; VIOLIN_CUT=sync on its helper cuts it without them)" % name)
+            raise Refused(502, self.coordinator.current.reason)
         # cut_frame: an asynchronous member's helper may ask for the flip by a frame down the member's link
         # once it runs again (no cut call); its done report then flips it if that frame never came.
         return {"snapshot": snapshot_id, "member": name, "state": CutState.PREPARED,

@@ -710,6 +710,24 @@ def test_a_diverted_member_hears_nothing_until_its_flip_and_its_floods_follow_th
     assert received(h, B) == [b"seq000003"]
 
 
+def test_a_switch_that_refuses_the_asynchronous_cuts_rules_aborts_the_snapshot(h):
+    """A switch without OVS's learn/resubmit answers the prepare's flow-mods with errors before the barrier."""
+    sid = h.controller.start_snapshot({})["id"]
+    plain = h.io.send_and_barrier
+
+    def refusing(messages, dpids, timeout):
+        if any(isinstance(a, of.LearnVid) for m in messages if isinstance(m, of.FlowMod) and m.entry
+               for a in m.entry.actions):
+            h.controller.switch_error(1)
+        return plain(messages, dpids, timeout)
+
+    h.io.send_and_barrier = refusing
+    with pytest.raises(Refused) as error:
+        h.controller.prepare(sid, "A", {"divert": True})
+    assert error.value.status == 502 and "learn and resubmit" in error.value.reason
+    assert h.coordinator.current.state == "aborted"
+
+
 def test_an_abort_takes_the_learned_colour_out_of_the_switch(h):
     sid = h.controller.start_snapshot({})["id"]
     h.controller.prepare(sid, "A", {"divert": True})
