@@ -211,14 +211,15 @@ class ViolinController:
         member = self.coordinator.members.get(name)
         messages = self.coordinator.prepare(self.clock(), snapshot_id, name, divert)
         switches = self.coordinator.switches_of(member)
-        refused_before = sum(self.errors.get(dpid, 0) for dpid in switches)
+        refused = lambda: sum(self.errors.get(dpid, 0) for dpid in switches)  # noqa: E731
+        refused_before = refused()
         if not self.io.send_and_barrier(messages, switches, self.config.snapshot.barrier_timeout):
             self._abort("the switch did not confirm holding frames for %s" % name)
             raise Refused(504, self.coordinator.current.reason)
         diverted = self.coordinator.current.cuts[name].diverted
         # A switch answers a refused flow-mod before the barrier after it. A switch without Open vSwitch's
         # learn and resubmit would leave the member's frames the old colour after its marker: no snapshot.
-        if diverted and sum(self.errors.get(dpid, 0) for dpid in switches) > refused_before:
+        if diverted and refused() > refused_before:
             self._abort("the switch refused the rules of %s's asynchronous cut (they need Open vSwitch's learn "
                         "and resubmit actions; VIOLIN_CUT=sync on its helper cuts it without them)" % name)
             raise Refused(502, self.coordinator.current.reason)

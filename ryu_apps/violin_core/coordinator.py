@@ -468,9 +468,9 @@ class Coordinator(FabricPolicy):
 
         def tidying(message: of.Message) -> bool:
             entry = message.entry if isinstance(message, of.FlowMod) else None
-            if entry is None or (message.dpid, dict(entry.match).get("in_port")) not in ports:
+            fields = dict(entry.match) if entry is not None else {}
+            if (message.dpid, fields.get("in_port")) not in ports:
                 return False
-            fields = dict(entry.match)
             return entry.table_id == LEARNED_TABLE or entry.table_id == INGRESS_TABLE and (
                 fields.get("eth_src") in macs or fields.get("eth_dst") == MARKER_DST)
         return [m for m in rules if not tidying(m)], releases, [m for m in rules if tidying(m)]
