@@ -83,12 +83,17 @@ class MemberRegistry:
 
     def __init__(self):
         self._by_name: Dict[str, Member] = {}
+        self._by_mac: Dict[str, Member] = {}  # every packet-in and every host's flows look a MAC up
+
+    def _index(self) -> None:
+        self._by_mac = {mac: member for member in self._by_name.values() for mac in member.macs}
 
     def add(self, member: Member) -> Member:
         if member.name in self._by_name:
             raise Refused(409, "member %s exists; delete it first" % member.name)
         self._check_macs(member)
         self._by_name[member.name] = member
+        self._index()
         return member
 
     def _check_macs(self, member: Member) -> None:
@@ -103,6 +108,7 @@ class MemberRegistry:
         self._check_macs(member)
         for key in MEMBER_SCHEMA.fields:
             setattr(current, key, getattr(member, key))
+        self._index()
         return current
 
     def get(self, name: str) -> Member:
@@ -114,13 +120,16 @@ class MemberRegistry:
         return self._by_name.get(name)
 
     def pop(self, name: str) -> Member:
-        return self._by_name.pop(self.get(name).name)
+        member = self._by_name.pop(self.get(name).name)
+        self._index()
+        return member
 
     def by_mac(self, mac: str) -> Optional[Member]:
-        for member in self._by_name.values():
-            if mac in member.macs:
-                return member
-        return None
+        member = self._by_mac.get(mac)
+        if member is not None and (mac not in member.macs or self._by_name.get(member.name) is not member):
+            self._index()  # changed behind the registry's back: look again
+            member = self._by_mac.get(mac)
+        return member
 
     def __contains__(self, name) -> bool:
         return name in self._by_name

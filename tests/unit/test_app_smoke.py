@@ -7,7 +7,9 @@ bytes to prove the translation from ``violin_core.of`` is well-formed.
 
 import json
 import shutil
+import struct
 import subprocess
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -22,13 +24,18 @@ from violin_core import of  # noqa: E402
 from violin_core.packets import build_probe  # noqa: E402
 
 
+OFPT_NAMES = {ofproto_v1_3.OFPT_FLOW_MOD: "OFPFlowMod", ofproto_v1_3.OFPT_PACKET_OUT: "OFPPacketOut",
+              ofproto_v1_3.OFPT_BARRIER_REQUEST: "OFPBarrierRequest"}
+
+
 class FakeDatapath:
     ofproto = ofproto_v1_3
     ofproto_parser = ofproto_v1_3_parser
 
     def __init__(self, dpid):
         self.id = dpid
-        self.sent = []
+        self.sent = []  # every message, in order: a parser message (send_msg) or a Wire (send)
+        self.writes = []  # what each send() was given
         self.xid = 0
 
     def set_xid(self, msg):
@@ -38,6 +45,29 @@ class FakeDatapath:
     def send_msg(self, msg):
         msg.serialize()  # raises if the translation produced something invalid
         self.sent.append(msg)
+
+    def send(self, buf):
+        """The framework's raw write: split it into OpenFlow messages; flow-mods are parsed back."""
+        self.writes.append(buf)
+        while buf:
+            version, kind, length, xid = struct.unpack_from("!BBHI", buf)
+            assert version == ofproto_v1_3.OFP_VERSION and 8 <= length <= len(buf), (version, length, len(buf))
+            parsed = ofproto_v1_3_parser.OFPFlowMod.parser(self, version, kind, length, xid, buf[:length]) \
+                if kind == ofproto_v1_3.OFPT_FLOW_MOD else None
+            self.sent.append(Wire(OFPT_NAMES.get(kind, str(kind)), xid, bytes(buf[:length]), parsed))
+            buf = buf[length:]
+
+
+@dataclass
+class Wire:
+    name: str
+    xid: int
+    data: bytes
+    parsed: object  # the OFPFlowMod, parsed back; None for other messages
+
+
+def kind(message):
+    return message.name if isinstance(message, Wire) else type(message).__name__
 
 
 def port(no, name, down=False):
@@ -69,7 +99,7 @@ def test_every_handler_runs_and_sends_valid_openflow(app):
     instance, wsgi = app
     dp1 = connect(instance, 1, [port(1, "s1-eth1"), port(2, "s1-eth2"), port(ofproto_v1_3.OFPP_LOCAL, "s1")])
     dp2 = connect(instance, 2, [port(1, "s2-eth1"), port(2, "s2-eth2")])
-    kinds = {type(m).__name__ for m in dp1.sent}
+    kinds = {kind(m) for m in dp1.sent}
     assert {"OFPPortDescStatsRequest", "OFPFlowMod", "OFPPacketOut"} <= kinds
     # A probe from s1 port 2 arriving at s2 port 2: a link.
     instance._packet_in(SimpleNamespace(msg=SimpleNamespace(
@@ -84,7 +114,7 @@ def test_every_handler_runs_and_sends_valid_openflow(app):
     instance._packet_in(SimpleNamespace(msg=SimpleNamespace(datapath=dp1, match={"in_port": 1}, data=frame,
                                                             cookie=violin_snapshot.COOKIE_APP | of.ROLE_LEARN)))
     assert "00:00:00:00:00:aa" in instance.core.fabric.hosts
-    assert isinstance(dp1.sent[-1], ofproto_v1_3_parser.OFPPacketOut)
+    assert kind(dp1.sent[-1]) == "OFPPacketOut"
     # Port down, an error message, a disconnect.
     status = SimpleNamespace(datapath=dp1, reason=ofproto_v1_3.OFPPR_MODIFY, desc=port(1, "s1-eth1", down=True))
     instance._port_status(SimpleNamespace(msg=status))
@@ -135,12 +165,12 @@ def test_the_learned_colour_translates_to_open_vswitch_learn_and_resubmit(tmp_pa
     ingress = of.FlowEntry(0, 510, of.match(in_port=3, eth_src="00:00:00:00:00:01"), (
         of.PushVlan(), of.SetField("vlan_vid", 0x1064), of.SetField("reg0", 3), of.Resubmit(4)), goto=1)
     learned = of.FlowEntry(4, 100, of.match(in_port=3), role=of.ROLE_LEARNED, learned=True)
-    for message in (of.add_flow(7, marker), of.add_flow(7, ingress), of.delete_covered_flows(7, learned)):
-        datapath.send_msg(violin_snapshot.to_ofp(datapath, message))
+    encoded = b"".join(violin_snapshot.wire(datapath, message) for message in (
+        of.add_flow(7, marker), of.add_flow(7, ingress), of.delete_covered_flows(7, learned)))
     if shutil.which("ovs-ofctl") is None:
         pytest.skip("no ovs-ofctl to decode the flow-mods with")
     wire = tmp_path / "flow-mods.bin"
-    wire.write_bytes(b"".join(bytes(msg.buf) for msg in datapath.sent))
+    wire.write_bytes(encoded)  # the bytes the app writes to the switch
     text = subprocess.run(["ovs-ofctl", "ofp-parse", str(wire)], capture_output=True, text=True, check=True).stdout
     assert "set_field:0x3->reg0,learn(table=4,priority=100,cookie=0x76696f6c00000008,OXM_OF_IN_PORT[],NXM_NX_REG0[]," \
         "load:0x65->OXM_OF_VLAN_VID[]),CONTROLLER:65535,IN_PORT" in text, text
@@ -168,3 +198,31 @@ def test_paths_no_app_serves_answer_json_and_other_apps_keep_theirs(app):
         assert "no such resource" in json.loads(response.text)["reason"]
     assert Request.blank("/stats/switches").get_response(wsgi).json_body == [1]
     assert Request.blank("/violin/health").get_response(wsgi).status_int == 200
+
+
+def test_messages_go_out_in_one_write_per_switch_in_order_with_their_own_xids(app):
+    """A flip's flow-mods in one write per switch (the framework's queue holds 16 messages), each
+    flow-mod encoded once and sent again with a fresh xid: the same bytes the parser makes."""
+    instance, _ = app
+    dp1, dp2 = FakeDatapath(1), FakeDatapath(2)
+    instance.datapaths.update({1: dp1, 2: dp2})
+    entries = [of.FlowEntry(2, 510, of.match(eth_dst="02:00:00:00:00:%02x" % n, vlan_vid=0x1065),
+                            (of.Output(of.OFPP_CONTROLLER),), role=of.ROLE_RECORD) for n in range(40)]
+    messages = [of.add_flow(1, e) for e in entries] + [of.PacketOut(1, 3, (of.Output(4),), b"\x01" * 60)] + \
+        [of.delete_flow(2, e) for e in entries[:3]] + [of.Barrier(1), of.delete_flow(1, entries[0])]
+    for _round in range(2):  # the second time every flow-mod comes from the cache
+        dp1.sent.clear(), dp1.writes.clear(), dp2.sent.clear(), dp2.writes.clear()
+        instance.send(messages + [of.add_flow(9, entries[0])])  # (no switch 9: skipped)
+        assert len(dp1.writes) == 1 and len(dp2.writes) == 1
+        assert [kind(m) for m in dp1.sent] == ["OFPFlowMod"] * 40 + ["OFPPacketOut", "OFPBarrierRequest", "OFPFlowMod"]
+        xids = [m.xid for m in dp1.sent]
+        assert xids == sorted(set(xids)) and xids[-1] == dp1.xid
+        for sent, message in zip(dp1.sent, [m for m in messages if m.dpid == 1]):
+            reference = violin_snapshot.to_ofp(FakeDatapath(1), message)
+            reference.set_xid(sent.xid)
+            reference.serialize()
+            assert sent.data == bytes(reference.buf)
+        mods = [m.parsed for m in dp1.sent[:40]]
+        assert [m.match["eth_dst"] for m in mods] == ["02:00:00:00:00:%02x" % n for n in range(40)]
+        assert dp1.sent[-1].parsed.command == ofproto_v1_3.OFPFC_DELETE_STRICT
+        assert [m.parsed.command for m in dp2.sent] == [ofproto_v1_3.OFPFC_DELETE_STRICT] * 3

@@ -870,3 +870,19 @@ def test_a_member_on_two_ports_is_not_diverted_one_marker_speaks_for_one_port(tm
     assert h.controller.prepare(sid, "AC", {"divert": True})["divert"] is False
     assert not [e for t in h.net.switch(1).tables.values() for e in t.values()
                 if any(isinstance(a, (of.Resubmit, of.LearnVid)) for a in e.actions)]
+
+
+def test_members_are_found_by_mac_through_every_change():
+    """The registry's MAC index follows adds, updates and removals (every packet-in looks a MAC up)."""
+    from violin_core.members import MemberRegistry
+    registry = MemberRegistry()
+    a = registry.add(parse_member({"name": "a", "macs": ["02:00:00:00:00:01"]}))
+    registry.add(parse_member({"name": "b", "macs": ["02:00:00:00:00:02", "02:00:00:00:00:03"]}))
+    assert registry.by_mac("02:00:00:00:00:01") is a and registry.by_mac("02:00:00:00:00:03").name == "b"
+    assert registry.by_mac("02:00:00:00:00:09") is None
+    registry.update(parse_member({"name": "a", "macs": ["02:00:00:00:00:04"]}))
+    assert registry.by_mac("02:00:00:00:00:01") is None and registry.by_mac("02:00:00:00:00:04") is a
+    registry.pop("b")
+    assert registry.by_mac("02:00:00:00:00:02") is None
+    a.macs = ("02:00:00:00:00:05",)  # changed behind the registry's back: a hit that no longer holds looks again
+    assert registry.by_mac("02:00:00:00:00:04") is None and registry.by_mac("02:00:00:00:00:05") is a
