@@ -266,6 +266,27 @@ class PostDumpHook:
         shutil.rmtree(self.control, ignore_errors=True)
 
 
+def side_by_side(take_files: Callable[[], None], cut: Callable[[], None]) -> None:
+    """While the member is frozen: its files and its cut (marker, datapath purge) do not wait for
+    each other, so it stays frozen for the longer of the two (about 2 ms each), not their sum.
+    ``cut`` runs in a thread beside ``take_files``; the first error of either is raised once both end."""
+    failed = []
+
+    def run_cut():
+        try:
+            cut()
+        except BaseException as error:  # noqa: BLE001 - raised below, in the hook's thread
+            failed.append(error)
+    beside = threading.Thread(target=run_cut, name="cut-beside-files", daemon=True)
+    beside.start()
+    try:
+        take_files()
+    finally:
+        beside.join()
+    if failed:
+        raise failed[0]
+
+
 def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], timeout: float = 60.0,
          network_lock: str = NETWORK_LOCK, capture: Optional["workdir.Capture"] = None,
          on_resumed: Optional[Callable[[], None]] = None,
@@ -289,9 +310,9 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
         capture.prepare()
 
     def frozen():
-        if capture is not None:
-            capture.at_freeze()
-        on_frozen()
+        if capture is None or isinstance(capture, _NoCapture):
+            return on_frozen()
+        side_by_side(capture.at_freeze, on_frozen)
 
     log = os.path.join(images, "dump.log")
     started = time.monotonic()

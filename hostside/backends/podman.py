@@ -413,7 +413,7 @@ class PodmanBackend(Backend):
         export, conf = os.path.join(work, "export.tar"), where.details["criu_config"]
         captured: Dict[str, Optional[bytes]] = {}
 
-        def on_frozen():
+        def take_files():
             started = time.monotonic()
             rootfs = io.BytesIO()
             with tarfile.open(fileobj=rootfs, mode="w") as archive:
@@ -426,8 +426,10 @@ class PodmanBackend(Backend):
                     archive.add(source, arcname=".")
                 captured["volumes/%s.tar" % volume] = data.getvalue()
             captured["files_ms"] = (time.monotonic() - started) * 1000
+
+        def on_frozen():
             cut_called.append(True)
-            at_cut()
+            criu.side_by_side(take_files, at_cut)
 
         started = time.monotonic()
         drain = {}

@@ -11,6 +11,7 @@ leaves a gap.
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -118,3 +119,43 @@ def test_precopy_copies_only_the_final_delta_while_frozen(criu_ready, netns, tmp
     assert capture.method == "precopy" and problems == [] and records > 200, (records, problems)
     assert capture.frozen_bytes < (1 << 20)  # the tail appended since the last round, not the 16 MiB
     assert capture.round_bytes[0] > (16 << 20)
+
+
+def test_the_files_and_the_cut_are_taken_side_by_side_and_a_failing_cut_fails_the_dump(criu_ready, netns, tmp_path):
+    """While frozen, the directory's capture and the cut (marker, purge) run at once, not one after the
+    other; a cut that fails still fails the dump (CRIU lets the member go, unharmed, with no image)."""
+    directory = str(tmp_path / "member")
+    os.makedirs(directory)
+    process = start_member(netns, directory)
+    try:
+        time.sleep(1.0)
+        member = criu.ProcessMember("wd", netns, process.pid, directory)
+        for attempt in ("together", "failing"):
+            capture = workdir.capture_for(directory, lambda: workdir.tree_pids(process.pid), "precopy",
+                                          str(tmp_path / (attempt + ".stage")))
+            capture.prepare()
+            cut_started, seen = threading.Event(), []
+            take_files = capture.at_freeze
+            # One after the other, the files would wait here for a cut that has not begun.
+            capture.at_freeze = lambda: (seen.append(cut_started.wait(5.0)), take_files())
+
+            def at_cut():
+                cut_started.set()
+                if attempt == "failing":
+                    raise RuntimeError("no marker echo")
+            images = str(tmp_path / attempt)
+            if attempt == "together":
+                criu.dump(member, images, at_cut, network_lock=criu.SNAPSHOT_NETWORK_LOCK, capture=capture)
+                capture.finish(images)
+                assert os.path.exists(os.path.join(images, workdir.ARCHIVE))
+            else:
+                with pytest.raises(RuntimeError, match="no marker echo"):
+                    criu.dump(member, images, at_cut, network_lock=criu.SNAPSHOT_NETWORK_LOCK, capture=capture)
+            capture.discard()
+            assert seen == [True], attempt
+        size = os.path.getsize(os.path.join(directory, appender.NAME))
+        time.sleep(0.3)
+        assert process.poll() is None and os.path.getsize(os.path.join(directory, appender.NAME)) > size  # runs on
+    finally:
+        process.kill()
+        process.wait(5)
