@@ -976,6 +976,7 @@ def run_scale(sizes, rounds, baseline, log):
     record = {"topology": "LineTopo(%d,%d)" % (SCALE_SWITCHES, SCALE_PER_SWITCH), "sizes": sizes,
               "rounds": rounds, "variants": {}}
     workdir = tempfile.mkdtemp(prefix="bench-cut-scale-")
+    in_band_on = {}  # variant -> (controller, hosts): the in-band cut, where the variant has it
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, True)
         setups = []
@@ -990,11 +991,10 @@ def run_scale(sizes, rounds, baseline, log):
             locate_all(net, controller, hosts)
             register(controller, hosts)
             setups.append((name, revision, controller, [h.name for h in hosts]))
-            if not revision:
-                own = (controller, hosts)  # the in-band cut (this tree's): the baseline's may predate it
+            in_band_on[name] = (controller, hosts)
         samples = {name: {n: {"cuts": [], "cpu": [], "gets": [], "gets_cpu": []} for n in sizes}
                    for name, *_ in setups}
-        in_band = {n: {"cuts": [], "cpu": []} for n in sizes}
+        in_band = {name: {n: {"cuts": [], "cpu": []} for n in sizes} for name in in_band_on}
         for index in range(rounds):  # sizes and variants interleaved: drift and load hit all alike
             for size in sizes:
                 for name, _rev, controller, names in setups:
@@ -1005,9 +1005,17 @@ def run_scale(sizes, rounds, baseline, log):
                     cell["cpu"].append(cpu_ms)
                     cell["gets"] += gets
                     cell["gets_cpu"].append(gets_cpu)
-                cuts, cpu_ms = scale_round_in_band(own[0], own[1][:size], "scale-frame-%d-%d" % (size, index))
-                in_band[size]["cuts"] += cuts
-                in_band[size]["cpu"].append(cpu_ms)
+                for name, (controller, hosts) in list(in_band_on.items()):
+                    try:
+                        cuts, cpu_ms = scale_round_in_band(controller, hosts[:size], "scale-frame-%d-%d" % (size, index))
+                    except BenchError as error:
+                        if name == "this" or "cut_frame" not in str(error):
+                            raise
+                        log("baseline %s has no in-band cut (%s): cut calls only" % (baseline, error))
+                        del in_band_on[name], in_band[name]
+                        continue
+                    in_band[name][size]["cuts"] += cuts
+                    in_band[name][size]["cpu"].append(cpu_ms)
             log("scale round %d/%d done" % (index + 1, rounds))
     for name, revision, controller, _names in setups:
         series = {}
@@ -1036,18 +1044,21 @@ def run_scale(sizes, rounds, baseline, log):
             "controller_cpu_ms_for_n_gets": round(sizes[-1] * top["controller_cpu_ms_per_get"], 3),
             "met": top["cut_rtt_ms"]["p50"] <= goal,
             "rest_floor_above_goal": top["health_get_rtt_ms"]["p50"] > goal}
-    series = {}
-    for size in sizes:
-        latency, flip = zip(*in_band[size]["cuts"])
-        series[str(size)] = {"request_to_rules_ms": summary(list(latency)), "flip_ms": summary(list(flip)),
-                             "controller_cpu_ms_per_cut": round(sum(in_band[size]["cpu"]) / len(latency), 3),
-                             "samples": [round(v, 3) for v in latency]}
-    one = series[str(sizes[0])]["request_to_rules_ms"]["p50"]
-    record["in_band"] = {
-        "what": "cut request frames (what the helper sends once a member runs again), N at once from the "
-                "members' own links: the frame's send -> the member's rules in force (manifest cut_time)",
-        "series": series, "ratio_p50_to_one": {n: round(v["request_to_rules_ms"]["p50"] / one, 2) for n, v in series.items()},
-        "goal_p50_ms": round(2 * one, 3), "met": series[str(sizes[-1])]["request_to_rules_ms"]["p50"] <= 2 * one}
+    for name, cells in in_band.items():  # "in_band": this tree's; "in_band_baseline": the baseline's
+        series = {}
+        for size in sizes:
+            latency, flip = zip(*cells[size]["cuts"])
+            series[str(size)] = {"request_to_rules_ms": summary(list(latency)), "flip_ms": summary(list(flip)),
+                                 "controller_cpu_ms_per_cut": round(sum(cells[size]["cpu"]) / len(latency), 3),
+                                 "samples": [round(v, 3) for v in latency]}
+        one = series[str(sizes[0])]["request_to_rules_ms"]["p50"]
+        record["in_band" if name == "this" else "in_band_" + name] = {
+            "what": "cut request frames (what the helper sends once a member runs again), N at once from the "
+                    "members' own links: the frame's send -> the member's rules in force (manifest cut_time)",
+            "code": "worktree" if name == "this" else baseline,
+            "series": series, "ratio_p50_to_one": {n: round(v["request_to_rules_ms"]["p50"] / one, 2)
+                                                   for n, v in series.items()},
+            "goal_p50_ms": round(2 * one, 3), "met": series[str(sizes[-1])]["request_to_rules_ms"]["p50"] <= 2 * one}
     return record
 
 
@@ -1058,14 +1069,14 @@ def plot_scale(record, path):
     sizes = [str(n) for n in record["sizes"]]
     names = list(record["variants"])
     figure, axis = plt.subplots(figsize=(8, 4.6))
-    colours = {"this": "#9ecae1", "baseline": "#fdae6b", "in_band": "#a1d99b"}
-    extra = (["in_band"] if record.get("in_band") else []) + ["health"]
+    colours = {"this": "#9ecae1", "baseline": "#fdae6b", "in_band": "#a1d99b", "in_band_baseline": "#e5f5e0"}
+    extra = [k for k in ("in_band", "in_band_baseline") if record.get(k)] + ["health"]
     width = 0.8 / (len(names) + len(extra))
     handles, labels = [], []
     for slot, name in enumerate(names + extra):
         variant = record["variants"][names[0] if name in extra else name]
-        if name == "in_band":
-            data = [record["in_band"]["series"][n]["samples"] for n in sizes]
+        if name.startswith("in_band"):
+            data = [record[name]["series"][n]["samples"] for n in sizes]
         else:
             key = "health_samples" if name == "health" else "rtt_samples"
             data = [variant["series"][n][key] for n in sizes]
@@ -1074,7 +1085,8 @@ def plot_scale(record, path):
                              boxprops={"facecolor": colours.get(name, "#d9d9d9")})
         handles.append(boxes["boxes"][0])
         labels.append("GET /violin/health, N at once (REST floor)" if name == "health" else
-                      "cut request frames, N at once (frame -> rules in force)" if name == "in_band" else
+                      "cut request frames, N at once (frame -> rules in force; %s)" % record[name]["code"][:12]
+                      if name.startswith("in_band") else
                       "POST .../cut, N at once (%s: %s)" % (name, variant["code"][:12]))
     axis.legend(handles, labels, fontsize=8, loc="upper left")
     axis.set_xticks(range(1, len(sizes) + 1), ["%s at once" % n for n in sizes])
@@ -1082,8 +1094,9 @@ def plot_scale(record, path):
     axis.set_yscale("log")
     axis.set_title("Cuts at once, %s; p50 ratio to one:\n%s" % (record["topology"], "\n".join(
         "%s %s" % (name, ", ".join("%s: %.1fx" % kv for kv in record["variants"][name]["ratio_p50_to_one"].items()))
-        for name in names) + ("\nin-band %s" % ", ".join("%s: %.1fx" % kv for kv in record["in_band"]["ratio_p50_to_one"].items())
-                               if record.get("in_band") else "")), fontsize=8)
+        for name in names) + "".join("\n%s %s" % (key.replace("_", "-"), ", ".join(
+            "%s: %.1fx" % kv for kv in record[key]["ratio_p50_to_one"].items()))
+            for key in ("in_band", "in_band_baseline") if record.get(key))), fontsize=8)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -1091,11 +1104,14 @@ def plot_scale(record, path):
 
 def print_scale(record):
     print()
-    if record.get("in_band"):
-        print("in-band cuts at once, %s: frame -> rules in force, p50 ms (ratio to one)" % record["topology"])
-        for size, series in record["in_band"]["series"].items():
+    for key in ("in_band", "in_band_baseline"):
+        if not record.get(key):
+            continue
+        print("in-band cuts at once (%s), %s: frame -> rules in force, p50 ms (ratio to one)" % (
+            record[key]["code"], record["topology"]))
+        for size, series in record[key]["series"].items():
             print("  %3s at once: %7.1f (%5.2fx) p90 %7.1f flip p50 %6.1f cpu/cut %5.2f" % (
-                size, series["request_to_rules_ms"]["p50"], record["in_band"]["ratio_p50_to_one"][size],
+                size, series["request_to_rules_ms"]["p50"], record[key]["ratio_p50_to_one"][size],
                 series["request_to_rules_ms"]["p90"], series["flip_ms"]["p50"], series["controller_cpu_ms_per_cut"]))
     print("cuts at once, %s: p50 ms (ratio to one) / controller CPU ms per call" % record["topology"])
     for name, variant in record["variants"].items():
