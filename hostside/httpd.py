@@ -58,11 +58,23 @@ class JsonHandler(BaseHTTPRequestHandler):
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-class TlsHTTPServer(ThreadingHTTPServer):
+# socketserver listens with a backlog of 5. Eight members storing at once open about 24 connections;
+# on a busy host the accept queue overflowed, the kernel answered with SYN cookies, and the ones it
+# then could not take were reset: a helper saw "Connection reset by peer" and the snapshot aborted.
+LISTEN_BACKLOG = 1024  # (the kernel caps it at net.core.somaxconn)
+
+
+class HTTPServer(ThreadingHTTPServer):
+    """A thread per connection and a listen backlog for many at once."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+
+class TlsHTTPServer(HTTPServer):
     """HTTPS: each connection's handshake is done in its own thread; one that fails (plain HTTP, a client
     that does not trust the certificate) is closed with one line on stderr, no traceback."""
 
-    daemon_threads = True
     program = "httpd"
 
     def finish_request(self, request, client_address):
@@ -82,7 +94,7 @@ def listen(host: str, port: int, handler, program: str, tls_cert: str = None, tl
         print("%s: %s" % (program, error), file=sys.stderr)
         return None
     try:
-        server = (TlsHTTPServer if context else ThreadingHTTPServer)((host, port), handler)
+        server = (TlsHTTPServer if context else HTTPServer)((host, port), handler)
     except OSError as error:
         print("%s: cannot listen on %s:%d: %s" % (program, host, port, error.strerror), file=sys.stderr)
         return None

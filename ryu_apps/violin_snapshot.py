@@ -116,6 +116,7 @@ def _locked(handler):
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    request_queue_size = 1024  # socketserver's 5 overflowed with many helpers calling at once (SYN cookies, resets)
 
     def finish_request(self, request, client_address):
         why = tls.handshake(request)  # HTTPS: in this connection's thread, not the accept loop

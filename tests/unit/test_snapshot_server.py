@@ -223,3 +223,17 @@ def test_a_file_whose_snapshot_is_deleted_while_it_comes_in_is_a_409_not_a_full_
     connection.close()
     assert response.status == 409 and "deleted meanwhile" in answer["reason"], answer
     assert call(url, "GET", "/images/s1/m1")[0] == 404
+
+
+def test_the_servers_listen_with_room_for_many_members_at_once(image_server):
+    """socketserver's backlog of 5 overflowed with eight members storing at once: SYN cookies, then
+    resets ("Connection reset by peer"), and the snapshot aborted."""
+    import shutil
+    import subprocess
+    if shutil.which("ss") is None:
+        pytest.skip("no ss to read the listen backlog with")
+    port = image_server[0].rsplit(":", 1)[1]
+    line = subprocess.run(["ss", "-ltnH", "sport = :%s" % port], capture_output=True, text=True).stdout.split()
+    with open("/proc/sys/net/core/somaxconn") as handle:
+        cap = int(handle.read())
+    assert int(line[2]) == min(1024, cap), line  # a listening socket's Send-Q is its backlog
