@@ -9,6 +9,7 @@ the index are visible, so a crash at any point leaves at most a stray ``.part`` 
 that seems complete and is not.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -97,7 +98,7 @@ class FileStore(Store):
         with self.lock:  # two deletes of one snapshot at once: one deletes it, the other finds nothing
             if not os.path.isdir(path):
                 return False
-            shutil.rmtree(path)
+            remove_tree(path)
             fsync_dir(os.path.dirname(path))  # under the lock: a delete of the whole snapshot may follow at once
         return True
 
@@ -112,6 +113,28 @@ class FileStore(Store):
                 for info in self.index(snapshot, member) or []:
                     files, size = files + 1, size + info.bytes
         return {"snapshots": len(snapshots), "files": files, "bytes": size}
+
+
+def remove_tree(path: str, attempts: int = 20) -> None:
+    """Delete the directory ``path`` even while a file still comes into it (a file created meanwhile
+    failed ``shutil.rmtree`` with "Directory not empty": a 500). It is renamed away first, so nothing
+    new lands in it by its path (such a writer finds its directory gone: 409), then removed."""
+    trash = os.path.join(os.path.dirname(path), ".deleting-%d-%d-%s" % (
+        os.getpid(), threading.get_ident(), os.path.basename(path)))
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return
+    for attempt in range(attempts):
+        try:
+            shutil.rmtree(trash)
+            return
+        except FileNotFoundError:  # a file renamed within it meanwhile: look again
+            if not os.path.lexists(trash):
+                return
+        except OSError as error:  # a file opened by path before the rename and created just after it
+            if error.errno != errno.ENOTEMPTY or attempt == attempts - 1:
+                raise
 
 
 def _chunks_of(handle) -> Iterator[bytes]:

@@ -130,3 +130,33 @@ def test_deletes_of_one_snapshot_at_once_delete_it_once(store):
         for thread in threads:
             thread.join(5)
         assert sorted(answers) == [False, False, False, True]
+
+
+def test_a_tree_is_removed_even_while_files_keep_coming_in(tmp_path):
+    """A snapshot deleted while a file of it comes in: the delete wins (it was a 500, found by the API fuzz)."""
+    import threading
+    import time
+    from hostside.store.files import remove_tree
+    root = tmp_path / "snap"
+    (root / "member").mkdir(parents=True)
+    stop = threading.Event()
+
+    def writer():
+        index = 0
+        while not stop.is_set():
+            try:
+                (root / "member" / ("f%d" % index)).write_bytes(b"x")
+            except FileNotFoundError:
+                pass  # the directory went: as a PUT finds it, "deleted meanwhile"
+            index += 1
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            (root / "member").mkdir(parents=True, exist_ok=True)
+            time.sleep(0.0005)  # let files come in
+            remove_tree(str(root))  # shutil.rmtree: "Directory not empty" or a file gone under it
+            assert not root.exists()  # (the writer makes files, never directories)
+    finally:
+        stop.set()
+        thread.join()
