@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -207,12 +208,15 @@ def test_a_body_sent_with_a_delete_or_get_is_never_read_as_the_next_request(imag
 
 def test_a_file_whose_snapshot_is_deleted_while_it_comes_in_is_a_409_not_a_full_disk(image_server):
     """Found by the API fuzz (two workers): a PUT racing a DELETE of its snapshot answered 507."""
-    url, _root = image_server
+    url, root = image_server
     host = url.split("//")[1]
     call(url, "PUT", "/images/s1/m1/a.img", body=b"first")
 
     def body():
         yield b"x" * 1000
+        deadline = time.monotonic() + 10  # the server has begun the file (on a loaded host, not at once)
+        while not list((root / "s1" / "m1").glob(".b.img.part-*")) and time.monotonic() < deadline:
+            time.sleep(0.005)
         assert call(url, "DELETE", "/images/s1")[0] == 200  # the snapshot goes while the file comes in
         yield b"y" * 1000
     connection = http.client.HTTPConnection(host, timeout=10)
