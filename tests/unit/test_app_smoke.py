@@ -226,3 +226,15 @@ def test_messages_go_out_in_one_write_per_switch_in_order_with_their_own_xids(ap
         assert [m.match["eth_dst"] for m in mods] == ["02:00:00:00:00:%02x" % n for n in range(40)]
         assert dp1.sent[-1].parsed.command == ofproto_v1_3.OFPFC_DELETE_STRICT
         assert [m.parsed.command for m in dp2.sent] == [ofproto_v1_3.OFPFC_DELETE_STRICT] * 3
+
+
+def test_a_large_burst_goes_out_in_bounded_writes_in_order(app):
+    """Thousands of released frames: writes of at most WRITE_BYTES, every message once, in order."""
+    instance, _ = app
+    datapath = FakeDatapath(1)
+    instance.datapaths[1] = datapath
+    frames = [of.PacketOut(1, 3, (of.Output(4),), bytes([n % 256]) * 200) for n in range(2000)]
+    instance.send(frames)
+    assert len(datapath.writes) > 1 and max(map(len, datapath.writes)) <= violin_snapshot.WRITE_BYTES
+    assert [m.data[-1] for m in datapath.sent] == [n % 256 for n in range(2000)]
+    assert [m.xid for m in datapath.sent] == list(range(1, 2001))
