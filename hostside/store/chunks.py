@@ -44,7 +44,7 @@ from violin_core.catalogue import fsync_dir, write_atomic
 
 from . import chunking
 from .base import NAME_RE, ChecksumMismatch, FileInfo, InvalidName, NotFound, Store, StoreError, check_names
-from .files import INDEX, FileStore, remove_tree
+from .files import INDEX, FileStore, remove_renamed_tree
 
 GRACE = 3600.0
 PACK_RE = re.compile(r"^[0-9a-f]{32}\.pack$")
@@ -378,7 +378,7 @@ class ChunkStore(Store):
                 trash = os.path.join(self.manifest_dir, ".trash-%d-%d" % (os.getpid(), threading.get_ident()))
                 os.replace(path, trash)  # atomic: the manifests are gone at once, whatever happens next
                 fsync_dir(os.path.dirname(path))
-                remove_tree(trash)  # (a file still coming in may land in it meanwhile)
+                remove_renamed_tree(trash)  # (a file still coming in may land in it meanwhile)
             legacy = self.legacy.delete(snapshot, member)
             if found:
                 self.gc()

@@ -115,7 +115,7 @@ class FileStore(Store):
         return {"snapshots": len(snapshots), "files": files, "bytes": size}
 
 
-def remove_tree(path: str, attempts: int = 20) -> None:
+def remove_tree(path: str) -> None:
     """Delete the directory ``path`` even while a file still comes into it (a file created meanwhile
     failed ``shutil.rmtree`` with "Directory not empty": a 500). It is renamed away first, so nothing
     new lands in it by its path (such a writer finds its directory gone: 409), then removed."""
@@ -125,6 +125,12 @@ def remove_tree(path: str, attempts: int = 20) -> None:
         os.rename(path, trash)
     except FileNotFoundError:
         return
+    remove_renamed_tree(trash)
+
+
+def remove_renamed_tree(trash: str, attempts: int = 20) -> None:
+    """``shutil.rmtree`` of a directory already renamed away from its path: a file opened by that path
+    just before the rename may still be created in it meanwhile, so it is tried again."""
     for attempt in range(attempts):
         try:
             shutil.rmtree(trash)
@@ -132,7 +138,7 @@ def remove_tree(path: str, attempts: int = 20) -> None:
         except FileNotFoundError:  # a file renamed within it meanwhile: look again
             if not os.path.lexists(trash):
                 return
-        except OSError as error:  # a file opened by path before the rename and created just after it
+        except OSError as error:
             if error.errno != errno.ENOTEMPTY or attempt == attempts - 1:
                 raise
 
