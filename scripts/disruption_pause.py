@@ -51,14 +51,14 @@ def bare_dump(name, host_pid, pid, images):
 
 
 STEPS = ("prepare_ms", "hook_ms", "cut_ms", "workdir_freeze_ms", "flip_ms", "held_ms", "deaf_minus_pause_ms",
-         "resumed_after_ms", "dump_ms")
+         "resumed_after_ms", "dump_ms", "predump_after_ms", "udp_drain_ms", "freezing_ms", "upload_wait_ms")
 MODES = {"async": "in-band", "async-call": "async", "sync": "sync"}  # VIOLIN_CUT -> the done report's image.cut
 
 
 def measure(n, rounds, rate, log, mode="async"):
     controller = lab.ControllerProcess(config=slicelab.controller_config())
     workdir = tempfile.mkdtemp(prefix="bench-pause-")
-    record = {"members": n, "freeze_slots": criu.FREEZE_SLOTS, "cut_mode": mode, "with_cut": [], "bare": [],
+    record = {"members": n, "freeze_slots": criu.FREEZE_SLOTS, "prepare_when": criu.PREPARE_WHEN, "cut_mode": mode, "with_cut": [], "bare": [],
               "steps": [], "cut_frames": []}
     before = os.environ.get("VIOLIN_CUT")
     os.environ["VIOLIN_CUT"] = mode  # the helper started below inherits it
@@ -72,12 +72,13 @@ def measure(n, rounds, rate, log, mode="async"):
             record["aborted"] = []
             for index in range(rounds):
                 try:
-                    view, _wall = timed_snapshot(controller, "pause-%d-%d" % (n, index))
+                    view, wall = timed_snapshot(controller, "pause-%d-%d" % (n, index))
                 except (BenchError, ApiError) as error:  # counted, not hidden: a loaded host can miss a marker
                     record["aborted"].append(str(error))
                     log("  pause %d members: round %d aborted: %s" % (n, index + 1, error))
                     time.sleep(1.0)
                     continue
+                record.setdefault("snapshot_wall_ms", []).append(round(wall, 1))  # start to complete
                 # frames the cut brought to the controller (held, recorded): the switch colours the rest
                 record["cut_frames"].append(sum(view["counts"].get(k, 0) for k in ("held", "recorded", "dropped")))
                 for entry in view["members"]:
@@ -87,7 +88,8 @@ def measure(n, rounds, rate, log, mode="async"):
                         raise BenchError("%s took a %s cut, not %s" % (entry["name"], image.get("cut"), MODES[mode]))
                     held, pause = entry.get("held_ms"), entry.get("pause_ms")
                     record["steps"].append({k: image.get(k) for k in ("prepare_ms", "hook_ms", "cut_ms", "dump_ms",
-                                                                      "resumed_after_ms")}
+                                                                      "resumed_after_ms", "predump_after_ms",
+                                                                      "udp_drain_ms", "freezing_ms", "upload_wait_ms")}
                                            | {"workdir_freeze_ms": (image.get("workdir") or {}).get("freeze_ms"),
                                               "flip_ms": entry.get("flip_ms"), "held_ms": held,
                                               "deaf_minus_pause_ms": None if held is None or pause is None
@@ -121,7 +123,8 @@ def measure(n, rounds, rate, log, mode="async"):
     record["summary"] = {"with_cut_ms": cut, "bare_ms": bare,
                          "ratio_p50": round(cut["p50"] / bare["p50"], 2), "ratio_p95": round(cut["p95"] / bare["p95"], 2),
                          "steps_p50": {k: (summary([s[k] for s in record["steps"]]) or {}).get("p50") for k in STEPS},
-                         "cut_frames_per_snapshot_p50": (summary(record["cut_frames"]) or {}).get("p50")}
+                         "cut_frames_per_snapshot_p50": (summary(record["cut_frames"]) or {}).get("p50"),
+                         "snapshot_wall_ms_p50": (summary(record.get("snapshot_wall_ms", [])) or {}).get("p50")}
     if record.get("bare_together"):
         together = summary_p95(record["bare_together"])
         record["summary"].update(bare_together_ms=together, ratio_p50_to_together=round(cut["p50"] / together["p50"], 2))

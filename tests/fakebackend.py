@@ -64,6 +64,7 @@ class FakeBackend(Backend):
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "memory"), "wb") as handle:
             handle.write(b"state of " + member.name.encode())
+        sink.settle()
         files = sink.put_dir(directory)
         return ImageReport(pause_ms=1.25, bytes=sum(f["bytes"] for f in files), files=files, details={"fake_ms": 2.0})
 

@@ -103,6 +103,11 @@ class ImageSink(abc.ABC):
     def put_stream(self, name: str, reader) -> dict:
         """Store what ``reader.read(n)`` gives until it is empty as file ``name``; its {name, bytes, sha256}."""
 
+    def settle(self) -> None:
+        """The member runs again and what follows is storing: a backend calls this first, so that the
+        helper can hold the stores until its other members are through their freezes (which they
+        would slow down). A sink that stores directly does nothing here."""
+
 
 class Backend(abc.ABC):
     name: ClassVar[str]

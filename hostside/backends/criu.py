@@ -54,13 +54,15 @@ NETWORK_LOCK = "nftables"  # blocks a member's TCP connections during dump/resto
 # frames released after the flip are not dropped by CRIU's lock) lost UDP datagrams in the oracle's
 # ring-of-3 (2 runs of 2; with nftables 0 gaps, same hour): not understood yet, so CRIU's lock stays.
 SNAPSHOT_NETWORK_LOCK = os.environ.get("VIOLIN_CRIU_SNAPSHOT_LOCK", NETWORK_LOCK)
-# How many members one helper may have frozen at once (VIOLIN_CRIU_FREEZES; unset or 0: no bound).
-# Concurrent dumps and hooks on a small host compete for the cores and inflate each other's pauses
-# (issue 11: 8 at once on 2 cores), but a bound keeps the slice's epochs mixed for longer: every frame
-# between a member already cut and one still waiting goes through the controller meanwhile (held or
-# recorded), and with 8 talking members on 2 cores that drowned the controller (markers and barriers
-# late, snapshots aborted; scripts/disruption_pause.py). So no bound unless the host's owner sets one.
-FREEZE_SLOTS = int(os.environ.get("VIOLIN_CRIU_FREEZES", "0") or 0) or 1 << 16
+# How many members one helper freezes at once (VIOLIN_CRIU_FREEZES, default 1; 0: no bound), CRIU
+# members and containers together (``FREEZE_TURNS``). Dumps at once on a small host compete for the
+# cores and inflate each other's pauses: 8 at once on 2 cores paused 5x a bare dump, one at a time
+# (and the images stored after the last freeze: hostside/orchestration.py, UploadGate) 1.19x (issue 11,
+# scripts/disruption_pause.py). One at a time keeps the slice's epochs mixed for longer, so more frames
+# between members already cut and members still waiting pass through the controller; since the
+# asynchronous cut colours at the switch the controller keeps up (a bound of 2 once drowned it).
+FREEZE_SLOTS = int(os.environ.get("VIOLIN_CRIU_FREEZES", "1") or 0) or 1 << 16
+FREEZE_TURNS = threading.BoundedSemaphore(FREEZE_SLOTS)
 # Builtins only: nothing is started while the member is frozen but this one shell. Both FIFOs are opened
 # read-write, so neither open blocks whoever is (or is not) at the other end, and ``read -t`` bounds the
 # wait for an answer: a helper that died does not leave the member frozen.
@@ -96,6 +98,8 @@ class DumpReport:
     dump_ms: float  # the whole criu dump command
     bytes: int
     resumed_after_ms: Optional[float] = None  # hook answered -> the tasks seen running again
+    predump_after_ms: Optional[float] = None  # CRIU started -> its pre-dump (just before the freeze)
+    freezing_ms: Optional[float] = None  # CRIU seizing and stopping the tasks (before frozen_ms starts)
 
 
 def _varint(data: bytes, offset: int):
@@ -266,6 +270,17 @@ class PostDumpHook:
         shutil.rmtree(self.control, ignore_errors=True)
 
 
+# When a CRIU member's prepare (frames for it held from then on) is made (VIOLIN_CRIU_PREPARE):
+# "predump" (default), at CRIU's pre-dump, just before it freezes the tasks; "before", before CRIU starts.
+# CRIU takes 11-16 ms from its start to its pre-dump here, all of it deaf time with "before": deaf time
+# minus the pause 7.7-8.5 ms p50 at 1-2 members against 19.6-22.6 ms, the pause no longer (issue 11,
+# goal 3; two runs each, interleaved).
+PREPARE_WHEN = os.environ.get("VIOLIN_CRIU_PREPARE", "predump")
+if PREPARE_WHEN not in ("predump", "before"):
+    LOG.warning("VIOLIN_CRIU_PREPARE=%r is neither predump nor before: predump", PREPARE_WHEN)
+    PREPARE_WHEN = "predump"
+
+
 def side_by_side(take_files: Callable[[], None], cut: Callable[[], None]) -> None:
     """While the member is frozen: its files and its cut (marker, datapath purge) do not wait for
     each other, so it stays frozen for the longer of the two (about 2 ms each), not their sum.
@@ -316,12 +331,18 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
 
     log = os.path.join(images, "dump.log")
     started = time.monotonic()
+    predump_at = []
+
+    def predump():
+        predump_at.append(time.monotonic())
+        if on_predump is not None:
+            on_predump()
     try:
         from hostside.backends.handover import frozen_hand_over  # it builds on PostDumpHook, here
 
         # The compiled hook where a C compiler is at hand: CRIU runs the script at three actions
         # inside the freeze, and bash's start was most of each (issue 11's pause; see handover.py).
-        with frozen_hand_over(frozen, on_resumed=on_resumed, watch_pid=member.pid, on_predump=on_predump) as hook:
+        with frozen_hand_over(frozen, on_resumed=on_resumed, watch_pid=member.pid, on_predump=predump) as hook:
             try:
                 result = subprocess.run(
                     _nsenter(member) + [CRIU, "dump", "-t", str(member.pid), "-D", images, "-o", "dump.log", "-v2",
@@ -341,11 +362,13 @@ def dump(member: ProcessMember, images: str, on_frozen: Callable[[], None], time
         if own_capture:
             capture.discard()
     try:
-        frozen_ms = read_dump_stats(images).get("frozen_time", 0) / 1000.0
+        stats = read_dump_stats(images)
+        frozen_ms, freezing_ms = stats.get("frozen_time", 0) / 1000.0, stats.get("freezing_time", 0) / 1000.0
     except (OSError, IndexError, ValueError):
-        frozen_ms = None
+        frozen_ms = freezing_ms = None
     return DumpReport(images, frozen_ms, hook.outcome.get("hook_ms", 0.0), dump_ms, _dir_bytes(images),
-                      hook.outcome.get("resumed_after_ms"))
+                      hook.outcome.get("resumed_after_ms"),
+                      round((predump_at[0] - started) * 1000, 3) if predump_at else None, freezing_ms)
 
 
 def restore(member: ProcessMember, images: str, timeout: float = 60.0, leave_stopped: bool = False) -> float:
@@ -896,12 +919,12 @@ class CriuBackend(Backend):
                                                   "(default: the one it had at the snapshot)"),
     }, allow_none=False)
     retry_delay = 0.05
-    prepares_itself = True  # prepare once it holds a freeze slot, just before CRIU starts
+    prepares_itself = True  # prepare at CRIU's pre-dump, once it holds a freeze slot (PREPARE_WHEN)
     workdir_mode = os.environ.get("VIOLIN_WORKDIR_CAPTURE", "auto")  # auto, clone or precopy (hostside/workdir.py)
 
     def __init__(self, settings):
         super().__init__(settings)
-        self.freezes = threading.BoundedSemaphore(FREEZE_SLOTS)
+        self.freezes = FREEZE_TURNS  # shared with the podman backend: one bound for the helper
         self.kept = Kept()
         self.proving: Dict[str, Located] = {}  # member -> where its open quiet proof located it
         self.scan, self.procs_in, self.read = scan_proc, procs_in_netns, read_proc  # seams for unit tests
@@ -998,8 +1021,9 @@ class CriuBackend(Backend):
             marker.close()
 
     def snapshot(self, member: CriuMember, sink, at_cut, prepare=lambda: None, resumed=None) -> ImageReport:
-        """Pre-copy the member's directory while it runs, then, holding one of the helper's
-        ``FREEZE_SLOTS``: prepare (frames for it held from now on), dump; the image goes to ``sink``.
+        """Holding one of the helper's ``FREEZE_SLOTS``: pre-copy the member's directory while it runs,
+        dump, with the prepare (frames for it held from then on) at CRIU's pre-dump; then, once the helper's other members are
+        through their freezes (``sink.settle()``), the image goes to ``sink``.
 
         The dump takes CRIU's network lock as ``SNAPSHOT_NETWORK_LOCK`` says (default
         ``nftables``). ``skip`` would leave the lock's job to the controller's prepare hold
@@ -1022,12 +1046,13 @@ class CriuBackend(Backend):
             at_cut()  # (it prepares first if CRIU did not run the hook at pre-dump)
             timings["cut_ms"] = round((time.monotonic() - began) * 1000, 3)
 
-        def timed_prepare():  # before CRIU starts (at its pre-dump the purge's upcalls met the freeze)
+        def timed_prepare():  # at CRIU's pre-dump (PREPARE_WHEN)
             began = time.monotonic()
             prepare()
             timings.setdefault("prepare_ms", round((time.monotonic() - began) * 1000, 3))
 
-        def drain():  # at CRIU's pre-dump: the tasks still run and are frozen right after
+        def at_predump():  # the tasks still run and are frozen right after
+            timed_prepare()  # (once: a dump tried again, or made with PREPARE_WHEN "before", is prepared)
             drained_ms, left = wait_udp_drained(process.pid)
             timings["udp_drain_ms"] = round(drained_ms, 3)
             if left:
@@ -1036,25 +1061,28 @@ class CriuBackend(Backend):
                             member.name, left, drained_ms)
 
         try:
-            if member.workdir:
-                capture = workdir.capture_for(member.workdir, lambda: workdir.tree_pids(process.pid),
-                                              self.workdir_mode, images + ".workdir")
-                capture.prepare()  # while the member runs and its frames flow
-            for attempt in range(1, DUMP_ATTEMPTS + 1):
-                try:
-                    with self.freezes:
-                        timed_prepare()
+            with self.freezes:  # the pre-copy too: it would compete with the freeze of the member before
+                if member.workdir:
+                    capture = workdir.capture_for(member.workdir, lambda: workdir.tree_pids(process.pid),
+                                                  self.workdir_mode, images + ".workdir")
+                    capture.prepare()  # while the member runs and its frames flow
+                for attempt in range(1, DUMP_ATTEMPTS + 1):
+                    try:
+                        if PREPARE_WHEN == "before":
+                            timed_prepare()
                         report = dump(process, images, on_frozen, network_lock=SNAPSHOT_NETWORK_LOCK,
-                                      capture=capture or _NO_CAPTURE, on_resumed=resumed, on_predump=drain)
-                    break
-                except CriuError:
-                    # A dump that failed before its cut left the member running and its frames held:
-                    # try again (e.g. TCP data still in the kernel's backlog on a loaded host changed a
-                    # socket's queue while CRIU read it), but never after the cut was taken.
-                    if cut_called or attempt == DUMP_ATTEMPTS:
-                        raise
-                    shutil.rmtree(images, ignore_errors=True)
-                    time.sleep(self.retry_delay)
+                                      capture=capture or _NO_CAPTURE, on_resumed=resumed, on_predump=at_predump)
+                        break
+                    except CriuError:
+
+                        # A dump that failed before its cut left the member running and its frames held:
+                        # try again (e.g. TCP data still in the kernel's backlog on a loaded host changed
+                        # a socket's queue while CRIU read it), but never after the cut was taken.
+                        if cut_called or attempt == DUMP_ATTEMPTS:
+                            raise
+                        shutil.rmtree(images, ignore_errors=True)
+                        time.sleep(self.retry_delay)
+            sink.settle()  # it runs again: its image is stored once the helper's other members are through
             dropped = dropped_read_queues(images)
             if dropped:  # datagrams the member had not read at the freeze: in no image, no channel state
                 timings["criu_dropped_udp_queues"] = dropped
@@ -1070,8 +1098,9 @@ class CriuBackend(Backend):
                 capture.discard()
             shutil.rmtree(images, ignore_errors=True)
         details = {"dump_ms": round(report.dump_ms, 1), "hook_ms": round(report.hook_ms, 3), **timings}
-        if report.resumed_after_ms is not None:
-            details["resumed_after_ms"] = report.resumed_after_ms
+        for key in ("resumed_after_ms", "predump_after_ms", "freezing_ms"):
+            if getattr(report, key) is not None:
+                details[key] = getattr(report, key)
         if capture is not None:
             details["workdir"] = capture.details()
         return ImageReport(

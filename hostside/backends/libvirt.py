@@ -1030,6 +1030,7 @@ class LibvirtBackend(Backend):
         stored = details.pop("stored")
         details.pop("sha256")
         files = [{"name": VM_IMAGE, "bytes": stored["bytes"], "sha256": stored["sha256"]}]
+        sink.settle()  # its disks are stored once the helper's other members are through their freezes
         files += self._store_disks(sink, member, report.disks)
         return ImageReport(
             # The guest's pause as QEMU stamps it (STOP -> RESUME); ours also counts libvirt's reply to cont.

@@ -385,7 +385,8 @@ class PodmanBackend(Backend):
                 os.makedirs(work)
                 where = self.running(member)
                 try:
-                    report = self._checkpoint(member, where, work, at_cut, cut_called, resumed, prepare)
+                    with criu.FREEZE_TURNS:  # one freeze at a time in this helper, CRIU members included
+                        report = self._checkpoint(member, where, work, at_cut, cut_called, resumed, prepare)
                     break
                 except PodmanError:
                     # As for CRIU members: a checkpoint that failed before its cut left the container
@@ -396,6 +397,7 @@ class PodmanBackend(Backend):
             identity = {"container": member.container_name, "netns": where.netns, "iface": where.iface,
                         "mac": where.mac, "addresses": where.details["addresses"],
                         "volumes": sorted(where.details["volumes"]), "criu_config": where.details["criu_config"]}
+            sink.settle()  # stored once the helper's other members are through their freezes
             stored = [sink.put_stream(IDENTITY, io.BytesIO(json.dumps(identity, indent=1).encode()))]
             with open(os.path.join(work, ARCHIVE), "rb") as archive:
                 stored.append(sink.put_stream(ARCHIVE, archive))

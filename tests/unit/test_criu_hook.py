@@ -110,11 +110,14 @@ def test_freeze_slots_come_from_the_environment(slots):
     assert out.stdout.split() == [slots, "nftables"], out.stderr
 
 
-def test_freeze_slots_are_unbounded_by_default():
-    code = "from hostside.backends import criu; print(criu.FREEZE_SLOTS >= 1024)"
+def test_one_member_is_frozen_at_a_time_by_default_and_0_lifts_the_bound():
+    code = "from hostside.backends import criu; print(criu.FREEZE_SLOTS)"
     env = {k: v for k, v in os.environ.items() if k != "VIOLIN_CRIU_FREEZES"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "True", out.stderr
+    assert out.stdout.strip() == "1", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, VIOLIN_CRIU_FREEZES="0"),
+                         capture_output=True, text=True, timeout=60)
+    assert int(out.stdout) >= 1024, out.stderr
 
 
 def test_on_resumed_runs_once_after_the_answer_and_its_error_is_raised_after_the_block():

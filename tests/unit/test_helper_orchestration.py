@@ -142,12 +142,47 @@ def test_a_snapshot_calls_prepare_cut_done_in_order_and_stores_the_image(rig):
     assert ("after_cut", "f1", 0.5) in rig.timeline  # at_cut hands back the quiet proof's result
     stored = rig.store.images["http://store:7070"][("s1", "f1")]
     assert stored == {"memory": b"state of f1"}
-    assert rig.reported("done") == [{
+    done = rig.reported("done")
+    assert len(done) == 1 and 0 <= done[0]["image"].pop("upload_wait_ms") < 1000  # no other member to wait for
+    assert done == [{
         "pause_ms": 1.25, "bytes": 11, "server": "http://store:7070",
         "image": {"backend": "fake", "fake_ms": 2.0, "files": [
             {"name": "memory", "bytes": 11, "sha256": hashlib.sha256(b"state of f1").hexdigest()}],
             "storage": {"logical_bytes": 11, "stored_bytes": 11, "sent_bytes": 11}, "cut": "sync"}}]
     assert rig.helper.jobs["s1/f1"]["state"] == "done"
+
+
+def test_a_member_stores_its_image_once_the_helpers_other_members_are_through_their_freezes(tmp_path):
+    jobs = []
+    with fakebackend.registered():
+        rig = Rig(tmp_path, members={"f1": {"backend": "fake"}, "f2": {"backend": "fake"}}, spawn=jobs.append)
+        rig.helper.start_snapshot(SNAPSHOT)
+        rig.helper.start_snapshot(dict(SNAPSHOT, member="f2"))
+        first = threading.Thread(target=jobs[0])
+        first.start()
+        first.join(0.3)
+        assert first.is_alive() and ("s1", "f1") not in rig.store.images.get("http://store:7070", {})
+        jobs[1]()  # f2 freezes and settles: f1 may store now
+        first.join(5)
+    assert not first.is_alive()
+    waits = {d["image"]["upload_wait_ms"] for d in rig.reported("done")}
+    assert max(waits) >= 250 and set(rig.store.images["http://store:7070"]) == {("s1", "f1"), ("s1", "f2")}
+
+
+def test_the_upload_gate_waits_for_every_member_still_to_freeze_and_gives_up_after_its_timeout(caplog):
+    gate = orchestration.UploadGate(timeout=0.2)
+    gate.begin("s/a")
+    gate.begin("s/b")
+    waited = []
+    thread = threading.Thread(target=lambda: waited.append(gate.settle("s/a")))
+    thread.start()
+    time.sleep(0.05)
+    gate.end("s/b")  # b failed before its freeze: a need not wait for it
+    thread.join(1)
+    assert waited and waited[0] < 0.2
+    gate.begin("s/c")
+    assert 0.2 <= gate.settle("s/d") < 1.0  # c never freezes: d stores after the timeout, and says why
+    assert "s/c" in caplog.text
 
 
 def test_without_prepare_url_the_cut_urls_sibling_is_used(rig):
@@ -329,6 +364,7 @@ def _dumps(rig, outcomes):
         rig.dumps.append(outcome)
         os.makedirs(images, exist_ok=True)
         if options.get("on_predump"):  # CRIU runs the hook at pre-dump, before anything can fail
+            rig.timeline.append(("predump",))
             options["on_predump"]()
         if outcome == "fail":
             raise criu.CriuError("criu dump of f1 failed: queue changed")
@@ -344,7 +380,9 @@ def _dumps(rig, outcomes):
 def test_criu_dumps_failing_before_the_cut_are_retried(criu_rig, monkeypatch):
     monkeypatch.setattr(criu, "dump", _dumps(criu_rig, ["fail", "fail", "ok"]))
     criu_rig.helper.start_snapshot(SNAPSHOT)
-    assert criu_rig.dumps == ["fail", "fail", "ok"] and criu_rig.steps() == ["prepare", "purge", "cut", "purge", "done"]
+    # prepared at the first dump's pre-dump, just before CRIU would freeze the member, and only then
+    assert criu_rig.dumps == ["fail", "fail", "ok"] and criu_rig.steps() == [
+        "predump", "prepare", "purge", "predump", "predump", "cut", "purge", "done"]
     assert criu_rig.reported("cut") == [{"marker": True}] and len(criu_rig.socket.sent) == 1 and criu_rig.socket.closed
     (done,) = criu_rig.reported("done")
     assert done["pause_ms"] == 4.0 and done["image"]["backend"] == "criu" and done["image"]["dump_ms"] == 30.0
@@ -356,8 +394,16 @@ def test_criu_dumps_failing_before_the_cut_are_retried(criu_rig, monkeypatch):
 def test_criu_dumps_failing_every_time_fail_the_snapshot(criu_rig, monkeypatch):
     monkeypatch.setattr(criu, "dump", _dumps(criu_rig, ["fail"] * criu.DUMP_ATTEMPTS))
     criu_rig.helper.start_snapshot(SNAPSHOT)
-    assert len(criu_rig.dumps) == criu.DUMP_ATTEMPTS and criu_rig.steps() == ["prepare", "purge", "failed"]
+    assert len(criu_rig.dumps) == criu.DUMP_ATTEMPTS and [s for s in criu_rig.steps() if s != "predump"] == [
+        "prepare", "purge", "failed"]
     assert "queue changed" in criu_rig.reported("failed")[0]["reason"] and criu_rig.socket.closed
+
+
+def test_with_prepare_before_the_member_is_prepared_before_criu_starts(criu_rig, monkeypatch):
+    monkeypatch.setattr(criu, "PREPARE_WHEN", "before")
+    monkeypatch.setattr(criu, "dump", _dumps(criu_rig, ["fail", "ok"]))
+    criu_rig.helper.start_snapshot(SNAPSHOT)
+    assert criu_rig.steps() == ["prepare", "purge", "predump", "predump", "cut", "purge", "done"]
 
 
 def test_a_criu_dump_failing_after_the_cut_is_not_retried(criu_rig, monkeypatch):

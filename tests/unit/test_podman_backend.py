@@ -13,7 +13,7 @@ import pytest
 
 from hostside import backends, helper
 from hostside.backends import podman
-from hostside.backends.base import HostSettings
+from hostside.backends.base import HostSettings, ImageSink, Located
 
 GOOD = {"listen": "127.0.0.1:7001", "token": "t", "controller_token": "c", "servers": ["http://10.0.0.5:7070"],
         "server_token": "s"}
@@ -320,3 +320,49 @@ def test_a_hook_that_never_fires_leaves_nothing_waiting():
     with frozen_hand_over(lambda: None, timeout=5) as handover:
         script = handover.script
     assert not handover.fired and not os.path.exists(script)
+
+
+class _Turns:
+    """Stands in for the helper's freeze slots: records whether a checkpoint ran inside one."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __enter__(self):
+        self.steps.append("slot")
+
+    def __exit__(self, *_exc):
+        self.steps.append("slot freed")
+
+
+def test_a_checkpoint_takes_the_helpers_freeze_slot_and_stores_once_the_others_are_through(tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(podman.criu, "FREEZE_TURNS", _Turns(steps))
+    backend = podman.PodmanBackend(HostSettings(work_dir=str(tmp_path)), run=FakeRun({}))
+    member = backend.member("c1", {"backend": "podman"})
+    where = Located("02:00:00:00:00:01", iface="eth0", pid=4242, netns="/run/netns/vabch1", port="veth1",
+                    details={"running": True, "addresses": [], "volumes": {}, "criu_config": "x"})
+    monkeypatch.setattr(backend, "running", lambda m: where)
+
+    def checkpoint(member, where, work, at_cut, cut_called, resumed, prepare):
+        steps.append("checkpoint")
+        with open(os.path.join(work, podman.ARCHIVE), "wb") as handle:
+            handle.write(b"tar")
+        return {"pause_ms": 12.5}
+    monkeypatch.setattr(backend, "_checkpoint", checkpoint)
+
+    class Sink(ImageSink):
+        snapshot, member = "s1", "c1"
+
+        def put_dir(self, directory):
+            raise AssertionError("not used")
+
+        def put_stream(self, name, reader):
+            steps.append("store " + name)
+            return {"name": name, "bytes": len(reader.read()), "sha256": "0"}
+
+        def settle(self):
+            steps.append("settle")
+    report = backend.snapshot(member, Sink(), at_cut=lambda: None)
+    assert steps == ["slot", "checkpoint", "slot freed", "settle", "store " + podman.IDENTITY, "store " + podman.ARCHIVE]
+    assert report.pause_ms == 12.5
