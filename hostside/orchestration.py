@@ -509,11 +509,12 @@ class Orchestrator:
     def _run_snapshot(self, body: dict, backend: Backend, member, key: str) -> None:
         """The whole snapshot of one member; whatever goes wrong ends in ``failed``, never escapes."""
         try:
-            self._snapshot(body, backend, member)
-            self.uploads.end(key)
+            try:
+                self._snapshot(body, backend, member)
+            finally:  # before the failure report, too: the others' stores need not wait for it
+                self.uploads.end(key)
             self.jobs[key].update(state="done")
         except BaseException as error:  # noqa: B902 - a job thread must report, whatever happened
-            self.uploads.end(key)
             if not isinstance(error, (HelperError, FAILURES)):
                 LOG.error("snapshot %s: unexpected %s", key, "".join(traceback.format_exception(
                     type(error), error, error.__traceback__)))

@@ -58,8 +58,8 @@ MODES = {"async": "in-band", "async-call": "async", "sync": "sync"}  # VIOLIN_CU
 def measure(n, rounds, rate, log, mode="async"):
     controller = lab.ControllerProcess(config=slicelab.controller_config())
     workdir = tempfile.mkdtemp(prefix="bench-pause-")
-    record = {"members": n, "freeze_slots": criu.FREEZE_SLOTS, "prepare_when": criu.PREPARE_WHEN, "cut_mode": mode, "with_cut": [], "bare": [],
-              "steps": [], "cut_frames": []}
+    record = {"members": n, "freeze_slots": criu.FREEZE_SLOTS, "prepare_when": criu.PREPARE_WHEN, "cut_mode": mode,
+              "with_cut": [], "bare": [], "steps": [], "cut_frames": []}
     before = os.environ.get("VIOLIN_CUT")
     os.environ["VIOLIN_CUT"] = mode  # the helper started below inherits it
     try:

@@ -1022,8 +1022,8 @@ class CriuBackend(Backend):
 
     def snapshot(self, member: CriuMember, sink, at_cut, prepare=lambda: None, resumed=None) -> ImageReport:
         """Holding one of the helper's ``FREEZE_SLOTS``: pre-copy the member's directory while it runs,
-        dump, with the prepare (frames for it held from then on) at CRIU's pre-dump; then, once the helper's other members are
-        through their freezes (``sink.settle()``), the image goes to ``sink``.
+        dump, with the prepare (frames for it held from then on) at CRIU's pre-dump; then, once the
+        helper's other members are through their freezes (``sink.settle()``), the image goes to ``sink``.
 
         The dump takes CRIU's network lock as ``SNAPSHOT_NETWORK_LOCK`` says (default
         ``nftables``). ``skip`` would leave the lock's job to the controller's prepare hold
@@ -1074,7 +1074,6 @@ class CriuBackend(Backend):
                                       capture=capture or _NO_CAPTURE, on_resumed=resumed, on_predump=at_predump)
                         break
                     except CriuError:
-
                         # A dump that failed before its cut left the member running and its frames held:
                         # try again (e.g. TCP data still in the kernel's backlog on a loaded host changed
                         # a socket's queue while CRIU read it), but never after the cut was taken.
