@@ -55,6 +55,8 @@ Config (JSON or YAML; unknown keys refused; ``violin-helper --check``)::
     host_name: hv1                                      # shown with its members (default: the host's name)
     vm_hold: switchover                                 # hold a VM's frames from just before its switchover
                                                         # (or precopy: from before its pre-copy)
+    keep_images: 1                                      # a member's newest images kept here for a restore
+                                                        # here (checked, not downloaded; 0: none)
     tls_cert: /var/lib/violin-snapshot/tls/server.crt   # serve HTTPS (with tls_key)
     tls_key: /var/lib/violin-snapshot/tls/server.key
     ca_file: /var/lib/violin-snapshot/tls/ca.crt        # verifies the https:// controller and servers
@@ -90,6 +92,7 @@ from typing import Callable, Dict, List, Optional
 from hostside import backends, ovs
 from hostside.backends import Backend
 from hostside.httpd import JsonHandler, listen, scheme_of, serve
+from hostside.kept import KEEP_IMAGES
 from hostside.orchestration import STAGE_WORKERS, ControllerError, Orchestrator, Registrar, status_of
 from violin_client import tls
 from violin_client.api import ApiClient, ApiError, Unreachable
@@ -124,6 +127,7 @@ class HelperConfig:
     settings: Optional[object] = None  # the backends' HostSettings
     instances: Dict[str, Backend] = field(default_factory=dict)  # backend name -> the one instance
     stage_workers: int = STAGE_WORKERS  # members staged at once
+    keep_images: int = KEEP_IMAGES  # images kept per member for a restore here (0: none)
 
     def make_member(self, member: str, spec: dict):
         """(backend, member spec object) of a member spec (the config's ``members.<name>`` shape),
@@ -162,6 +166,9 @@ def config_schema() -> Schema:
                          "its switchover (deaf about its pause) or before its pre-copy (deaf through it)"),
         "stage_workers": Field(int, STAGE_WORKERS, check=lambda v: None if 1 <= v <= 64 else "from 1 to 64",
                                  help="members this helper stages (fetches and checks) at once; restores all run at once"),
+        "keep_images": Field(int, KEEP_IMAGES, check=lambda v: None if 0 <= v <= 16 else "from 0 to 16",
+                             help="a member's newest images kept on this host after they are stored, so that "
+                             "a restore here checks them instead of downloading them (0: none)"),
         "members": MapOf(backends.member_schema(), key_check=name),
         "tls_cert": _PATH, "tls_key": _PATH, "ca_file": _PATH,
         "controller": Field((str, type(None)), None, check=http_url,
@@ -206,7 +213,7 @@ def parse_config(raw, environ=os.environ) -> HelperConfig:
                         {member: instances[spec["backend"]] for member, spec in values["members"].items()},
                         values["tls_cert"], values["tls_key"], values["ca_file"], values["controller"],
                         advertise.rstrip("/"), values["host_name"] or socket.gethostname(), settings, instances,
-                        values["stage_workers"])
+                        values["stage_workers"], values["keep_images"])
 
 
 def controller_poster(token: str, timeout: float = 30.0,
@@ -274,7 +281,7 @@ class Helper(Orchestrator):
                          post or controller_poster(config.controller_token, ca_file=config.ca_file),
                          store or image_server_factory(config.server_token, config.ca_file), purge, attachment,
                          factory=config.make_member, registrar=registrar, on_change=self._changed,
-                         stage_workers=config.stage_workers, **seams)
+                         stage_workers=config.stage_workers, keep_images=config.keep_images, **seams)
         self._load_runtime()
 
     def _load_runtime(self) -> None:

@@ -49,6 +49,7 @@ import zlib
 from typing import Callable, Dict, List, Optional, Tuple
 
 from hostside.backends.base import Backend, ImageSink, Located
+from hostside.kept import KEEP_IMAGES, KeptImages
 from hostside.metrics import HelperMetrics
 from violin_core.schema import Field, ListOf, Schema, SchemaError, matches, name
 
@@ -186,8 +187,9 @@ class StoreSink(ImageSink):
 
     COUNTS = ("logical_bytes", "stored_bytes", "sent_bytes")
 
-    def __init__(self, client, snapshot: str, member: str, gate: Optional[UploadGate] = None):
-        self.client, self.snapshot, self.member, self.gate = client, snapshot, member, gate
+    def __init__(self, client, snapshot: str, member: str, gate: Optional[UploadGate] = None,
+                 kept: Optional[KeptImages] = None):
+        self.client, self.snapshot, self.member, self.gate, self.kept = client, snapshot, member, gate, kept
         self.counts = dict.fromkeys(self.COUNTS, 0)
         self.settled_ms: Optional[float] = None
 
@@ -206,10 +208,15 @@ class StoreSink(ImageSink):
     def put_stream(self, name: str, reader) -> dict:
         return self._count(dict(self.client.upload_stream(self.snapshot, self.member, name, reader), name=name))
 
+    def keep(self, directory: str, files: List[dict], trees: Optional[Dict[str, str]] = None) -> bool:
+        return self.kept is not None and self.kept.take(self.member, self.snapshot, directory, files, trees)
+
     def storage(self) -> dict:
         return dict(self.counts)
 
     def discard(self) -> None:
+        if self.kept is not None:
+            self.kept.forget(self.member, self.snapshot)
         self.client.delete(self.snapshot, self.member)
 
 
@@ -352,9 +359,11 @@ class Orchestrator:
                  metrics: Optional[HelperMetrics] = None,
                  factory: Optional[Callable[[str, dict], Tuple[Backend, object]]] = None,
                  registrar: Optional[Registrar] = None, on_change: Optional[Callable[[str, Optional[dict]], None]] = None,
-                 stage_workers: int = STAGE_WORKERS):
+                 stage_workers: int = STAGE_WORKERS, keep_images: int = KEEP_IMAGES):
         self.members, self.servers, self.work_dir = dict(members), servers, work_dir
-        self.staging = threading.BoundedSemaphore(stage_workers)  # members staged at once
+        self.staging = threading.BoundedSemaphore(stage_workers)  # members downloaded at once
+        self.checking = threading.BoundedSemaphore(os.cpu_count() or 1)  # kept images checked at once
+        self.kept = KeptImages(os.path.join(work_dir, "kept"), keep_images)
         self.uploads = UploadGate()  # images stored after every member's freeze
         self.metrics = HelperMetrics() if metrics is None else metrics  # its own registry unless given
         self.post, self.store, self.purge, self.attachment = post, store, purge, attachment
@@ -463,6 +472,7 @@ class Orchestrator:
             if self.on_change is not None:
                 self.on_change(name, None)
         getattr(backend, "forget", lambda _member: None)(member)
+        self.kept.forget(name)  # a member of that name added later is another one
         if self.registrar is not None:
             if unregistered is False:
                 self.registrar.drop(name)
@@ -529,7 +539,7 @@ class Orchestrator:
     def _snapshot(self, body: dict, backend: Backend, member) -> None:
         prepare_url = body["prepare_url"] or body["cut_url"].rsplit("/", 1)[0] + "/prepare"
         server = self.server_for(body["member"])
-        sink = StoreSink(self.store(server), body["snapshot"], body["member"], self.uploads)
+        sink = StoreSink(self.store(server), body["snapshot"], body["member"], self.uploads, self.kept)
         wants_async = bool(backend.cuts_async) and CUT_MODE in ("async", "async-call")
         with backend.quiet_proof(member, body["snapshot"]) as prove_quiet:
             prepared, cut = [], {}
@@ -599,19 +609,30 @@ class Orchestrator:
     # --- restore ----------------------------------------------------------------------------
 
     def stage(self, raw: dict) -> dict:
-        """Fetch a member's image and verify every checksum; nothing running is touched."""
+        """Fetch a member's image (or take the one this helper kept of it) and verify every checksum;
+        nothing running is touched."""
         body = read_body("stage", raw)
         backend, member = self._member(body["member"])
-        target = self._restore_dir(body)
-        with self.staging:  # the controller asks for every member at once; this helper takes them in turn
-            shutil.rmtree(target, ignore_errors=True)
-            files = self.store(body["server"]).download_dir(body["snapshot"], body["member"], target)
-            expected = {(f.get("name"), f.get("sha256")) for f in body["files"]}
-            if {(f["name"], f["sha256"]) for f in files} != expected:
-                raise Failed("the server's image of %s/%s is not the one the snapshot recorded"
-                             % (body["snapshot"], body["member"]))
-            backend.stage(member, target)
-        return {"staged": body["member"], "files": len(files), "restores_paused": backend.restores_paused}
+        target, began = self._restore_dir(body), time.monotonic()
+        with self.checking:  # on every core: hashing a kept image's files releases the GIL
+            kept = self.kept.stage(body["member"], body["snapshot"], body["files"], target)
+            if kept is not None:
+                self._staged(backend, member, body, kept["files"], target, "kept")
+        if kept is None:
+            with self.staging:  # the controller asks for every member at once; this helper takes them in turn
+                shutil.rmtree(target, ignore_errors=True)
+                files = self.store(body["server"]).download_dir(body["snapshot"], body["member"], target)
+                self._staged(backend, member, body, files, target, "server")
+        return {"staged": body["member"], "files": len(body["files"]), "restores_paused": backend.restores_paused,
+                "from": "server" if kept is None else "kept", "stage_ms": round((time.monotonic() - began) * 1000, 1)}
+
+    @staticmethod
+    def _staged(backend: Backend, member, body: dict, files: List[dict], target: str, source: str) -> None:
+        """The staged ``files`` are the ones the snapshot recorded, and the backend takes them."""
+        if {(f["name"], f["sha256"]) for f in files} != {(f.get("name"), f.get("sha256")) for f in body["files"]}:
+            raise Failed("the %s image of %s/%s is not the one the snapshot recorded"
+                         % ("kept" if source == "kept" else "server's", body["snapshot"], body["member"]))
+        backend.stage(member, target)
 
     def restore(self, raw: dict) -> dict:
         """Replace the running member by the staged image, left stopped until ``resume``."""

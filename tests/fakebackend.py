@@ -28,6 +28,8 @@ class FakeBackend(Backend):
     SCHEMA = Schema({"iface": Field(str, "fake-eth0"), "mac": Field(str, "00:00:00:00:00:0a", check=unicast_mac)},
                     allow_none=False)
 
+    keeps = False  # whether it offers its image directory to the sink to keep (``ImageSink.keep``)
+
     def __init__(self, settings):
         super().__init__(settings)
         self.calls, self.fail = [], {}
@@ -66,6 +68,8 @@ class FakeBackend(Backend):
             handle.write(b"state of " + member.name.encode())
         sink.settle()
         files = sink.put_dir(directory)
+        if self.keeps:  # as the CRIU backend: the directory is kept here for a restore (moved), or stays
+            sink.keep(directory, files)
         return ImageReport(pause_ms=1.25, bytes=sum(f["bytes"] for f in files), files=files, details={"fake_ms": 2.0})
 
     def stage(self, member, directory):

@@ -108,6 +108,13 @@ class ImageSink(abc.ABC):
         helper can hold the stores until its other members are through their freezes (which they
         would slow down). A sink that stores directly does nothing here."""
 
+    def keep(self, directory: str, files: List[dict], trees: Optional[Dict[str, str]] = None) -> bool:
+        """Once ``put_dir(directory)`` stored ``files``: whether the sink took ``directory`` (and the
+        directories ``trees`` maps tree pointers' file names to) away to keep on this host
+        (``hostside.kept``), so that a restore here checks them instead of downloading them. A backend
+        removes what is left itself."""
+        return False
+
 
 class Backend(abc.ABC):
     name: ClassVar[str]

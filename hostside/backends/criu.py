@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import select
 import signal
 import socket
 import stat
@@ -40,6 +41,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 from hostside import workdir
 from hostside.backends.base import Backend, ImageReport, Located, Restored, register
 from hostside.store.client import takes_trees
+from hostside.store.tree import POINTER
 from violin_core.packets import PROBE_ETH_TYPE, build_cut_request, build_marker
 from violin_core.schema import Field, Schema, SchemaError
 
@@ -790,15 +792,42 @@ def stop_tree(pid: int, timeout: float = 5.0) -> None:
     if not killed and not os.path.exists("/proc/%d" % pid):
         return  # gone already
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:  # not ours: wait for its parent to reap it
-            if not os.path.exists("/proc/%d" % pid):
-                return
-        time.sleep(0.01)
+    exited = _exit_waiter(pid)  # woken when it exits, rather than a poll's next tick (every restore waits here)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:  # not ours: wait for its parent to reap it
+                if not os.path.exists("/proc/%d" % pid):
+                    return
+            exited(min(0.01, max(0.0, deadline - time.monotonic())))
+    finally:
+        exited(None)
     raise RuntimeError("member process %d did not go away (a zombie nobody reaps keeps its PID)" % pid)
+
+
+def _exit_waiter(pid: int) -> Callable[[Optional[float]], None]:
+    """``wait(seconds)``: returns once ``pid`` has exited (its pidfd is readable) or after ``seconds``;
+    ``wait(None)`` closes the pidfd. Without pidfds (Linux < 5.3), a plain sleep."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return lambda seconds: time.sleep(seconds) if seconds else None
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    closed, fired = [], []
+
+    def wait(seconds: Optional[float]) -> None:
+        if seconds is None:
+            if not closed:
+                closed.append(True)
+                os.close(fd)
+        elif closed or fired:  # exited, not reaped yet by a parent of its own: readable from now on
+            time.sleep(seconds)
+        elif poller.poll(seconds * 1000):
+            fired.append(True)
+    return wait
 
 
 def clear_orphan_sockets(netns: str) -> None:
@@ -927,6 +956,7 @@ class CriuBackend(Backend):
         self.freezes = FREEZE_TURNS  # shared with the podman backend: one bound for the helper
         self.kept = Kept()
         self.proving: Dict[str, Located] = {}  # member -> where its open quiet proof located it
+        self.restored: Dict[str, Located] = {}  # member -> where its restore left it, stopped, until its resume
         self.scan, self.procs_in, self.read = scan_proc, procs_in_netns, read_proc  # seams for unit tests
         self.links = links_in_netns
         self.shells: Dict[str, int] = {}  # Mininet host -> its shell's pid, checked at every use
@@ -1092,6 +1122,11 @@ class CriuBackend(Backend):
             if capture is not None:  # a snapshot server's client stores the capture as the tar, unwritten
                 capture.finish_tree(images) if takes_trees(sink) else capture.finish(images)
             stored = sink.put_dir(images)
+            # Kept here (moved away, with the copy of its directory a tree pointer names) for a restore on
+            # this host, or removed below; a btrfs subvolume snapshot is not moved (it is deleted as one).
+            sink.keep(images, stored, {workdir.ARCHIVE: capture.captured()} if capture is not None
+                      and os.path.exists(os.path.join(images, workdir.ARCHIVE + POINTER))
+                      and not getattr(capture, "subvolume", False) else None)
         finally:
             if capture is not None:
                 capture.discard()
@@ -1123,10 +1158,14 @@ class CriuBackend(Backend):
         restore_ms = restore(ProcessMember(member.name, where.netns, where.pid or 0, member.workdir, where.mntns), directory,
                              leave_stopped=True)
         now = self.locate(member)
+        self.restored[member.name] = now
         return Restored(restore_ms, switch_port_of(now), {"pid": now.pid})
 
     def resume(self, member: CriuMember) -> None:
-        where = self.locate(member)
+        where = self.restored.pop(member.name, None)  # as its restore left it: found again only if it
+        proc = self.read(where.pid) if where is not None and where.pid else None  # is no longer stopped there
+        if proc is None or proc.state not in ("T", "t"):  # (the whole slice resumes at once: a /proc scan each)
+            where = self.locate(member)
         forget_unresolved_neighbours(where)
         if where.pid is None:
             raise RuntimeError("member %s is not running (%s)" % (member.name, member.describe()))

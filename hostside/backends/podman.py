@@ -54,6 +54,7 @@ task of its cgroup.
 import contextlib
 import io
 import json
+import logging
 import os
 import signal
 import shutil
@@ -68,6 +69,8 @@ from hostside.backends.base import Backend, ImageReport, Located, Restored, regi
 from hostside.backends.handover import frozen_hand_over, native_hook
 from violin_core.packets import build_cut_request, build_marker
 from violin_core.schema import Field, Schema, matches
+
+LOG = logging.getLogger("violin-helper")
 
 PODMAN = os.environ.get("VIOLIN_PODMAN", "podman")
 ARCHIVE = "container.tar"  # the stored checkpoint, in podman's export format
@@ -398,13 +401,30 @@ class PodmanBackend(Backend):
                         "mac": where.mac, "addresses": where.details["addresses"],
                         "volumes": sorted(where.details["volumes"]), "criu_config": where.details["criu_config"]}
             sink.settle()  # stored once the helper's other members are through their freezes
-            stored = [sink.put_stream(IDENTITY, io.BytesIO(json.dumps(identity, indent=1).encode()))]
+            described = json.dumps(identity, indent=1).encode()
+            stored = [sink.put_stream(IDENTITY, io.BytesIO(described))]
             with open(os.path.join(work, ARCHIVE), "rb") as archive:
                 stored.append(sink.put_stream(ARCHIVE, archive))
+            self._keep(sink, work, described, stored)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work + ".image", ignore_errors=True)
         return ImageReport(pause_ms=round(report["pause_ms"], 3), bytes=sum(f["bytes"] for f in stored),
                            files=stored, details={k: v for k, v in report.items() if k != "pause_ms"})
+
+    @staticmethod
+    def _keep(sink, work: str, described: bytes, stored) -> None:
+        """Offer the stored image (its two files, as stored) to the sink to keep on this host."""
+        image = work + ".image"
+        try:
+            os.makedirs(image)
+            with open(os.path.join(image, IDENTITY), "wb") as handle:
+                handle.write(described)
+            os.rename(os.path.join(work, ARCHIVE), os.path.join(image, ARCHIVE))
+        except OSError as error:
+            LOG.warning("image %s/%s not kept: %s", sink.snapshot, sink.member, error)
+            return
+        sink.keep(image, stored)
 
     def _checkpoint(self, member: ContainerMember, where: Located, work: str, at_cut, cut_called,
                     resumed=None, prepare=None) -> dict:

@@ -260,3 +260,14 @@ def test_the_drain_waits_until_the_member_read_its_queues_or_the_bound():
     waited, left = criu.wait_udp_drained(1, timeout=0.05, clock=lambda: now[0],
                                          sleep=lambda s: now.__setitem__(0, now[0] + 0.01), queued=lambda pid: 64)
     assert left == 64 and waited >= 50
+
+
+def test_stop_tree_kills_the_group_and_reaps_it_as_soon_as_it_exits():
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    criu.stop_tree(child.pid)
+    with pytest.raises(ChildProcessError):  # reaped by stop_tree: the pid is free
+        os.waitpid(child.pid, os.WNOHANG)
+    wait = criu._exit_waiter(os.getpid())  # never exits here: the wait lasts its timeout
+    wait(0.001)
+    wait(None)
+    wait(None)  # closing twice is harmless

@@ -300,7 +300,9 @@ def _snapshot_and_stage(rig):
 
 
 def test_stage_restore_resume_stop(rig):
-    assert _snapshot_and_stage(rig) == {"staged": "f1", "files": 1, "restores_paused": True}
+    staged = _snapshot_and_stage(rig)
+    assert staged.pop("stage_ms") >= 0
+    assert staged == {"staged": "f1", "files": 1, "restores_paused": True, "from": "server"}
     assert ("stage", "f1", ["memory"]) in rig.timeline
     assert rig.helper.restore({"snapshot": "s1", "member": "f1"}) == {
         "restored": "f1", "iface": "fake-eth0", "attachment": dict(ATTACHMENT, name="fake-eth0"),
@@ -485,28 +487,43 @@ def test_http_conflict_unauthorized_backend_failure_and_unexpected(served, capsy
 
 # --- ovs.attachment -------------------------------------------------------------------------------
 
-def fake_vsctl(answers):
-    return lambda *argv: answers.get(argv)
+def fake_vsctl(bridges, ports):
+    """``ovs-vsctl --bare -- iface-to-br P -- get Interface P ofport -- --columns=name,datapath_id list
+    Bridge`` over {bridge: datapath_id} and {port: (bridge, ofport)}, as the real one prints it."""
+    def vsctl(*argv):
+        port = argv[3]
+        assert argv == ("--bare", "--", "iface-to-br", port, "--", "get", "Interface", port, "ofport",
+                        "--", "--columns=name,datapath_id", "list", "Bridge")
+        if port not in ports:
+            return None  # ovs-vsctl: no interface named p (exit 1)
+        bridge, ofport = ports[port]
+        return "\n".join([bridge, ofport] + ["\n".join((b, d)) + "\n" for b, d in bridges.items()]).strip()
+    return vsctl
 
 
 def test_attachment_is_datapath_id_and_openflow_port():
-    vsctl = fake_vsctl({("iface-to-br", "s1-eth2"): "s1", ("get", "Bridge", "s1", "datapath_id"): '"00000000000000A1"',
-                        ("get", "Interface", "s1-eth2", "ofport"): "2"})
+    vsctl = fake_vsctl({"s0": "00000000000000a0", "s1": "00000000000000A1", "s2": "00000000000000a2"},
+                       {"s1-eth2": ("s1", "2")})
     assert ovs.attachment("s1-eth2", vsctl) == {"dpid": "00000000000000a1", "port": 2}
 
 
-@pytest.mark.parametrize("answers", [
-    {},  # no such port
-    {("iface-to-br", "p"): "s1", ("get", "Bridge", "s1", "datapath_id"): '"00000000000000a1"',
-     ("get", "Interface", "p", "ofport"): "-1"},  # the port failed
-    {("iface-to-br", "p"): "s1", ("get", "Bridge", "s1", "datapath_id"): '"00000000000000a1"',
-     ("get", "Interface", "p", "ofport"): "[]"},  # not attached yet
-    {("iface-to-br", "p"): "s1", ("get", "Bridge", "s1", "datapath_id"): "[]",
-     ("get", "Interface", "p", "ofport"): "1"},  # no datapath yet
+@pytest.mark.parametrize("bridges,ports", [
+    ({"s1": "00000000000000a1"}, {}),  # no such port
+    ({"s1": "00000000000000a1"}, {"p": ("s1", "-1")}),  # the port failed
+    ({"s1": "00000000000000a1"}, {"p": ("s1", "[]")}),  # not attached yet
+    ({"s1": "[]"}, {"p": ("s1", "1")}),  # no datapath yet
+    ({"s2": "00000000000000a2"}, {"p": ("s1", "1")}),  # its bridge gone meanwhile
 ])
-def test_attachment_is_none_when_it_cannot_be_told(answers):
-    assert ovs.attachment("p", fake_vsctl(answers)) is None
-    assert ovs.attachment(None, fake_vsctl(answers)) is None
+def test_attachment_is_none_when_it_cannot_be_told(bridges, ports):
+    assert ovs.attachment("p", fake_vsctl(bridges, ports)) is None
+    assert ovs.attachment(None, fake_vsctl(bridges, ports)) is None
+
+
+def test_attachment_reads_what_ovs_vsctl_prints():
+    """The real ``ovs-vsctl --bare`` output of the one run (3.1.0): bridge, ofport, then each bridge's
+    name and datapath id, records apart by a blank line."""
+    printed = "s1\n3\ns0\n00000000000000a0\n\ns1\n00000000000000a1\n"
+    assert ovs.attachment("s1-eth3", lambda *argv: printed.strip()) == {"dpid": "00000000000000a1", "port": 3}
 
 
 def test_http_refusals_of_http_server_itself_are_json_too(served):

@@ -366,3 +366,39 @@ def test_a_checkpoint_takes_the_helpers_freeze_slot_and_stores_once_the_others_a
     report = backend.snapshot(member, Sink(), at_cut=lambda: None)
     assert steps == ["slot", "checkpoint", "slot freed", "settle", "store " + podman.IDENTITY, "store " + podman.ARCHIVE]
     assert report.pause_ms == 12.5
+
+
+def test_a_checkpoint_stored_is_kept_here_as_stored(tmp_path, monkeypatch):
+    """The identity and the archive, byte for byte as stored, go to the helper's kept images: a restore
+    here stages them (checked by sha256) instead of downloading them."""
+    import hashlib
+    from hostside.kept import KeptImages
+    backend = podman.PodmanBackend(HostSettings(work_dir=str(tmp_path)), run=FakeRun({}))
+    member = backend.member("c1", {"backend": "podman"})
+    where = Located("02:00:00:00:00:01", iface="eth0", pid=4242, netns="/run/netns/vabch1", port="veth1",
+                    details={"running": True, "addresses": [], "volumes": {}, "criu_config": "x"})
+    monkeypatch.setattr(backend, "running", lambda m: where)
+
+    def checkpoint(member, where, work, at_cut, cut_called, resumed, prepare):
+        with open(os.path.join(work, podman.ARCHIVE), "wb") as handle:
+            handle.write(b"the checkpoint")
+        return {"pause_ms": 1.0}
+    monkeypatch.setattr(backend, "_checkpoint", checkpoint)
+    kept = KeptImages(str(tmp_path / "kept"))
+
+    class Sink(ImageSink):
+        snapshot, member = "s1", "c1"
+
+        def put_dir(self, directory):
+            raise AssertionError("not used")
+
+        def put_stream(self, name, reader):
+            data = reader.read()
+            return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+        def keep(self, directory, files, trees=None):
+            return kept.take(self.member, self.snapshot, directory, files, trees)
+    report = backend.snapshot(member, Sink(), at_cut=lambda: None)
+    assert kept.snapshots("c1") == ["s1"] and sorted(os.listdir(tmp_path / "s1")) == []
+    assert kept.stage("c1", "s1", report.files, str(tmp_path / "restore")) is not None
+    assert (tmp_path / "restore" / podman.ARCHIVE).read_bytes() == b"the checkpoint"
