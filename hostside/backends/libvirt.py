@@ -614,6 +614,19 @@ class Libvirt:
             raise VmError("QMP %s on %s: %s" % (command, dom.name(), reply["error"].get("desc", reply["error"])))
         return reply.get("return")
 
+    def _cont_after_migration(self, dom, deadline: float) -> None:
+        """``cont`` once QEMU has left its finish-migrate run state. The "completed" migration event comes
+        from QEMU's migration thread a moment before its main loop moves to postmigrate, and a ``cont``
+        in between is refused ("Migration is not finalized yet", seen 12-02 with two VMs at once)."""
+        while True:
+            try:
+                self.qmp(dom, "cont")
+                return
+            except VmError as error:
+                if "not finalized" not in str(error) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.002)
+
     # --- snapshot ------------------------------------------------------------
 
     def migrate_out(self, name: str, sink: Callable, on_paused: Callable[[], float],
@@ -772,7 +785,7 @@ class Libvirt:
             if "error" in hooked:
                 raise hooked["error"]
             drain_ms, hook_ms = hooked["drain_ms"], hooked["ms"]
-            self.qmp(dom, "cont")
+            self._cont_after_migration(dom, began + timeout)
             resumed = time.monotonic()
             info = self.qmp(dom, "query-migrate") or {}
             sink_thread.join(max(1.0, began + timeout - time.monotonic()))
@@ -1056,7 +1069,11 @@ class LibvirtBackend(Backend):
         """Each disk's image as it was at the cut (frozen: the guest writes to an overlay since),
         copied standalone and stored beside the RAM image; the guest runs on meanwhile."""
         files = []
-        scratch = os.path.join(self.settings.work_dir, "disks", sink.snapshot)
+        if not disks:
+            return files
+        # One scratch directory per member: two VMs of one snapshot store at once (after the upload gate),
+        # and one removing a shared directory made the other's makedirs fail ("File exists", 12-02).
+        scratch = os.path.join(self.settings.work_dir, "disks", sink.snapshot, member.name)
         os.makedirs(scratch, exist_ok=True)
         try:
             for disk in disks:

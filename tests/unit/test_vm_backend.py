@@ -115,3 +115,43 @@ def test_staged_disk_images_are_found_by_their_target(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert vm.staged_disks(str(tmp_path)) == {"vda": str(tmp_path / "disk-vda.qcow2"),
                                               "vdb": str(tmp_path / "disk-vdb.qcow2")}
+
+
+def test_two_vms_of_one_snapshot_store_their_disks_at_once_each_in_its_own_scratch(tmp_path, monkeypatch):
+    """After the upload gate every VM of a snapshot stores its disks at the same moment: one's cleanup
+    must not take the other's scratch directory away (it did: "File exists" from makedirs)."""
+    import threading
+
+    from hostside.backends import libvirt as lv
+    from hostside.backends.base import HostSettings
+    backend = lv.LibvirtBackend(HostSettings(work_dir=str(tmp_path)))
+    inside = threading.Barrier(2, timeout=5)
+
+    def flatten(top, out):
+        with open(out, "wb") as handle:
+            handle.write(top.encode())
+        inside.wait()  # both copies are under way together
+        inside.wait()
+    monkeypatch.setattr(lv, "flatten_disk", flatten)
+
+    class Sink:
+        snapshot = "s1"
+
+        def put_stream(self, name, reader):
+            return {"name": name, "data": reader.read()}
+    stored, failures = {}, []
+
+    def store(name):
+        try:
+            stored[name] = backend._store_disks(Sink(), lv.VmMember(name, domain=name),
+                                                [{"target": "vda", "frozen": "frozen-" + name}])
+        except Exception as error:  # noqa: BLE001 - reported below
+            failures.append(error)
+    threads = [threading.Thread(target=store, args=(n,)) for n in ("vm1", "vm2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert failures == [] and {n: [f["data"] for f in files] for n, files in stored.items()} == {
+        "vm1": [b"frozen-vm1"], "vm2": [b"frozen-vm2"]}
+    assert backend._store_disks(Sink(), lv.VmMember("vm3", domain="vm3"), []) == []

@@ -307,3 +307,31 @@ def test_migrate_out_holds_frames_just_before_the_guest_stops_and_cuts_while_qem
     assert steps.index("migrate-continue") < steps.index("cont")
     assert steps.index("cut answered after migrate-continue") < steps.index("cont")  # resumed only after the cut
     assert report.hold["at"] == "switchover" and report.tap_dropped == 0 and stored["data"].endswith(b"final")
+
+
+def test_cont_waits_out_qemus_finish_migrate_state_and_raises_anything_else():
+    """The "completed" event comes a moment before QEMU leaves finish-migrate; a cont in between is
+    refused and is asked again, while any other refusal is raised at once."""
+    import time
+
+    import pytest
+    from hostside.backends import libvirt as lv
+    conn = lv.Libvirt.__new__(lv.Libvirt)
+    calls = []
+
+    def qmp(dom, command, arguments=None, files=None):
+        calls.append(command)
+        if len(calls) < 3:
+            raise lv.VmError("QMP cont on vm1: Migration is not finalized yet")
+        return {}
+    conn.qmp = qmp
+    conn._cont_after_migration("dom", time.monotonic() + 5)
+    assert calls == ["cont"] * 3
+
+    def refuse(dom, command, arguments=None, files=None):
+        calls.append(command)
+        raise lv.VmError("QMP cont on vm1: Resetting the Virtual Machine is required")
+    conn.qmp, calls[:] = refuse, []
+    with pytest.raises(lv.VmError, match="Resetting"):
+        conn._cont_after_migration("dom", time.monotonic() + 5)
+    assert calls == ["cont"]
