@@ -32,6 +32,7 @@ import time
 from typing import Dict, List, Optional
 
 from hostside.store import chunking, tree
+from violin_core.catalogue import write_atomic
 
 LOG = logging.getLogger("violin-helper")
 KEEP_IMAGES = 1  # newest images kept per member (0: none kept)
@@ -46,15 +47,6 @@ def sha256_of(path: str) -> str:
         for block in iter(lambda: handle.read(READ), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    temporary = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(temporary, path)
 
 
 class KeptImages:
@@ -107,7 +99,7 @@ class KeptImages:
                 listing = {"snapshot": snapshot, "kept": time.time(),
                            "files": [dict({k: f[k] for k in ("name", "bytes", "sha256")}, tree=f["name"] in trees)
                                      for f in files]}
-                _write_atomic(target + LIST, json.dumps(listing).encode())
+                write_atomic(target + LIST, json.dumps(listing).encode())
             except OSError as error:
                 LOG.warning("image %s/%s not kept: %s", snapshot, member, error)
                 self._remove(member, snapshot)

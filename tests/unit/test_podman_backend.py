@@ -335,9 +335,8 @@ class _Turns:
         self.steps.append("slot freed")
 
 
-def test_a_checkpoint_takes_the_helpers_freeze_slot_and_stores_once_the_others_are_through(tmp_path, monkeypatch):
-    steps = []
-    monkeypatch.setattr(podman.criu, "FREEZE_TURNS", _Turns(steps))
+def _checkpointing(tmp_path, monkeypatch, archive, pause_ms, steps):
+    """A podman backend whose checkpoint (logged in ``steps``) writes ``archive``, and its member c1."""
     backend = podman.PodmanBackend(HostSettings(work_dir=str(tmp_path)), run=FakeRun({}))
     member = backend.member("c1", {"backend": "podman"})
     where = Located("02:00:00:00:00:01", iface="eth0", pid=4242, netns="/run/netns/vabch1", port="veth1",
@@ -347,9 +346,16 @@ def test_a_checkpoint_takes_the_helpers_freeze_slot_and_stores_once_the_others_a
     def checkpoint(member, where, work, at_cut, cut_called, resumed, prepare):
         steps.append("checkpoint")
         with open(os.path.join(work, podman.ARCHIVE), "wb") as handle:
-            handle.write(b"tar")
-        return {"pause_ms": 12.5}
+            handle.write(archive)
+        return {"pause_ms": pause_ms}
     monkeypatch.setattr(backend, "_checkpoint", checkpoint)
+    return backend, member
+
+
+def test_a_checkpoint_takes_the_helpers_freeze_slot_and_stores_once_the_others_are_through(tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(podman.criu, "FREEZE_TURNS", _Turns(steps))
+    backend, member = _checkpointing(tmp_path, monkeypatch, b"tar", 12.5, steps)
 
     class Sink(ImageSink):
         snapshot, member = "s1", "c1"
@@ -373,17 +379,7 @@ def test_a_checkpoint_stored_is_kept_here_as_stored(tmp_path, monkeypatch):
     here stages them (checked by sha256) instead of downloading them."""
     import hashlib
     from hostside.kept import KeptImages
-    backend = podman.PodmanBackend(HostSettings(work_dir=str(tmp_path)), run=FakeRun({}))
-    member = backend.member("c1", {"backend": "podman"})
-    where = Located("02:00:00:00:00:01", iface="eth0", pid=4242, netns="/run/netns/vabch1", port="veth1",
-                    details={"running": True, "addresses": [], "volumes": {}, "criu_config": "x"})
-    monkeypatch.setattr(backend, "running", lambda m: where)
-
-    def checkpoint(member, where, work, at_cut, cut_called, resumed, prepare):
-        with open(os.path.join(work, podman.ARCHIVE), "wb") as handle:
-            handle.write(b"the checkpoint")
-        return {"pause_ms": 1.0}
-    monkeypatch.setattr(backend, "_checkpoint", checkpoint)
+    backend, member = _checkpointing(tmp_path, monkeypatch, b"the checkpoint", 1.0, [])
     kept = KeptImages(str(tmp_path / "kept"))
 
     class Sink(ImageSink):
