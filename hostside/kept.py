@@ -22,7 +22,6 @@ an image is downloaded.
 439 ms of the restore's 789 (12-02 16:2x); its share of the slice's CPU went to HTTP, zstd and BLAKE3.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -32,21 +31,13 @@ import time
 from typing import Dict, List, Optional
 
 from hostside.store import chunking, tree
+from hostside.store.client import sha256_file
 from violin_core.catalogue import write_atomic
 
 LOG = logging.getLogger("violin-helper")
 KEEP_IMAGES = 1  # newest images kept per member (0: none kept)
 LIST = ".json"  # beside each kept directory: its file list
 TREES = ".trees"  # in a kept directory: the directories stored as tars
-READ = 1 << 20
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()  # releases the GIL on large updates: members check on all cores
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(READ), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class KeptImages:
@@ -80,6 +71,7 @@ class KeptImages:
             return False
         place = self._member_dir(member)
         target = os.path.join(place, snapshot)
+        moved = os.path.join(place, ".%s%s" % (snapshot, TREES))  # the trees, renamed into the image with it
         with self.lock:
             try:
                 os.makedirs(place, exist_ok=True)
@@ -89,7 +81,6 @@ class KeptImages:
                     LOG.info("image %s/%s not kept here: %s is on another filesystem", snapshot, member, elsewhere[0])
                     return False
                 self._remove(member, snapshot)
-                moved = os.path.join(place, ".%s%s" % (snapshot, TREES))  # renamed into the image with it
                 os.makedirs(moved)
                 for name, root in trees.items():
                     os.rename(root, os.path.join(moved, name))  # EXDEV: a clone on the member's filesystem
@@ -103,7 +94,7 @@ class KeptImages:
             except OSError as error:
                 LOG.warning("image %s/%s not kept: %s", snapshot, member, error)
                 self._remove(member, snapshot)
-                shutil.rmtree(os.path.join(place, ".%s%s" % (snapshot, TREES)), ignore_errors=True)
+                shutil.rmtree(moved, ignore_errors=True)
                 return False
             self._prune(member)
         return True
@@ -170,9 +161,9 @@ class KeptImages:
                 recorded = {f["name"]: f["sha256"] for f in listing["files"]}
                 if listing.get("snapshot") != snapshot or recorded != expected:
                     return None
+                trees = {f["name"] for f in listing["files"] if f.get("tree")}
                 shutil.rmtree(target, ignore_errors=True)
                 os.makedirs(target)
-                trees = {f["name"] for f in listing["files"] if f.get("tree")}
                 for name in set(expected) - trees:
                     os.link(os.path.join(source, name), os.path.join(target, name))
             except (OSError, ValueError, KeyError, TypeError) as error:
@@ -180,13 +171,12 @@ class KeptImages:
                     LOG.warning("kept image %s/%s not used: %s", snapshot, member, error)
                 shutil.rmtree(target, ignore_errors=True)
                 return None
-        trees = {f["name"] for f in listing["files"] if f.get("tree")}
         for name, checksum in sorted(expected.items()):  # the links' own inodes: a prune cannot touch them
             try:
                 if name in trees:
                     found = self._write_tar(os.path.join(source, TREES, name), os.path.join(target, name))
                 else:
-                    found = sha256_of(os.path.join(target, name))
+                    found = sha256_file(os.path.join(target, name))  # (hashlib frees the GIL: on every core)
             except (OSError, tree.TreeChanged) as error:
                 found = "unreadable (%s)" % error
             if found != checksum:

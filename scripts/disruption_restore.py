@@ -145,13 +145,12 @@ def measure(kind, n, rounds, log, rate=100.0):
                 meter.start()
                 job, wall_ms = timed_restore(controller, view["id"])
                 cpu = meter.stop()
-                staged = [m.get("staged_from") for m in (job.get("members") or {}).values()]
+                members = list(job["members"].values())
+                staged = [m.get("staged_from") for m in members]
                 record["restores"].append({"wall_ms": round(wall_ms, 1), "phases_ms": job.get("timings_ms"), "cpu": cpu,
                                            "staged_from_kept": staged.count("kept"),
-                                           "stage_ms_p50": summary([m["stage_ms"] for m in job["members"].values()
-                                                                    if isinstance(m.get("stage_ms"), (int, float))]).get("p50"),
-                                           "member_restore_ms_p50": summary([m.get("restore_ms") for m in
-                                                                             job["members"].values()]).get("p50")})
+                                           "stage_ms_p50": summary([m.get("stage_ms") for m in members]).get("p50"),
+                                           "member_restore_ms_p50": summary([m.get("restore_ms") for m in members]).get("p50")})
                 log("  %s x%d: restore %d/%d in %.0f ms (CPU: %s, host busy %.0f ms; %d of %d staged from the kept image)"
                     % (kind, n, i + 1, rounds, wall_ms, cpu["processes_ms"], cpu["host_busy_ms"],
                        staged.count("kept"), len(staged)))

@@ -792,7 +792,10 @@ def stop_tree(pid: int, timeout: float = 5.0) -> None:
     if not killed and not os.path.exists("/proc/%d" % pid):
         return  # gone already
     deadline = time.monotonic() + timeout
-    exited = _exit_waiter(pid)  # woken when it exits, rather than a poll's next tick (every restore waits here)
+    try:  # readable once it exits: woken then, rather than at a poll's next tick (every restore waits here)
+        exited = os.pidfd_open(pid)
+    except OSError:
+        exited = None
     try:
         while time.monotonic() < deadline:
             try:
@@ -801,33 +804,16 @@ def stop_tree(pid: int, timeout: float = 5.0) -> None:
             except ChildProcessError:  # not ours: wait for its parent to reap it
                 if not os.path.exists("/proc/%d" % pid):
                     return
-            exited(min(0.01, max(0.0, deadline - time.monotonic())))
+            wait = min(0.01, max(0.0, deadline - time.monotonic()))
+            if exited is None:
+                time.sleep(wait)
+            elif select.select([exited], [], [], wait)[0]:  # exited; its own parent may not have reaped it yet
+                os.close(exited)
+                exited = None
     finally:
-        exited(None)
+        if exited is not None:
+            os.close(exited)
     raise RuntimeError("member process %d did not go away (a zombie nobody reaps keeps its PID)" % pid)
-
-
-def _exit_waiter(pid: int) -> Callable[[Optional[float]], None]:
-    """``wait(seconds)``: returns once ``pid`` has exited (its pidfd is readable) or after ``seconds``;
-    ``wait(None)`` closes the pidfd. Without pidfds (Linux < 5.3), a plain sleep."""
-    try:
-        fd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return lambda seconds: time.sleep(seconds) if seconds else None
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    closed, fired = [], []
-
-    def wait(seconds: Optional[float]) -> None:
-        if seconds is None:
-            if not closed:
-                closed.append(True)
-                os.close(fd)
-        elif closed or fired:  # exited, not reaped yet by a parent of its own: readable from now on
-            time.sleep(seconds)
-        elif poller.poll(seconds * 1000):
-            fired.append(True)
-    return wait
 
 
 def clear_orphan_sockets(netns: str) -> None:

@@ -346,9 +346,8 @@ class Restorer:
             info = job.members[name]
             answer = self._helper_call(job, name, "stage", {"server": info["server"], "files": info["files"]})
             info["restores_paused"] = answer.get("restores_paused") is True
-            for key in ("from", "stage_ms"):  # the image kept on the helper or the server's, and how long
-                if key in answer:
-                    info["staged_" + key if key == "from" else key] = answer[key]
+            if "from" in answer:  # the image the helper kept, or the server's, and how long it took
+                info["staged_from"], info["stage_ms"] = answer["from"], answer.get("stage_ms")
 
         # Every member at once: each helper bounds how many of its own it fetches at the same time.
         self._all(names, stage)
