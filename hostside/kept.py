@@ -18,6 +18,10 @@ pieces the upload sent) and checks the chunk list's checksum. A copy on another 
 beside the member's directory) is not moved: then the image is not kept. Restored on another helper,
 an image is downloaded.
 
+A VM's image is its migration stream, which the helper writes to its disk as it uploads it when it
+keeps images (``LibvirtBackend``), with its disks' standalone copies. Those disk files are ``private``:
+the restored guest writes to the file it is given, so staging copies them instead of linking them.
+
 8 CRIU members of ~8 MiB restored at once on 2 cores: staging one after another from the server took
 439 ms of the restore's 789 (12-02 16:2x); its share of the slice's CPU went to HTTP, zstd and BLAKE3.
 """
@@ -28,7 +32,7 @@ import os
 import shutil
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from hostside.store import chunking, tree
 from hostside.store.client import sha256_file
@@ -51,9 +55,10 @@ class KeptImages:
         return os.path.join(self.root, member)
 
     def take(self, member: str, snapshot: str, directory: str, files: List[dict],
-             trees: Optional[Dict[str, str]] = None) -> bool:
+             trees: Optional[Dict[str, str]] = None, private: Sequence[str] = ()) -> bool:
         """Keep ``directory`` (moved, not copied) as ``member``'s image of ``snapshot``, stored as ``files``;
-        ``trees``: stored file name -> the directory its tree pointer names (moved in too).
+        ``trees``: stored file name -> the directory its tree pointer names (moved in too); ``private``:
+        the names a restore writes to (staged as copies).
 
         False (nothing moved) when nothing is kept, or the directory is not exactly the stored files,
         each under its own name or as a tree pointer for one of ``trees``."""
@@ -88,8 +93,8 @@ class KeptImages:
                 os.rename(moved, os.path.join(directory, TREES))
                 os.rename(directory, target)
                 listing = {"snapshot": snapshot, "kept": time.time(),
-                           "files": [dict({k: f[k] for k in ("name", "bytes", "sha256")}, tree=f["name"] in trees)
-                                     for f in files]}
+                           "files": [dict({k: f[k] for k in ("name", "bytes", "sha256")}, tree=f["name"] in trees,
+                                          copy=f["name"] in private) for f in files]}
                 write_atomic(target + LIST, json.dumps(listing).encode())
             except OSError as error:
                 LOG.warning("image %s/%s not kept: %s", snapshot, member, error)
@@ -162,9 +167,10 @@ class KeptImages:
                 if listing.get("snapshot") != snapshot or recorded != expected:
                     return None
                 trees = {f["name"] for f in listing["files"] if f.get("tree")}
+                copies = {f["name"] for f in listing["files"] if f.get("copy")}
                 shutil.rmtree(target, ignore_errors=True)
                 os.makedirs(target)
-                for name in set(expected) - trees:
+                for name in set(expected) - trees - copies:
                     os.link(os.path.join(source, name), os.path.join(target, name))
             except (OSError, ValueError, KeyError, TypeError) as error:
                 if not isinstance(error, FileNotFoundError) or os.path.exists(source + LIST):
@@ -175,6 +181,9 @@ class KeptImages:
             try:
                 if name in trees:
                     found = self._write_tar(os.path.join(source, TREES, name), os.path.join(target, name))
+                elif name in copies:  # read outside the lock: a prune meanwhile fails the check, then it downloads
+                    shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+                    found = sha256_file(os.path.join(target, name))
                 else:
                     found = sha256_file(os.path.join(target, name))  # (hashlib frees the GIL: on every core)
             except (OSError, tree.TreeChanged) as error:

@@ -46,7 +46,7 @@ import threading
 import time
 import traceback
 import zlib
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from hostside.backends.base import Backend, ImageSink, Located
 from hostside.kept import KEEP_IMAGES, KeptImages
@@ -208,8 +208,13 @@ class StoreSink(ImageSink):
     def put_stream(self, name: str, reader) -> dict:
         return self._count(dict(self.client.upload_stream(self.snapshot, self.member, name, reader), name=name))
 
-    def keep(self, directory: str, files: List[dict], trees: Optional[Dict[str, str]] = None) -> bool:
-        return self.kept is not None and self.kept.take(self.member, self.snapshot, directory, files, trees)
+    @property
+    def keeps(self) -> bool:
+        return self.kept is not None and self.kept.keep > 0
+
+    def keep(self, directory: str, files: List[dict], trees: Optional[Dict[str, str]] = None,
+             private: Sequence[str] = ()) -> bool:
+        return self.keeps and self.kept.take(self.member, self.snapshot, directory, files, trees, private)
 
     def storage(self) -> dict:
         return dict(self.counts)

@@ -17,6 +17,7 @@ APT_PACKAGES=(
     linux-image-amd64 python3-venv build-essential openssl
     podman runc mmdebstrap
     btrfs-progs  # mkfs.btrfs: the copy-on-write workdir path in a loop file (tests, benchmarks)
+    tini  # reaps the QEMUs libvirtd starts (step 5)
 )
 
 TOOL=setup
@@ -114,7 +115,13 @@ PYTHONPATH="$REPO:$REPO/ryu_apps" "$VENV/bin/python" -c 'from hostside.backends 
 #    and the VM guest image (scripts/build_guest.sh: nothing to do, ~0.1 s, when it is up to date).
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 alive /run/virtlogd.pid || { say "starting virtlogd"; virtlogd -d; }
-alive /run/libvirtd.pid || { say "starting libvirtd"; libvirtd -d; }
+# libvirtd runs under `tini -s`, a subreaper: the QEMUs it daemonizes are re-parented to tini, which reaps
+# them as they exit. Re-parented to this machine's PID 1 (not an init that reaps at once), an exited QEMU
+# stayed a zombie for 1.1-1.7 s, and libvirt's destroy, which every VM restore makes, waited for it.
+alive /run/libvirtd.pid || {
+    say "starting libvirtd (under tini -s)"
+    setsid tini -s -- libvirtd </dev/null >>/var/log/violin-libvirtd.log 2>&1 &
+}
 for _ in $(seq 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
 virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirtd does not answer at qemu:///system"
 bash "$REPO/scripts/build_guest.sh"

@@ -48,7 +48,7 @@ What a backend must provide:
 import abc
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Type
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Type
 
 from violin_core.schema import Schema, Variant
 
@@ -108,11 +108,15 @@ class ImageSink(abc.ABC):
         helper can hold the stores until its other members are through their freezes (which they
         would slow down). A sink that stores directly does nothing here."""
 
-    def keep(self, directory: str, files: List[dict], trees: Optional[Dict[str, str]] = None) -> bool:
-        """Once ``put_dir(directory)`` stored ``files``: whether the sink took ``directory`` (and the
+    keeps: bool = False  # whether ``keep`` may take an image: a backend that must write one to keep it asks first
+
+    def keep(self, directory: str, files: List[dict], trees: Optional[Dict[str, str]] = None,
+             private: Sequence[str] = ()) -> bool:
+        """Once ``directory``'s files are stored as ``files``: whether the sink took ``directory`` (and the
         directories ``trees`` maps tree pointers' file names to) away to keep on this host
-        (``hostside.kept``), so that a restore here checks them instead of downloading them. A backend
-        removes what is left itself."""
+        (``hostside.kept``), so that a restore here checks them instead of downloading them;
+        ``private``: the files a restore writes to (staged as copies). A backend removes what is left
+        itself."""
         return False
 
 

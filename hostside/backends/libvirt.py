@@ -19,7 +19,7 @@ Snapshot (QEMU 7.2 under libvirt, driven over QMP through libvirt-qemu):
      cancels the migration and leaves the guest running.
 
 Restore: ``virDomainRestoreFlags`` of the staged save file, paused, after the
-running domain of the same name (if any) is destroyed, its disks on the
+running domain of the same name (if any) is destroyed (``kill_qemu`` first), its disks on the
 staged disk images (moved next to the disks they replace); ``resume`` later.
 Only local file disks can be captured: a domain with another writable disk
 (block device, network) is refused rather than snapshotted without it.
@@ -33,11 +33,15 @@ RAM image (``vm.save``).
 
 import contextlib
 import json
+import logging
 import os
 import queue
+import select
 import shutil
+import signal
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ElementTree
@@ -46,6 +50,8 @@ from typing import Callable, Dict, List, Optional
 
 from hostside.backends.base import Backend, ImageReport, Located, Restored, register
 from violin_core.schema import Field, Schema
+
+LOG = logging.getLogger("violin-helper.libvirt")
 
 SAVE_MAGIC = b"LibvirtQemudSave"
 SAVE_VERSION = 2
@@ -69,6 +75,13 @@ def _image_filename(inserted: dict) -> str:
     if not name.startswith("/"):
         raise VmError("cannot tell the image file of block node %s (%r)" % (inserted.get("node-name"), name))
     return name
+
+
+def _close_quietly(handle) -> None:
+    try:
+        handle.close()
+    except OSError:
+        pass
 
 
 def _unlink_quietly(path: str) -> None:
@@ -487,6 +500,57 @@ def _qemu_pid(name: str) -> Optional[int]:
         return None
 
 
+def _is_qemu_of(pid: int, name: str) -> bool:
+    """Whether ``pid`` runs QEMU for libvirt domain ``name`` (libvirt passes ``-name guest=<name>,...``)."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return False
+    wanted = ("guest=%s" % name).encode()
+    return any(arg == wanted or arg.startswith(wanted + b",") for arg in argv)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            return handle.read().rsplit(b") ", 1)[1][:1] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def kill_qemu(name: str, timeout: float = 2.0) -> bool:
+    """SIGKILL domain ``name``'s QEMU and wait until it is reaped (at most ``timeout``); whether it was.
+
+    ``virDomainDestroy`` sends SIGTERM, then looks every 200 ms whether QEMU is gone, so a VM thrown
+    away (a restore replaces it) cost 200 ms and, under an init that reaps orphans late, 1-1.7 s
+    (12-03). A QEMU that is already gone is stopped at once. The pid is checked and signalled
+    through a pidfd, so a pid reused meanwhile is never hit."""
+    pid = _qemu_pid(name)
+    if not pid:
+        return False
+    try:
+        handle = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not _is_qemu_of(pid, name):
+            return False
+        signal.pidfd_send_signal(handle, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        if not select.select([handle], [], [], timeout)[0]:  # readable once it exited
+            return False
+        while _zombie(pid):  # exited; libvirt's reaper (its parent) takes it next
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(handle)
+
+
 _loop_lock = threading.Lock()
 _loop_started = False
 
@@ -526,6 +590,7 @@ class MigrationReport:
     stored: dict = field(default_factory=dict)
     hold: dict = field(default_factory=dict)  # when frames to the VM began to be held, and the steps' ms
     tap_dropped: int = 0  # frames for the guest its tap dropped during the migration (queue full)
+    teed: Optional[str] = None  # the file that holds a whole copy of the image (``migrate_out``'s tee)
 
     def as_dict(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -632,7 +697,7 @@ class Libvirt:
     def migrate_out(self, name: str, sink: Callable, on_paused: Callable[[], float],
                     timeout: float = 120.0, max_bandwidth: int = 4 << 30,
                     downtime_limit_ms: int = 20, prepare: Optional[Callable[[], None]] = None,
-                    hold_late: bool = True) -> MigrationReport:
+                    hold_late: bool = True, tee: Optional[str] = None) -> MigrationReport:
         """Live-migrate ``name`` into ``sink(reader) -> stored`` and run ``on_paused`` at the cut.
 
         ``sink`` runs in a thread and must read the stream to its end (it is
@@ -642,7 +707,8 @@ class Libvirt:
         migration starts if the VM's tap cannot show its queue or ``hold_late``
         is False; without it QEMU converges on its own (the bare mechanism).
         On any failure the migration is cancelled and the guest left running
-        (``HoldTooLate``: QEMU stopped the guest before the hold).
+        (``HoldTooLate``: QEMU stopped the guest before the hold). ``tee``: a file the image is also
+        written to as the sink reads it (the report's ``teed`` names it if it holds the whole image).
         """
         import hashlib
         dom = self.domain(name)
@@ -710,8 +776,22 @@ class Libvirt:
                 buffered.put(b"")
                 os.close(reader_fd)
 
+        copy = {"file": open(tee, "wb") if tee else None}  # noqa: SIM115 - closed below, or by its error
+
+        def write_copy(data: bytes) -> None:
+            handle = copy.get("file")
+            if handle is None:
+                return
+            try:
+                handle.write(data)
+            except (OSError, ValueError) as error:  # e.g. the disk is full: the snapshot goes on, not kept
+                LOG.warning("the local copy of %s's image stopped: %s", name, error)
+                copy.pop("file", None)
+                _close_quietly(handle)
+
         class Reader:
-            """The image as the sink reads it: our header, then QEMU's stream; checksummed on the way."""
+            """The image as the sink reads it: our header, then QEMU's stream; checksummed (and copied to
+            ``tee``) on the way."""
 
             def __init__(self):
                 self.rest, self.ended = b"", False
@@ -723,6 +803,8 @@ class Libvirt:
                 data, self.rest = self.rest[:size], self.rest[size:]
                 digest.update(data)
                 counted[0] += len(data)
+                if data:
+                    write_copy(data)
                 return data
 
         def consume():
@@ -793,6 +875,13 @@ class Libvirt:
                 raise VmError("the image of %s did not finish storing in time" % name)
             if "error" in outcome:
                 raise VmError("storing the image of %s failed: %s" % (name, outcome["error"]))
+            teed = None
+            if copy.get("file") is not None:
+                try:
+                    copy.pop("file").close()
+                    teed = tee
+                except OSError as error:
+                    LOG.warning("the local copy of %s's image failed: %s", name, error)
         except BaseException:
             if sink_thread is None:
                 os.close(reader_fd)
@@ -804,6 +893,8 @@ class Libvirt:
                     _unlink_quietly(disk["overlay"])
             if sink_thread is not None:
                 sink_thread.join(5.0)
+            if copy.get("file") is not None:
+                _close_quietly(copy.pop("file", None))
             raise
         finally:
             with self.events_lock:
@@ -818,7 +909,7 @@ class Libvirt:
             bytes=counted[0], sha256=digest.hexdigest(), qemu_pause_ms=qemu_pause,
             qemu_downtime_ms=info.get("downtime"), libvirt_pause_ms=libvirt_pause, disk_ms=disk_ms,
             disks=[{"target": d["target"], "frozen": d["top"], "overlay": d["overlay"]} for d in disks],
-            stored=outcome.get("stored") or {},
+            stored=outcome.get("stored") or {}, teed=teed,
             hold=(dict({k: round(v, 3) for k, v in hold.timings.items()}, at="switchover") if hold is not None
                   else {"at": "start" if prepare is not None else "none"}),
             # Frames the tap dropped meanwhile (its queue full while the guest was stopped: lost like on any
@@ -913,14 +1004,35 @@ class Libvirt:
     # --- restore -------------------------------------------------------------
 
     def destroy(self, name: str) -> bool:
-        if not self.exists(name):
-            return False
         try:
-            self.domain(name).destroy()  # a transient domain is gone; a persistent one keeps its definition
+            dom = self.conn.lookupByName(name)
+        except self.libvirt.libvirtError:
+            return False
+        kill_qemu(name)  # libvirt's own kill polls every 200 ms; a QEMU already gone is stopped at once
+        try:
+            dom.destroy()  # a transient domain is gone; a persistent one keeps its definition
         except self.libvirt.libvirtError as error:
-            if error.get_error_code() != self.libvirt.VIR_ERR_OPERATION_INVALID:  # i.e. not "not running"
+            # "not running", or libvirt saw QEMU die and removed the transient domain first
+            if error.get_error_code() not in (self.libvirt.VIR_ERR_OPERATION_INVALID, self.libvirt.VIR_ERR_NO_DOMAIN):
                 raise VmError("stopping %s: %s" % (name, error)) from None
+        self._wait_stopped(name)
         return True
+
+    def _wait_stopped(self, name: str, timeout: float = 5.0) -> None:
+        """Until libvirt has let go of the stopped domain: a transient one removed, a persistent one
+        inactive. libvirt handles QEMU's death in a worker of its own, and a restore under the same name
+        meanwhile fails ("domain ... is already being removed", seen 12-03)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                dom = self.conn.lookupByName(name)
+                if not dom.isActive() and dom.isPersistent():
+                    return
+            except self.libvirt.libvirtError:
+                return
+            if time.monotonic() > deadline:
+                raise VmError("libvirt still holds the stopped domain %s after %.0f s" % (name, timeout))
+            time.sleep(0.002)
 
     def restore(self, save_path: str, name: str, tap: Optional[str] = None, mac: Optional[str] = None,
                 disks: Optional[Dict[str, str]] = None) -> float:
@@ -1037,53 +1149,69 @@ class LibvirtBackend(Backend):
 
     def snapshot(self, member: VmMember, sink, at_cut, prepare=None) -> ImageReport:
         # ``prepare`` (the controller's hold) runs just before QEMU stops the guest; at_cut would run it too.
-        report = self._migrate(member.domain, lambda reader: sink.put_stream(VM_IMAGE, reader), at_cut,
-                               prepare or (lambda: None))
-        details = report.as_dict()
-        stored = details.pop("stored")
-        details.pop("sha256")
-        files = [{"name": VM_IMAGE, "bytes": stored["bytes"], "sha256": stored["sha256"]}]
-        sink.settle()  # its disks are stored once the helper's other members are through their freezes
-        files += self._store_disks(sink, member, report.disks)
+        # Where the helper keeps images, the stream is also written here as it is uploaded, and the disks'
+        # copies are made here: the directory then becomes the kept image (``hostside.kept``).
+        local = None
+        if getattr(sink, "keeps", False):
+            os.makedirs(os.path.join(self.settings.work_dir, "vm-images"), exist_ok=True)
+            local = tempfile.mkdtemp(prefix="%s-%s-" % (sink.snapshot, member.name),
+                                     dir=os.path.join(self.settings.work_dir, "vm-images"))
+        try:
+            report = self._migrate(member.domain, lambda reader: sink.put_stream(VM_IMAGE, reader), at_cut,
+                                   prepare or (lambda: None), os.path.join(local, VM_IMAGE) if local else None)
+            details = report.as_dict()
+            stored = details.pop("stored")
+            details.pop("sha256")
+            details.pop("teed")
+            files = [{"name": VM_IMAGE, "bytes": stored["bytes"], "sha256": stored["sha256"]}]
+            sink.settle()  # its disks are stored once the helper's other members are through their freezes
+            files += self._store_disks(sink, member, report.disks, local)
+            if local and report.teed:
+                details["kept"] = sink.keep(local, files, private=[f["name"] for f in files[1:]])
+        finally:
+            if local:  # what keep did not take
+                shutil.rmtree(local, ignore_errors=True)
         return ImageReport(
             # The guest's pause as QEMU stamps it (STOP -> RESUME); ours also counts libvirt's reply to cont.
             pause_ms=round(report.qemu_pause_ms if report.qemu_pause_ms is not None else report.pause_ms, 3),
             bytes=report.bytes + sum(f["bytes"] for f in files[1:]), files=files,
             details=dict(details, domain=member.domain))
 
-    def _migrate(self, domain: str, sink, at_cut, prepare) -> MigrationReport:
+    def _migrate(self, domain: str, sink, at_cut, prepare, tee: Optional[str] = None) -> MigrationReport:
         """The migration with frames held only around its switchover; if QEMU stopped the guest before
         the hold was in force, that migration was cancelled (the guest runs on, nothing of it is used)
         and the snapshot is taken again with frames held from before its pre-copy (the stored image
         is replaced)."""
         try:
             return self.libvirt.migrate_out(domain, sink, at_cut, max_bandwidth=self.settings.vm_max_bandwidth,
-                                            prepare=prepare, hold_late=self.settings.vm_hold != "precopy")
+                                            prepare=prepare, hold_late=self.settings.vm_hold != "precopy", tee=tee)
         except HoldTooLate as error:
             report = self.libvirt.migrate_out(domain, sink, at_cut, max_bandwidth=self.settings.vm_max_bandwidth,
-                                              prepare=prepare, hold_late=False)
+                                              prepare=prepare, hold_late=False, tee=tee)
             report.hold["retried"] = str(error)
             return report
 
-    def _store_disks(self, sink, member: VmMember, disks: list) -> list:
+    def _store_disks(self, sink, member: VmMember, disks: list, local: Optional[str] = None) -> list:
         """Each disk's image as it was at the cut (frozen: the guest writes to an overlay since),
-        copied standalone and stored beside the RAM image; the guest runs on meanwhile."""
+        copied standalone (into ``local``, the image kept here, if given) and stored beside the RAM
+        image; the guest runs on meanwhile."""
         files = []
         if not disks:
             return files
         # One scratch directory per member: two VMs of one snapshot store at once (after the upload gate),
         # and one removing a shared directory made the other's makedirs fail ("File exists", 12-02).
-        scratch = os.path.join(self.settings.work_dir, "disks", sink.snapshot, member.name)
+        scratch = local or os.path.join(self.settings.work_dir, "disks", sink.snapshot, member.name)
         os.makedirs(scratch, exist_ok=True)
         try:
             for disk in disks:
                 name = DISK_IMAGE % disk["target"]
-                copy = os.path.join(scratch, "%s-%s" % (member.name, name))
+                copy = os.path.join(scratch, name)
                 flatten_disk(disk["frozen"], copy)
                 with open(copy, "rb") as reader:
                     files.append(sink.put_stream(name, reader))
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            if not local:
+                shutil.rmtree(scratch, ignore_errors=True)
         return files
 
     def restore(self, member: VmMember, directory: str) -> Restored:

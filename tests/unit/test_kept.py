@@ -211,3 +211,20 @@ def test_a_tree_that_cannot_be_moved_keeps_nothing(tmp_path):
     images = kept.KeptImages(str(tmp_path / "kept"))
     assert not images.take("m1", "s1", str(tmp_path / "dump"), files, {"workdir.tar": str(tmp_path / "gone")})
     assert (tmp_path / "dump" / "memory").exists() and os.listdir(tmp_path / "kept" / "m1") == []
+
+
+def test_a_private_file_is_staged_as_a_copy_so_the_restored_member_cannot_write_to_the_kept_one(tmp_path):
+    """A VM's disk is the restored guest's own file from then on: linking it would let the guest write
+    into the kept image (which the next stage would then find changed, and download)."""
+    images = kept.KeptImages(str(tmp_path / "kept"))
+    files = image(str(tmp_path / "vm"), **{"vm.save": b"ram" * 1000, "disk-vda.qcow2": b"disk" * 1000})
+    assert images.take("vm1", "s1", str(tmp_path / "vm"), files, private=["disk-vda.qcow2"])
+    target = tmp_path / "restore"
+    assert images.stage("vm1", "s1", files, str(target)) is not None
+    kept_dir = tmp_path / "kept" / "vm1" / "s1"
+    assert os.stat(target / "vm.save").st_ino == os.stat(kept_dir / "vm.save").st_ino  # linked
+    assert os.stat(target / "disk-vda.qcow2").st_ino != os.stat(kept_dir / "disk-vda.qcow2").st_ino
+    with open(target / "disk-vda.qcow2", "r+b") as handle:
+        handle.write(b"guest writes")
+    assert (kept_dir / "disk-vda.qcow2").read_bytes() == b"disk" * 1000
+    assert images.stage("vm1", "s1", files, str(tmp_path / "again")) is not None  # still the snapshot's image

@@ -1,6 +1,7 @@
 """The libvirt backend's pure parts: save-file header, disk check, the tap drain proof's reading,
 the check that a QEMU keeps every guest write in a live migration."""
 
+import hashlib
 import os
 
 import pytest
@@ -155,3 +156,132 @@ def test_two_vms_of_one_snapshot_store_their_disks_at_once_each_in_its_own_scrat
     assert failures == [] and {n: [f["data"] for f in files] for n, files in stored.items()} == {
         "vm1": [b"frozen-vm1"], "vm2": [b"frozen-vm2"]}
     assert backend._store_disks(Sink(), lv.VmMember("vm3", domain="vm3"), []) == []
+
+
+def test_a_kept_vm_image_is_the_stream_as_uploaded_with_its_disks_copied_not_linked(tmp_path, monkeypatch):
+    """With a sink that keeps images, the backend writes the migration stream it uploads and the disks'
+    copies into one directory, offers it to keep (disks private), and leaves nothing else behind."""
+    from hostside.backends import libvirt as lv
+    from hostside.backends.base import HostSettings
+    backend = lv.LibvirtBackend(HostSettings(work_dir=str(tmp_path)))
+    monkeypatch.setattr(lv, "flatten_disk", lambda top, out: open(out, "wb").write(b"disk at the cut"))
+
+    class FakeLibvirt:
+        def migrate_out(self, domain, sink, at_cut, max_bandwidth, prepare, hold_late=True, tee=None):
+            class Reader:
+                parts = [b"header+stream", b""]
+
+                def read(self, size=0):
+                    data = self.parts.pop(0)
+                    if tee and data:
+                        with open(tee, "ab") as handle:
+                            handle.write(data)
+                    return data
+            stored = sink(Reader())
+            return lv.MigrationReport(20.0, 5.0, 1.0, 700.0, 10.0, 800.0, 13, "x", stored=stored, teed=tee,
+                                      disks=[{"target": "vda", "frozen": "f", "overlay": "o"}])
+    backend._libvirt = FakeLibvirt()
+
+    class Sink:
+        snapshot, keeps = "s1", True
+
+        def __init__(self):
+            self.kept = None
+
+        def put_stream(self, name, reader):
+            data = b"".join(iter(lambda: reader.read(1 << 16), b""))
+            return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+        def settle(self):
+            pass
+
+        def keep(self, directory, files, trees=None, private=()):
+            self.kept = ({n: open(os.path.join(directory, n), "rb").read() for n in os.listdir(directory)},
+                         [f["name"] for f in files], list(private))
+            return True
+    sink = Sink()
+    report = backend.snapshot(lv.VmMember("vm1", domain="vm1"), sink, lambda: 0.0)
+    contents, names, private = sink.kept
+    assert contents == {"vm.save": b"header+stream", "disk-vda.qcow2": b"disk at the cut"}
+    assert names == ["vm.save", "disk-vda.qcow2"] and private == ["disk-vda.qcow2"]
+    assert report.details["kept"] is True and "teed" not in report.details
+    assert os.listdir(tmp_path / "vm-images") == []  # the directory was offered; what keep left is gone
+    sink.keeps, sink.kept = False, None
+    assert "kept" not in backend.snapshot(lv.VmMember("vm1", domain="vm1"), sink, lambda: 0.0).details
+    assert sink.kept is None and not (tmp_path / "disks" / "s1" / "vm1").exists()
+
+
+def test_kill_qemu_kills_only_the_domains_qemu_and_waits_until_it_is_reaped(tmp_path, monkeypatch):
+    """A process whose command line names the domain is killed and reaped before kill_qemu returns;
+    one that does not (a pid libvirt's pid file names but reused since) is left alone."""
+    import subprocess
+    import sys
+
+    from hostside.backends import libvirt as lv
+    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-name", "guest=vm1,debug-threads=on"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-name", "guest=vm10"])
+    try:
+        pids = {"vm1": fake.pid, "vm10x": other.pid}
+        monkeypatch.setattr(lv, "_qemu_pid", lambda name: pids.get(name))
+        import threading
+        reaper = threading.Thread(target=fake.wait)  # the process's parent reaps it, as libvirt's would
+        reaper.start()
+        assert lv.kill_qemu("vm1") is True
+        assert not lv._zombie(fake.pid)  # reaped before it returned
+        reaper.join(1)
+        assert fake.returncode == -9
+        assert lv.kill_qemu("vm10x") is False and other.poll() is None  # "guest=vm10" is not vm10x's
+        assert lv.kill_qemu("vm2") is False  # no pid file
+    finally:
+        other.kill()
+        other.wait()
+        if fake.poll() is None:
+            fake.kill()
+            fake.wait()
+
+
+def test_destroy_waits_until_libvirt_has_let_go_of_the_domain(monkeypatch):
+    """After QEMU is killed, libvirt removes a transient domain in a worker of its own: destroy answers
+    "no domain" (or "not running") and returns only once the name is free for the restore."""
+    from hostside.backends import libvirt as lv
+
+    class LibvirtError(Exception):
+        def __init__(self, code):
+            self.code = code
+
+        def get_error_code(self):
+            return self.code
+    module = type("M", (), {"libvirtError": LibvirtError, "VIR_ERR_OPERATION_INVALID": 55, "VIR_ERR_NO_DOMAIN": 42})
+    lookups = []
+
+    class Dom:
+        def destroy(self):
+            raise LibvirtError(42)  # removed by libvirt's own handling of QEMU's death
+
+        def isActive(self):
+            return False
+
+        def isPersistent(self):
+            return False  # transient: "being removed" until the lookup fails
+
+    class Conn:
+        def lookupByName(self, name):
+            lookups.append(name)
+            if len(lookups) > 3:
+                raise LibvirtError(42)
+            return Dom()
+    conn = lv.Libvirt.__new__(lv.Libvirt)
+    conn.libvirt, conn.conn = module, Conn()
+    killed = []
+    monkeypatch.setattr(lv, "kill_qemu", lambda name: killed.append(name) or True)
+    assert conn.destroy("vm1") is True and killed == ["vm1"] and len(lookups) == 4
+    lookups.clear()
+    lookups.extend(["x"] * 3)
+    assert conn.destroy("vm1") is False  # no such domain: nothing to do
+
+    class Refused(Dom):
+        def destroy(self):
+            raise LibvirtError(1)
+    Conn.lookupByName = lambda self, name: Refused()
+    with pytest.raises(lv.VmError, match="stopping vm1"):
+        conn.destroy("vm1")

@@ -162,7 +162,7 @@ def test_a_hold_too_late_takes_the_snapshot_again_with_frames_held_from_the_star
     calls = []
 
     class FakeLibvirt:
-        def migrate_out(self, domain, sink, at_cut, max_bandwidth, prepare, hold_late=True):
+        def migrate_out(self, domain, sink, at_cut, max_bandwidth, prepare, hold_late=True, tee=None):
             calls.append(hold_late)
             if hold_late:
                 raise HoldTooLate("QEMU stopped the guest before frames to it were held")
@@ -246,7 +246,7 @@ class ScriptedQmp:
         self.events.put(("migration", "completed"))
 
 
-def test_migrate_out_holds_frames_just_before_the_guest_stops_and_cuts_while_qemu_completes(monkeypatch):
+def test_migrate_out_holds_frames_just_before_the_guest_stops_and_cuts_while_qemu_completes(monkeypatch, tmp_path):
     """migrate_out's phases with a fake QMP: the pre-copy runs with nothing held, the prepare comes
     while the guest still runs and its pass is nearly done, the cut runs while the guest is stopped,
     and the guest runs again only after the cut answered."""
@@ -294,7 +294,9 @@ def test_migrate_out_holds_frames_just_before_the_guest_stops_and_cuts_while_qem
         qmp.log.append("cut answered after migrate-continue" if qmp.continued.is_set() else "cut answered")
         return 0.5
 
-    report = conn.migrate_out("vm1", sink, at_cut, prepare=prepare, timeout=20)
+    report = conn.migrate_out("vm1", sink, at_cut, prepare=prepare, timeout=20, tee=str(tmp_path / "vm.save"))
+    assert report.teed == str(tmp_path / "vm.save")  # the local copy is the image as uploaded
+    assert (tmp_path / "vm.save").read_bytes() == stored["data"]
     steps = [entry for entry in qmp.log if not entry.startswith("query-")]
     prepared = next(i for i, e in enumerate(steps) if e.startswith("prepare"))
     assert steps.index("migrate") < prepared  # the pre-copy ran with nothing held
