@@ -198,13 +198,6 @@ def run(args, log):
                 floors[key] = {"one_restore_cpu_ms": cpu, "members": entry["members"], "cores": cores,
                                "cpu_over_cores_ms": round(spread, 1), "ratio_floor": round(max(one, spread) / one, 3),
                                "host_idle_share_before": entry.get("host_idle_share_before")}
-                # The same with the whole host's busy time during one restore: it also counts the processes
-                # the slice's processes do not (a VM's new QEMU and libvirtd, ~520 of a VM restore's 620 ms)
-                busy = single["summary"].get("host_busy_ms_p50")
-                if busy:
-                    host = entry["members"] * busy / cores
-                    floors[key].update(one_restore_host_busy_ms=busy, host_busy_over_cores_ms=round(host, 1),
-                                       ratio_floor_host_busy=round(max(one, host) / one, 3))
     return {"parameters": {"rounds": args.restore_rounds, "rate": args.restore_rate, "plan": ["%s-%d" % p for p in plan]},
             "series": series, "ratio_p50_to_one": ratios, "cpu_floor": floors}
 
@@ -224,8 +217,4 @@ def report(record):
             lines.append("%s: %d x one restore's CPU (%s ms) over %d cores is %s ms: ratio floor %sx" % (
                 key, floor["members"], floor["one_restore_cpu_ms"], floor["cores"], floor["cpu_over_cores_ms"],
                 floor["ratio_floor"]))
-            if "ratio_floor_host_busy" in floor:
-                lines.append("%s: with the host's whole busy time in one restore (%s ms): %s ms, ratio floor %sx" % (
-                    key, floor["one_restore_host_busy_ms"], floor["host_busy_over_cores_ms"],
-                    floor["ratio_floor_host_busy"]))
     return lines

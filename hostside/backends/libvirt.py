@@ -267,8 +267,9 @@ def wait_tap_drained(iface: str, timeout: float = 1.0) -> float:
 #   1. QEMU migrates as it would without the hook (same downtime limit): it stops the guest itself
 #      when what remains of its pass fits in the downtime limit (``ram.remaining`` under bandwidth x
 #      limit, here at the end of the first pass).
-#   2. The helper polls ``query-migrate`` (slowly while much remains: each poll costs QEMU and libvirt
-#      CPU); when the pass is projected to end within a few poll latencies it stops reading QEMU's pipe
+#   2. The helper polls ``query-migrate`` (every 2-15 ms: each poll costs QEMU and libvirt CPU); when
+#      the pass is projected to reach QEMU's stopping point (its threshold: the stream's bandwidth times
+#      the limit, none before its first 100 ms) within a few poll latencies it stops reading QEMU's pipe
 #      (the gate): QEMU's migration thread blocks in its next write and cannot decide to stop.
 #   3. It calls the controller's prepare (every frame for the VM held from now on), then checks that the
 #      guest still runs: that proves QEMU stopped it, if at all, after the hold was in force. If the
@@ -382,8 +383,16 @@ class SwitchoverHold:
     ``gate(open)`` starts/stops the helper reading QEMU's pipe; ``blocked()`` whether QEMU's migration
     thread waits on that pipe (None: cannot tell); ``prepare()`` the controller's prepare; ``unread()``
     frames waiting in the tap (None: cannot tell); ``check()`` raises if the migration went wrong
-    (the VM vanished, the sink failed). The gate shuts when the pass is projected to end within
-    ``lead_ms`` plus three poll latencies plus ``downtime_limit_ms`` (QEMU stops when that much is left)."""
+    (the VM vanished, the sink failed). The gate shuts when what remains of the pass, beyond what
+    QEMU will stop at (``threshold``), is projected to go within ``lead_ms`` plus the last poll's round
+    trip and the recent ones' median.
+
+    What the pass leaves falls at 0.4 to 3 MB/ms in one pass (zero pages go fast; 12-03), so a poll
+    never sleeps more than ``MAX_POLL_S``: sleeping on the first rate seen slept past the pass's end
+    in 2 of 8 snapshots, each then taken again with frames held from the start."""
+
+    MAX_POLL_S = 0.015
+    WINDOW_S = 0.1  # QEMU computes its threshold (bandwidth x downtime limit) over windows of 100 ms
 
     def __init__(self, migration, running, gate, blocked, prepare, unread, check=lambda: None,
                  clock=time.monotonic, sleep=time.sleep, lead_ms: float = 5.0, downtime_limit_ms: float = 20.0,
@@ -405,7 +414,8 @@ class SwitchoverHold:
         """Wait for the end of the pre-copy's pass, prepare the hold, and let QEMU stop the guest."""
         began = self.clock()
         first = last = None  # (time, remaining) of the first active poll and of the previous one
-        latency = 0.0  # the slowest poll so far
+        sent = None  # (time, transferred) of the first active poll: the stream's own byte rate
+        latencies: List[float] = []  # of the polls so far
         while True:
             if self.clock() > deadline:
                 raise VmError("the pre-copy did not come near its end in time")
@@ -413,25 +423,33 @@ class SwitchoverHold:
             asked = self.clock()
             info = self.migration() or {}
             now = self.clock()
-            latency = max(latency, now - asked)
+            latencies.append(now - asked)
             status = info.get("status")
             if status in ("failed", "cancelled"):
                 raise VmError("migration %s: %s" % (status, info.get("error-desc", status)))
             if status not in ("setup", "active", None):
                 raise HoldTooLate("QEMU stopped the guest (migration %s) before frames to it were held" % status)
             self.sample_unread()
-            remaining = (info.get("ram") or {}).get("remaining")
+            ram = info.get("ram") or {}
+            remaining = ram.get("remaining")
             if status == "active" and remaining is not None:
                 rates = [(a[1] - remaining) / (now - a[0]) for a in (first, last)
                          if a is not None and now > a[0] and a[1] > remaining]
                 rate = max(rates) if rates else None  # bytes of the pass per second: overall or lately
-                lead = self.lead + 3 * latency + self.limit
-                if remaining == 0 or (rate is not None and remaining <= rate * lead):
+                threshold = self.threshold(ram, now, sent, began, remaining, rate)
+                # The answer is as old as its poll's round trip at most, and the next poll takes about as
+                # long as the recent ones: a round trip can take 50-90 ms when 3 VMs migrate on 2 cores, and
+                # three times the slowest one made the gate shut with 60 MB of the pass left (12-03).
+                recent = sorted(latencies[-5:])
+                lead = self.lead + latencies[-1] + recent[(len(recent) - 1) // 2]
+                if remaining == 0 or (rate is not None and remaining <= threshold + rate * lead):
                     break
                 first = first or (now, remaining)
                 last = (now, remaining)
-                wait = (remaining / rate - lead) / 3 if rate else 0.01
-                self.sleep(min(0.1, max(0.002, wait)))
+                if sent is None and ram.get("transferred") is not None:
+                    sent = (now, ram["transferred"])
+                wait = ((remaining - threshold) / rate - lead) / 3 if rate else 0.01
+                self.sleep(min(self.MAX_POLL_S, max(0.002, wait)))
             else:
                 self.sleep(0.005)
         self.timings["precopy_ms"] = (self.clock() - began) * 1000
@@ -457,6 +475,22 @@ class SwitchoverHold:
             self.timings["tap_drain_ms"] = (self.clock() - drained) * 1000
         finally:
             self.gate(True)
+
+    def threshold(self, ram: dict, now: float, sent, began: float, remaining: int, rate: Optional[float]) -> float:
+        """The bytes left of its pass at which QEMU will stop the guest: its ``threshold_size``, the
+        stream's bandwidth over its last 100 ms window (``mbps``) times the downtime limit. Before its
+        first window ends (100 ms after ``began``, the migrate command, at the earliest) it has none and
+        stops at the pass's end; for a pass that may outlast that window, the stream's byte rate seen so
+        far (``transferred``) stands in. A QEMU that reports neither: the pass's own rate times the limit
+        (that rate counts zero pages, which the stream hardly does: 2-5x the stream's)."""
+        mbps, transferred = ram.get("mbps"), ram.get("transferred")
+        if mbps is None and transferred is None:
+            return (rate or 0.0) * self.limit
+        byte_rate = ((transferred - sent[1]) / (now - sent[0]) if sent is not None and transferred is not None
+                     and now > sent[0] else 0.0)
+        if not mbps and rate and now + remaining / rate < began + self.WINDOW_S - 3 * self.lead:
+            return 0.0  # the pass ends inside QEMU's first window
+        return max((mbps or 0.0) * 125000.0, byte_rate) * self.limit
 
     def verify_at_cut(self) -> None:
         """With the guest stopped: no frame waits in its tap (it would be in neither image nor channel state)."""
@@ -833,9 +867,11 @@ class Libvirt:
             self.qmp(dom, "migrate", {"uri": "fd:" + FD_NAME})
             if hold is not None:
                 hold.run(began + timeout)  # frames are held from now on: the VM is deaf until its cut
+            opened = time.monotonic()
             self._wait_status(dom, events, "pre-switchover", began + timeout)
             paused = time.monotonic()
             if hold is not None:
+                hold.timings["stop_after_gate_ms"] = (paused - opened) * 1000  # deaf already: the pass's rest
                 hold.verify_at_cut()
             for disk in disks:  # the disks' state at the cut: their images take no more writes
                 self.qmp(dom, "blockdev-snapshot-sync", {
@@ -1075,6 +1111,7 @@ class Libvirt:
 # --- the helper's libvirt backend ----------------------------------------------------------
 
 VM_IMAGE = "vm.save"  # a libvirt save file: header, migratable XML, QEMU's migration stream
+VM_IMAGES = "vm-images"  # under work_dir: the images being written to be kept (hostside.kept)
 
 
 @dataclass
@@ -1119,6 +1156,11 @@ class LibvirtBackend(Backend):
         self._lock = threading.Lock()
         self._libvirt: Optional[Libvirt] = None
 
+    def start(self) -> None:
+        # What a helper that stopped mid-snapshot left of the images it was writing to keep (never kept:
+        # an image is kept by moving it into work_dir/kept, whole, with its file list).
+        shutil.rmtree(os.path.join(self.settings.work_dir, VM_IMAGES), ignore_errors=True)
+
     @property
     def libvirt(self) -> Libvirt:
         """One libvirt connection, opened when the first VM member needs it."""
@@ -1153,9 +1195,9 @@ class LibvirtBackend(Backend):
         # copies are made here: the directory then becomes the kept image (``hostside.kept``).
         local = None
         if getattr(sink, "keeps", False):
-            os.makedirs(os.path.join(self.settings.work_dir, "vm-images"), exist_ok=True)
+            os.makedirs(os.path.join(self.settings.work_dir, VM_IMAGES), exist_ok=True)
             local = tempfile.mkdtemp(prefix="%s-%s-" % (sink.snapshot, member.name),
-                                     dir=os.path.join(self.settings.work_dir, "vm-images"))
+                                     dir=os.path.join(self.settings.work_dir, VM_IMAGES))
         try:
             report = self._migrate(member.domain, lambda reader: sink.put_stream(VM_IMAGE, reader), at_cut,
                                    prepare or (lambda: None), os.path.join(local, VM_IMAGE) if local else None)

@@ -206,6 +206,9 @@ def test_a_kept_vm_image_is_the_stream_as_uploaded_with_its_disks_copied_not_lin
     assert names == ["vm.save", "disk-vda.qcow2"] and private == ["disk-vda.qcow2"]
     assert report.details["kept"] is True and "teed" not in report.details
     assert os.listdir(tmp_path / "vm-images") == []  # the directory was offered; what keep left is gone
+    (tmp_path / "vm-images" / "s0-vm1-left").mkdir()  # a helper stopped mid-snapshot left it
+    backend.start()
+    assert not (tmp_path / "vm-images").exists()
     sink.keeps, sink.kept = False, None
     assert "kept" not in backend.snapshot(lv.VmMember("vm1", domain="vm1"), sink, lambda: 0.0).details
     assert sink.kept is None and not (tmp_path / "disks" / "s1" / "vm1").exists()

@@ -337,3 +337,78 @@ def test_cont_waits_out_qemus_finish_migrate_state_and_raises_anything_else():
     with pytest.raises(lv.VmError, match="Resetting"):
         conn._cont_after_migration("dom", time.monotonic() + 5)
     assert calls == ["cont"]
+
+
+class ZeroPageQemu(FakeQemu):
+    """QEMU 7.2's stopping rule with a guest whose RAM ends in zero pages: the first 60 MB of the pass
+    go at 0.5 MB/ms (normal pages: as many stream bytes), the rest at 3 MB/ms for almost no stream bytes.
+    QEMU has no threshold until its first 100 ms window ends, then the stream's bandwidth over the window
+    times 20 ms (reported as ``mbps``); it stops when what is left falls under the threshold, or at the
+    pass's end."""
+
+    def __init__(self, total=130 << 20, normal=60 << 20, **kwargs):
+        super().__init__(remaining=total, rate=0.5e9, **kwargs)
+        self.total, self.normal, self.sent, self.mbps = total, normal, 0, 0.0
+        self.window_start, self.window_sent, self.threshold = 0.0, 0, 0.0
+
+    def advance(self, seconds):
+        step = 0.0001
+        while seconds > 1e-12:
+            dt = min(step, seconds)
+            seconds -= dt
+            if self.gate_open and not self.stopped and self.remaining > 0:
+                done = self.total - self.remaining
+                fast = done >= self.normal
+                moved = min(self.remaining, int((3e9 if fast else 0.5e9) * dt))
+                self.remaining -= moved
+                self.sent += moved // 400 if fast else moved
+                if self.remaining < self.threshold or self.remaining == 0:
+                    self.stopped = True
+                    self.log.append("qemu stops the guest")
+            self.now += dt
+            if self.now >= self.window_start + 0.1 and not self.stopped:
+                bandwidth = (self.sent - self.window_sent) / (self.now - self.window_start)
+                self.threshold, self.mbps = bandwidth * 0.020, bandwidth * 8 / 1e6
+                self.window_start, self.window_sent = self.now, self.sent
+
+    def migration(self):
+        self.advance(0.003)  # a QMP round trip through libvirt
+        if self.stopped:
+            return {"status": "pre-switchover", "ram": {"remaining": self.remaining, "mbps": self.mbps}}
+        return {"status": "active", "ram": {"remaining": self.remaining, "mbps": self.mbps, "transferred": self.sent}}
+
+
+@pytest.mark.parametrize("normal_mb", [20, 60, 100])
+def test_a_pass_that_speeds_up_in_zero_pages_is_gated_before_qemu_stops_and_close_to_it(normal_mb):
+    """Polls that slept on the first rate seen missed the end of such a pass (2 of 8 snapshots, 12-03);
+    counting QEMU's threshold as the pass's own rate times the limit shut the gate with up to 35 ms of
+    the pass left. Now neither: QEMU stops a few ms after the gate opens again."""
+    qemu = ZeroPageQemu(normal=normal_mb << 20)
+    hold = qemu.hold()
+    hold.run(deadline=10.0)
+    assert qemu.log == ["gate shut", "prepare (running)", "gate open"]
+    opened = qemu.now
+    while not qemu.stopped:
+        qemu.advance(0.0005)
+    assert qemu.now - opened < 0.015
+
+
+def test_one_slow_poll_does_not_make_the_gate_shut_early_for_the_rest_of_the_pass():
+    """With 3 VMs migrating on 2 cores a query-migrate can take 50-90 ms; three times the slowest poll
+    as the lead shut the gate with 60 MB of the pass left, and the VM was deaf for 300 ms (12-03)."""
+    qemu = ZeroPageQemu(normal=60 << 20)
+    polls = []
+    fast_migration = qemu.migration
+
+    def migration():
+        polls.append(qemu.now)
+        if len(polls) == 1:
+            qemu.advance(0.08)  # libvirt and QEMU's main loop busy elsewhere
+        return fast_migration()
+    qemu.migration = migration
+    hold = qemu.hold()
+    hold.run(deadline=10.0)
+    opened = qemu.now
+    while not qemu.stopped:
+        qemu.advance(0.0005)
+    assert qemu.now - opened < 0.015
