@@ -688,13 +688,6 @@ class Libvirt:
         except self.libvirt.libvirtError:
             raise VmError("no libvirt domain %s" % name) from None
 
-    def exists(self, name: str) -> bool:
-        try:
-            self.conn.lookupByName(name)
-            return True
-        except self.libvirt.libvirtError:
-            return False
-
     def qmp(self, dom, command: str, arguments: Optional[dict] = None, files=None):
         import libvirt_qemu
         message = json.dumps({"execute": command, "arguments": arguments or {}})
