@@ -10,10 +10,13 @@ member; the helper then, in the background:
   2. has the backend capture the member; while it is stopped (CRIU: tasks
      frozen in the post-dump hook, the member's directory copied; libvirt: QEMU
      paused before the switchover of a fake live migration) the helper proves
-     the member's link is quiet (CRIU sends the cut marker down the member's
-     link; a paused VM cannot, so the helper waits until the switch has read
-     every frame from its tap), calls ``cut`` with ``{"marker": true|false}``,
-     purges the datapath again, and the member runs on;
+     the member's link is quiet (it sends the cut marker down the member's
+     link: from the member's namespace for CRIU members and containers, into
+     the VM's tap as the guest's own frame for a paused VM), calls ``cut`` with
+     ``{"marker": true|false}``, purges the datapath again, and the member runs
+     on. In the asynchronous cut (the default) the member runs on once the
+     switch has sent the marker back, and a cut request frame asks for its
+     flip once it runs;
   3. the image goes to a snapshot server (sha256 checked there; a VM's memory
      is streamed there while it runs, its disks as they were at the cut after);
   4. reports ``done`` with where the image went and how long the member was

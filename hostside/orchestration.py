@@ -16,7 +16,9 @@ Snapshot (in the background, one job per snapshot and member)::
        prepare's answer; ``VIOLIN_CUT=async-call``: the cut call) has the controller flip it: the
        member is frozen for no controller round trip, frames held for it are released
        only once CRIU's network lock is gone, and no HTTP call stands between its resume and that
-       release (its done report flips it if the frame never reached the controller).
+       release (its done report flips it if the frame never reached the controller). A backend whose
+       member takes frames unharmed while stopped (``flips_stopped``: a VM's tap) sends that request
+       at the cut, right behind the marker, so what is held for it is released while it completes.
     -> controller done {pause_ms, bytes, server, image{backend, files, storage{logical_bytes,
        stored_bytes, sent_bytes}, ...}}
     or, on any failure at any step, controller failed {reason} and the job "failed" with it.
@@ -539,24 +541,30 @@ class Orchestrator:
             try:
                 self.post(body["failed_url"], {"reason": reason[:1000]})
             except Exception as post_error:  # the controller's own timeout will fail the member
-                LOG.warning("snapshot %s: failed not reported: %s", key, post_error)
+                LOG.warning("snapshot %s: failed (%s), not reported: %s", key, reason[:300], post_error)
 
     def _snapshot(self, body: dict, backend: Backend, member) -> None:
         prepare_url = body["prepare_url"] or body["cut_url"].rsplit("/", 1)[0] + "/prepare"
         server = self.server_for(body["member"])
         sink = StoreSink(self.store(server), body["snapshot"], body["member"], self.uploads, self.kept)
-        wants_async = bool(backend.cuts_async) and CUT_MODE in ("async", "async-call")
         with backend.quiet_proof(member, body["snapshot"]) as prove_quiet:
+            # A backend's proof may say this member cannot send a marker (a VM whose tap cannot be written).
+            wants_async = bool(backend.cuts_async) and CUT_MODE in ("async", "async-call") \
+                and getattr(prove_quiet, "marks", True)
             prepared, cut = [], {}
 
             def prepare():
                 if not prepared:  # frames to the member are held from here on: as late as the backend can
+                    asked = self.clock()
                     answer = self.post(prepare_url, {"divert": True} if wants_async else {})
+                    answered = self.clock()
                     # An older controller answers without "divert": then the cut is made while frozen.
                     cut["async"] = wants_async and isinstance(answer, dict) and answer.get("divert") is True
                     cut["frame"] = cut["async"] and answer.get("cut_frame") is True and CUT_MODE == "async" \
                         and callable(getattr(prove_quiet, "request_cut", None))
                     self.purge()
+                    cut["prepare_ms"] = {"call": round((answered - asked) * 1000, 3),
+                                         "purge": round((self.clock() - answered) * 1000, 3)}
                     prepared.append(True)
 
             if not backend.prepares_itself:
@@ -568,6 +576,9 @@ class Orchestrator:
                     cut["marked"] = True
                     proof = prove_quiet(confirm=True)
                     self.purge()  # a flow the datapath still caches would give the member's next frames the old one
+                    if backend.flips_stopped and cut.get("frame"):  # what is released to it waits for it unharmed
+                        prove_quiet.request_cut()
+                        cut["answer"] = {}
                     return proof
                 proof = prove_quiet()
                 self.post(body["cut_url"], {"marker": backend.sends_marker})
@@ -597,7 +608,8 @@ class Orchestrator:
                 "pause_ms": report.pause_ms, "bytes": report.bytes, "server": server,
                 "image": dict(report.details, backend=backend.name, files=report.files, storage=sink.storage(),
                               **({} if sink.settled_ms is None else {"upload_wait_ms": sink.settled_ms}),
-                              cut="in-band" if cut.get("frame") else "async" if cut.get("async") else "sync")})
+                              cut="in-band" if cut.get("frame") else "async" if cut.get("async") else "sync",
+                              **({"prepare_ms": cut["prepare_ms"]} if "prepare_ms" in cut else {}))})
         except ControllerError as error:
             if error.status is not None and 400 <= error.status < 500:  # refused (aborted meanwhile): unused
                 self._discard(sink, body)

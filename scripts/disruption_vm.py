@@ -9,13 +9,14 @@ proofs and no cut (QEMU converges on its own): the bare mechanism. A pause is QE
 deaf time is the controller's ``held_ms`` (the member's prepare to the release of its held frames).
 """
 
+import os
 import shutil
 import tempfile
 import threading
 import time
 from contextlib import ExitStack
 
-from benchkit import summary, timed_snapshot
+from benchkit import BenchError, summary, timed_snapshot
 from hostside.backends import libvirt as vm
 from hostside.store.client import ImageServer
 from lab import lab, slicelab, vms
@@ -27,6 +28,8 @@ def add_arguments(parser):
     parser.add_argument("--vm-sizes", default="1,3", help="vm: VMs per slice (default 1,3)")
     parser.add_argument("--vm-holds", default="switchover,precopy",
                         help="vm: the helper's vm_hold settings to compare (default switchover,precopy)")
+    parser.add_argument("--vm-cuts", default="async,sync",
+                        help="vm: the helper's cut modes to compare (VIOLIN_CUT; default async,sync)")
 
 
 def bare_round(libvirt, storage, guests, label):
@@ -51,10 +54,12 @@ def bare_round(libvirt, storage, guests, label):
              "precopy_ms": round(r.precopy_ms, 1), "total_ms": round(r.total_ms, 1)} for r in results.values()]
 
 
-def measure(n, rounds, log, hold="switchover"):
+def measure(n, rounds, log, hold="switchover", cut="async"):
     controller = lab.ControllerProcess(config=slicelab.controller_config())
     workdir = tempfile.mkdtemp(prefix="bench-dvm-")
-    record = {"vms": n, "vm_hold": hold, "snapshots": [], "bare": []}
+    record = {"vms": n, "vm_hold": hold, "cut_mode": cut, "snapshots": [], "bare": []}
+    before = os.environ.get("VIOLIN_CUT")
+    os.environ["VIOLIN_CUT"] = cut  # the helper started below inherits it
     try:
         with ExitStack() as stack:
             stack.callback(controller.stop)
@@ -79,13 +84,18 @@ def measure(n, rounds, log, hold="switchover"):
                         "snapshot": view["id"], "member": member["name"], "wall_ms": round(wall_ms, 1),
                         "pause_ms": member.get("pause_ms"), "held_ms": member.get("held_ms"),
                         "flip_ms": member.get("flip_ms"), "hook_ms": image.get("hook_ms"),
-                        "precopy_ms": image.get("precopy_ms"), "hold": image.get("hold")})
+                        "precopy_ms": image.get("precopy_ms"), "hold": image.get("hold"), "cut": image.get("cut"),
+                        "prepare": image.get("prepare_ms")})
                 time.sleep(0.3)
                 record["bare"] += bare_round(libvirt, storage, guests, "bare-%d" % i)
-                log("  %d VMs, vm_hold %s: round %d/%d, snapshot %.0f ms" % (n, hold, i + 1, rounds, wall_ms))
+                log("  %d VMs, vm_hold %s, cut %s: round %d/%d, snapshot %.0f ms" % (n, hold, cut, i + 1, rounds, wall_ms))
                 time.sleep(0.3)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if before is None:
+            os.environ.pop("VIOLIN_CUT", None)
+        else:
+            os.environ["VIOLIN_CUT"] = before
     snaps = record["snapshots"]
     hooked = [s["pause_ms"] for s in snaps]
     bare = [b["pause_ms"] for b in record["bare"]]
@@ -101,6 +111,8 @@ def measure(n, rounds, log, hold="switchover"):
         "precopy_ms_without_hook": summary([b["precopy_ms"] for b in record["bare"]]),
         "hook_ms": summary([s["hook_ms"] for s in snaps]),
         "prepare_ms": summary([(s["hold"] or {}).get("prepare_ms") for s in snaps]),
+        "stop_after_gate_ms": summary([(s["hold"] or {}).get("stop_after_gate_ms") for s in snaps]),
+        "cuts": {kind: sum(1 for s in snaps if s.get("cut") == kind) for kind in sorted({s.get("cut") or "" for s in snaps})},
         "held_at_switchover": sum(1 for s in snaps if (s["hold"] or {}).get("at") == "switchover"),
         "held_again_from_start": sum(1 for s in snaps if (s["hold"] or {}).get("retried")),
         "members": len(snaps)}
@@ -123,13 +135,16 @@ def run(args, log):
         raise RuntimeError(reason)
     sizes = [int(x) for x in args.vm_sizes.split(",") if x]
     holds = [h for h in args.vm_holds.split(",") if h]
+    cuts = [c for c in args.vm_cuts.split(",") if c]
+    if not cuts or set(cuts) - {"async", "async-call", "sync"}:
+        raise BenchError("--vm-cuts takes some of async, async-call, sync")
     lab.ensure_ovs()
     return {"parameters": {"rounds": args.vm_rounds, "sizes": sizes,
                            "guest": "scripts/build_guest.sh image, TCG, 128 MiB, vseq UDP+TCP 100/s per peer",
                            "pause": "QEMU's STOP -> RESUME; bare: every VM migrated at once without the hook",
                            "deaf": "controller's held_ms: prepare -> release of the member's held frames"},
-            "series": _each({"%d-%s" % (n, hold): (lambda n=n, hold=hold: measure(n, args.vm_rounds, log, hold))
-                             for n in sizes for hold in holds}, log)}
+            "series": _each({"%d-%s-%s" % (n, hold, cut): (lambda n=n, hold=hold, cut=cut: measure(
+                n, args.vm_rounds, log, hold, cut)) for n in sizes for hold in holds for cut in cuts}, log)}
 
 
 def _each(plan, log):
@@ -152,14 +167,16 @@ def report(record):
             lines.append("%s: failed: %s" % (n, series["error"].splitlines()[0]))
             continue
         s = series["summary"]
-        lines.append("%s (VMs-vm_hold): pause with cut p50 %s / p95 %s ms vs without hook %s / %s ms (ratio p50 %s, p95 %s); "
+        lines.append("%s (VMs-vm_hold-cut): pause with cut p50 %s / p95 %s ms vs without hook %s / %s ms (ratio p50 %s, p95 %s); "
                      "deaf p50 %s ms, deaf - pause p50 %s p90 %s ms; held at switchover %s of %s, "
                      "held again from start %s" % (
                          n, s["pause_ms_with_cut"].get("p50"), _pct([x["pause_ms"] for x in series["snapshots"]], 95),
                          s["pause_ms_without_hook"].get("p50"), _pct([b["pause_ms"] for b in series["bare"]], 95),
                          s["pause_ratio_p50"], s["pause_ratio_p95"], s["held_ms"].get("p50"),
                          s["deaf_minus_pause_ms"].get("p50"), s["deaf_minus_pause_ms"].get("p90"),
-                         s["held_at_switchover"], s["members"], s["held_again_from_start"]))
+                         s["held_at_switchover"], s["members"], s["held_again_from_start"])
+                     + "; cuts %s, QEMU's stop after the gate p50 %s ms" % (
+                         s.get("cuts"), (s.get("stop_after_gate_ms") or {}).get("p50")))
     return lines
 
 

@@ -91,6 +91,7 @@ class _Proof:
 
     def __init__(self, backend, name):
         self.backend, self.name = backend, name
+        self.marks = getattr(backend, "proof_marks", True)  # False: this member cannot send a marker (a VM's tap)
 
     def __call__(self, confirm=False):
         return self.backend._step("quiet_confirmed" if confirm else "quiet", self.name) or 0.5

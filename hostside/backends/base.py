@@ -13,8 +13,8 @@ What a backend must provide:
 ``name``              the value of ``backend:`` in a member spec
 ``sends_marker``      True if the member's link carries a cut marker frame sent
                       while the member is stopped (then the cut call says
-                      ``marker: true``); a paused VM cannot send one, it proves
-                      its tap drained instead
+                      ``marker: true``); a VM's synchronous cut proves its tap
+                      drained instead
 ``restores_paused``   True if a restored member comes back paused with its clock
                       stopped (the controller restores those first)
 ``SCHEMA``            a ``violin_core.schema.Schema`` of the member spec (without
@@ -29,7 +29,14 @@ What a backend must provide:
 ``cuts_async``        True if ``snapshot`` also calls ``resumed()`` once the member
                       runs again after ``at_cut`` (before its image is stored):
                       the helper then asks for an asynchronous cut (its marker
-                      confirmed at the cut, the flip after the member resumed)
+                      confirmed at the cut, the flip after the member resumed),
+                      unless the proof says ``marks`` False (this member cannot
+                      send a marker: a VM whose tap cannot be written)
+``flips_stopped``     True if frames released to the member while it is still
+                      stopped wait for it unharmed (a VM's tap, which QEMU reads
+                      once the guest runs): its in-band cut request then goes
+                      right after the marker, at the cut, not once it runs
+                      (CRIU's network lock would drop them)
 ``prepares_itself``   False (default): the helper calls the controller's prepare
                       (frames to the member held from then on) before
                       ``snapshot``; True: the backend calls ``prepare()`` itself,
@@ -125,6 +132,7 @@ class Backend(abc.ABC):
     sends_marker: ClassVar[bool]
     restores_paused: ClassVar[bool]
     prepares_itself: ClassVar[bool] = False
+    flips_stopped: ClassVar[bool] = False
     cuts_async: ClassVar[bool] = False
     SCHEMA: ClassVar[Schema]
     Spec: ClassVar[type]

@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from hostside import workdir
 from hostside.backends.base import Backend, ImageReport, Located, Restored, register
@@ -638,12 +638,21 @@ class MarkerLink:
     switch sends it back (the controller's marker rule), i.e. until the switch has taken the marker and
     queued its packet-in ahead of anything the member sends after: what an asynchronous cut needs
     before the member may run on. The frames of the same ethertype that come in meanwhile (link
-    probes, earlier markers) are skipped."""
+    probes, earlier markers) are skipped.
 
-    def __init__(self, sock: socket.socket, frame: bytes, timeout: float = None, cut_request: bytes = None):
+    ``sock`` sees the link from the member's side (its end of a veth: the switch's copy comes *in*)
+    unless ``echo_outgoing`` (a VM's tap seen from the host: the switch's copy goes *out* to the
+    guest, and the marker written as the guest's own frame comes in); ``send`` puts a frame on the
+    link (default ``sock.send``); a marker that does not come back raises ``error``."""
+
+    def __init__(self, sock: socket.socket, frame: bytes, timeout: float = None, cut_request: bytes = None,
+                 send: Optional[Callable[[bytes], Any]] = None, echo_outgoing: bool = False,
+                 error: type = None):
         self.sock, self.frame, self.cut_request = sock, frame, cut_request
         self.timeout = MARKER_CONFIRM_S if timeout is None else timeout
         self.confirm_ms: Optional[float] = None
+        self.send = send or sock.send
+        self.echo_outgoing, self.error = echo_outgoing, error or CriuError
 
     def __call__(self, confirm: bool = False) -> None:
         self.prove(confirm)
@@ -651,7 +660,7 @@ class MarkerLink:
     def request_cut(self) -> None:
         """Ask the controller for the member's flip in band, once it runs again after its marker
         (``build_cut_request``); nothing is waited for: its done report is the fallback."""
-        self.sock.send(self.cut_request)
+        self.send(self.cut_request)
 
     def prove(self, confirm: bool = False) -> None:
         if confirm:
@@ -662,21 +671,21 @@ class MarkerLink:
             except (BlockingIOError, InterruptedError):
                 pass
         sent = time.monotonic()
-        self.sock.send(self.frame)
+        self.send(self.frame)
         if not confirm:
             return
         deadline = sent + self.timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise CriuError("the switch did not send the cut marker back within %.1f s (is the controller's "
+                raise self.error("the switch did not send the cut marker back within %.1f s (is the controller's "
                                 "marker rule on the member's switch?)" % self.timeout)
             self.sock.settimeout(left)
             try:
                 data, address = self.sock.recvfrom(2048)
             except socket.timeout:
                 continue
-            if address[2] != socket.PACKET_OUTGOING and data[:len(self.frame)] == self.frame:
+            if (address[2] == socket.PACKET_OUTGOING) == self.echo_outgoing and data[:len(self.frame)] == self.frame:
                 self.confirm_ms = (time.monotonic() - sent) * 1000
                 return
 

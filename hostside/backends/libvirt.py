@@ -10,9 +10,12 @@ Snapshot (QEMU 7.2 under libvirt, driven over QMP through libvirt-qemu):
   2. on MIGRATION status ``pre-switchover`` QEMU has stopped the guest: the
      cut instant. Each writable disk is switched (``blockdev-snapshot-sync``)
      to a new qcow2 overlay made beforehand, so its image keeps the disk as
-     it is at the cut. Then ``on_paused`` runs (the helper proves the VM's tap
-     is drained into the switch, calls the controller's cut, waits for the
-     answer), then ``migrate-continue``; once the stream is complete, ``cont``.
+     it is at the cut. Then ``on_paused`` runs beside ``migrate-continue`` (the
+     asynchronous cut: the helper writes the VM's marker into its tap and waits
+     for the switch's copy, ``vm_cut_proof``; the synchronous one: it proves the
+     tap drained into the switch and calls the controller's cut); once the
+     stream is complete and the hook answered, ``cont``, then ``resumed`` (the
+     cut request frame, written the same way);
      The helper then copies each frozen image (with its backing chain) into a
      standalone qcow2 and stores it beside the RAM image (``disk-<target>.qcow2``);
   3. any failure (the VM vanishes, the stream is refused, the hook fails)
@@ -26,9 +29,10 @@ Only local file disks can be captured: a domain with another writable disk
 Each snapshot leaves one more overlay in the running guest's backing chain.
 
 ``LibvirtBackend`` (registered as ``libvirt``) is the helper's side of it: one
-libvirt connection opened when the first VM needs it, the tap-drain proof at
-the cut (a paused VM cannot send a marker) and the disks stored beside the
-RAM image (``vm.save``).
+libvirt connection opened when the first VM needs it, the VM's marker written
+into its tap at the cut (or, where QEMU's tap cannot be borrowed, the tap-drain
+proof and a synchronous cut) and the disks stored beside the RAM image
+(``vm.save``).
 """
 
 import contextlib
@@ -46,7 +50,7 @@ import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from hostside.backends.base import Backend, ImageReport, Located, Restored, register
 from violin_core.schema import Field, Schema
@@ -223,9 +227,9 @@ def retarget_nic(domain_xml: str, mac: Optional[str], tap: str) -> str:
     return ElementTree.tostring(root, encoding="unicode")
 
 
-def packet_socket_backlog(ifindex: int, path: str = "/proc/net/packet") -> Optional[int]:
+def packet_socket_backlog(ifindex: int, path: str = "/proc/net/packet", exclude: Sequence[int] = ()) -> Optional[int]:
     """Bytes waiting in the receive queues of the AF_PACKET sockets bound to ``ifindex``
-    (None if no socket reads it).
+    (None if no socket reads it), leaving out the sockets of inode ``exclude`` (our own).
 
     Open vSwitch's userspace datapath reads a system port (a VM's tap)
     through such a socket: when they are empty, every frame the guest wrote
@@ -236,24 +240,203 @@ def packet_socket_backlog(ifindex: int, path: str = "/proc/net/packet") -> Optio
         next(handle)
         for line in handle:
             parts = line.split()  # sk RefCnt Type Proto Iface R Rmem User Inode
-            if len(parts) >= 7 and int(parts[4]) == ifindex:
+            if len(parts) >= 9 and int(parts[4]) == ifindex and int(parts[8]) not in exclude:
                 total = (total or 0) + int(parts[6])
     return total
 
 
-def wait_tap_drained(iface: str, timeout: float = 1.0) -> float:
+def wait_tap_drained(iface: str, timeout: float = 1.0, exclude: Sequence[int] = ()) -> float:
     """Wait until the switch has read every frame the (paused) guest sent; returns ms waited."""
     with open("/sys/class/net/%s/ifindex" % iface) as handle:
         ifindex = int(handle.read())
     began = time.monotonic()
     deadline = began + timeout
-    if packet_socket_backlog(ifindex) is None:
+    if packet_socket_backlog(ifindex, exclude=exclude) is None:
         raise VmError("no switch reads %s (is the VM's tap on an Open vSwitch netdev bridge?)" % iface)
-    while packet_socket_backlog(ifindex):
+    while packet_socket_backlog(ifindex, exclude=exclude):
         if time.monotonic() > deadline:
             raise VmError("frames from %s still wait for the switch after %.1f s" % (iface, timeout))
         time.sleep(0.0002)
     return (time.monotonic() - began) * 1000
+
+
+# --- a VM's marker: written into its tap as the guest's own frame ------------------------------
+#
+# A paused guest sends nothing, but the frames it sent are in the order QEMU wrote them to its tap,
+# and a frame written to the same tap file after them follows them: a tap's write hands the frame to
+# the host's receive path in the writer's own system call (``netif_receive_skb``, no queue, with no
+# receive steering on the tap), so by the time QEMU stopped the guest every frame it sent is in the
+# switch's socket, and the marker written then is behind all of them. The helper borrows QEMU's tap
+# descriptor (``pidfd_getfd``), writes the marker with the header the tap expects (``tun_pi``, the
+# virtio-net header), and watches the tap from the host for the switch's copy going out to the guest
+# (QEMU, paused, does not read it; the guest gets it, and drops it, once it runs). That makes a VM's
+# cut asynchronous like a CRIU member's: the switch colours the VM's frames by the flow it learned
+# from the marker, the guest runs on without waiting for the controller, and the cut request frame
+# written the same way once it runs asks for its flip.
+
+SYS_PIDFD_GETFD = 438  # the same number on every architecture (the generic syscall table)
+TUNGETIFF, TUNGETVNETHDRSZ = 0x800454D2, 0x800454D7  # _IOR('T', 210, unsigned int), _IOR('T', 215, int)
+IFF_NO_PI, IFF_VNET_HDR = 0x1000, 0x4000
+
+
+def tun_fds(pid: int, tap: str, proc: str = "/proc") -> List[int]:
+    """``pid``'s file descriptors on the tap device ``tap`` (a tun descriptor's fdinfo names it)."""
+    found = []
+    base = "%s/%d/fdinfo" % (proc, pid)
+    for name in os.listdir(base):
+        try:
+            with open(os.path.join(base, name)) as handle:
+                text = handle.read()
+        except OSError:
+            continue
+        if "iff:\t%s\n" % tap in text or text.endswith("iff:\t%s" % tap):
+            found.append(int(name))
+    return sorted(found)
+
+
+def borrow_fd(pid: int, fd: int) -> int:
+    """A duplicate, in this process, of ``pid``'s descriptor ``fd`` (``pidfd_getfd``, Linux 5.6)."""
+    import ctypes
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        copied = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if copied < 0:
+            error = ctypes.get_errno()
+            raise OSError(error, "pidfd_getfd of fd %d of pid %d: %s" % (fd, pid, os.strerror(error)))
+        return int(copied)
+    finally:
+        os.close(pidfd)
+
+
+def tun_write_prefix(flags: int, vnet_header_size: int) -> bytes:
+    """What a tap file with ``flags`` wants before each frame written to it: a ``tun_pi`` (unless
+    IFF_NO_PI), then a virtio-net header of ``vnet_header_size`` bytes (if IFF_VNET_HDR); all zero:
+    no checksum offload, no segmentation."""
+    return (b"" if flags & IFF_NO_PI else bytes(4)) + (bytes(vnet_header_size) if flags & IFF_VNET_HDR else b"")
+
+
+class TapWriter:
+    """Writes frames into ``tap`` as the guest's, through a copy of QEMU's descriptor ``fd`` on it,
+    borrowed for each write (some tens of microseconds) and given back at once: a copy held longer
+    would keep a gone VM's tap up."""
+
+    def __init__(self, pid: int, fd: int, tap: str):
+        self.pid, self.number, self.tap = pid, fd, tap
+
+    def write(self, frame: bytes) -> None:
+        import fcntl
+        fd = borrow_fd(self.pid, self.number)
+        try:
+            request = fcntl.ioctl(fd, TUNGETIFF, bytes(40))  # struct ifreq: the name, then ifr_flags
+            name = request[:16].split(b"\0", 1)[0].decode(errors="replace")
+            if name != self.tap:
+                raise VmError("QEMU's descriptor %d is on %s now, not on %s" % (self.number, name, self.tap))
+            flags = struct.unpack_from("=H", request, 16)[0]
+            size = struct.unpack("=i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, bytes(4)))[0] if flags & IFF_VNET_HDR else 0
+            os.write(fd, tun_write_prefix(flags, size) + frame)
+        finally:
+            os.close(fd)
+
+
+def receive_steered(tap: str, sys_net: str = "/sys/class/net") -> bool:
+    """Whether the host may hand the tap's frames to other CPUs' queues (RPS or RFS on any of its
+    receive queues): then a frame written later could overtake an earlier one."""
+    base = os.path.join(sys_net, tap, "queues")
+    for queue_name in os.listdir(base):
+        if not queue_name.startswith("rx-"):
+            continue
+        for knob in ("rps_cpus", "rps_flow_cnt"):
+            try:
+                with open(os.path.join(base, queue_name, knob)) as handle:
+                    value = handle.read().strip().replace(",", "")
+            except OSError:
+                continue
+            if value and int(value, 16 if knob == "rps_cpus" else 10):
+                return True
+    return False
+
+
+def open_tap_watch(tap: str):
+    """An AF_PACKET socket on ``tap`` in the host's namespace that gets only frames of the marker's
+    ethertype (a classic BPF filter, attached before it is bound: it copies none of the guest's traffic),
+    both those the switch sends out to the guest and those written in as the guest's."""
+    import ctypes
+    import socket
+    from violin_core.packets import PROBE_ETH_TYPE
+    ETH_P_ALL, SO_ATTACH_FILTER = 0x0003, 26
+    program = [(0x28, 0, 0, 12),  # ldh [12]: the ethertype
+               (0x15, 0, 1, PROBE_ETH_TYPE),  # jeq: accept, else drop
+               (0x06, 0, 0, 0xFFFF), (0x06, 0, 0, 0)]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *insn) for insn in program))
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: receives nothing until bound
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("=HxxxxxxQ", len(program),
+                                                                         ctypes.addressof(code)))
+        sock.bind((tap, ETH_P_ALL))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class VmCutProof:
+    """What proves a VM's cut while QEMU has it stopped (``quiet_proof``): ``proof()`` waits until the
+    switch has read every frame the guest sent (the tap drained: the synchronous cut);
+    ``proof(confirm=True)`` writes the VM's marker into its tap and waits for the switch's copy (the
+    asynchronous cut, ``marks``); ``request_cut()`` writes the cut request once the guest runs."""
+
+    def __init__(self, tap: str, link=None, why_not: Optional[str] = None):
+        self.tap, self.link, self.why_not = tap, link, why_not
+        self.marks = link is not None
+        self.confirm_ms: Optional[float] = None
+
+    def __call__(self, confirm: bool = False) -> float:
+        if confirm:
+            if self.link is None:
+                raise VmError("no marker can be written into %s: %s" % (self.tap, self.why_not))
+            self.link.prove(confirm=True)
+            self.confirm_ms = self.link.confirm_ms
+            return self.confirm_ms or 0.0  # the report's drain_ms: the marker's round trip through the switch
+        exclude = (os.fstat(self.link.sock.fileno()).st_ino,) if self.link is not None else ()
+        return wait_tap_drained(self.tap, exclude=exclude)
+
+    def request_cut(self) -> None:
+        self.link.request_cut()
+
+
+@contextlib.contextmanager
+def vm_cut_proof(domain: str, tap: str, mac: Optional[str], snapshot: str, member: str):
+    """A ``VmCutProof`` for ``domain``'s tap: with a marker link if QEMU has a descriptor on the tap to
+    borrow at the cut and frames written to it keep their order (else the reason is ``why_not`` and the
+    cut is synchronous)."""
+    from hostside.backends.criu import MarkerLink
+    from violin_core.packets import build_cut_request, build_marker
+    pid, why_not, fds = _qemu_pid(domain), None, []
+    try:
+        if not mac:
+            why_not = "the VM's NIC has no MAC address in its XML"
+        elif pid is None or not _is_qemu_of(pid, domain):
+            why_not = "QEMU's process for %s is not found" % domain
+        elif receive_steered(tap):
+            why_not = "receive packet steering is on for %s (a marker could overtake the guest's frames)" % tap
+        else:
+            fds = tun_fds(pid, tap)
+            why_not = None if fds else "QEMU holds no descriptor on %s" % tap
+    except OSError as error:
+        why_not = "%s: %s" % (tap, error)
+    if why_not is not None:
+        LOG.info("the cut of %s is synchronous: %s", member, why_not)
+        yield VmCutProof(tap, why_not=why_not)
+        return
+    sock = open_tap_watch(tap)
+    link = MarkerLink(sock, build_marker(mac, snapshot, member), cut_request=build_cut_request(mac, snapshot, member),
+                      send=TapWriter(pid, fds[0], tap).write, echo_outgoing=True, error=VmError)
+    try:
+        yield VmCutProof(tap, link)
+    finally:
+        sock.close()
 
 
 # --- holding a VM's frames only around its switchover ------------------------------------------
@@ -724,7 +907,8 @@ class Libvirt:
     def migrate_out(self, name: str, sink: Callable, on_paused: Callable[[], float],
                     timeout: float = 120.0, max_bandwidth: int = 4 << 30,
                     downtime_limit_ms: int = 20, prepare: Optional[Callable[[], None]] = None,
-                    hold_late: bool = True, tee: Optional[str] = None) -> MigrationReport:
+                    hold_late: bool = True, tee: Optional[str] = None,
+                    resumed: Optional[Callable[[], None]] = None) -> MigrationReport:
         """Live-migrate ``name`` into ``sink(reader) -> stored`` and run ``on_paused`` at the cut.
 
         ``sink`` runs in a thread and must read the stream to its end (it is
@@ -736,6 +920,7 @@ class Libvirt:
         On any failure the migration is cancelled and the guest left running
         (``HoldTooLate``: QEMU stopped the guest before the hold). ``tee``: a file the image is also
         written to as the sink reads it (the report's ``teed`` names it if it holds the whole image).
+        ``resumed`` runs as soon as the guest runs again (an asynchronous cut asks for its flip then).
         """
         import hashlib
         dom = self.domain(name)
@@ -842,7 +1027,7 @@ class Libvirt:
                 events.put(("sink", str(error)))
 
         began = time.monotonic()
-        paused = resumed = None
+        paused = resumed_at = None
         hook_ms = drain_ms = disk_ms = 0.0
         sink_thread = hook_thread = None
         try:
@@ -897,7 +1082,12 @@ class Libvirt:
                 raise hooked["error"]
             drain_ms, hook_ms = hooked["drain_ms"], hooked["ms"]
             self._cont_after_migration(dom, began + timeout)
-            resumed = time.monotonic()
+            resumed_at = time.monotonic()
+            if resumed is not None:
+                try:
+                    resumed()
+                except Exception as error:  # noqa: BLE001 - its caller asks again once the image is stored
+                    LOG.warning("%s runs again, but its flip was not asked for yet: %s", name, error)
             info = self.qmp(dom, "query-migrate") or {}
             sink_thread.join(max(1.0, began + timeout - time.monotonic()))
             if sink_thread.is_alive():
@@ -933,8 +1123,9 @@ class Libvirt:
         libvirt_pause = ((stamps["resumed"] - stamps["suspended"]) * 1000
                          if {"resumed", "suspended"} <= set(stamps) else None)
         return MigrationReport(
-            pause_ms=(resumed - paused) * 1000, hook_ms=hook_ms, drain_ms=drain_ms,
-            precopy_ms=(paused - began) * 1000, switchover_ms=(resumed - switchover) * 1000, total_ms=(time.monotonic() - began) * 1000,
+            pause_ms=(resumed_at - paused) * 1000, hook_ms=hook_ms, drain_ms=drain_ms,
+            precopy_ms=(paused - began) * 1000, switchover_ms=(resumed_at - switchover) * 1000,
+            total_ms=(time.monotonic() - began) * 1000,
             bytes=counted[0], sha256=digest.hexdigest(), qemu_pause_ms=qemu_pause,
             qemu_downtime_ms=info.get("downtime"), libvirt_pause_ms=libvirt_pause, disk_ms=disk_ms,
             disks=[{"target": d["target"], "frozen": d["top"], "overlay": d["overlay"]} for d in disks],
@@ -1134,7 +1325,9 @@ def nic_of(domain_xml: str) -> tuple:
 class LibvirtBackend(Backend):
     """QEMU VMs under libvirt, snapshotted by a fake live migration to the snapshot server."""
     name = "libvirt"
-    sends_marker = False  # paused by QEMU: its tap is proven drained instead
+    sends_marker = False  # a synchronous cut proves its tap drained; an asynchronous one writes the marker into it
+    cuts_async = True  # the marker written into its tap as the guest's frame (vm_cut_proof), where QEMU's tap allows
+    flips_stopped = True  # frames released to a stopped guest wait in its tap (QEMU reads it once the guest runs)
     restores_paused = True  # comes back paused, its clock stopped until resume
     prepares_itself = True  # holds frames only around the switchover, not through the pre-copy (SwitchoverHold)
     Spec = VmMember
@@ -1180,9 +1373,10 @@ class LibvirtBackend(Backend):
         where = self.locate(member)
         if not where.iface:
             raise VmError("domain %s has no tap to prove drained" % member.domain)
-        yield lambda: wait_tap_drained(where.iface)
+        with vm_cut_proof(member.domain, where.iface, where.mac, snapshot, member.name) as proof:
+            yield proof
 
-    def snapshot(self, member: VmMember, sink, at_cut, prepare=None) -> ImageReport:
+    def snapshot(self, member: VmMember, sink, at_cut, prepare=None, resumed=None) -> ImageReport:
         # ``prepare`` (the controller's hold) runs just before QEMU stops the guest; at_cut would run it too.
         # Where the helper keeps images, the stream is also written here as it is uploaded, and the disks'
         # copies are made here: the directory then becomes the kept image (``hostside.kept``).
@@ -1193,7 +1387,8 @@ class LibvirtBackend(Backend):
                                      dir=os.path.join(self.settings.work_dir, VM_IMAGES))
         try:
             report = self._migrate(member.domain, lambda reader: sink.put_stream(VM_IMAGE, reader), at_cut,
-                                   prepare or (lambda: None), os.path.join(local, VM_IMAGE) if local else None)
+                                   prepare or (lambda: None), os.path.join(local, VM_IMAGE) if local else None,
+                                   resumed)
             details = report.as_dict()
             stored = details.pop("stored")
             details.pop("sha256")
@@ -1212,17 +1407,19 @@ class LibvirtBackend(Backend):
             bytes=report.bytes + sum(f["bytes"] for f in files[1:]), files=files,
             details=dict(details, domain=member.domain))
 
-    def _migrate(self, domain: str, sink, at_cut, prepare, tee: Optional[str] = None) -> MigrationReport:
+    def _migrate(self, domain: str, sink, at_cut, prepare, tee: Optional[str] = None,
+                 resumed: Optional[Callable[[], None]] = None) -> MigrationReport:
         """The migration with frames held only around its switchover; if QEMU stopped the guest before
         the hold was in force, that migration was cancelled (the guest runs on, nothing of it is used)
         and the snapshot is taken again with frames held from before its pre-copy (the stored image
         is replaced)."""
         try:
             return self.libvirt.migrate_out(domain, sink, at_cut, max_bandwidth=self.settings.vm_max_bandwidth,
-                                            prepare=prepare, hold_late=self.settings.vm_hold != "precopy", tee=tee)
+                                            prepare=prepare, hold_late=self.settings.vm_hold != "precopy", tee=tee,
+                                            resumed=resumed)
         except HoldTooLate as error:
             report = self.libvirt.migrate_out(domain, sink, at_cut, max_bandwidth=self.settings.vm_max_bandwidth,
-                                              prepare=prepare, hold_late=False, tee=tee)
+                                              prepare=prepare, hold_late=False, tee=tee, resumed=resumed)
             report.hold["retried"] = str(error)
             return report
 

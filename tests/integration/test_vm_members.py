@@ -74,6 +74,9 @@ def test_a_vm_snapshot_under_traffic_keeps_the_vm_and_its_connections_running(sl
                     image = entry["image"]
                     assert image["backend"] == "libvirt" and image["files"][0]["name"] == "vm.save", image
                     assert 0 < entry["pause_ms"] < 1000 and image["qemu_pause_ms"] is not None, entry
+                    # The VM's marker went into its tap as the guest's own frame: the guest ran on without
+                    # waiting for the controller, which flipped it on the cut request frame that followed.
+                    assert image["cut"] == "in-band" and image["drain_ms"] > 0, image
                     # Frames to the VM flowed through its pre-copy: the controller held them only from the
                     # helper's prepare, which came once the pre-copy's pass was nearly done (issue 11 goal 3).
                     # (A hold that came too late is retried with frames held from the start, and says so.)

@@ -134,6 +134,36 @@ def test_an_older_controller_that_does_not_divert_gets_the_cut_while_frozen(tmp_
     assert rig.reported("prepare") == [{"divert": True}] and rig.reported("done")[0]["image"]["cut"] == "sync"
 
 
+def test_a_member_that_takes_frames_while_stopped_asks_for_its_flip_right_after_its_marker(tmp_path):
+    """A VM (``flips_stopped``): the cut request goes at the cut, behind the marker and the purge, so
+    the frames held for it are released while QEMU completes; nothing is left to do once it runs."""
+    with fakebackend.registered():
+        rig = Rig(tmp_path, members={"f1": {"backend": "fake-async"}})
+        rig.backend.flips_stopped = True
+        rig.post = lambda url, body: rig.timeline.append((url.rsplit("/", 1)[-1], body)) or (
+            {"divert": True, "cut_frame": True} if url.endswith("/prepare") else {})
+        rig.helper.post = rig.post
+        rig.helper.start_snapshot(SNAPSHOT)
+    assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet_confirmed", "purge", "cut_request",
+                           "after_cut", "resumed", "quiet_close", "done"]
+    assert rig.reported("done")[0]["image"]["cut"] == "in-band"
+
+
+def test_a_member_whose_proof_cannot_mark_is_cut_while_frozen_without_asking_to_divert(tmp_path):
+    """A VM whose tap the helper cannot write a marker into (``marks`` False) is cut synchronously."""
+    with fakebackend.registered():
+        rig = Rig(tmp_path, members={"f1": {"backend": "fake-async"}})
+        rig.backend.proof_marks = False
+        rig.post = lambda url, body: rig.timeline.append((url.rsplit("/", 1)[-1], body)) or (
+            {"divert": True, "cut_frame": True} if url.endswith("/prepare") else {})
+        rig.helper.post = rig.post
+        rig.helper.start_snapshot(SNAPSHOT)
+    assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet", "cut", "purge", "after_cut",
+                           "quiet_close", "done"]
+    assert rig.reported("prepare") == [{}] and rig.reported("cut") == [{"marker": rig.backend.sends_marker}]
+    assert rig.reported("done")[0]["image"]["cut"] == "sync"
+
+
 def test_a_snapshot_calls_prepare_cut_done_in_order_and_stores_the_image(rig):
     assert rig.helper.start_snapshot(SNAPSHOT) == {"accepted": "s1/f1"}
     assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet", "cut", "purge", "after_cut",
@@ -144,6 +174,7 @@ def test_a_snapshot_calls_prepare_cut_done_in_order_and_stores_the_image(rig):
     assert stored == {"memory": b"state of f1"}
     done = rig.reported("done")
     assert len(done) == 1 and 0 <= done[0]["image"].pop("upload_wait_ms") < 1000  # no other member to wait for
+    assert set(done[0]["image"].pop("prepare_ms")) == {"call", "purge"}  # the prepare's call and purge, timed
     assert done == [{
         "pause_ms": 1.25, "bytes": 11, "server": "http://store:7070",
         "image": {"backend": "fake", "fake_ms": 2.0, "files": [

@@ -167,7 +167,7 @@ def test_a_kept_vm_image_is_the_stream_as_uploaded_with_its_disks_copied_not_lin
     monkeypatch.setattr(lv, "flatten_disk", lambda top, out: open(out, "wb").write(b"disk at the cut"))
 
     class FakeLibvirt:
-        def migrate_out(self, domain, sink, at_cut, max_bandwidth, prepare, hold_late=True, tee=None):
+        def migrate_out(self, domain, sink, at_cut, max_bandwidth, prepare, hold_late=True, tee=None, resumed=None):
             class Reader:
                 parts = [b"header+stream", b""]
 
@@ -288,3 +288,97 @@ def test_destroy_waits_until_libvirt_has_let_go_of_the_domain(monkeypatch):
     Conn.lookupByName = lambda self, name: Refused()
     with pytest.raises(lv.VmError, match="stopping vm1"):
         conn.destroy("vm1")
+
+
+def test_our_own_packet_socket_on_the_tap_is_not_counted_as_the_switchs_backlog(tmp_path):
+    table = tmp_path / "packet"
+    table.write_text(
+        "sk               RefCnt Type Proto  Iface R Rmem   User   Inode\n"
+        "ffff8882 3      3    0003   9     1 0      0      1002\n"
+        "ffff8883 3      3    0003   9     1 768    0      1003\n")
+    assert vm.packet_socket_backlog(9, str(table)) == 768
+    assert vm.packet_socket_backlog(9, str(table), exclude=(1003,)) == 0
+
+
+def test_qemus_descriptors_on_a_tap_are_found_by_their_fdinfo(tmp_path):
+    fdinfo = tmp_path / "42" / "fdinfo"
+    fdinfo.mkdir(parents=True)
+    (fdinfo / "3").write_text("pos:\t0\nflags:\t02004002\nmnt_id:\t27\nino:\t1050\n")
+    (fdinfo / "31").write_text("pos:\t0\nflags:\t02004002\nmnt_id:\t27\nino:\t155\niff:\ttap10\n")
+    (fdinfo / "32").write_text("pos:\t0\nflags:\t02004002\nmnt_id:\t27\nino:\t155\niff:\ttap1\n")
+    (fdinfo / "9").write_text("pos:\t0\nflags:\t02004002\nmnt_id:\t27\nino:\t155\niff:\ttap1")
+    assert vm.tun_fds(42, "tap1", proc=str(tmp_path)) == [9, 32]  # not tap10's
+    assert vm.tun_fds(42, "tap2", proc=str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("flags, size, prefix", [
+    (vm.IFF_NO_PI, 12, b""),  # what QEMU's tap wants without a vnet header
+    (vm.IFF_NO_PI | vm.IFF_VNET_HDR, 12, bytes(12)),  # virtio-net 1.0 / mergeable buffers
+    (vm.IFF_NO_PI | vm.IFF_VNET_HDR, 10, bytes(10)),
+    (vm.IFF_VNET_HDR, 10, bytes(4) + bytes(10)),  # tun_pi first, then the vnet header
+])
+def test_a_frame_written_into_a_tap_gets_the_headers_the_tap_expects(flags, size, prefix):
+    assert vm.tun_write_prefix(flags, size) == prefix
+
+
+def test_receive_steering_on_a_tap_is_seen(tmp_path):
+    queues = tmp_path / "tap1" / "queues"
+    (queues / "rx-0").mkdir(parents=True)
+    (queues / "tx-0").mkdir(parents=True)
+    (queues / "rx-0" / "rps_cpus").write_text("0\n")
+    (queues / "rx-0" / "rps_flow_cnt").write_text("0\n")
+    (queues / "tx-0" / "xps_cpus").write_text("3\n")
+    assert not vm.receive_steered("tap1", str(tmp_path))
+    (queues / "rx-0" / "rps_cpus").write_text("00000000,00000002\n")
+    assert vm.receive_steered("tap1", str(tmp_path))
+    (queues / "rx-0" / "rps_cpus").write_text("0\n")
+    (queues / "rx-0" / "rps_flow_cnt").write_text("256\n")
+    assert vm.receive_steered("tap1", str(tmp_path))
+
+
+def test_a_vm_whose_qemu_is_not_found_gets_a_synchronous_cut_with_the_reason(monkeypatch):
+    monkeypatch.setattr(vm, "_qemu_pid", lambda name: None)
+    with vm.vm_cut_proof("vm1", "tap1", "52:54:00:00:00:01", "snap-1", "vm1") as proof:
+        assert not proof.marks and "not found" in proof.why_not
+        with pytest.raises(vm.VmError, match="no marker can be written into tap1"):
+            proof(confirm=True)
+
+
+def test_a_vms_marker_is_written_into_its_tap_and_confirmed_by_the_switchs_copy_going_out():
+    """MarkerLink over a tap seen from the host: the marker written in comes back in (our own write,
+    not the answer); the switch's copy goes out to the guest."""
+    import socket
+
+    from hostside.backends import criu
+    from violin_core.packets import build_marker
+    marker = build_marker("52:54:00:00:00:01", "snap-1", "vm1")
+    written = []
+
+    class TapSocket:
+        def __init__(self):
+            self.after = [(marker, socket.PACKET_HOST), (marker, socket.PACKET_OUTGOING)]
+
+        def setblocking(self, _flag):
+            pass
+
+        def settimeout(self, _timeout):
+            pass
+
+        def recv(self, _size):
+            raise BlockingIOError()
+
+        def recvfrom(self, _size):
+            if not written or not self.after:
+                raise socket.timeout()
+            data, kind = self.after.pop(0)
+            return data, ("tap1", 0x88B5, kind, 1, b"")
+
+    sock = TapSocket()
+    link = criu.MarkerLink(sock, marker, timeout=1.0, send=written.append, echo_outgoing=True, error=vm.VmError)
+    proof = vm.VmCutProof("tap1", link)
+    assert proof.marks and proof(confirm=True) > 0 and written == [marker] and sock.after == []
+    only_ours = TapSocket()
+    only_ours.after = [(marker, socket.PACKET_HOST)]  # the switch never sent it back
+    with pytest.raises(vm.VmError, match="did not send the cut marker back"):
+        criu.MarkerLink(only_ours, marker, timeout=0.05, send=written.append, echo_outgoing=True,
+                        error=vm.VmError).prove(confirm=True)

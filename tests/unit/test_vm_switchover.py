@@ -162,7 +162,7 @@ def test_a_hold_too_late_takes_the_snapshot_again_with_frames_held_from_the_star
     calls = []
 
     class FakeLibvirt:
-        def migrate_out(self, domain, sink, at_cut, max_bandwidth, prepare, hold_late=True, tee=None):
+        def migrate_out(self, domain, sink, at_cut, max_bandwidth, prepare, hold_late=True, tee=None, resumed=None):
             calls.append(hold_late)
             if hold_late:
                 raise HoldTooLate("QEMU stopped the guest before frames to it were held")
@@ -294,7 +294,11 @@ def test_migrate_out_holds_frames_just_before_the_guest_stops_and_cuts_while_qem
         qmp.log.append("cut answered after migrate-continue" if qmp.continued.is_set() else "cut answered")
         return 0.5
 
-    report = conn.migrate_out("vm1", sink, at_cut, prepare=prepare, timeout=20, tee=str(tmp_path / "vm.save"))
+    def resumed():
+        qmp.log.append("flip asked while %s" % ("running" if qmp.running else "stopped"))
+
+    report = conn.migrate_out("vm1", sink, at_cut, prepare=prepare, timeout=20, tee=str(tmp_path / "vm.save"),
+                              resumed=resumed)
     assert report.teed == str(tmp_path / "vm.save")  # the local copy is the image as uploaded
     assert (tmp_path / "vm.save").read_bytes() == stored["data"]
     steps = [entry for entry in qmp.log if not entry.startswith("query-")]
@@ -308,6 +312,7 @@ def test_migrate_out_holds_frames_just_before_the_guest_stops_and_cuts_while_qem
     assert prepared < stopped < cut < steps.index("guest runs")
     assert steps.index("migrate-continue") < steps.index("cont")
     assert steps.index("cut answered after migrate-continue") < steps.index("cont")  # resumed only after the cut
+    assert steps.index("guest runs") < steps.index("flip asked while running")  # an asynchronous cut's request
     assert report.hold["at"] == "switchover" and report.tap_dropped == 0 and stored["data"].endswith(b"final")
 
 
