@@ -6,7 +6,7 @@ Snapshot (in the background, one job per snapshot and member)::
     -> controller prepare (frames for the member are held from now on) -> purge the datapath
        (a backend that ``prepares_itself`` calls this step later, just before the member stops)
     -> backend.snapshot(member, sink, at_cut), where at_cut, run while the member is stopped, is:
-           quiet proof (marker sent / tap drained) -> controller cut {"marker": sends_marker}
+           quiet proof (marker sent / a VM's tap drained) -> controller cut {"marker": sends_marker}
            -> purge the datapath
        and the backend stores the image through the sink (a snapshot server)
        An asynchronous cut (a backend that ``cuts_async``, the default ``VIOLIN_CUT=async``): prepare

@@ -122,7 +122,7 @@ def helped_slice(controller, net, workdir, rate=200.0, register=True, servers=No
         members.helper_process = daemons[-1]
         members.helper_log = os.path.join(workdir, "helper.log")
         members.helper_config = config
-        if register:  # the helper registers them (VMs with marker false: a paused VM proves its tap drained)
+        if register:  # the helper registers them (VMs with marker false: their synchronous cut sends none)
             wait_registered(controller, [h.name for h in hosts] + [g.name for g in guests], helper_url)
         yield members
     finally:

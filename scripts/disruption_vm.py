@@ -180,6 +180,12 @@ def report(record):
     return lines
 
 
+def _short(key):
+    """A series' label: "3-switchover-async" -> "3 VMs async" (the hold is said when it is not the default)."""
+    n, _, rest = key.partition("-")
+    return "%s VM%s %s" % (n, "" if n == "1" else "s", rest.replace("switchover-", "").replace("-", " "))
+
+
 def plot(record, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -191,7 +197,7 @@ def plot(record, path):
         series = record["series"][n]
         data += [[s["pause_ms"] for s in series["snapshots"] if s["pause_ms"] is not None],
                  [b["pause_ms"] for b in series["bare"]]]
-        labels += ["%s cut" % n, "%s bare" % n]
+        labels += ["%s cut" % _short(n), "%s bare" % _short(n)]
     axes[0].boxplot(data, tick_labels=labels)
     axes[0].set_ylabel("pause (QEMU STOP -> RESUME), ms")
     axes[0].set_title("VM pause: with the cut vs the same migration")
@@ -200,7 +206,7 @@ def plot(record, path):
         snaps = record["series"][n]["snapshots"]
         data += [[s["pause_ms"] for s in snaps if s["pause_ms"] is not None],
                  [s["held_ms"] for s in snaps if s["held_ms"] is not None]]
-        labels += ["%s pause" % n, "%s deaf" % n]
+        labels += ["%s pause" % _short(n), "%s deaf" % _short(n)]
     axes[1].boxplot(data, tick_labels=labels)
     axes[1].set_ylabel("ms")
     axes[1].set_title("deaf time (frames held) vs pause")
