@@ -563,8 +563,8 @@ class Orchestrator:
                     cut["frame"] = cut["async"] and answer.get("cut_frame") is True and CUT_MODE == "async" \
                         and callable(getattr(prove_quiet, "request_cut", None))
                     self.purge()
-                    cut["prepare_ms"] = {"call": round((answered - asked) * 1000, 3),
-                                         "purge": round((self.clock() - answered) * 1000, 3)}
+                    cut["timings"] = {"prepare_call_ms": round((answered - asked) * 1000, 3),
+                                      "prepare_purge_ms": round((self.clock() - answered) * 1000, 3)}
                     prepared.append(True)
 
             if not backend.prepares_itself:
@@ -609,7 +609,7 @@ class Orchestrator:
                 "image": dict(report.details, backend=backend.name, files=report.files, storage=sink.storage(),
                               **({} if sink.settled_ms is None else {"upload_wait_ms": sink.settled_ms}),
                               cut="in-band" if cut.get("frame") else "async" if cut.get("async") else "sync",
-                              **({"prepare_ms": cut["prepare_ms"]} if "prepare_ms" in cut else {}))})
+                              **cut.get("timings", {}))})
         except ControllerError as error:
             if error.status is not None and 400 <= error.status < 500:  # refused (aborted meanwhile): unused
                 self._discard(sink, body)

@@ -85,7 +85,8 @@ def measure(n, rounds, log, hold="switchover", cut="async"):
                         "pause_ms": member.get("pause_ms"), "held_ms": member.get("held_ms"),
                         "flip_ms": member.get("flip_ms"), "hook_ms": image.get("hook_ms"),
                         "precopy_ms": image.get("precopy_ms"), "hold": image.get("hold"), "cut": image.get("cut"),
-                        "prepare": image.get("prepare_ms")})
+                        "prepare_call_ms": image.get("prepare_call_ms"),
+                        "prepare_purge_ms": image.get("prepare_purge_ms")})
                 time.sleep(0.3)
                 record["bare"] += bare_round(libvirt, storage, guests, "bare-%d" % i)
                 log("  %d VMs, vm_hold %s, cut %s: round %d/%d, snapshot %.0f ms" % (n, hold, cut, i + 1, rounds, wall_ms))

@@ -277,6 +277,7 @@ def wait_tap_drained(iface: str, timeout: float = 1.0, exclude: Sequence[int] = 
 SYS_PIDFD_GETFD = 438  # the same number on every architecture (the generic syscall table)
 TUNGETIFF, TUNGETVNETHDRSZ = 0x800454D2, 0x800454D7  # _IOR('T', 210, unsigned int), _IOR('T', 215, int)
 IFF_NO_PI, IFF_VNET_HDR = 0x1000, 0x4000
+IFF_NAPI, IFF_NAPI_FRAGS = 0x0010, 0x0020  # the tap's frames go through a NAPI queue, not the writer's own call
 
 
 def tun_fds(pid: int, tap: str, proc: str = "/proc") -> List[int]:
@@ -326,18 +327,32 @@ class TapWriter:
         self.pid, self.number, self.tap = pid, fd, tap
 
     def write(self, frame: bytes) -> None:
-        import fcntl
         fd = borrow_fd(self.pid, self.number)
         try:
-            request = fcntl.ioctl(fd, TUNGETIFF, bytes(40))  # struct ifreq: the name, then ifr_flags
-            name = request[:16].split(b"\0", 1)[0].decode(errors="replace")
-            if name != self.tap:
-                raise VmError("QEMU's descriptor %d is on %s now, not on %s" % (self.number, name, self.tap))
-            flags = struct.unpack_from("=H", request, 16)[0]
-            size = struct.unpack("=i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, bytes(4)))[0] if flags & IFF_VNET_HDR else 0
+            flags, size = self._headers(fd)
             os.write(fd, tun_write_prefix(flags, size) + frame)
         finally:
             os.close(fd)
+
+    def check(self) -> Optional[str]:
+        """Why frames written here could overtake the guest's (None: they cannot)."""
+        fd = borrow_fd(self.pid, self.number)
+        try:
+            flags, _size = self._headers(fd)
+        finally:
+            os.close(fd)
+        return ("the tap takes frames through NAPI (IFF_NAPI)" if flags & (IFF_NAPI | IFF_NAPI_FRAGS) else None)
+
+    def _headers(self, fd: int):
+        """The tap file's flags and virtio-net header size, after checking it is still on our tap."""
+        import fcntl
+        request = fcntl.ioctl(fd, TUNGETIFF, bytes(40))  # struct ifreq: the name, then ifr_flags
+        name = request[:16].split(b"\0", 1)[0].decode(errors="replace")
+        if name != self.tap:
+            raise VmError("QEMU's descriptor %d is on %s now, not on %s" % (self.number, name, self.tap))
+        flags = struct.unpack_from("=H", request, 16)[0]
+        size = struct.unpack("=i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, bytes(4)))[0] if flags & IFF_VNET_HDR else 0
+        return flags, size
 
 
 def receive_steered(tap: str, sys_net: str = "/sys/class/net") -> bool:
@@ -423,8 +438,8 @@ def vm_cut_proof(domain: str, tap: str, mac: Optional[str], snapshot: str, membe
             why_not = "receive packet steering is on for %s (a marker could overtake the guest's frames)" % tap
         else:
             fds = tun_fds(pid, tap)
-            why_not = None if fds else "QEMU holds no descriptor on %s" % tap
-    except OSError as error:
+            why_not = TapWriter(pid, fds[0], tap).check() if fds else "QEMU holds no descriptor on %s" % tap
+    except (OSError, VmError) as error:
         why_not = "%s: %s" % (tap, error)
     if why_not is not None:
         LOG.info("the cut of %s is synchronous: %s", member, why_not)

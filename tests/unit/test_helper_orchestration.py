@@ -97,9 +97,13 @@ def rig(tmp_path):
         yield Rig(tmp_path)
 
 
-def async_rig(tmp_path, prepare_answer):
+def async_rig(tmp_path, prepare_answer, **backend_attributes):
+    """A snapshot of one fake-async member (``backend_attributes`` set on its backend first) whose
+    controller answers the prepare with ``prepare_answer``."""
     with fakebackend.registered():
         rig = Rig(tmp_path, members={"f1": {"backend": "fake-async"}})
+        for key, value in backend_attributes.items():
+            setattr(rig.backend, key, value)
         rig.post = lambda url, body: rig.timeline.append((url.rsplit("/", 1)[-1], body)) or (
             prepare_answer if url.endswith("/prepare") else {})
         rig.helper.post = rig.post
@@ -137,13 +141,7 @@ def test_an_older_controller_that_does_not_divert_gets_the_cut_while_frozen(tmp_
 def test_a_member_that_takes_frames_while_stopped_asks_for_its_flip_right_after_its_marker(tmp_path):
     """A VM (``flips_stopped``): the cut request goes at the cut, behind the marker and the purge, so
     the frames held for it are released while QEMU completes; nothing is left to do once it runs."""
-    with fakebackend.registered():
-        rig = Rig(tmp_path, members={"f1": {"backend": "fake-async"}})
-        rig.backend.flips_stopped = True
-        rig.post = lambda url, body: rig.timeline.append((url.rsplit("/", 1)[-1], body)) or (
-            {"divert": True, "cut_frame": True} if url.endswith("/prepare") else {})
-        rig.helper.post = rig.post
-        rig.helper.start_snapshot(SNAPSHOT)
+    rig = async_rig(tmp_path, {"divert": True, "cut_frame": True}, flips_stopped=True)
     assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet_confirmed", "purge", "cut_request",
                            "after_cut", "resumed", "quiet_close", "done"]
     assert rig.reported("done")[0]["image"]["cut"] == "in-band"
@@ -151,13 +149,7 @@ def test_a_member_that_takes_frames_while_stopped_asks_for_its_flip_right_after_
 
 def test_a_member_whose_proof_cannot_mark_is_cut_while_frozen_without_asking_to_divert(tmp_path):
     """A VM whose tap the helper cannot write a marker into (``marks`` False) is cut synchronously."""
-    with fakebackend.registered():
-        rig = Rig(tmp_path, members={"f1": {"backend": "fake-async"}})
-        rig.backend.proof_marks = False
-        rig.post = lambda url, body: rig.timeline.append((url.rsplit("/", 1)[-1], body)) or (
-            {"divert": True, "cut_frame": True} if url.endswith("/prepare") else {})
-        rig.helper.post = rig.post
-        rig.helper.start_snapshot(SNAPSHOT)
+    rig = async_rig(tmp_path, {"divert": True, "cut_frame": True}, proof_marks=False)
     assert rig.steps() == ["quiet_open", "prepare", "purge", "before_cut", "quiet", "cut", "purge", "after_cut",
                            "quiet_close", "done"]
     assert rig.reported("prepare") == [{}] and rig.reported("cut") == [{"marker": rig.backend.sends_marker}]
@@ -174,7 +166,7 @@ def test_a_snapshot_calls_prepare_cut_done_in_order_and_stores_the_image(rig):
     assert stored == {"memory": b"state of f1"}
     done = rig.reported("done")
     assert len(done) == 1 and 0 <= done[0]["image"].pop("upload_wait_ms") < 1000  # no other member to wait for
-    assert set(done[0]["image"].pop("prepare_ms")) == {"call", "purge"}  # the prepare's call and purge, timed
+    assert done[0]["image"].pop("prepare_call_ms") >= 0 and done[0]["image"].pop("prepare_purge_ms") >= 0
     assert done == [{
         "pause_ms": 1.25, "bytes": 11, "server": "http://store:7070",
         "image": {"backend": "fake", "fake_ms": 2.0, "files": [
