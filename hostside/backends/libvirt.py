@@ -14,9 +14,9 @@ Snapshot (QEMU 7.2 under libvirt, driven over QMP through libvirt-qemu):
      asynchronous cut: the helper writes the VM's marker into its tap and waits
      for the switch's copy, ``vm_cut_proof``; the synchronous one: it proves the
      tap drained into the switch and calls the controller's cut); once the
-     stream is complete and the hook answered, ``cont``, then ``resumed`` (the
-     cut request frame, written the same way);
-     The helper then copies each frozen image (with its backing chain) into a
+     stream is complete and the hook answered, ``cont``, then ``resumed``
+     (the helper's cut request, already written behind the marker at the cut
+     unless the controller takes the cut call instead). The helper then copies each frozen image (with its backing chain) into a
      standalone qcow2 and stores it beside the RAM image (``disk-<target>.qcow2``);
   3. any failure (the VM vanishes, the stream is refused, the hook fails)
      cancels the migration and leaves the guest running.
@@ -400,7 +400,8 @@ class VmCutProof:
     """What proves a VM's cut while QEMU has it stopped (``quiet_proof``): ``proof()`` waits until the
     switch has read every frame the guest sent (the tap drained: the synchronous cut);
     ``proof(confirm=True)`` writes the VM's marker into its tap and waits for the switch's copy (the
-    asynchronous cut, ``marks``); ``request_cut()`` writes the cut request once the guest runs."""
+    asynchronous cut, ``marks``); ``request_cut()`` writes the cut request behind it (at the cut: the
+    backend ``flips_stopped``)."""
 
     def __init__(self, tap: str, link=None, why_not: Optional[str] = None):
         self.tap, self.link, self.why_not = tap, link, why_not
@@ -428,7 +429,7 @@ def vm_cut_proof(domain: str, tap: str, mac: Optional[str], snapshot: str, membe
     cut is synchronous)."""
     from hostside.backends.criu import MarkerLink
     from violin_core.packets import build_cut_request, build_marker
-    pid, why_not, fds = _qemu_pid(domain), None, []
+    pid, why_not, fds, sock = _qemu_pid(domain), None, [], None
     try:
         if not mac:
             why_not = "the VM's NIC has no MAC address in its XML"
@@ -439,13 +440,14 @@ def vm_cut_proof(domain: str, tap: str, mac: Optional[str], snapshot: str, membe
         else:
             fds = tun_fds(pid, tap)
             why_not = TapWriter(pid, fds[0], tap).check() if fds else "QEMU holds no descriptor on %s" % tap
+            if why_not is None:
+                sock = open_tap_watch(tap)
     except (OSError, VmError) as error:
         why_not = "%s: %s" % (tap, error)
     if why_not is not None:
         LOG.info("the cut of %s is synchronous: %s", member, why_not)
         yield VmCutProof(tap, why_not=why_not)
         return
-    sock = open_tap_watch(tap)
     link = MarkerLink(sock, build_marker(mac, snapshot, member), cut_request=build_cut_request(mac, snapshot, member),
                       send=TapWriter(pid, fds[0], tap).write, echo_outgoing=True, error=VmError)
     try:
