@@ -4,6 +4,7 @@ Importing it puts the repository root and ``ryu_apps`` on ``sys.path``, so the
 scripts can import ``lab``, ``workloads`` and ``topologies`` after it.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -24,6 +25,20 @@ from lab.lab import LabError, network  # noqa: E402
 
 class BenchError(RuntimeError):
     """A run failed (exit code 1)."""
+
+
+@contextlib.contextmanager
+def helper_cut_mode(mode: str):
+    """Helpers started inside get ``VIOLIN_CUT=mode`` (they inherit the environment); restored after."""
+    before = os.environ.get("VIOLIN_CUT")
+    os.environ["VIOLIN_CUT"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("VIOLIN_CUT", None)
+        else:
+            os.environ["VIOLIN_CUT"] = before
 
 
 class Interrupted(BaseException):

@@ -22,7 +22,7 @@ import threading
 import time
 from contextlib import ExitStack
 
-from benchkit import BenchError, summary, summary_p95, timed_snapshot
+from benchkit import BenchError, helper_cut_mode, summary, summary_p95, timed_snapshot
 from hostside.backends import criu
 from lab import lab, slicelab
 from topologies.lan import LanTopo
@@ -60,10 +60,9 @@ def measure(n, rounds, rate, log, mode="async"):
     workdir = tempfile.mkdtemp(prefix="bench-pause-")
     record = {"members": n, "freeze_slots": criu.FREEZE_SLOTS, "prepare_when": criu.PREPARE_WHEN, "cut_mode": mode,
               "with_cut": [], "bare": [], "steps": [], "cut_frames": []}
-    before = os.environ.get("VIOLIN_CUT")
-    os.environ["VIOLIN_CUT"] = mode  # the helper started below inherits it
     try:
         with ExitStack() as stack:
+            stack.enter_context(helper_cut_mode(mode))  # the helper started below inherits it
             stack.callback(controller.stop)
             controller.start()
             net = stack.enter_context(lab.network(LanTopo(n, prefix=lab.run_prefix()), controller))
@@ -115,10 +114,6 @@ def measure(n, rounds, rate, log, mode="async"):
                 time.sleep(0.2)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        if before is None:
-            os.environ.pop("VIOLIN_CUT", None)
-        else:
-            os.environ["VIOLIN_CUT"] = before
     cut, bare = summary_p95(record["with_cut"]), summary_p95(record["bare"])
     record["summary"] = {"with_cut_ms": cut, "bare_ms": bare,
                          "ratio_p50": round(cut["p50"] / bare["p50"], 2), "ratio_p95": round(cut["p95"] / bare["p95"], 2),

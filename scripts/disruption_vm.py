@@ -9,14 +9,13 @@ proofs and no cut (QEMU converges on its own): the bare mechanism. A pause is QE
 deaf time is the controller's ``held_ms`` (the member's prepare to the release of its held frames).
 """
 
-import os
 import shutil
 import tempfile
 import threading
 import time
 from contextlib import ExitStack
 
-from benchkit import BenchError, summary, timed_snapshot
+from benchkit import BenchError, helper_cut_mode, summary, timed_snapshot
 from hostside.backends import libvirt as vm
 from hostside.store.client import ImageServer
 from lab import lab, slicelab, vms
@@ -58,10 +57,9 @@ def measure(n, rounds, log, hold="switchover", cut="async"):
     controller = lab.ControllerProcess(config=slicelab.controller_config())
     workdir = tempfile.mkdtemp(prefix="bench-dvm-")
     record = {"vms": n, "vm_hold": hold, "cut_mode": cut, "snapshots": [], "bare": []}
-    before = os.environ.get("VIOLIN_CUT")
-    os.environ["VIOLIN_CUT"] = cut  # the helper started below inherits it
     try:
         with ExitStack() as stack:
+            stack.enter_context(helper_cut_mode(cut))  # the helper started below inherits it
             stack.callback(controller.stop)
             controller.start()
             prefix = lab.run_prefix()
@@ -93,10 +91,6 @@ def measure(n, rounds, log, hold="switchover", cut="async"):
                 time.sleep(0.3)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        if before is None:
-            os.environ.pop("VIOLIN_CUT", None)
-        else:
-            os.environ["VIOLIN_CUT"] = before
     snaps = record["snapshots"]
     hooked = [s["pause_ms"] for s in snaps]
     bare = [b["pause_ms"] for b in record["bare"]]

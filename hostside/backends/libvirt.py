@@ -290,7 +290,7 @@ def tun_fds(pid: int, tap: str, proc: str = "/proc") -> List[int]:
                 text = handle.read()
         except OSError:
             continue
-        if "iff:\t%s\n" % tap in text or text.endswith("iff:\t%s" % tap):
+        if "iff:\t" + tap in text.splitlines():
             found.append(int(name))
     return sorted(found)
 
@@ -406,15 +406,13 @@ class VmCutProof:
     def __init__(self, tap: str, link=None, why_not: Optional[str] = None):
         self.tap, self.link, self.why_not = tap, link, why_not
         self.marks = link is not None
-        self.confirm_ms: Optional[float] = None
 
     def __call__(self, confirm: bool = False) -> float:
         if confirm:
             if self.link is None:
                 raise VmError("no marker can be written into %s: %s" % (self.tap, self.why_not))
             self.link.prove(confirm=True)
-            self.confirm_ms = self.link.confirm_ms
-            return self.confirm_ms or 0.0  # the report's drain_ms: the marker's round trip through the switch
+            return self.link.confirm_ms or 0.0  # the report's drain_ms: the marker's round trip through the switch
         exclude = (os.fstat(self.link.sock.fileno()).st_ino,) if self.link is not None else ()
         return wait_tap_drained(self.tap, exclude=exclude)
 
