@@ -191,7 +191,7 @@ class ViolinController:
         snapshot, messages = self.coordinator.start(self.clock(), self.wall_clock(), values["members"],
                                                     values["label"], values["timeout_s"])
         self.flip_queue, self.flip_results = {}, {}  # nothing of an earlier snapshot's cuts carries over
-        self.metrics.snapshot_started()
+        self.metrics.snapshot_started(snapshot.participants)
         self._persist()
         if not self.io.send_and_barrier(messages, set(self.fabric.switches), self.config.snapshot.barrier_timeout):
             self._abort("the switches did not confirm the snapshot rules within %.1f s"

@@ -100,6 +100,7 @@ class MemberCut:
     marker_seen: bool = False
     diverted: bool = False  # an asynchronous cut: the switch colours its frames by its marker (learned flow)
     cut_time: Optional[float] = None  # wall clock when its rules were in force
+    requested: Optional[float] = None  # wall clock when its in-band cut request reached the controller
     flip_ms: Optional[float] = None  # cut request -> barrier replies
     prepared_at: Optional[float] = None  # monotonic: its prepare began, every frame for it held from then on
     held_ms: Optional[float] = None  # deaf time: prepare -> its cut's rules confirmed and its frames released
@@ -131,7 +132,8 @@ class Snapshot:
             "phase": self.phase, "reason": self.reason, "created": self.created, "completed": self.completed,
             "restorable": self.state == SnapshotState.COMPLETE,
             "members": [dict(name=c.name, state=c.state, cut_time=c.cut_time, flip_ms=c.flip_ms, held_ms=c.held_ms,
-                             marker=c.marker_seen, **c.report) for c in self.cuts.values()],
+                             marker=c.marker_seen, cut_requested=c.requested, **c.report)
+                        for c in self.cuts.values()],
             "counts": dict(self.counts), "drain": dict(self.drain),
         }
 
@@ -401,9 +403,9 @@ class Coordinator(FabricPolicy):
         # One marker speaks for one port: a member on several ports is cut while it is paused.
         ports = {self.fabric.hosts.get(mac) for mac in member.macs}
         cut.state, cut.prepared_at, cut.diverted = CutState.PREPARED, now, bool(divert) and len(ports) == 1
-        return self.fabric.reconcile(now, self.switches_of(member))
+        return self.fabric.reconcile(now, self.switches_of(member), member.macs)
 
-    def marker_in(self, dpid: int, in_port: int, frame: bytes) -> None:
+    def marker_in(self, dpid: int, in_port: int, frame: bytes, wall: Optional[float] = None) -> None:
         """A member's marker came in on its own link: every earlier frame of it has passed ingress.
 
         A cut request (``build_cut_request``) on a diverted member's link after its marker asks for its
@@ -425,6 +427,7 @@ class Coordinator(FabricPolicy):
         elif (cut.diverted and cut.marker_seen and cut.state == CutState.PREPARED
               and name not in self.cut_requests):  # repeated or early requests mean nothing
             self.cut_requests.append(name)
+            cut.requested = wall
 
     def take_cut_requests(self) -> List[str]:
         """The members whose in-band cut request came in since the last call, in arrival order."""
@@ -454,15 +457,16 @@ class Coordinator(FabricPolicy):
             if cut.state not in (CutState.PENDING, CutState.PREPARED):
                 raise Refused(409, "%s was already cut in snapshot %s" % (name, snapshot_id))
         learned = [self.members[n] for n in names if self.diverting(self.members[n]) and snapshot.cuts[n].marker_seen]
-        releases, switches = [], set()
+        releases, switches, flipped = [], set(), set()
         for name in names:
             member = self.members[name]
             member.epoch = snapshot.epoch
             snapshot.cuts[name].state = CutState.CUT
             releases += self._release_queue(name, record_colour=self.colour(snapshot.epoch - 1), wall=wall)
             switches |= self.switches_of(member)
+            flipped.update(member.macs)
         snapshot.last_flip = now
-        rules = self.fabric.reconcile(now, switches)
+        rules = self.fabric.reconcile(now, switches, flipped)
         macs = {mac for member in learned for mac in member.macs}
         ports = {self.fabric.hosts[mac] for mac in macs if mac in self.fabric.hosts}
 
@@ -544,7 +548,7 @@ class Coordinator(FabricPolicy):
     def packet_in(self, now: float, wall: float, dpid: int, in_port: int, frame: bytes,
                   role: int) -> List[of.Message]:
         if role == of.ROLE_MARKER:
-            self.marker_in(dpid, in_port, frame)
+            self.marker_in(dpid, in_port, frame, wall)
             return []
         if not self.running():
             # A late hold/flood packet-in after completion or abort: deliver, never lose it.

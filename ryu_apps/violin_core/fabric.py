@@ -66,6 +66,8 @@ class FabricSettings:
 class Fabric:
     """Topology, hosts and the derived flow plan of every switch."""
 
+    check_partial = False  # tests: every reconcile of some hosts also derives all flows and compares
+
     def __init__(self, settings: FabricSettings = FabricSettings(), nonce: Optional[bytes] = None,
                  policy: Optional[FabricPolicy] = None):
         self.settings = settings
@@ -79,6 +81,7 @@ class Fabric:
         self.counters = {"packet_in": 0, "learned": 0, "moved": 0, "ignored": 0, "hosts_over_limit": 0}
         self._graph_cache = None
         self._routes_cache: Dict[object, object] = {}  # the flood tree and next hops of the cached graph
+        self._plans: Dict[int, tuple] = {}  # dpid -> (switch flows, host -> flows) of its last reconcile
         self.policy = policy or FabricPolicy(Vids(settings.tag_vid))  # colours and cut rules
 
     def use_policy(self, policy: FabricPolicy) -> None:
@@ -172,6 +175,7 @@ class Fabric:
     def _topology_changed(self) -> None:
         self._graph_cache = None
         self._routes_cache = {}
+        self._plans = {}
 
     # --- the flow plan --------------------------------------------------------
 
@@ -207,8 +211,8 @@ class Fabric:
             actions.extend(of.Output(p) for p in edges)
         return tuple(actions)
 
-    def desired_flows(self, dpid: int, now: float, tree: Set[PortRef],
-                      hops: Dict[int, Dict[int, int]]) -> Dict[tuple, of.FlowEntry]:
+    def switch_flows(self, dpid: int, now: float, tree: Set[PortRef]) -> List[of.FlowEntry]:
+        """The flows of ``dpid`` that belong to no one host: discovery, defaults, floods, its ports."""
         switch = self.switches[dpid]
         entries = [
             of.FlowEntry(INGRESS_TABLE, 1000, of.match(eth_type=PROBE_ETH_TYPE, eth_dst=PROBE_DST),
@@ -237,30 +241,77 @@ class Fabric:
             elif not self.is_edge(dpid, port_no, now):
                 # Not yet classified: carry nothing until discovery has had its chance.
                 entries.append(of.FlowEntry(INGRESS_TABLE, 100, of.match(in_port=port_no)))
-        for mac, (host_dpid, host_port) in sorted(self.hosts.items()):
-            if host_dpid == dpid:
-                entries.extend(self.policy.ingress_entries(dpid, mac, host_port))
-                entries.append(of.FlowEntry(
-                    INGRESS_TABLE, 500, of.match(in_port=host_port, eth_src=mac),
-                    (of.PushVlan(), of.SetField("vlan_vid", self.host_vid(mac) | of.OFPVID_PRESENT)),
-                    goto=FORWARD_TABLE))
-                entries.append(of.FlowEntry(FORWARD_TABLE, 500, of.match(eth_dst=mac), goto=EGRESS_TABLE))
-                entries.extend(self.egress_entries(dpid, mac, host_port))
-            elif dpid in hops.get(host_dpid, {}):
-                entries.append(of.FlowEntry(FORWARD_TABLE, 500, of.match(eth_dst=mac),
-                                            (of.Output(hops[host_dpid][dpid]),)))
+        return entries
+
+    def host_flows(self, dpid: int, mac: str, hops: Dict[int, Dict[int, int]]) -> List[of.FlowEntry]:
+        """The flows of ``dpid`` for one host: its ingress, delivery and cut rules, or the way to it."""
+        where = self.hosts.get(mac)
+        if where is None:
+            return []
+        host_dpid, host_port = where
+        if host_dpid == dpid:
+            return [*self.policy.ingress_entries(dpid, mac, host_port),
+                    of.FlowEntry(INGRESS_TABLE, 500, of.match(in_port=host_port, eth_src=mac),
+                                 (of.PushVlan(), of.SetField("vlan_vid", self.host_vid(mac) | of.OFPVID_PRESENT)),
+                                 goto=FORWARD_TABLE),
+                    of.FlowEntry(FORWARD_TABLE, 500, of.match(eth_dst=mac), goto=EGRESS_TABLE),
+                    *self.egress_entries(dpid, mac, host_port)]
+        if dpid in hops.get(host_dpid, {}):
+            return [of.FlowEntry(FORWARD_TABLE, 500, of.match(eth_dst=mac), (of.Output(hops[host_dpid][dpid]),))]
+        return []
+
+    def desired_flows(self, dpid: int, now: float, tree: Set[PortRef],
+                      hops: Dict[int, Dict[int, int]]) -> Dict[tuple, of.FlowEntry]:
+        """Every flow ``dpid`` should hold, by key."""
+        return self._merge(self._plan_switch(dpid, now, tree, hops, None))
+
+    def _plan_switch(self, dpid: int, now: float, tree: Set[PortRef], hops: Dict[int, Dict[int, int]],
+                     hosts: Optional[Set[str]]) -> Tuple[List[of.FlowEntry], Dict[str, List[of.FlowEntry]]]:
+        """(switch flows, host -> its flows) of ``dpid``, kept for the next reconcile; with ``hosts``,
+        only those hosts' flows are derived again and the others' are the ones kept."""
+        kept = self._plans.get(dpid)
+        if hosts is None or kept is None or kept[1].keys() != self.hosts.keys():
+            per_host = {mac: self.host_flows(dpid, mac, hops) for mac in sorted(self.hosts)}
+        else:
+            per_host = dict(kept[1])
+            for mac in hosts:
+                if mac in self.hosts:
+                    per_host[mac] = self.host_flows(dpid, mac, hops)
+                else:
+                    per_host.pop(mac, None)
+            per_host = dict(sorted(per_host.items()))
+        plan = (self.switch_flows(dpid, now, tree), per_host)
+        self._plans[dpid] = plan
+        return plan
+
+    @staticmethod
+    def _merge(plan) -> Dict[tuple, of.FlowEntry]:
+        common, per_host = plan
+        entries = list(common)
+        for flows in per_host.values():
+            entries.extend(flows)
         return {entry.key: entry for entry in entries}
 
-    def reconcile(self, now: float, dpids: Optional[Iterable[int]] = None) -> List[of.Message]:
-        """Flow-mods that turn each switch's installed flows into the wanted ones."""
+    def reconcile(self, now: float, dpids: Optional[Iterable[int]] = None,
+                  hosts: Optional[Iterable[str]] = None) -> List[of.Message]:
+        """Flow-mods that turn each switch's installed flows into the wanted ones.
+
+        ``hosts``: only these hosts' flows (and no one host's, such as the floods) may have changed
+        since the last reconcile, as at a member's prepare or flip: the other hosts' flows are the
+        ones derived then. A flip of one member on a switch of 16 hosts then derives 6 flows, not
+        150 (``check_partial`` makes every such reconcile derive everything too and compare)."""
         tree = self.tree_ports()
         host_switches = {d for d, _ in self.hosts.values()}
         hops = {d: self.next_hops(d) for d in host_switches}
+        only = None if hosts is None else {mac.lower() for mac in hosts}
         messages: List[of.Message] = []
         for dpid in sorted(self.switches if dpids is None else dpids):
             if dpid not in self.switches:
                 continue
-            wanted = self.desired_flows(dpid, now, tree, hops)
+            wanted = self._merge(self._plan_switch(dpid, now, tree, hops, only))
+            if only is not None and self.check_partial:
+                full = self.desired_flows(dpid, now, tree, hops)
+                assert list(full.items()) == list(wanted.items()), "a partial reconcile of %s missed flows" % only
             installed = self.installed.setdefault(dpid, {})
             # Adds before deletes: a switch applies them one by one, and packets between
             # two flow-mods must never meet a table more permissive than before and after
@@ -268,7 +319,8 @@ class Fabric:
             # Learned flows (the switch adds them) are never sent, and are deleted last: the flows that
             # consult them go first, so no packet meets a table that has lost the learned answer early.
             for key, entry in wanted.items():
-                if installed.get(key) != entry and not entry.learned:
+                current = installed.get(key)
+                if current is not entry and current != entry and not entry.learned:
                     messages.append(of.add_flow(dpid, entry))
             # A learned flow goes with every stale copy of it the switch may have re-added (of.LearnVid).
             gone = [entry for key, entry in installed.items() if key not in wanted]

@@ -9,7 +9,7 @@ the ``violin_`` prefix and base units (seconds, bytes); README "Metrics" lists
 them all. ``prometheus_client`` is pure Python: the core still never imports ryu.
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -105,8 +105,13 @@ class ControllerMetrics(Metrics):
                 ROLE_NAMES.get(role, "learn" if role is None else str(role)))
         child.inc()
 
-    def snapshot_started(self) -> None:
+    def snapshot_started(self, members: Iterable[str] = ()) -> None:
+        """A snapshot of ``members`` began: their series are made now, not at their flips (a histogram
+        series of a name not seen before took 0.5-2.7 ms each to make, 70 ms in one 26-member batch)."""
         self.snapshots_running.set(1)
+        for name in members:
+            for histogram in (self.member_flip, self.member_deaf, self.member_pause):
+                histogram.labels(name)
 
     def frames_counted(self, snapshot) -> None:
         """Add what the snapshot's counts gained since the last call (held, released, recorded...)."""

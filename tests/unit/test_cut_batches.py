@@ -223,3 +223,27 @@ def test_the_manifest_is_written_after_the_answers_once_and_not_over_the_complet
         h.run_spawned()
         final = h.controller.catalogue.get(sid)
         assert final["state"] == "complete" and "channel" in final  # the write after it did not replace it
+
+
+def test_a_flip_derives_only_its_members_flows_and_its_deletes_repeat(tmp_path, monkeypatch):
+    """A flip of one member derives that member's flows (and the switch's own), not every host's: the
+    rest are the ones derived at the last reconcile (``Fabric.check_partial``, on in every test, compares
+    each such reconcile with deriving everything). Its deletes carry no actions, so the same delete is
+    the same message, and encoded once, in every snapshot."""
+    h = make_harness(tmp_path)
+    monkeypatch.setattr(h.fabric, "check_partial", False)  # which would derive everything again
+    derived = []
+    original = h.fabric.host_flows
+    monkeypatch.setattr(h.fabric, "host_flows", lambda dpid, mac, hops: derived.append(mac) or original(dpid, mac, hops))
+    deletes = []
+    for _ in range(2):
+        with h.io.lock:
+            sid = h.controller.start_snapshot({"members": ["m11", "m12"]})["id"]
+            h.controller.prepare(sid, "m11", {"divert": True})
+            derived.clear()
+            rules, releases, tidying = h.coordinator.flip_many(h.now, sid, ["m11"])
+            assert derived == [MACS["m11"]]
+            deletes.append({m for m in rules + tidying if m.command.startswith("delete")})
+            assert all(m.entry.actions == () and m.entry.goto is None for m in deletes[-1])
+            h.controller.abort(sid, {"reason": "test"})
+    assert deletes[0] and deletes[0] == deletes[1]  # epochs differ; the deletes do not
