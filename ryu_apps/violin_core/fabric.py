@@ -245,10 +245,7 @@ class Fabric:
 
     def host_flows(self, dpid: int, mac: str, hops: Dict[int, Dict[int, int]]) -> List[of.FlowEntry]:
         """The flows of ``dpid`` for one host: its ingress, delivery and cut rules, or the way to it."""
-        where = self.hosts.get(mac)
-        if where is None:
-            return []
-        host_dpid, host_port = where
+        host_dpid, host_port = self.hosts[mac]
         if host_dpid == dpid:
             return [*self.policy.ingress_entries(dpid, mac, host_port),
                     of.FlowEntry(INGRESS_TABLE, 500, of.match(in_port=host_port, eth_src=mac),
@@ -272,14 +269,10 @@ class Fabric:
         kept = self._plans.get(dpid)
         if hosts is None or kept is None or kept[1].keys() != self.hosts.keys():
             per_host = {mac: self.host_flows(dpid, mac, hops) for mac in sorted(self.hosts)}
-        else:
+        else:  # the same hosts as then, in the same order: only the named ones' flows change
             per_host = dict(kept[1])
-            for mac in hosts:
-                if mac in self.hosts:
-                    per_host[mac] = self.host_flows(dpid, mac, hops)
-                else:
-                    per_host.pop(mac, None)
-            per_host = dict(sorted(per_host.items()))
+            for mac in hosts & per_host.keys():
+                per_host[mac] = self.host_flows(dpid, mac, hops)
         plan = (self.switch_flows(dpid, now, tree), per_host)
         self._plans[dpid] = plan
         return plan
