@@ -366,6 +366,12 @@ class HubIO(ControllerIO):
     def sleep(self, seconds):
         self._unlocked(hub.sleep, seconds)
 
+    def run_blocking(self, function):
+        if getattr(hub, "HUB_TYPE", "eventlet") == "native":  # os-ken: real threads already
+            return self._unlocked(function)
+        from eventlet import tpool  # a thread of eventlet's pool; the hub runs on meanwhile
+        return self._unlocked(tpool.execute, function)
+
     def new_event(self):
         # os-ken's native hub.Event never times out (its Timeout cannot interrupt the wait): real threads
         # there, a real event; under eventlet (threading not patched) only the hub's event lets others run.

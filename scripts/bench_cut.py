@@ -33,7 +33,16 @@ state, the controller dropped nothing and released all it held. Misses right
 at a flip (stale datapath flows) are reported apart as ``flip_race``. R steps
 up until a step fails twice in a row.
 
+Part 3, cuts at once (``--scale``, issue 11 goal 5; docs/bench/bench_cut_scale.json). N manual members
+of LineTopo(4, 16) cut at once, by N concurrent cut calls and by N cut request frames from the members'
+own links (each prepared with ``divert`` and its marker in first), beside N concurrent GET
+/violin/health (the REST path's floor). ``--baseline REV`` runs REV's controller on a second network,
+rounds interleaved. The arm ``floor`` sends the same frames to ``scripts/bench_cut_floor_app.py``, a
+Ryu app that answers each at once with two flow-mods and a barrier and does nothing else: what the
+switch (and Ryu) take whatever the controller does.
+
     .venv/bin/python scripts/bench_cut.py [--out docs/bench/bench_cut.json] [--quick] [--keep DIR]
+    .venv/bin/python scripts/bench_cut.py --scale [--sizes 1,8,32,64] [--rounds 8] [--baseline REV]
 
 Must run as root. Exit codes: 0 success, 1 a run failed, 2 bad usage,
 130 interrupted. Every part has its own name prefix, controller process and
@@ -961,6 +970,71 @@ def scale_round_in_band(controller, hosts, label, timeout=10.0):
             for m in view["members"]], cpu_ms
 
 
+def read_floor_log(path, label):
+    """The floor app's records of snapshot ``label``: member -> {"marker"/"packet_in"/"rules": wall}."""
+    found = {}
+    with open(path) as handle:
+        for line in handle:
+            entry = json.loads(line)
+            if entry.pop("snapshot") == label:
+                found.setdefault(entry.pop("member"), {}).update(entry)
+    return found
+
+
+def wait_floor_connected(floor, hosts, log_path, timeout=20.0):
+    """Until every switch of the floor's network has its rule (a marker from each switch's first host
+    comes back to the controller)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            scale_round_floor(floor, hosts, "floor-warm-%d" % int(time.monotonic() * 1000), log_path, timeout=1.0)
+            return
+        except BenchError:
+            if time.monotonic() > deadline:
+                raise BenchError("the floor controller's switches did not come up in %.0f s" % timeout) from None
+
+
+def scale_round_floor(controller, hosts, label, log_path, timeout=10.0):
+    """The in-band round against ``bench_cut_floor_app`` (no snapshot: each marker adds a hold rule, each
+    cut request gets two flow-mods and a barrier at once): [(ms from the frame's send to the barrier
+    reply, None, ms from the send to the packet-in)], controller CPU ms, as scale_round_in_band's."""
+    from hostside.backends import criu
+    from violin_core.packets import build_cut_request, build_marker
+    names, sockets = [h.name for h in hosts], {}
+    try:
+        for host in hosts:
+            sockets[host.name] = criu.open_marker_socket("/proc/%d/ns/net" % host.pid, host.defaultIntf().name)
+            sockets[host.name].send(build_marker(host.MAC(), label, host.name))
+        deadline = time.monotonic() + timeout
+        while not all("marker" in r for r in read_floor_log(log_path, label).values()) or \
+                len(read_floor_log(log_path, label)) < len(names):
+            if time.monotonic() > deadline:
+                raise BenchError("floor %s: not every marker reached the controller" % label)
+            time.sleep(0.02)
+        sent = {}
+        requests = {h.name: build_cut_request(h.MAC(), label, h.name) for h in hosts}
+
+        def request(name):
+            sent[name] = time.time()
+            sockets[name].send(requests[name])
+        cpu_before = cpu_seconds(controller.process.pid)
+        released_together(controller, [lambda n=n: request(n) for n in names])
+        while True:
+            records = read_floor_log(log_path, label)
+            if all("rules" in records.get(n, {}) for n in names):
+                break
+            if time.monotonic() > deadline + timeout:
+                raise BenchError("floor %s: barrier replies missing for %s" % (
+                    label, [n for n in names if "rules" not in records.get(n, {})]))
+            time.sleep(0.05)
+        cpu_ms = (cpu_seconds(controller.process.pid) - cpu_before) * 1000.0
+    finally:
+        for sock in sockets.values():
+            sock.close()
+    return [((records[n]["rules"] - sent[n]) * 1000.0, None, (records[n]["packet_in"] - sent[n]) * 1000.0)
+            for n in names], cpu_ms
+
+
 def scale_gets(controller, count):
     """``count`` concurrent GET /violin/health sent as the cuts are: ([wall ms], controller CPU ms)."""
     times = []
@@ -976,6 +1050,10 @@ def run_scale(sizes, rounds, baseline, log):
     """The cuts-at-once series on LineTopo(4,16), for this tree's controller and, side by side in the same
     run (rounds interleaved, a network each), for ``baseline``'s."""
     from bench_disruption import locate_all, register
+    if baseline:  # named by its commit in the results, not by a ref that moves ("HEAD")
+        import subprocess
+        named = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", baseline], capture_output=True, text=True)
+        baseline = named.stdout.strip() if named.returncode == 0 else baseline
     variants = [("this", None)] + ([("baseline", baseline)] if baseline else [])
     record = {"topology": "LineTopo(%d,%d)" % (SCALE_SWITCHES, SCALE_PER_SWITCH), "sizes": sizes,
               "rounds": rounds, "variants": {}}
@@ -996,6 +1074,17 @@ def run_scale(sizes, rounds, baseline, log):
             register(controller, hosts)
             setups.append((name, revision, controller, [h.name for h in hosts]))
             in_band_on[name] = (controller, hosts)
+        # The floor: the switch's own part, with a controller that only answers each request at once
+        floor_log = os.path.join(workdir, "floor.jsonl")
+        open(floor_log, "w").close()
+        floor = ControllerProcess(app=os.path.join(ROOT, "scripts", "bench_cut_floor_app.py"), rest=False,
+                                  extra_env={"VIOLIN_FLOOR_LOG": floor_log})
+        STARTED_CONTROLLERS.append(floor)
+        stack.callback(floor.stop)
+        floor_net = bring_up(stack, floor, LineTopo(SCALE_SWITCHES, SCALE_PER_SWITCH, prefix=run_prefix()),
+                             "floor %s" % record["topology"])
+        floor_hosts = sorted(floor_net.hosts, key=lambda h: h.name)
+        wait_floor_connected(floor, floor_hosts, floor_log)
         samples = {name: {n: {"cuts": [], "cpu": [], "gets": [], "gets_cpu": []} for n in sizes}
                    for name, *_ in setups}
         in_band = {name: {n: {"cuts": [], "cpu": []} for n in sizes} for name in in_band_on}
@@ -1020,6 +1109,10 @@ def run_scale(sizes, rounds, baseline, log):
                         continue
                     in_band[name][size]["cuts"] += cuts
                     in_band[name][size]["cpu"].append(cpu_ms)
+                cuts, cpu_ms = scale_round_floor(floor, floor_hosts[:size], "floor-%d-%d" % (size, index), floor_log)
+                in_band.setdefault("floor", {n: {"cuts": [], "cpu": []} for n in sizes})
+                in_band["floor"][size]["cuts"] += cuts
+                in_band["floor"][size]["cpu"].append(cpu_ms)
             log("scale round %d/%d done" % (index + 1, rounds))
     for name, revision, controller, _names in setups:
         series = {}
@@ -1052,7 +1145,8 @@ def run_scale(sizes, rounds, baseline, log):
         series = {}
         for size in sizes:
             latency, flip, to_controller = zip(*cells[size]["cuts"])
-            series[str(size)] = {"request_to_rules_ms": summary(list(latency)), "flip_ms": summary(list(flip)),
+            series[str(size)] = {"request_to_rules_ms": summary(list(latency)),
+                                 **({} if None in flip else {"flip_ms": summary(list(flip))}),
                                  **({} if None in to_controller else {  # a baseline may not say
                                      "request_to_packet_in_ms": summary(list(to_controller)),
                                      "packet_in_to_rules_ms": summary([a - b for a, b in zip(latency, to_controller)])}),
@@ -1061,8 +1155,11 @@ def run_scale(sizes, rounds, baseline, log):
         one = series[str(sizes[0])]["request_to_rules_ms"]["p50"]
         record["in_band" if name == "this" else "in_band_" + name] = {
             "what": "cut request frames (what the helper sends once a member runs again), N at once from the "
-                    "members' own links: the frame's send -> the member's rules in force (manifest cut_time)",
-            "code": "worktree" if name == "this" else baseline,
+                    "members' own links: the frame's send -> the member's rules in force (manifest cut_time)"
+                    if name != "floor" else
+                    "the same frames to scripts/bench_cut_floor_app.py, which answers each packet-in at once with "
+                    "two flow-mods and a barrier: the frame's send -> the barrier reply (the switch's own part)",
+            "code": {"this": "worktree", "floor": "scripts/bench_cut_floor_app.py"}.get(name, baseline),
             "series": series, "ratio_p50_to_one": {n: round(v["request_to_rules_ms"]["p50"] / one, 2)
                                                    for n, v in series.items()},
             "goal_p50_ms": round(2 * one, 3), "met": series[str(sizes[-1])]["request_to_rules_ms"]["p50"] <= 2 * one}
@@ -1075,6 +1172,9 @@ def run_scale(sizes, rounds, baseline, log):
     return record
 
 
+IN_BAND_KEYS = ("in_band", "in_band_baseline", "in_band_floor")
+
+
 def plot_scale(record, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -1082,8 +1182,9 @@ def plot_scale(record, path):
     sizes = [str(n) for n in record["sizes"]]
     names = list(record["variants"])
     figure, axis = plt.subplots(figsize=(8, 4.6))
-    colours = {"this": "#9ecae1", "baseline": "#fdae6b", "in_band": "#a1d99b", "in_band_baseline": "#e5f5e0"}
-    extra = [k for k in ("in_band", "in_band_baseline") if record.get(k)] + ["health"]
+    colours = {"this": "#9ecae1", "baseline": "#fdae6b", "in_band": "#a1d99b", "in_band_baseline": "#e5f5e0",
+               "in_band_floor": "#bcbddc"}
+    extra = [k for k in IN_BAND_KEYS if record.get(k)] + ["health"]
     width = 0.8 / (len(names) + len(extra))
     handles, labels = [], []
     for slot, name in enumerate(names + extra):
@@ -1098,6 +1199,8 @@ def plot_scale(record, path):
                              boxprops={"facecolor": colours.get(name, "#d9d9d9")})
         handles.append(boxes["boxes"][0])
         labels.append("GET /violin/health, N at once (REST floor)" if name == "health" else
+                      "cut request frames to a controller answering each at once (the switch's floor)"
+                      if name == "in_band_floor" else
                       "cut request frames, N at once (frame -> rules in force; %s)" % record[name]["code"][:12]
                       if name.startswith("in_band") else
                       "POST .../cut, N at once (%s: %s)" % (name, variant["code"][:12]))
@@ -1109,7 +1212,7 @@ def plot_scale(record, path):
         "%s %s" % (name, ", ".join("%s: %.1fx" % kv for kv in record["variants"][name]["ratio_p50_to_one"].items()))
         for name in names) + "".join("\n%s %s" % (key.replace("_", "-"), ", ".join(
             "%s: %.1fx" % kv for kv in record[key]["ratio_p50_to_one"].items()))
-            for key in ("in_band", "in_band_baseline") if record.get(key))), fontsize=8)
+            for key in IN_BAND_KEYS if record.get(key))), fontsize=8)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -1117,7 +1220,7 @@ def plot_scale(record, path):
 
 def print_scale(record):
     print()
-    for key in ("in_band", "in_band_baseline"):
+    for key in IN_BAND_KEYS:
         if not record.get(key):
             continue
         print("in-band cuts at once (%s), %s: frame -> rules in force, p50 ms (ratio to one)" % (
@@ -1125,7 +1228,8 @@ def print_scale(record):
         for size, series in record[key]["series"].items():
             print("  %3s at once: %7.1f (%5.2fx) p90 %7.1f flip p50 %6.1f cpu/cut %5.2f" % (
                 size, series["request_to_rules_ms"]["p50"], record[key]["ratio_p50_to_one"][size],
-                series["request_to_rules_ms"]["p90"], series["flip_ms"]["p50"], series["controller_cpu_ms_per_cut"])
+                series["request_to_rules_ms"]["p90"], series.get("flip_ms", {}).get("p50", float("nan")),
+                series["controller_cpu_ms_per_cut"])
                 + ("  | send -> packet-in p50 %6.1f, packet-in -> rules p50 %6.1f" % (
                     series["request_to_packet_in_ms"]["p50"], series["packet_in_to_rules_ms"]["p50"])
                    if "request_to_packet_in_ms" in series else ""))

@@ -8,35 +8,46 @@ short by a restart and is marked aborted; only ``complete`` ones are
 """
 
 import hashlib
+import itertools
 import json
 import os
+import posix
 import re
 import shutil
 import threading
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from . import channel
 
 ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 MANIFEST, CHANNEL = "manifest.json", "channel.pcapng"
+_TEMP_NUMBERS = itertools.count()  # one name per write, even two at once in one thread
 
 
 def fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+    # posix.open, not os.open: eventlet's green os.open (under ryu-manager) tells the calling thread's
+    # hub about the descriptor, and called from a worker thread (save_later's write) it left the
+    # controller's event loop answering nothing. Nothing in a write here may be a green call.
+    fd = posix.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """temp file + fsync + rename + fsync of the directory (safe from several threads)."""
-    tmp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
+def write_temp(path: str, data: bytes) -> str:
+    """``data`` in a temporary file beside ``path``, fsynced; its name."""
+    tmp = "%s.tmp-%d-%d-%d" % (path, os.getpid(), threading.get_ident(), next(_TEMP_NUMBERS))
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """temp file + fsync + rename + fsync of the directory (safe from several threads)."""
+    os.replace(write_temp(path, data), path)
     fsync_dir(os.path.dirname(path))
 
 
@@ -44,6 +55,8 @@ class Catalogue:
     def __init__(self, directory: str):
         self.directory = directory
         self.manifests: Dict[str, dict] = {}
+        self._saved: Dict[str, int] = {}  # snapshot id -> how many saves of its manifest were asked for
+        self._landed: Dict[str, int] = {}  # snapshot id -> the newest of them renamed into place
 
     def open(self) -> "Catalogue":
         """Create the directory if needed and load every manifest (marking interrupted ones)."""
@@ -86,6 +99,25 @@ class Catalogue:
         self.manifests[manifest["id"]] = manifest
         return manifest
 
+    def save_later(self, manifest: dict, run_blocking: Callable[[Callable[[], object]], object]) -> bool:
+        """Save ``manifest`` with its two fsyncs run through ``run_blocking`` (off the event loop: a
+        worker thread, the caller's lock given up meanwhile; nothing in them may be a green call).
+        Unless a later save of the same snapshot landed first (the final manifest, while this one's
+        file was written), it is renamed into place. Whether it landed."""
+        manifest = dict(manifest)
+        snapshot_id = manifest["id"]
+        self.manifests[snapshot_id] = manifest
+        directory = os.path.join(self.directory, snapshot_id)
+        os.makedirs(directory, exist_ok=True)
+        path, data, generation = self._next_save(manifest)
+        tmp = run_blocking(lambda: write_temp(path, data))
+        if self._landed.get(snapshot_id, 0) > generation:
+            os.unlink(tmp)
+            return False
+        self._land(snapshot_id, generation, tmp, path)
+        run_blocking(lambda: fsync_dir(directory))
+        return True
+
     def load_extra(self, name: str) -> Optional[dict]:
         """A small JSON document of the controller's kept beside the snapshots (e.g. the schedule)."""
         try:
@@ -102,8 +134,23 @@ class Catalogue:
 
     def delete(self, snapshot_id: str) -> None:
         self.manifests.pop(snapshot_id, None)
+        self._saved.pop(snapshot_id, None)
+        self._landed.pop(snapshot_id, None)
         shutil.rmtree(os.path.join(self.directory, snapshot_id), ignore_errors=True)
 
     def _write_manifest(self, manifest: dict) -> None:
-        path = os.path.join(self.directory, manifest["id"], MANIFEST)
-        write_atomic(path, (json.dumps(manifest, sort_keys=True) + "\n").encode())  # C encoder: not indented
+        path, data, generation = self._next_save(manifest)
+        self._land(manifest["id"], generation, write_temp(path, data), path)
+        fsync_dir(os.path.dirname(path))
+
+    def _next_save(self, manifest: dict):
+        """(path, bytes, generation) of a save of ``manifest``; the generation orders the saves of a
+        snapshot (all taken on the caller's one thread: no lock)."""
+        snapshot_id = manifest["id"]
+        generation = self._saved[snapshot_id] = self._saved.get(snapshot_id, 0) + 1
+        data = (json.dumps(manifest, sort_keys=True) + "\n").encode()  # C encoder: not indented
+        return os.path.join(self.directory, snapshot_id, MANIFEST), data, generation
+
+    def _land(self, snapshot_id: str, generation: int, tmp: str, path: str) -> None:
+        os.replace(tmp, path)
+        self._landed[snapshot_id] = max(generation, self._landed.get(snapshot_id, 0))

@@ -29,6 +29,7 @@ from .schedule import SCHEDULE_LABEL, Scheduler
 LOG = logging.getLogger("violin.controller")
 SNAPSHOT_ROLES = (of.ROLE_MARKER, of.ROLE_HOLD, of.ROLE_RECORD, of.ROLE_FLOOD_CUT)
 DEFAULT_ADVERTISE_URL = "http://127.0.0.1:8080"
+PROGRESS_WRITE_DELAY_S = 0.1  # a running snapshot's manifest is written at most this often (_persist_soon)
 
 SNAPSHOT_BODY = schema.Schema({
     "members": schema.Field((list, type(None)), None, lambda v: None if all(isinstance(m, str) for m in v)
@@ -93,6 +94,11 @@ class ControllerIO:
     def sleep(self, seconds: float) -> None:
         raise NotImplementedError
 
+    def run_blocking(self, function: Callable[[], object]) -> object:
+        """``function()``'s result, run where its blocking (an fsync) stalls nothing else: the RyuApp
+        runs it in a thread, giving up the core's lock meanwhile. This default calls it."""
+        return function()
+
     def spawn(self, function, *args) -> None:
         raise NotImplementedError
 
@@ -131,7 +137,7 @@ class ViolinController:
         self.flip_results: Dict[str, object] = {}  # name -> the cut's answer, or the Refused to raise
         self.flipping = False  # a batch of flips is in the switches
         self.batch_done = None  # set when the batch in the switches has its answers (io.new_event)
-        self.persist_pending = False  # a manifest write is queued in the background
+        self.persist_pending = None  # the snapshot whose progress write is queued in the background
         self.restorer = Restorer(self.coordinator, self.catalogue, io, config.snapshot, config.helper_token,
                                  clock, wall_clock, background=self.background,
                                  started=self.metrics.restore_started, ended=self.metrics.restore_ended)
@@ -493,19 +499,27 @@ class ViolinController:
             self.catalogue.save(manifest)
 
     def _persist_soon(self) -> None:
-        """Write the running snapshot's manifest in the background, once for any number of asks meanwhile.
+        """Write the running snapshot's manifest in the background, PROGRESS_WRITE_DELAY_S after the
+        first ask, once for any number of asks meanwhile, its fsyncs off the event loop.
 
-        Its cuts' progress is news for a reader, not for the cut: a controller that stops before the
-        write finds the snapshot running at restart and aborts it as it would anyway. A snapshot that
-        ended meanwhile was written when it ended (with its channel state): that write stands."""
-        if self.persist_pending or self.io is None:
+        Its cuts' progress is news for a reader on disk, not for the cut (the API answers from the
+        running snapshot itself): a controller that stops before the write finds the snapshot running
+        at restart and aborts it as it would anyway. A snapshot that ended meanwhile was written when
+        it ended (with its channel state): that write stands, even over a progress write still out."""
+        snapshot_id = self.coordinator.current.id
+        if self.persist_pending == snapshot_id or self.io is None:
             return
-        self.persist_pending = True
+        self.persist_pending = snapshot_id
 
         def write():
-            self.persist_pending = False
-            if self.coordinator.running():
-                self._persist()
+            # The rest of a burst of cuts and dones joins this write: written among them, with its
+            # fsyncs on the event loop, it held them 2-20 ms (64 in-band cuts at once 20 -> 16 ms p50).
+            self.io.sleep(PROGRESS_WRITE_DELAY_S)
+            if self.persist_pending == snapshot_id:
+                self.persist_pending = None
+            snapshot = self.coordinator.current
+            if self.coordinator.running() and snapshot.id == snapshot_id:  # not a later snapshot's
+                self.catalogue.save_later(snapshot.manifest(), self.io.run_blocking)
         self.background(write, on_failure=lambda why: LOG.warning("manifest not written: %s", why))
 
     def _persist(self) -> None:

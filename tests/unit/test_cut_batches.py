@@ -225,6 +225,67 @@ def test_the_manifest_is_written_after_the_answers_once_and_not_over_the_complet
         assert final["state"] == "complete" and "channel" in final  # the write after it did not replace it
 
 
+def test_the_progress_write_runs_off_the_event_loop_and_never_lands_over_a_later_manifest(tmp_path, monkeypatch):
+    """The running snapshot's manifest is written through io.run_blocking (a thread in the RyuApp:
+    its fsyncs no longer hold every cut); a write that lost the race with a later save of the same
+    snapshot (the final manifest) is dropped, not renamed over it."""
+    import json
+    import os
+    from violin_core.catalogue import Catalogue
+    h = make_harness(tmp_path)
+    blocking = []
+    h.io.run_blocking = lambda function: blocking.append(function) or function()  # FakeIO's: no thread
+    with h.io.lock:
+        sid = h.controller.start_snapshot({"members": ["m11"]})["id"]
+        h.controller.cut(sid, "m11")
+        h.run_spawned()
+    assert len(blocking) == 2  # the manifest's file, then its directory
+    stored = h.controller.catalogue.get(sid)
+    assert {m["name"]: m["state"] for m in stored["members"]} == {"m11": "cut"}
+    path = os.path.join(str(tmp_path / "state"), sid, "manifest.json")
+    with open(path) as handle:
+        assert json.load(handle)["members"][0]["state"] == "cut"
+
+    catalogue = Catalogue(str(tmp_path / "other")).open()
+    # The fsyncs run in a worker thread: no eventlet-patched call in them (a green os.open there
+    # stalled ryu-manager's event loop).
+    monkeypatch.setattr(os, "open", lambda *args: pytest.fail("os.open in a write off the event loop"))
+
+    def final_lands_meanwhile(function):  # the final manifest saved while the progress write is out
+        result = function()
+        if not os.path.exists(os.path.join(str(tmp_path / "other"), "s1", "manifest.json")):
+            catalogue.save({"id": "s1", "state": "complete"})
+        return result
+    assert catalogue.save_later({"id": "s1", "state": "running"}, final_lands_meanwhile) is False
+    reopened = Catalogue(str(tmp_path / "other")).open()
+    assert reopened.get("s1")["state"] == "complete" and catalogue.get("s1")["state"] == "complete"
+    assert catalogue.save_later({"id": "s2", "state": "running"}, lambda function: function()) is True
+    assert Catalogue(str(tmp_path / "other")).open().get("s2")["state"] == "aborted"  # running at a restart
+    assert os.listdir(str(tmp_path / "other" / "s1")) == ["manifest.json"]  # no temp file left
+
+
+def test_a_progress_write_asked_for_by_one_snapshot_does_not_land_among_the_next_ones_cuts(tmp_path):
+    """A's queued write, run while B runs, writes nothing (A's end wrote A; B's cuts are not held by
+    A's write); B's own asks queue B's write, which writes B."""
+    h = make_harness(tmp_path)
+    with h.io.lock:
+        first = h.controller.start_snapshot({"members": ["m11"]})["id"]
+        h.controller.cut(first, "m11")
+        first_write = h.io.spawned.pop(0)  # queued by the cut; held back until the next snapshot runs
+        h.controller.done(first, "m11", {})
+        h.run_spawned()  # the drain completes the first snapshot (its final manifest)
+        assert h.controller.catalogue.get(first)["state"] == "complete"
+        second = h.controller.start_snapshot({"members": ["m11", "m21"]})["id"]
+        h.controller.cut(second, "m11")
+        assert len(h.io.spawned) == 1  # the second snapshot's own write: not swallowed by the first's
+        written = []
+        h.controller.catalogue.save_later = lambda manifest, run: written.append(manifest["id"])
+        first_write[0](*first_write[1])
+        assert written == [] and h.controller.persist_pending == second
+        h.run_spawned()
+        assert written == [second]
+
+
 def test_a_flip_derives_only_its_members_flows_and_its_deletes_repeat(tmp_path, monkeypatch):
     """A flip of one member derives that member's flows (and the switch's own), not every host's: the
     rest are the ones derived at the last reconcile (``Fabric.check_partial``, on in every test, compares
