@@ -2,11 +2,15 @@
 
 For 1, 2 and 8 CRIU members of one violin-helper (seqstream, UDP and a TCP stream to every peer,
 ``--pause-rate`` datagrams/s, in LanTopo(N)), interleaved in one run: a snapshot of all of them through
-the controller and the helper, then a bare ``criu dump --leave-running --tcp-established --file-locks``
+the controller and the helper, and a bare ``criu dump --leave-running --tcp-established --file-locks``
 of each member, one after another, with CRIU's own network lock (``nftables``) and no action script:
-the bare mechanism. A pause is CRIU's own frozen time (stats-dump ``frozen_time``) either way. The
-goal: p50 with the cut <= 1.10x bare, p95 <= 1.25x. Each size runs twice, once per cut mode of the
-helper (``VIOLIN_CUT``): ``async`` (the default: only the marker's round trip through the switch while
+the bare mechanism. The snapshot comes first in even rounds, the bare dumps in odd ones, and the bare
+dumps' images are kept as the helper keeps its own (the newest per member until every member of the
+next round is through), so that neither arm alone writes its images into memory the other has just
+freed: on this VM a 40 MB process dumped into memory just freed was frozen 30-60 ms, into memory not
+handed out lately ~125 ms (likely its balloon's free page reporting). A pause is CRIU's own frozen
+time (stats-dump ``frozen_time``) either way. The goal: p50 with the cut <= 1.10x bare, p95 <= 1.25x.
+Each size runs twice, once per cut mode of the helper (``VIOLIN_CUT``): ``async`` (the default: only the marker's round trip through the switch while
 frozen, a cut request frame once the member runs), ``async-call`` (the same with the cut call instead of
 the frame) and ``sync`` (the cut call while frozen), each beside its own bare dumps. Beside it, what
 the helper's steps took (from the done report: prepare, the hook's hold, the cut call inside it, the
@@ -69,7 +73,32 @@ def measure(n, rounds, rate, log, mode="async"):
             members = stack.enter_context(slicelab.helped_slice(controller, net, workdir, rate=rate))
             time.sleep(1.0)
             record["aborted"] = []
+
+            kept_bare = []  # the last round's bare dumps, kept until this round's are all taken
+
+            def bare_dumps(index, first):
+                taken = []
+                for host in net.hosts:
+                    images = os.path.join(workdir, "bare-%s-%d" % (host.name, index))
+                    record["bare"].append(bare_dump(host.name, host.pid, members.pids[host.name], images))
+                    record["bare_order"].append("first" if first else "second")
+                    taken.append(images)
+                    time.sleep(0.05)
+                # Kept as the helper keeps its images: the newest per member (KEEP_IMAGES), the older
+                # removed once every member is through its freeze. Removed at once (as until 12-04),
+                # each dump wrote its pages into memory the one before had just freed, which on this VM
+                # is 2-4x cheaper to fill than memory not handed out lately (see the docstring).
+                for images in kept_bare:
+                    shutil.rmtree(images, ignore_errors=True)
+                kept_bare[:] = taken
+            record["bare_order"], record["cut_order"] = [], []
             for index in range(rounds):
+                # Which arm comes first alternates: the one right after the other's images were removed
+                # (the helper's older kept image, or the last bare dumps) fills the memory they freed.
+                bare_first = index % 2 == 1
+                if bare_first:
+                    bare_dumps(index, True)
+                    time.sleep(0.2)
                 try:
                     view, wall = timed_snapshot(controller, "pause-%d-%d" % (n, index))
                 except (BenchError, ApiError) as error:  # counted, not hidden: a loaded host can miss a marker
@@ -82,6 +111,7 @@ def measure(n, rounds, rate, log, mode="async"):
                 record["cut_frames"].append(sum(view["counts"].get(k, 0) for k in ("held", "recorded", "dropped")))
                 for entry in view["members"]:
                     record["with_cut"].append(entry.get("pause_ms"))
+                    record["cut_order"].append("second" if bare_first else "first")
                     image = entry.get("image", {})
                     if image.get("cut") != MODES[mode]:
                         raise BenchError("%s took a %s cut, not %s" % (entry["name"], image.get("cut"), MODES[mode]))
@@ -93,12 +123,9 @@ def measure(n, rounds, rate, log, mode="async"):
                                               "flip_ms": entry.get("flip_ms"), "held_ms": held,
                                               "deaf_minus_pause_ms": None if held is None or pause is None
                                               else round(held - pause, 3)})
-                time.sleep(0.2)
-                for host in net.hosts:
-                    images = os.path.join(workdir, "bare-%s-%d" % (host.name, index))
-                    record["bare"].append(bare_dump(host.name, host.pid, members.pids[host.name], images))
-                    shutil.rmtree(images, ignore_errors=True)
-                    time.sleep(0.05)
+                if not bare_first:
+                    time.sleep(0.2)
+                    bare_dumps(index, False)
                 if n > 1:  # the same dumps all at once, as the snapshot freezes them: what 2 cores allow
                     time.sleep(0.2)
                     together = []
@@ -110,6 +137,8 @@ def measure(n, rounds, rate, log, mode="async"):
                     for thread in threads:
                         thread.join()
                     record.setdefault("bare_together", []).extend(together)
+                    for host in net.hosts:  # kept as the bare dumps are: the last round's go now
+                        shutil.rmtree(os.path.join(workdir, "together-%s-%d" % (host.name, index - 1)), ignore_errors=True)
                 log("  pause %d members: round %d/%d" % (n, index + 1, rounds))
                 time.sleep(0.2)
     finally:
@@ -120,6 +149,12 @@ def measure(n, rounds, rate, log, mode="async"):
                          "steps_p50": {k: (summary([s[k] for s in record["steps"]]) or {}).get("p50") for k in STEPS},
                          "cut_frames_per_snapshot_p50": (summary(record["cut_frames"]) or {}).get("p50"),
                          "snapshot_wall_ms_p50": (summary(record.get("snapshot_wall_ms", [])) or {}).get("p50")}
+    by_order = {}
+    for order in ("first", "second"):  # each arm's p50 when it came first in its round, and second
+        cut_o = [v for v, o in zip(record["with_cut"], record["cut_order"]) if o == order]
+        bare_o = [v for v, o in zip(record["bare"], record["bare_order"]) if o == order]
+        by_order[order] = {"with_cut_p50": (summary(cut_o) or {}).get("p50"), "bare_p50": (summary(bare_o) or {}).get("p50")}
+    record["summary"]["p50_by_order"] = by_order
     if record.get("bare_together"):
         together = summary_p95(record["bare_together"])
         record["summary"].update(bare_together_ms=together, ratio_p50_to_together=round(cut["p50"] / together["p50"], 2))
@@ -155,6 +190,9 @@ def report(record):
                          n, entry.get("cut_mode", "sync"), entry["freeze_slots"], len(entry.get("aborted", [])),
                          s["with_cut_ms"]["p50"], s["with_cut_ms"]["p95"],
                          s["bare_ms"]["p50"], s["bare_ms"]["p95"], s["ratio_p50"], s["ratio_p95"], s["steps_p50"])
+                     + ("; p50 cut / bare when first in the round %s / %s, second %s / %s ms" % tuple(
+                         s["p50_by_order"][o][k] for o in ("first", "second") for k in ("with_cut_p50", "bare_p50"))
+                        if "p50_by_order" in s else "")
                      + ("; bare dumps all at once p50 %.1f ms (cut / that %.2fx)" % (
                          s["bare_together_ms"]["p50"], s["ratio_p50_to_together"]) if "bare_together_ms" in s else ""))
     return lines
