@@ -55,7 +55,8 @@ def bare_dump(name, host_pid, pid, images):
 
 
 STEPS = ("prepare_ms", "hook_ms", "cut_ms", "workdir_freeze_ms", "flip_ms", "held_ms", "deaf_minus_pause_ms",
-         "resumed_after_ms", "dump_ms", "predump_after_ms", "udp_drain_ms", "freezing_ms", "upload_wait_ms")
+         "resumed_after_ms", "dump_ms", "predump_after_ms", "udp_drain_ms", "freezing_ms", "upload_wait_ms",
+         "disk_settle_ms")
 MODES = {"async": "in-band", "async-call": "async", "sync": "sync"}  # VIOLIN_CUT -> the done report's image.cut
 
 
@@ -118,7 +119,8 @@ def measure(n, rounds, rate, log, mode="async"):
                     held, pause = entry.get("held_ms"), entry.get("pause_ms")
                     record["steps"].append({k: image.get(k) for k in ("prepare_ms", "hook_ms", "cut_ms", "dump_ms",
                                                                       "resumed_after_ms", "predump_after_ms",
-                                                                      "udp_drain_ms", "freezing_ms", "upload_wait_ms")}
+                                                                      "udp_drain_ms", "freezing_ms", "upload_wait_ms",
+                                                                      "disk_settle_ms")}
                                            | {"workdir_freeze_ms": (image.get("workdir") or {}).get("freeze_ms"),
                                               "flip_ms": entry.get("flip_ms"), "held_ms": held,
                                               "deaf_minus_pause_ms": None if held is None or pause is None

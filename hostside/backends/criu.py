@@ -401,6 +401,44 @@ def restore(member: ProcessMember, images: str, timeout: float = 60.0, leave_sto
 
 CLONE_NEWNET = 0x40000000
 DUMP_ATTEMPTS = 3  # CRIU dumps of one member per snapshot, while no cut was taken
+# How long a dump waits for the images' filesystem to take what is waiting to be written (settle_disk)
+SETTLE_TIMEOUT_S = float(os.environ.get("VIOLIN_CRIU_SETTLE_S", "1.0") or 0)
+
+
+def syncfs(path: str) -> None:
+    """syncfs(2) of the filesystem holding ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, "syncfs %s: %s" % (path, os.strerror(error)))
+    finally:
+        os.close(fd)
+
+
+def settle_disk(path: str, timeout: float = SETTLE_TIMEOUT_S, flush: Callable[[str], None] = syncfs) -> Tuple[float, bool]:
+    """Before a freeze: write out what waits on the filesystem the images go to, waiting at most
+    ``timeout``; (ms waited, whether it was all written). Left waiting there (the last snapshot's
+    images, a member's pre-copy), it was written back and its journal committed while CRIU filled
+    the page cache with the frozen member's pages, and CRIU waited on it: flushed first (~7 ms), the
+    pause of 1 / 2 / 8 members per helper went 47.6 / 45.5 / 66.4 -> 35.3 / 35.8 / 48.4 ms p50 over
+    two runs each, alternated (issue 11). A flush that takes longer goes on beside the dump; an
+    error is logged and the dump goes ahead."""
+    if timeout <= 0:
+        return 0.0, False
+    began, outcome = time.monotonic(), []
+
+    def run():
+        try:
+            flush(path)
+            outcome.append(True)
+        except OSError as error:
+            LOG.warning("flushing %s before a freeze failed: %s", path, error)
+            outcome.append(False)
+    flusher = threading.Thread(target=run, name="settle-disk", daemon=True)
+    flusher.start()
+    flusher.join(timeout)
+    return round((time.monotonic() - began) * 1000, 3), bool(outcome and outcome[0])
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -1091,6 +1129,11 @@ class CriuBackend(Backend):
                     capture = workdir.capture_for(member.workdir, lambda: workdir.tree_pids(process.pid),
                                                   self.workdir_mode, images + ".workdir")
                     capture.prepare()  # while the member runs and its frames flow
+                os.makedirs(self.settings.work_dir, exist_ok=True)
+                settled_ms, settled = settle_disk(self.settings.work_dir)  # not while the member is frozen
+                timings["disk_settle_ms"] = settled_ms
+                if not settled:
+                    timings["disk_settled"] = False
                 for attempt in range(1, DUMP_ATTEMPTS + 1):
                     try:
                         if PREPARE_WHEN == "before":

@@ -267,3 +267,22 @@ def test_stop_tree_kills_the_group_and_reaps_it_as_soon_as_it_exits():
     criu.stop_tree(child.pid)
     with pytest.raises(ChildProcessError):  # reaped by stop_tree: the pid is free
         os.waitpid(child.pid, os.WNOHANG)
+
+
+def test_the_disk_is_settled_before_a_freeze_and_a_slow_or_failing_flush_never_holds_the_dump(tmp_path, caplog):
+    """settle_disk flushes the images' filesystem (a real syncfs here) and says so; a flush that
+    takes longer than its bound, or fails, lets the dump go ahead at once and says it did not."""
+    import time
+    waited, settled = criu.settle_disk(str(tmp_path), timeout=5.0)
+    assert settled and 0 <= waited < 5000
+    release = threading.Event()
+    began = time.monotonic()
+    waited, settled = criu.settle_disk(str(tmp_path), timeout=0.05, flush=lambda path: release.wait(5))
+    assert not settled and time.monotonic() - began < 1.0 and waited >= 50
+    release.set()
+
+    def failing(path):
+        raise OSError(5, "I/O error")
+    assert criu.settle_disk(str(tmp_path), timeout=1.0, flush=failing)[1] is False
+    assert "flushing" in caplog.text
+    assert criu.settle_disk(str(tmp_path), timeout=0) == (0.0, False)  # VIOLIN_CRIU_SETTLE_S=0: off
