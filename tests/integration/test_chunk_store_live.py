@@ -36,7 +36,9 @@ def storage(view):
 def test_periodic_snapshots_on_a_chunk_store_dedupe_restore_and_refuse_a_corrupt_chunk(slice_controller, tmp_path):
     controller = slice_controller
     with lab.network(LanTopo(3, prefix=lab.run_prefix()), controller) as net:
-        with slicelab.helped_slice(controller, net, str(tmp_path)) as members:
+        # No images kept on the helper: every restore here reads the chunk store (a kept image would
+        # be staged from the helper's disk, and the corrupt chunk below never read).
+        with slicelab.helped_slice(controller, net, str(tmp_path), helper_settings={"keep_images": 0}) as members:
             time.sleep(0.8)
             views = []
             for index in range(3):
