@@ -917,13 +917,26 @@ def scale_round(controller, names, label):
     return [(r[2], r[1]["flip_ms"], r[1].get("batch", 1)) for r in results.values()], cpu_ms
 
 
+def send_cut_requests(controller, hosts, sockets, snapshot_id):
+    """Every host's cut request frame sent on its own link, from threads released at once; {name: wall
+    time of its send}."""
+    from violin_core.packets import build_cut_request
+    sent, requests = {}, {h.name: build_cut_request(h.MAC(), snapshot_id, h.name) for h in hosts}
+
+    def request(name):
+        sent[name] = time.time()
+        sockets[name].send(requests[name])
+    released_together(controller, [lambda n=n: request(n) for n in requests])
+    return sent
+
+
 def scale_round_in_band(controller, hosts, label, timeout=10.0):
     """One snapshot of ``hosts`` (manual members), each prepared with ``divert`` and its marker sent on its
     own link, then all cut at once by a cut request frame each (what the helper sends once a member runs
     again): [(ms from the frame's send to its rules in force, flip ms)], controller CPU ms from the
     release until every member is cut."""
     from hostside.backends import criu
-    from violin_core.packets import build_cut_request, build_marker
+    from violin_core.packets import build_marker
     names = [h.name for h in hosts]
     status, snap = controller.request("POST", "/violin/snapshots", {"members": names, "label": label})
     if status != 202:
@@ -942,14 +955,8 @@ def scale_round_in_band(controller, hosts, label, timeout=10.0):
             if time.monotonic() > deadline:
                 raise BenchError("snapshot %s: not every marker reached the controller" % sid)
             time.sleep(0.02)
-        sent = {}
-        requests = {h.name: build_cut_request(h.MAC(), sid, h.name) for h in hosts}
-
-        def request(name):
-            sent[name] = time.time()
-            sockets[name].send(requests[name])
         cpu_before = cpu_seconds(controller.process.pid)
-        released_together(controller, [lambda n=n: request(n) for n in names])
+        sent = send_cut_requests(controller, hosts, sockets, sid)
         while True:
             view = controller.get("/violin/snapshots/%s" % sid)[1]
             if all(m["cut_time"] is not None for m in view["members"]):  # (state "cut" comes before the barrier)
@@ -999,7 +1006,7 @@ def scale_round_floor(controller, hosts, label, log_path, timeout=10.0):
     cut request gets two flow-mods and a barrier at once): [(ms from the frame's send to the barrier
     reply, None, ms from the send to the packet-in)], controller CPU ms, as scale_round_in_band's."""
     from hostside.backends import criu
-    from violin_core.packets import build_cut_request, build_marker
+    from violin_core.packets import build_marker
     names, sockets = [h.name for h in hosts], {}
     try:
         for host in hosts:
@@ -1011,14 +1018,8 @@ def scale_round_floor(controller, hosts, label, log_path, timeout=10.0):
             if time.monotonic() > deadline:
                 raise BenchError("floor %s: not every marker reached the controller" % label)
             time.sleep(0.02)
-        sent = {}
-        requests = {h.name: build_cut_request(h.MAC(), label, h.name) for h in hosts}
-
-        def request(name):
-            sent[name] = time.time()
-            sockets[name].send(requests[name])
         cpu_before = cpu_seconds(controller.process.pid)
-        released_together(controller, [lambda n=n: request(n) for n in names])
+        sent = send_cut_requests(controller, hosts, sockets, label)
         while True:
             records = read_floor_log(log_path, label)
             if all("rules" in records.get(n, {}) for n in names):
