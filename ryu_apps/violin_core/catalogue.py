@@ -107,16 +107,8 @@ class Catalogue:
         manifest = dict(manifest)
         snapshot_id = manifest["id"]
         self.manifests[snapshot_id] = manifest
-        directory = os.path.join(self.directory, snapshot_id)
-        os.makedirs(directory, exist_ok=True)
-        path, data, generation = self._next_save(manifest)
-        tmp = run_blocking(lambda: write_temp(path, data))
-        if self._landed.get(snapshot_id, 0) > generation:
-            os.unlink(tmp)
-            return False
-        self._land(snapshot_id, generation, tmp, path)
-        run_blocking(lambda: fsync_dir(directory))
-        return True
+        os.makedirs(os.path.join(self.directory, snapshot_id), exist_ok=True)
+        return self._put_manifest(manifest, run_blocking)
 
     def load_extra(self, name: str) -> Optional[dict]:
         """A small JSON document of the controller's kept beside the snapshots (e.g. the schedule)."""
@@ -139,18 +131,22 @@ class Catalogue:
         shutil.rmtree(os.path.join(self.directory, snapshot_id), ignore_errors=True)
 
     def _write_manifest(self, manifest: dict) -> None:
-        path, data, generation = self._next_save(manifest)
-        self._land(manifest["id"], generation, write_temp(path, data), path)
-        fsync_dir(os.path.dirname(path))
+        self._put_manifest(manifest, lambda function: function())
 
-    def _next_save(self, manifest: dict):
-        """(path, bytes, generation) of a save of ``manifest``; the generation orders the saves of a
-        snapshot (all taken on the caller's one thread: no lock)."""
+    def _put_manifest(self, manifest: dict, run_blocking: Callable[[Callable[[], object]], object]) -> bool:
+        """Write ``manifest`` atomically, its fsyncs through ``run_blocking``; renamed into place unless a
+        later save of the same snapshot landed while its file was written (the saves are numbered on
+        the caller's one thread: no lock). Whether it landed."""
         snapshot_id = manifest["id"]
         generation = self._saved[snapshot_id] = self._saved.get(snapshot_id, 0) + 1
+        directory = os.path.join(self.directory, snapshot_id)
+        path = os.path.join(directory, MANIFEST)
         data = (json.dumps(manifest, sort_keys=True) + "\n").encode()  # C encoder: not indented
-        return os.path.join(self.directory, snapshot_id, MANIFEST), data, generation
-
-    def _land(self, snapshot_id: str, generation: int, tmp: str, path: str) -> None:
+        tmp = run_blocking(lambda: write_temp(path, data))
+        if self._landed.get(snapshot_id, 0) > generation:
+            os.unlink(tmp)
+            return False
         os.replace(tmp, path)
-        self._landed[snapshot_id] = max(generation, self._landed.get(snapshot_id, 0))
+        self._landed[snapshot_id] = generation
+        run_blocking(lambda: fsync_dir(directory))
+        return True
